@@ -1,0 +1,148 @@
+//! The in-process cache: right for one replica, and the default.
+//!
+//! The rate limit is a fixed-window counter, written here rather than taken from a crate
+//! (governor) so that the Redis backend can implement exactly the same rule with INCR and
+//! PEXPIRE, and one replica or many count alike.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Cache, CacheError, CodeClaim, RateDecision};
+
+#[derive(Debug, Clone, Copy)]
+enum CodeState {
+    InFlight,
+    Used,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    codes: HashMap<String, (CodeState, Instant)>,
+    windows: HashMap<String, (Instant, u32)>,
+}
+
+/// Cache state held in this process's memory.
+#[derive(Debug, Default)]
+pub struct MemoryCache {
+    state: Mutex<State>,
+}
+
+impl MemoryCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves only counters behind: keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn claim_code(&self, code: &str, in_flight_ttl: Duration) -> Result<CodeClaim, CacheError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        match state.codes.get(code) {
+            Some((CodeState::Used, until)) if *until > now => Ok(CodeClaim::Used),
+            Some((CodeState::InFlight, until)) if *until > now => Ok(CodeClaim::InFlight),
+            _ => {
+                state
+                    .codes
+                    .insert(code.to_owned(), (CodeState::InFlight, now + in_flight_ttl));
+                Ok(CodeClaim::Acquired)
+            }
+        }
+    }
+
+    async fn finish_code(&self, code: &str, used: bool, used_ttl: Duration) -> Result<(), CacheError> {
+        let mut state = self.lock();
+        if used {
+            state
+                .codes
+                .insert(code.to_owned(), (CodeState::Used, Instant::now() + used_ttl));
+        } else {
+            state.codes.remove(code);
+        }
+        Ok(())
+    }
+
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<RateDecision, CacheError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state.windows.entry(key.to_owned()).or_insert((now, 0));
+        if now >= entry.0 + window {
+            *entry = (now, 0);
+        }
+        if entry.1 >= limit {
+            return Ok(RateDecision::Limited {
+                retry_after: (entry.0 + window).saturating_duration_since(now),
+            });
+        }
+        entry.1 += 1;
+        Ok(RateDecision::Allowed)
+    }
+
+    async fn sweep(&self) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.codes.retain(|_, (_, until)| *until > now);
+        // A window older than an hour is over whatever its length (the longest is 1 h).
+        state
+            .windows
+            .retain(|_, (start, _)| now.saturating_duration_since(*start) < Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_is_claimed_once_and_remembered() {
+        let c = MemoryCache::new();
+        let ttl = Duration::from_secs(10);
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::InFlight));
+        c.finish_code("h", true, Duration::from_secs(600)).await.ok();
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Used));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_exchange_releases_the_code_and_a_stale_claim_lapses() {
+        let c = MemoryCache::new();
+        let ttl = Duration::from_secs(10);
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
+        c.finish_code("h", false, ttl).await.ok();
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_allows_limit_then_refuses_until_it_resets() {
+        let c = MemoryCache::new();
+        let w = Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(c.hit("ip", 3, w).await.ok(), Some(RateDecision::Allowed));
+        }
+        tokio::time::advance(Duration::from_secs(20)).await;
+        match c.hit("ip", 3, w).await.ok() {
+            Some(RateDecision::Limited { retry_after }) => {
+                assert_eq!(retry_after, Duration::from_secs(40));
+            }
+            other => panic!("expected a limit, got {other:?}"),
+        }
+        // Another key has its own window.
+        assert_eq!(c.hit("other", 3, w).await.ok(), Some(RateDecision::Allowed));
+        tokio::time::advance(Duration::from_secs(41)).await;
+        assert_eq!(c.hit("ip", 3, w).await.ok(), Some(RateDecision::Allowed));
+    }
+}

@@ -1,0 +1,57 @@
+//! Short-lived shared state: the single-flight and memory of login codes, and the login
+//! rate limit. One process keeps it in memory ([`memory::MemoryCache`]); several replicas
+//! will share it through Redis, behind the same trait.
+
+mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use memory::MemoryCache;
+
+/// The cache failed (only a networked backend can).
+#[derive(Debug, thiserror::Error)]
+#[error("cache unavailable: {0}")]
+pub struct CacheError(#[source] pub anyhow::Error);
+
+/// The state of a login code when a login tries to claim it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeClaim {
+    /// This login holds the code now and may exchange it at WeChat.
+    Acquired,
+    /// Another login is exchanging it at this moment.
+    InFlight,
+    /// It was exchanged successfully before.
+    Used,
+}
+
+/// Whether one more event fits under a rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    /// Counted, and allowed.
+    Allowed,
+    /// Over the limit until `retry_after` has passed.
+    Limited {
+        /// How long until the window resets.
+        retry_after: Duration,
+    },
+}
+
+/// The shared short-lived state.
+#[async_trait]
+pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
+    /// Claims a code (by its keyed hash) for exchange. An `Acquired` claim lapses by
+    /// itself after `in_flight_ttl`, so a crashed login does not block the code forever.
+    async fn claim_code(&self, code: &str, in_flight_ttl: Duration) -> Result<CodeClaim, CacheError>;
+
+    /// Ends this login's claim: remembered as used for `used_ttl` on success, released on
+    /// failure (so a retry may ask WeChat again, which has the last word).
+    async fn finish_code(&self, code: &str, used: bool, used_ttl: Duration) -> Result<(), CacheError>;
+
+    /// Counts one event for `key` in a fixed window of `window`, allowing `limit` of them.
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<RateDecision, CacheError>;
+
+    /// Drops expired entries (called periodically).
+    async fn sweep(&self);
+}

@@ -1,0 +1,325 @@
+//! auth-service's settings, read from the environment (names fixed by CONTRACT.md).
+//!
+//! Every setting is parsed here, once, at start-up; a missing or malformed one stops the
+//! process with a message that names it. Secrets are `SecretString`s: their Debug output is
+//! redacted, so logging the settings never shows them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::{LoginRate, SessionPolicy};
+
+/// A setting that is missing or malformed.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub name: &'static str,
+    /// What is wrong with it (never its value when it is a secret).
+    pub problem: String,
+}
+
+fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        problem: problem.into(),
+    }
+}
+
+/// Where data lives.
+#[derive(Debug, Clone)]
+pub enum DatabaseSettings {
+    /// An SQLite file (the embedded default).
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+}
+
+/// WeChat's server API.
+#[derive(Debug, Clone)]
+pub struct WechatSettings {
+    /// The mini-program's appid.
+    pub appid: String,
+    /// The mini-program's app secret.
+    pub secret: SecretString,
+    /// Base URL of WeChat's server API (a simulator in dev and tests).
+    pub api_base: reqwest::Url,
+    /// Time limit of one call.
+    pub timeout: Duration,
+}
+
+/// All of auth-service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `AUTH_GRPC_ADDR`.
+    pub grpc_addr: SocketAddr,
+    /// `AUTH_DATABASE_URL`.
+    pub database: DatabaseSettings,
+    /// `WECHAT_APPID`, `WECHAT_SECRET`, `WECHAT_API_BASE`, `AUTH_WECHAT_TIMEOUT`.
+    pub wechat: WechatSettings,
+    /// `AUTH_TOKEN_KEY`: keys token hashing and encryption at rest.
+    pub token_key: SecretString,
+    /// `AUTH_SESSION_POLICY` with `AUTH_MAX_SESSIONS`.
+    pub session_policy: SessionPolicy,
+    /// `AUTH_ACCESS_TTL`.
+    pub access_ttl: Duration,
+    /// `AUTH_REFRESH_TTL`.
+    pub refresh_ttl: Duration,
+    /// `AUTH_REFRESH_GRACE`.
+    pub refresh_grace: Duration,
+    /// `AUTH_LOGIN_RATE`.
+    pub login_rate: LoginRate,
+    /// `AUTH_CLIENT_KEYS`: empty means any caller may call (dev only).
+    pub client_keys: Vec<SecretString>,
+    /// `AUTH_METRICS_ADDR`.
+    pub metrics_addr: SocketAddr,
+    /// `AUTH_SHUTDOWN_GRACE`: how long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Smallest accepted length, in bytes, of `AUTH_TOKEN_KEY` and of each client key.
+const MIN_SECRET_BYTES: usize = 32;
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `get` (the environment, or a map in tests). An empty
+    /// value counts as unset.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let required = |name: &'static str| get(name).ok_or_else(|| bad(name, "is required"));
+
+        let grpc_addr = addr(&get, "AUTH_GRPC_ADDR", "127.0.0.1:50051")?;
+        let metrics_addr = addr(&get, "AUTH_METRICS_ADDR", "127.0.0.1:9101")?;
+
+        let database = database(get("AUTH_DATABASE_URL"))?;
+        if get("AUTH_REDIS_URL").is_some() {
+            return Err(bad(
+                "AUTH_REDIS_URL",
+                "Redis is not supported by this build yet; leave it unset for the in-process cache \
+                 (one replica only)",
+            ));
+        }
+
+        let appid = required("WECHAT_APPID")?;
+        if !appid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad("WECHAT_APPID", "must be letters, digits, `_` or `-`"));
+        }
+        let secret = SecretString::from(required("WECHAT_SECRET")?);
+        let api_base = get("WECHAT_API_BASE").unwrap_or_else(|| "https://api.weixin.qq.com".into());
+        let api_base = reqwest::Url::parse(&api_base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| bad("WECHAT_API_BASE", "must be an http:// or https:// URL"))?;
+        let wechat = WechatSettings {
+            appid,
+            secret,
+            api_base,
+            timeout: duration(&get, "AUTH_WECHAT_TIMEOUT", "5s")?,
+        };
+
+        let token_key = SecretString::from(required("AUTH_TOKEN_KEY")?);
+        if token_key.expose_secret().len() < MIN_SECRET_BYTES {
+            return Err(bad(
+                "AUTH_TOKEN_KEY",
+                format!("must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+
+        let max_sessions = match get("AUTH_MAX_SESSIONS") {
+            None => 5,
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| bad("AUTH_MAX_SESSIONS", "must be a whole number"))?,
+        };
+        let policy = get("AUTH_SESSION_POLICY").unwrap_or_else(|| "multi".into());
+        let session_policy = SessionPolicy::parse(policy.trim(), max_sessions)
+            .map_err(|e| bad(e.field, e.message))?;
+
+        let login_rate = LoginRate::parse(&get("AUTH_LOGIN_RATE").unwrap_or_else(|| "600/min".into()))
+            .map_err(|e| bad(e.field, e.message))?;
+
+        let mut client_keys = Vec::new();
+        if let Some(raw) = get("AUTH_CLIENT_KEYS") {
+            for (i, key) in raw.split(',').map(str::trim).enumerate() {
+                if key.len() < MIN_SECRET_BYTES {
+                    return Err(bad(
+                        "AUTH_CLIENT_KEYS",
+                        format!("key #{} is shorter than {MIN_SECRET_BYTES} bytes", i + 1),
+                    ));
+                }
+                client_keys.push(SecretString::from(key.to_owned()));
+            }
+        }
+
+        let settings = Self {
+            grpc_addr,
+            database,
+            wechat,
+            token_key,
+            session_policy,
+            access_ttl: duration(&get, "AUTH_ACCESS_TTL", "2h")?,
+            refresh_ttl: duration(&get, "AUTH_REFRESH_TTL", "30d")?,
+            refresh_grace: duration(&get, "AUTH_REFRESH_GRACE", "10s")?,
+            login_rate,
+            client_keys,
+            metrics_addr,
+            shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
+        };
+        if settings.access_ttl.is_zero() {
+            return Err(bad("AUTH_ACCESS_TTL", "must be more than 0"));
+        }
+        if settings.refresh_ttl < settings.access_ttl {
+            return Err(bad("AUTH_REFRESH_TTL", "must be at least AUTH_ACCESS_TTL"));
+        }
+        if settings.wechat.timeout.is_zero() {
+            return Err(bad("AUTH_WECHAT_TIMEOUT", "must be more than 0"));
+        }
+        Ok(settings)
+    }
+}
+
+fn addr(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    get(name)
+        .unwrap_or_else(|| default.into())
+        .trim()
+        .parse()
+        .map_err(|_| bad(name, "must be an address like 127.0.0.1:50051"))
+}
+
+fn duration(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim())
+        .map_err(|e| bad(name, format!("must be a duration like 10s, 2h or 30d ({e})")))
+}
+
+fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
+    const NAME: &str = "AUTH_DATABASE_URL";
+    let url = url.unwrap_or_else(|| "sqlite://./data/auth.db".into());
+    let url = url.trim();
+    if let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        let path = rest.split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" {
+            return Err(bad(NAME, "needs a file path, like sqlite://./data/auth.db"));
+        }
+        return Ok(DatabaseSettings::Sqlite { path: path.into() });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(bad(
+            NAME,
+            "PostgreSQL is not supported by this build yet; use sqlite://PATH",
+        ));
+    }
+    Err(bad(NAME, "must start with sqlite://"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn base() -> HashMap<&'static str, String> {
+        HashMap::from([
+            ("WECHAT_APPID", "wx1234567890abcdef".to_string()),
+            ("WECHAT_SECRET", "s3cr3t-value".to_string()),
+            ("AUTH_TOKEN_KEY", "k".repeat(32)),
+        ])
+    }
+
+    fn load(env: &HashMap<&'static str, String>) -> Result<Settings, ConfigError> {
+        Settings::from_lookup(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = load(&base()).expect("valid");
+        assert_eq!(s.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.metrics_addr.to_string(), "127.0.0.1:9101");
+        assert_eq!(s.session_policy, SessionPolicy::Multi { max: 5 });
+        assert_eq!(s.access_ttl, Duration::from_secs(7200));
+        assert_eq!(s.refresh_ttl, Duration::from_secs(30 * 86400));
+        assert_eq!(s.refresh_grace, Duration::from_secs(10));
+        assert_eq!(s.wechat.timeout, Duration::from_secs(5));
+        assert_eq!(s.wechat.api_base.as_str(), "https://api.weixin.qq.com/");
+        assert_eq!(s.login_rate.count, 600);
+        assert!(s.client_keys.is_empty());
+        assert!(matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/auth.db")));
+    }
+
+    #[test]
+    fn each_missing_required_setting_is_named() {
+        for name in ["WECHAT_APPID", "WECHAT_SECRET", "AUTH_TOKEN_KEY"] {
+            let mut env = base();
+            env.remove(name);
+            let err = load(&env).expect_err(name);
+            assert_eq!(err.name, name);
+        }
+    }
+
+    #[test]
+    fn malformed_settings_are_named_and_secrets_not_echoed() {
+        let cases = [
+            ("AUTH_TOKEN_KEY", "short-secret-value"),
+            ("AUTH_GRPC_ADDR", "localhost"),
+            ("AUTH_ACCESS_TTL", "two hours"),
+            ("AUTH_SESSION_POLICY", "many"),
+            ("AUTH_MAX_SESSIONS", "-1"),
+            ("AUTH_LOGIN_RATE", "lots"),
+            ("AUTH_CLIENT_KEYS", "tiny-client-key"),
+            ("WECHAT_API_BASE", "ftp://x"),
+            ("AUTH_DATABASE_URL", "mysql://x"),
+            ("AUTH_DATABASE_URL", "postgres://u:p@h/db"),
+            ("AUTH_REDIS_URL", "redis://127.0.0.1"),
+            ("AUTH_WECHAT_TIMEOUT", "0s"),
+        ];
+        for (name, value) in cases {
+            let mut env = base();
+            env.insert(name, value.to_string());
+            let err = load(&env).expect_err(name);
+            assert_eq!(err.name, name, "{value}");
+            assert!(!err.to_string().contains(value), "{err} echoes {value}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut env = base();
+        env.insert("AUTH_CLIENT_KEYS", format!("{},{}", "c".repeat(32), "d".repeat(33)));
+        let s = load(&env).expect("valid");
+        assert_eq!(s.client_keys.len(), 2);
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("s3cr3t-value"));
+        assert!(!dbg.contains(&"k".repeat(32)));
+        assert!(!dbg.contains(&"c".repeat(32)));
+    }
+
+    #[test]
+    fn sqlite_urls_in_both_spellings() {
+        let mut env = base();
+        env.insert("AUTH_DATABASE_URL", "sqlite:/tmp/x.db?mode=rwc".into());
+        let s = load(&env).expect("valid");
+        assert!(matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from("/tmp/x.db")));
+    }
+}

@@ -1,0 +1,90 @@
+//! Every way a call to auth-service can fail, in domain terms. The one translation to the
+//! wire is `impl From<AuthError> for tonic::Status` in `grpc/status.rs`.
+
+use std::time::Duration;
+
+use crate::domain::Invalid;
+
+/// WeChat's own error answer, kept as WeChat sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WechatErr {
+    /// WeChat's errcode.
+    pub errcode: i64,
+    /// WeChat's errmsg (not stable text: never branch on it).
+    pub errmsg: String,
+}
+
+/// A failed call, as the caller should learn of it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The login code is missing or malformed; WeChat was not called.
+    #[error("invalid code: {0}")]
+    InvalidCode(Invalid),
+    /// The login code was already exchanged; WeChat was not called again.
+    #[error("this code was already used to log in")]
+    CodeUsed,
+    /// Some other input is malformed.
+    #[error("{0}")]
+    InvalidArgument(Invalid),
+    /// WeChat refused the code (40029).
+    #[error("WeChat says the code is invalid or expired")]
+    WechatInvalidCode(WechatErr),
+    /// WeChat says the code was used (40163).
+    #[error("WeChat says the code was already used")]
+    WechatCodeUsed(WechatErr),
+    /// WeChat's per-user rate limit (45011).
+    #[error("WeChat's rate limit for this user was reached; try again in a minute")]
+    WechatRateLimited(WechatErr),
+    /// WeChat blocks this user as high-risk (40226).
+    #[error("WeChat blocked this login as high-risk")]
+    WechatRiskyUser(WechatErr),
+    /// WeChat answered -1 twice.
+    #[error("WeChat is busy; try again")]
+    WechatBusy(WechatErr),
+    /// Any other WeChat error, or an answer we cannot read.
+    #[error("WeChat refused the request")]
+    WechatError(Option<WechatErr>),
+    /// WeChat could not be reached, or did not answer in time.
+    #[error("WeChat could not be reached in time")]
+    WechatUnavailable,
+    /// Too many logins from this client IP.
+    #[error("too many logins from this address; retry later")]
+    RateLimited {
+        /// When the caller may try again.
+        retry_after: Duration,
+    },
+    /// No token was given.
+    #[error("no token was given")]
+    TokenMissing,
+    /// The token is unknown or garbled.
+    #[error("the token is invalid")]
+    TokenInvalid,
+    /// The token expired.
+    #[error("the token has expired")]
+    TokenExpired,
+    /// The session was ended (logout, operator, refresh-token reuse).
+    #[error("the token was revoked")]
+    TokenRevoked,
+    /// Another login of the same user pushed this session out.
+    #[error("this session was replaced by another login")]
+    SessionReplaced,
+    /// A rotated refresh token was presented after the grace window; the session is ended.
+    #[error("this refresh token was already used; the session has been revoked")]
+    RefreshTokenReused,
+    /// No such user.
+    #[error("no such user")]
+    UserNotFound,
+    /// The database or cache is down; retrying later may work.
+    #[error("a backing service is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// A bug or an impossible state; the cause is logged, the caller sees a generic message.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl AuthError {
+    /// Wraps an unexpected failure.
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(e.into())
+    }
+}

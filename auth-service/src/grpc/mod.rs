@@ -1,0 +1,232 @@
+//! The tonic service: wire types in, domain calls, wire types out. No rule lives here.
+
+mod layer;
+mod status;
+
+use std::net::IpAddr;
+
+use proto::v1::auth_service_server::AuthService;
+use proto::v1::{self as pb};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{Device, Invalid, Millis, WechatCode, now_millis};
+use crate::error::AuthError;
+use crate::service::{AuthCore, IssuedPair};
+
+pub use layer::CallContextLayer;
+pub use proto::v1::auth_service_server::AuthServiceServer;
+pub use status::DOMAIN;
+
+/// `AuthService` over gRPC.
+#[derive(Debug, Clone)]
+pub struct GrpcAuth {
+    core: AuthCore,
+}
+
+impl GrpcAuth {
+    /// Serves `core`.
+    pub fn new(core: AuthCore) -> Self {
+        Self { core }
+    }
+}
+
+fn timestamp(ms: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        // 0..=999_999_000: always fits.
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn seconds_left(until: Millis, now: Millis) -> i64 {
+    until.saturating_sub(now).max(0) / 1000
+}
+
+fn token_pair(p: &IssuedPair) -> pb::TokenPair {
+    let now = now_millis();
+    pb::TokenPair {
+        access_token: p.access.expose().to_owned(),
+        token_type: "Bearer".to_owned(),
+        expires_in: seconds_left(p.access_expires_at, now),
+        refresh_token: p.refresh.expose().to_owned(),
+        refresh_expires_in: seconds_left(p.refresh_expires_at, now),
+        access_expires_at: Some(timestamp(p.access_expires_at)),
+        refresh_expires_at: Some(timestamp(p.refresh_expires_at)),
+    }
+}
+
+fn device_pb(d: &Device) -> pb::Device {
+    pb::Device {
+        id: d.id().unwrap_or_default().to_owned(),
+        platform: d.platform().unwrap_or_default().to_owned(),
+        model: d.model().unwrap_or_default().to_owned(),
+    }
+}
+
+fn client_ip(raw: &str, peer: Option<std::net::SocketAddr>) -> Result<IpAddr, AuthError> {
+    if raw.is_empty() {
+        return Ok(peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip()));
+    }
+    raw.parse()
+        .map_err(|_| AuthError::InvalidArgument(Invalid::new("client_ip", "is not an IP address")))
+}
+
+fn end_reason(r: crate::domain::EndReason) -> pb::EndReason {
+    use crate::domain::EndReason as R;
+    match r {
+        R::Logout => pb::EndReason::Logout,
+        R::LogoutAll => pb::EndReason::LogoutAll,
+        R::Replaced => pb::EndReason::Replaced,
+        R::RefreshReused => pb::EndReason::RefreshReused,
+        R::RevokedByOperator => pb::EndReason::RevokedByOperator,
+        R::Expired => pb::EndReason::Expired,
+    }
+}
+
+fn event_kind(k: crate::domain::EventKind) -> pb::SessionEventKind {
+    use crate::domain::EventKind as K;
+    match k {
+        K::Login => pb::SessionEventKind::Login,
+        K::Refresh => pb::SessionEventKind::Refresh,
+        K::End => pb::SessionEventKind::End,
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for GrpcAuth {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        // The code first: a bad one is refused before anything else is looked at.
+        let code = WechatCode::parse(&r.code).map_err(AuthError::InvalidCode)?;
+        let device = match &r.device {
+            Some(d) => Device::parse(&d.id, &d.platform, &d.model).map_err(AuthError::InvalidArgument)?,
+            None => Device::default(),
+        };
+        let ip = client_ip(&r.client_ip, peer)?;
+        let out = self.core.login(code, device, ip).await?;
+        Ok(Response::new(pb::LoginResponse {
+            tokens: Some(token_pair(&out.pair)),
+            openid: out.openid,
+            unionid: out.unionid,
+            is_new_user: out.is_new_user,
+            session_id: out.session_id,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let id = self.core.verify(&request.get_ref().access_token).await?;
+        Ok(Response::new(pb::VerifyResponse {
+            openid: id.openid,
+            unionid: id.unionid,
+            session_id: id.session_id,
+            expires_at: Some(timestamp(id.expires_at)),
+        }))
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let out = self.core.refresh(&request.get_ref().refresh_token).await?;
+        Ok(Response::new(pb::RefreshResponse {
+            tokens: Some(token_pair(&out.pair)),
+            openid: out.owner.openid,
+            unionid: out.owner.unionid,
+            session_id: out.owner.session_id,
+        }))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let r = request.get_ref();
+        let n = self.core.logout(&r.access_token, r.all).await?;
+        Ok(Response::new(pb::LogoutResponse { revoked_sessions: n }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let sessions = self.core.list_sessions(&request.get_ref().access_token).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions
+                .into_iter()
+                .map(|s| pb::Session {
+                    session_id: s.info.id,
+                    device: Some(device_pb(&s.info.device)),
+                    created_at: Some(timestamp(s.info.created_at)),
+                    last_active_at: Some(timestamp(s.info.last_active_at)),
+                    current: s.current,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeUserResponse>, Status> {
+        let n = self.core.revoke_user(&request.get_ref().openid).await?;
+        Ok(Response::new(pb::RevokeUserResponse { revoked_sessions: n }))
+    }
+
+    async fn list_session_events(
+        &self,
+        request: Request<pb::ListSessionEventsRequest>,
+    ) -> Result<Response<pb::ListSessionEventsResponse>, Status> {
+        let r = request.get_ref();
+        let page = self
+            .core
+            .list_events(&r.openid, r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(pb::ListSessionEventsResponse {
+            events: page
+                .events
+                .into_iter()
+                .map(|e| pb::SessionEvent {
+                    event_id: e.id,
+                    session_id: e.session_id,
+                    kind: event_kind(e.kind).into(),
+                    end_reason: e.reason.map_or(pb::EndReason::Unspecified, end_reason).into(),
+                    device: Some(device_pb(&e.device)),
+                    replaced_by_session_id: e.replaced_by_session.unwrap_or_default(),
+                    replaced_by_device_id: e.replaced_by_device.unwrap_or_default(),
+                    at: Some(timestamp(e.at)),
+                })
+                .collect(),
+            next_page_token: page.next_before.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_split_milliseconds() {
+        let t = timestamp(1_700_000_000_123);
+        assert_eq!(t.seconds, 1_700_000_000);
+        assert_eq!(t.nanos, 123_000_000);
+    }
+
+    #[test]
+    fn client_ip_falls_back_to_the_peer() {
+        let peer: std::net::SocketAddr = "10.1.2.3:4000".parse().expect("addr");
+        assert_eq!(client_ip("", Some(peer)).ok(), Some(peer.ip()));
+        assert_eq!(
+            client_ip("2001:db8::1", Some(peer)).ok(),
+            "2001:db8::1".parse().ok()
+        );
+        assert!(client_ip("not-an-ip", None).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! The one translation of domain errors to gRPC: a status code, a message for humans, and
+//! a `google.rpc.ErrorInfo` (domain `wxauth`, upper-case reason, WeChat's errcode/errmsg or
+//! the faulty field in its metadata). Internal causes are logged here and never sent.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::error;
+
+use crate::error::{AuthError, WechatErr};
+
+/// ErrorInfo's domain for every wxauth error.
+pub const DOMAIN: &str = "wxauth";
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        use AuthError as E;
+        let (code, reason) = match &e {
+            E::InvalidCode(_) => (Code::InvalidArgument, "INVALID_CODE"),
+            E::CodeUsed => (Code::InvalidArgument, "CODE_USED"),
+            E::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            E::WechatInvalidCode(_) => (Code::InvalidArgument, "WECHAT_INVALID_CODE"),
+            E::WechatCodeUsed(_) => (Code::InvalidArgument, "WECHAT_CODE_USED"),
+            E::WechatRateLimited(_) => (Code::ResourceExhausted, "WECHAT_RATE_LIMITED"),
+            E::WechatRiskyUser(_) => (Code::PermissionDenied, "WECHAT_RISKY_USER"),
+            E::WechatBusy(_) => (Code::Unavailable, "WECHAT_BUSY"),
+            E::WechatError(_) => (Code::FailedPrecondition, "WECHAT_ERROR"),
+            E::WechatUnavailable => (Code::Unavailable, "WECHAT_UNAVAILABLE"),
+            E::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
+            E::TokenMissing => (Code::Unauthenticated, "TOKEN_MISSING"),
+            E::TokenInvalid => (Code::Unauthenticated, "TOKEN_INVALID"),
+            E::TokenExpired => (Code::Unauthenticated, "TOKEN_EXPIRED"),
+            E::TokenRevoked => (Code::Unauthenticated, "TOKEN_REVOKED"),
+            E::SessionReplaced => (Code::Unauthenticated, "SESSION_REPLACED"),
+            E::RefreshTokenReused => (Code::Unauthenticated, "REFRESH_TOKEN_REUSED"),
+            E::UserNotFound => (Code::NotFound, "NOT_FOUND"),
+            E::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
+            E::Internal(_) => (Code::Internal, "INTERNAL"),
+        };
+
+        let mut metadata = HashMap::new();
+        let mut retry_after = None;
+        let wechat = |m: &mut HashMap<String, String>, w: &WechatErr| {
+            m.insert("wechat_errcode".into(), w.errcode.to_string());
+            m.insert("wechat_errmsg".into(), w.errmsg.clone());
+        };
+        match &e {
+            E::InvalidCode(i) | E::InvalidArgument(i) => {
+                metadata.insert("field".into(), i.field.to_owned());
+            }
+            E::WechatInvalidCode(w)
+            | E::WechatCodeUsed(w)
+            | E::WechatRateLimited(w)
+            | E::WechatRiskyUser(w)
+            | E::WechatBusy(w)
+            | E::WechatError(Some(w)) => wechat(&mut metadata, w),
+            E::RateLimited { retry_after: d } => {
+                // Whole seconds, rounded up: "retry after 0 s" would invite a storm.
+                let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                metadata.insert("retry_after_secs".into(), secs.max(1).to_string());
+                retry_after = Some(*d);
+            }
+            _ => {}
+        }
+
+        let message = match &e {
+            E::Internal(cause) => {
+                error!(error = ?cause, "internal error");
+                e.to_string()
+            }
+            E::Unavailable(cause) => {
+                error!(error = ?cause, "backing service unavailable");
+                e.to_string()
+            }
+            E::InvalidCode(i) | E::InvalidArgument(i) => i.to_string(),
+            _ => e.to_string(),
+        };
+
+        let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+        if retry_after.is_some() {
+            details.set_retry_info(retry_after);
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::Invalid;
+
+    fn info(s: &Status) -> tonic_types::ErrorInfo {
+        s.get_details_error_info().expect("ErrorInfo detail")
+    }
+
+    #[test]
+    fn wechat_errors_carry_errcode_and_errmsg() {
+        let s = Status::from(AuthError::WechatInvalidCode(WechatErr {
+            errcode: 40029,
+            errmsg: "invalid code, rid: 1".into(),
+        }));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let i = info(&s);
+        assert_eq!(i.reason, "WECHAT_INVALID_CODE");
+        assert_eq!(i.domain, DOMAIN);
+        assert_eq!(i.metadata.get("wechat_errcode").map(String::as_str), Some("40029"));
+        assert_eq!(
+            i.metadata.get("wechat_errmsg").map(String::as_str),
+            Some("invalid code, rid: 1")
+        );
+    }
+
+    #[test]
+    fn internal_causes_stay_inside() {
+        let s = Status::from(AuthError::internal(anyhow::anyhow!("secret detail at row 7")));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret detail"));
+        assert_eq!(info(&s).reason, "INTERNAL");
+    }
+
+    #[test]
+    fn fields_and_retry_after_are_in_the_metadata() {
+        let s = Status::from(AuthError::InvalidCode(Invalid::new("code", "is missing")));
+        assert_eq!(info(&s).metadata.get("field").map(String::as_str), Some("code"));
+        let s = Status::from(AuthError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(
+            info(&s).metadata.get("retry_after_secs").map(String::as_str),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn token_failures_are_unauthenticated_and_told_apart() {
+        for (e, reason) in [
+            (AuthError::TokenMissing, "TOKEN_MISSING"),
+            (AuthError::TokenInvalid, "TOKEN_INVALID"),
+            (AuthError::TokenExpired, "TOKEN_EXPIRED"),
+            (AuthError::TokenRevoked, "TOKEN_REVOKED"),
+            (AuthError::SessionReplaced, "SESSION_REPLACED"),
+            (AuthError::RefreshTokenReused, "REFRESH_TOKEN_REUSED"),
+        ] {
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::Unauthenticated);
+            assert_eq!(info(&s).reason, reason);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! The auth-service binary: settings from the environment, JSON logs to stdout, serve until
+//! SIGTERM.
+
+use std::process::ExitCode;
+
+use auth_service::config::Settings;
+use auth_service::startup::{Application, shutdown_signal};
+use auth_service::telemetry;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init(std::io::stdout);
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(setting = e.name, "{e}");
+            eprintln!("auth-service: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = ?e, "auth-service could not start");
+            eprintln!("auth-service: could not start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = ?e, "auth-service failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! What auth-service does, apart from how it is called: login, verify, refresh, logout,
+//! sessions, revocation and the timeline. The gRPC layer (`grpc/`) only converts.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::cache::{Cache, CacheError, CodeClaim, RateDecision};
+use crate::config::Settings;
+use crate::crypto::Keys;
+use crate::domain::{
+    Device, EndReason, Invalid, LoginRate, Millis, SessionEvent, SessionInfo, SessionPolicy, Token,
+    TokenKind, WechatCode, millis, now_millis,
+};
+use crate::error::{AuthError, WechatErr};
+use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
+use crate::wechat::{Code2Session, WechatCallError, WechatClient};
+
+/// `last_active_at` moves at most this often.
+const TOUCH_INTERVAL: Millis = 60_000;
+/// How long a successfully exchanged code is remembered (WeChat's codes live 5 minutes).
+const USED_CODE_TTL: Duration = Duration::from_secs(600);
+/// How often a login waiting on another login's exchange of the same code looks again.
+const CLAIM_POLL: Duration = Duration::from_millis(20);
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(e) => Self::Unavailable(e),
+            StoreError::Other(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<CacheError> for AuthError {
+    fn from(e: CacheError) -> Self {
+        Self::Unavailable(e.0)
+    }
+}
+
+/// A new token pair with its expiries.
+#[derive(Debug, Clone)]
+pub struct IssuedPair {
+    /// The access token.
+    pub access: Token,
+    /// When it expires.
+    pub access_expires_at: Millis,
+    /// The refresh token.
+    pub refresh: Token,
+    /// When it expires.
+    pub refresh_expires_at: Millis,
+}
+
+/// What a login gives back.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    /// The new session's tokens.
+    pub pair: IssuedPair,
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid.
+    pub unionid: Option<String>,
+    /// True when the user was created.
+    pub is_new_user: bool,
+    /// The new session.
+    pub session_id: String,
+}
+
+/// Who an access token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid.
+    pub unionid: Option<String>,
+    /// The session.
+    pub session_id: String,
+    /// The access token's expiry.
+    pub expires_at: Millis,
+}
+
+/// What a refresh gives back.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// The new pair (the same one for a retry within the grace window).
+    pub pair: IssuedPair,
+    /// Whose session.
+    pub owner: Owner,
+}
+
+/// A live session, with whether it is the caller's.
+#[derive(Debug, Clone)]
+pub struct ListedSession {
+    /// The session.
+    pub info: SessionInfo,
+    /// True for the session of the token in the request.
+    pub current: bool,
+}
+
+/// One page of a user's timeline.
+#[derive(Debug, Clone)]
+pub struct EventPage {
+    /// Newest first.
+    pub events: Vec<SessionEvent>,
+    /// The id to pass as `before` for the next page, if there may be one.
+    pub next_before: Option<i64>,
+}
+
+/// The successor pair as sealed for retries within the grace window.
+#[derive(Serialize, Deserialize)]
+struct SealedPair {
+    a: String,
+    ae: Millis,
+    r: String,
+    re: Millis,
+}
+
+/// The service's settings that shape behaviour.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Session policy.
+    pub sessions: SessionPolicy,
+    /// Access token lifetime.
+    pub access_ttl: Duration,
+    /// Refresh token lifetime.
+    pub refresh_ttl: Duration,
+    /// Parallel-refresh grace window.
+    pub refresh_grace: Duration,
+    /// Logins per client IP.
+    pub login_rate: LoginRate,
+    /// Time limit of one WeChat call.
+    pub wechat_timeout: Duration,
+}
+
+impl Policy {
+    /// The policy part of the settings.
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            sessions: s.session_policy,
+            access_ttl: s.access_ttl,
+            refresh_ttl: s.refresh_ttl,
+            refresh_grace: s.refresh_grace,
+            login_rate: s.login_rate,
+            wechat_timeout: s.wechat.timeout,
+        }
+    }
+}
+
+/// The auth core, shared by every call.
+#[derive(Debug, Clone)]
+pub struct AuthCore {
+    store: Arc<dyn Store>,
+    cache: Arc<dyn Cache>,
+    wechat: WechatClient,
+    keys: Arc<Keys>,
+    policy: Policy,
+}
+
+impl AuthCore {
+    /// Assembles the core from its parts.
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<dyn Cache>,
+        wechat: WechatClient,
+        keys: Arc<Keys>,
+        policy: Policy,
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            wechat,
+            keys,
+            policy,
+        }
+    }
+
+    /// The store (for readiness checks and the janitor).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Exchanges a wx.login code and opens a session.
+    pub async fn login(
+        &self,
+        code: WechatCode,
+        device: Device,
+        client_ip: IpAddr,
+    ) -> Result<LoggedIn, AuthError> {
+        let rate = self.policy.login_rate;
+        if let RateDecision::Limited { retry_after } = self
+            .cache
+            .hit(&format!("login-ip:{client_ip}"), rate.count, rate.window)
+            .await?
+        {
+            return Err(AuthError::RateLimited { retry_after });
+        }
+
+        let code_key = self.keys.code_hash(code.as_ref());
+        self.claim(&code_key).await?;
+        let exchanged = self.exchange(&code).await;
+        // Remember the outcome before anything else can fail: a code WeChat accepted is
+        // spent, whatever happens to this login afterwards.
+        self.cache
+            .finish_code(&code_key, exchanged.is_ok(), USED_CODE_TTL)
+            .await?;
+        let session = exchanged?;
+        self.open_session(session, device).await
+    }
+
+    /// Holds the code for this login, waiting while another login exchanges it.
+    async fn claim(&self, code_key: &str) -> Result<(), AuthError> {
+        // Two attempts (one retry of -1), each under the WeChat timeout, and some slack.
+        let in_flight_ttl = self.policy.wechat_timeout * 2 + Duration::from_secs(2);
+        let give_up = tokio::time::Instant::now() + in_flight_ttl + Duration::from_secs(1);
+        loop {
+            match self.cache.claim_code(code_key, in_flight_ttl).await? {
+                CodeClaim::Acquired => return Ok(()),
+                CodeClaim::Used => return Err(AuthError::CodeUsed),
+                CodeClaim::InFlight if tokio::time::Instant::now() >= give_up => {
+                    return Err(AuthError::WechatUnavailable);
+                }
+                CodeClaim::InFlight => tokio::time::sleep(CLAIM_POLL).await,
+            }
+        }
+    }
+
+    /// jscode2session, retrying WeChat's "busy" (-1) exactly once.
+    async fn exchange(&self, code: &WechatCode) -> Result<Code2Session, AuthError> {
+        let mut busy_once = false;
+        loop {
+            match self.wechat.code2session(code).await {
+                Ok(answer) => return Ok(answer),
+                Err(WechatCallError::Api(e)) if e.errcode == -1 && !busy_once => {
+                    busy_once = true;
+                    warn!(errcode = e.errcode, "WeChat is busy; retrying once");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(WechatCallError::Api(e)) => return Err(wechat_error(e)),
+                Err(WechatCallError::Unreachable(e)) => {
+                    warn!(error = %e, "WeChat unreachable or too slow");
+                    return Err(AuthError::WechatUnavailable);
+                }
+                Err(e @ WechatCallError::Malformed(_)) => {
+                    error!(error = %e, "unreadable answer from WeChat");
+                    return Err(AuthError::WechatError(None));
+                }
+            }
+        }
+    }
+
+    async fn open_session(&self, wx: Code2Session, device: Device) -> Result<LoggedIn, AuthError> {
+        let now = now_millis();
+        let pair = self.new_pair(now)?;
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let sealed = self
+            .keys
+            .seal(wx.session_key.expose(), wx.openid.as_bytes())
+            .map_err(AuthError::internal)?;
+        let outcome = self
+            .store
+            .login(NewLogin {
+                openid: wx.openid.clone(),
+                unionid: wx.unionid.clone(),
+                session_key_sealed: sealed,
+                session_key_fp: self.keys.fingerprint(wx.session_key.expose()),
+                session_id: session_id.clone(),
+                device,
+                access: (self.keys.token_hash(&pair.access), pair.access_expires_at),
+                refresh: (self.keys.token_hash(&pair.refresh), pair.refresh_expires_at),
+                policy: self.policy.sessions,
+                now,
+            })
+            .await?;
+        info!(
+            openid = %wx.openid,
+            session_id = %session_id,
+            is_new_user = outcome.is_new_user,
+            replaced_sessions = outcome.replaced.len(),
+            "login"
+        );
+        Ok(LoggedIn {
+            pair,
+            openid: wx.openid,
+            unionid: outcome.unionid,
+            is_new_user: outcome.is_new_user,
+            session_id,
+        })
+    }
+
+    fn new_pair(&self, now: Millis) -> Result<IssuedPair, AuthError> {
+        Ok(IssuedPair {
+            access: Token::generate(TokenKind::Access).map_err(AuthError::internal)?,
+            access_expires_at: now.saturating_add(millis(self.policy.access_ttl)),
+            refresh: Token::generate(TokenKind::Refresh).map_err(AuthError::internal)?,
+            refresh_expires_at: now.saturating_add(millis(self.policy.refresh_ttl)),
+        })
+    }
+
+    /// The identity behind an access token; every end of a session counts at once.
+    pub async fn verify(&self, raw: &str) -> Result<Identity, AuthError> {
+        if raw.is_empty() {
+            return Err(AuthError::TokenMissing);
+        }
+        let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
+        let record = self
+            .store
+            .find_access(&self.keys.token_hash(&token))
+            .await?
+            .ok_or(AuthError::TokenInvalid)?;
+        if let Some(reason) = record.ended {
+            return Err(ended(reason));
+        }
+        let now = now_millis();
+        if record.expires_at <= now || record.refresh_expires_at <= now {
+            return Err(AuthError::TokenExpired);
+        }
+        if now.saturating_sub(record.last_active_at) >= TOUCH_INTERVAL {
+            // Off the request's path: a slow write must not slow Verify down.
+            let store = self.store.clone();
+            let session_id = record.session_id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.touch(&session_id, now, TOUCH_INTERVAL).await {
+                    warn!(error = %e, "could not record session activity");
+                }
+            });
+        }
+        Ok(Identity {
+            openid: record.openid,
+            unionid: record.unionid,
+            session_id: record.session_id,
+            expires_at: record.expires_at,
+        })
+    }
+
+    /// Exchanges a refresh token for the next pair.
+    pub async fn refresh(&self, raw: &str) -> Result<Refreshed, AuthError> {
+        if raw.is_empty() {
+            return Err(AuthError::TokenMissing);
+        }
+        let old = Token::parse(TokenKind::Refresh, raw).ok_or(AuthError::TokenInvalid)?;
+        let now = now_millis();
+        let pair = self.new_pair(now)?;
+        let sealed = serde_json::to_vec(&SealedPair {
+            a: pair.access.expose().to_owned(),
+            ae: pair.access_expires_at,
+            r: pair.refresh.expose().to_owned(),
+            re: pair.refresh_expires_at,
+        })
+        .map_err(AuthError::internal)?;
+        let successor = self
+            .keys
+            .seal_for_token(&old, &sealed)
+            .map_err(AuthError::internal)?;
+        let outcome = self
+            .store
+            .rotate(Rotation {
+                old: self.keys.token_hash(&old),
+                access: (self.keys.token_hash(&pair.access), pair.access_expires_at),
+                refresh: (self.keys.token_hash(&pair.refresh), pair.refresh_expires_at),
+                successor,
+                now,
+            })
+            .await?;
+        match outcome {
+            RotateOutcome::Rotated(owner) => Ok(Refreshed { pair, owner }),
+            RotateOutcome::AlreadyRotated {
+                owner,
+                rotated_at,
+                successor,
+            } => {
+                let within_grace =
+                    now.saturating_sub(rotated_at) <= millis(self.policy.refresh_grace);
+                if let (true, Some(sealed)) = (within_grace, successor) {
+                    let pair = self.open_successor(&old, &sealed)?;
+                    return Ok(Refreshed { pair, owner });
+                }
+                let ended = self
+                    .store
+                    .end_sessions(
+                        EndTarget::Session(&owner.session_id),
+                        EndReason::RefreshReused,
+                        now,
+                    )
+                    .await?;
+                warn!(
+                    openid = %owner.openid,
+                    session_id = %owner.session_id,
+                    revoked = ended,
+                    "a rotated refresh token was presented again after the grace window; session revoked"
+                );
+                Err(AuthError::RefreshTokenReused)
+            }
+            RotateOutcome::Ended(EndReason::RefreshReused) => Err(AuthError::RefreshTokenReused),
+            RotateOutcome::Ended(reason) => Err(ended(reason)),
+            RotateOutcome::Expired => Err(AuthError::TokenExpired),
+            RotateOutcome::NotFound => Err(AuthError::TokenInvalid),
+        }
+    }
+
+    fn open_successor(&self, old: &Token, sealed: &[u8]) -> Result<IssuedPair, AuthError> {
+        let plain = self
+            .keys
+            .open_for_token(old, sealed)
+            .map_err(AuthError::internal)?;
+        let p: SealedPair = serde_json::from_slice(&plain).map_err(AuthError::internal)?;
+        let token = |kind, raw: &str| {
+            Token::parse(kind, raw).ok_or_else(|| AuthError::internal(anyhow::anyhow!("bad sealed pair")))
+        };
+        Ok(IssuedPair {
+            access: token(TokenKind::Access, &p.a)?,
+            access_expires_at: p.ae,
+            refresh: token(TokenKind::Refresh, &p.r)?,
+            refresh_expires_at: p.re,
+        })
+    }
+
+    /// Ends the token's session, or every session of its user.
+    pub async fn logout(&self, raw: &str, all: bool) -> Result<u32, AuthError> {
+        let id = self.verify(raw).await?;
+        let (target, reason) = if all {
+            (EndTarget::User(&id.openid), EndReason::LogoutAll)
+        } else {
+            (EndTarget::Session(&id.session_id), EndReason::Logout)
+        };
+        let n = self.store.end_sessions(target, reason, now_millis()).await?;
+        info!(openid = %id.openid, session_id = %id.session_id, all, revoked = n, "logout");
+        Ok(n)
+    }
+
+    /// The live sessions of the token's user.
+    pub async fn list_sessions(&self, raw: &str) -> Result<Vec<ListedSession>, AuthError> {
+        let id = self.verify(raw).await?;
+        let sessions = self.store.list_sessions(&id.openid, now_millis()).await?;
+        Ok(sessions
+            .into_iter()
+            .map(|info| ListedSession {
+                current: info.id == id.session_id,
+                info,
+            })
+            .collect())
+    }
+
+    /// Ends every session of a user (operators).
+    pub async fn revoke_user(&self, openid: &str) -> Result<u32, AuthError> {
+        check_openid(openid)?;
+        if !self.store.user_exists(openid).await? {
+            return Err(AuthError::UserNotFound);
+        }
+        let n = self
+            .store
+            .end_sessions(EndTarget::User(openid), EndReason::RevokedByOperator, now_millis())
+            .await?;
+        warn!(openid = %openid, revoked = n, "user revoked by an operator");
+        Ok(n)
+    }
+
+    /// A page of a user's session timeline.
+    pub async fn list_events(
+        &self,
+        openid: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<EventPage, AuthError> {
+        check_openid(openid)?;
+        let limit = match page_size {
+            0 => 100,
+            1..=500 => page_size,
+            _ => {
+                return Err(AuthError::InvalidArgument(Invalid::new(
+                    "page_size",
+                    "must be from 1 to 500",
+                )));
+            }
+        };
+        let before = match page_token {
+            "" => None,
+            t => Some(t.parse::<i64>().map_err(|_| {
+                AuthError::InvalidArgument(Invalid::new("page_token", "is not a page token of this API"))
+            })?),
+        };
+        if !self.store.user_exists(openid).await? {
+            return Err(AuthError::UserNotFound);
+        }
+        // Sessions that ran out since anyone looked get their `expired` end recorded first.
+        self.store.expire_sessions(Some(openid), now_millis()).await?;
+        let events = self.store.list_events(openid, before, limit).await?;
+        let next_before = (events.len() == limit as usize)
+            .then(|| events.last().map(|e| e.id))
+            .flatten();
+        Ok(EventPage {
+            events,
+            next_before,
+        })
+    }
+
+    /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor
+    /// pairs cleared after the grace window, cache swept.
+    pub async fn housekeeping(&self) -> Result<(), AuthError> {
+        let now = now_millis();
+        self.cache.sweep().await;
+        let expired = self.store.expire_sessions(None, now).await?;
+        // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
+        let purged = self
+            .store
+            .purge(now, 86_400_000, millis(self.policy.refresh_grace))
+            .await?;
+        if expired > 0 || purged > 0 {
+            info!(expired, purged, "housekeeping");
+        }
+        Ok(())
+    }
+}
+
+fn check_openid(openid: &str) -> Result<(), AuthError> {
+    if openid.is_empty() || openid.len() > 128 || openid.chars().any(char::is_control) {
+        return Err(AuthError::InvalidArgument(Invalid::new(
+            "openid",
+            "must be 1 to 128 characters",
+        )));
+    }
+    Ok(())
+}
+
+/// The error a token of an ended session gets.
+fn ended(reason: EndReason) -> AuthError {
+    match reason {
+        EndReason::Replaced => AuthError::SessionReplaced,
+        EndReason::Expired => AuthError::TokenExpired,
+        EndReason::Logout
+        | EndReason::LogoutAll
+        | EndReason::RefreshReused
+        | EndReason::RevokedByOperator => AuthError::TokenRevoked,
+    }
+}
+
+/// WeChat's errcode to our error (CONTRACT.md, Login errors).
+fn wechat_error(e: WechatErr) -> AuthError {
+    match e.errcode {
+        40029 => AuthError::WechatInvalidCode(e),
+        40163 => AuthError::WechatCodeUsed(e),
+        45011 => AuthError::WechatRateLimited(e),
+        40226 => AuthError::WechatRiskyUser(e),
+        -1 => AuthError::WechatBusy(e),
+        40013 | 40125 | 40164 => {
+            error!(
+                errcode = e.errcode,
+                errmsg = %e.errmsg,
+                "WeChat refuses our credentials or our IP (check WECHAT_APPID, WECHAT_SECRET and the API IP whitelist)"
+            );
+            AuthError::WechatError(Some(e))
+        }
+        _ => {
+            warn!(errcode = e.errcode, errmsg = %e.errmsg, "WeChat error");
+            AuthError::WechatError(Some(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: i64) -> WechatErr {
+        WechatErr {
+            errcode: code,
+            errmsg: "m".into(),
+        }
+    }
+
+    #[test]
+    fn every_wechat_errcode_has_its_error() {
+        assert!(matches!(wechat_error(err(40029)), AuthError::WechatInvalidCode(_)));
+        assert!(matches!(wechat_error(err(40163)), AuthError::WechatCodeUsed(_)));
+        assert!(matches!(wechat_error(err(45011)), AuthError::WechatRateLimited(_)));
+        assert!(matches!(wechat_error(err(40226)), AuthError::WechatRiskyUser(_)));
+        assert!(matches!(wechat_error(err(-1)), AuthError::WechatBusy(_)));
+        for other in [40013, 40125, 40164, 99999] {
+            assert!(matches!(wechat_error(err(other)), AuthError::WechatError(Some(_))));
+        }
+    }
+
+    #[test]
+    fn ended_sessions_tell_their_reason() {
+        assert!(matches!(ended(EndReason::Replaced), AuthError::SessionReplaced));
+        assert!(matches!(ended(EndReason::Expired), AuthError::TokenExpired));
+        assert!(matches!(ended(EndReason::Logout), AuthError::TokenRevoked));
+        assert!(matches!(ended(EndReason::RevokedByOperator), AuthError::TokenRevoked));
+    }
+}

@@ -1,0 +1,156 @@
+//! Building the service from its settings, binding, serving, and stopping cleanly.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::cache::{Cache, MemoryCache};
+use crate::config::{DatabaseSettings, Settings};
+use crate::crypto::Keys;
+use crate::grpc::{AuthServiceServer, CallContextLayer, GrpcAuth};
+use crate::service::{AuthCore, Policy};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::wechat::WechatClient;
+
+/// How often expired sessions are recorded and dead token rows purged.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(300);
+
+/// A built, bound, not yet serving auth-service.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    core: AuthCore,
+    settings: Settings,
+}
+
+impl Application {
+    /// Opens the store (applying migrations), builds the clients and binds the gRPC port.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // reqwest is built without a default crypto provider: ours is ring. A second
+        // install (tests building twice in one process) is harmless.
+        let _already = rustls::crypto::ring::default_provider().install_default();
+
+        let keys = Arc::new(Keys::derive(&settings.token_key));
+        let store: Arc<dyn Store> = match &settings.database {
+            DatabaseSettings::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        };
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        let wechat = WechatClient::new(&settings.wechat).context("cannot build the WeChat client")?;
+        let core = AuthCore::new(store, cache, wechat, keys, Policy::from_settings(&settings));
+
+        if settings.client_keys.is_empty() {
+            warn!("AUTH_CLIENT_KEYS is not set: any caller may use this service (for development only)");
+        }
+        let listener = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on AUTH_GRPC_ADDR {}", settings.grpc_addr))?;
+        let local_addr = listener.local_addr().context("no local address")?;
+        Ok(Self {
+            listener,
+            local_addr,
+            core,
+            settings,
+        })
+    }
+
+    /// The address the gRPC server is bound to (the real port when the setting said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting, and
+    /// lets in-flight calls finish (for at most `AUTH_SHUTDOWN_GRACE`).
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<AuthServiceServer<GrpcAuth>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build the reflection service")?;
+
+        let housekeeping = tokio::spawn(housekeeping(self.core.clone()));
+
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            info!("stopping: NOT_SERVING, draining in-flight calls");
+            reporter.set_not_serving::<AuthServiceServer<GrpcAuth>>().await;
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            let _ = stopping_tx.send(());
+        };
+        let grace = self.settings.shutdown_grace;
+        let forced = async move {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+
+        info!(listener = "grpc", listen_addr = %self.local_addr, "listening");
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(CallContextLayer::new(self.settings.client_keys.clone()))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(AuthServiceServer::new(GrpcAuth::new(self.core.clone())))
+            .serve_with_incoming_shutdown(incoming, signal);
+
+        let result = tokio::select! {
+            r = server => r.context("the gRPC server failed"),
+            () = forced => {
+                warn!(?grace, "in-flight calls did not finish within AUTH_SHUTDOWN_GRACE; stopping anyway");
+                Ok(())
+            }
+        };
+        housekeeping.abort();
+        info!("stopped");
+        result
+    }
+}
+
+async fn housekeeping(core: AuthCore) {
+    let mut every = tokio::time::interval(HOUSEKEEPING_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = core.housekeeping().await {
+            warn!(error = %e, "housekeeping failed; will try again");
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,190 @@
+//! Durable state: users, sessions, token hashes and the session timeline.
+//!
+//! One app-level trait, [`Store`], with a backend per database, each with its own
+//! migrations; every method is one transaction, so a crash never leaves half a login or
+//! half a rotation behind. The embedded default is SQLite ([`sqlite::SqliteStore`]).
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::crypto::TokenHash;
+use crate::domain::{Device, EndReason, Millis, SessionEvent, SessionInfo, SessionPolicy};
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is overloaded: retrying later may work.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] anyhow::Error),
+    /// Anything else: a bug, a constraint, corrupt data.
+    #[error("database error: {0}")]
+    Other(#[source] anyhow::Error),
+}
+
+/// Everything a successful WeChat login writes, in one transaction.
+#[derive(Debug)]
+pub struct NewLogin {
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid, if WeChat gave one.
+    pub unionid: Option<String>,
+    /// The new session_key, sealed with the openid as context.
+    pub session_key_sealed: Vec<u8>,
+    /// Keyed fingerprint of the new session_key.
+    pub session_key_fp: [u8; 32],
+    /// The new session's id.
+    pub session_id: String,
+    /// Its device.
+    pub device: Device,
+    /// Hash of its access token, and the token's expiry.
+    pub access: (TokenHash, Millis),
+    /// Hash of its refresh token, and the token's expiry.
+    pub refresh: (TokenHash, Millis),
+    /// Which other sessions the login pushes out.
+    pub policy: SessionPolicy,
+    /// The login's instant.
+    pub now: Millis,
+}
+
+/// What a login did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginOutcome {
+    /// True when the user was created by this login.
+    pub is_new_user: bool,
+    /// The user's unionid after the login (WeChat's, or the one known before).
+    pub unionid: Option<String>,
+    /// The sessions it pushed out.
+    pub replaced: Vec<String>,
+}
+
+/// An access token found by its hash, with its session's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid.
+    pub unionid: Option<String>,
+    /// The session.
+    pub session_id: String,
+    /// The token's expiry.
+    pub expires_at: Millis,
+    /// When the session was last used.
+    pub last_active_at: Millis,
+    /// Why the session ended, if it did.
+    pub ended: Option<EndReason>,
+    /// When the session's refresh token expires (the session is over past it).
+    pub refresh_expires_at: Millis,
+}
+
+/// One refresh-token exchange, prepared by the caller.
+#[derive(Debug)]
+pub struct Rotation {
+    /// Hash of the presented refresh token.
+    pub old: TokenHash,
+    /// Hash and expiry of the new access token.
+    pub access: (TokenHash, Millis),
+    /// Hash and expiry of the new refresh token.
+    pub refresh: (TokenHash, Millis),
+    /// The new pair, sealed under the presented token, for retries within the grace window.
+    pub successor: Vec<u8>,
+    /// The exchange's instant.
+    pub now: Millis,
+}
+
+/// Who a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid.
+    pub unionid: Option<String>,
+    /// The session.
+    pub session_id: String,
+}
+
+/// What a refresh-token exchange found.
+#[derive(Debug)]
+pub enum RotateOutcome {
+    /// Rotated now: the new pair is stored.
+    Rotated(Owner),
+    /// Rotated before, at `rotated_at`; `successor` is the sealed pair (None once cleared).
+    AlreadyRotated {
+        /// Whose session.
+        owner: Owner,
+        /// When it was rotated.
+        rotated_at: Millis,
+        /// The sealed successor pair, while kept.
+        successor: Option<Vec<u8>>,
+    },
+    /// The session had ended.
+    Ended(EndReason),
+    /// The refresh token expired.
+    Expired,
+    /// No such refresh token.
+    NotFound,
+}
+
+/// Which sessions to end.
+#[derive(Debug, Clone, Copy)]
+pub enum EndTarget<'a> {
+    /// One session.
+    Session(&'a str),
+    /// Every live session of a user.
+    User(&'a str),
+}
+
+/// The durable store.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Upserts the user (rotating the session_key), pushes out sessions as the policy says,
+    /// and opens the new session with its two tokens.
+    async fn login(&self, login: NewLogin) -> Result<LoginOutcome, StoreError>;
+
+    /// Finds an access token by hash.
+    async fn find_access(&self, hash: &TokenHash) -> Result<Option<AccessRecord>, StoreError>;
+
+    /// Moves a session's last_active_at to `now` if it is older than `now - min_interval`.
+    async fn touch(&self, session_id: &str, now: Millis, min_interval: Millis) -> Result<(), StoreError>;
+
+    /// Exchanges a refresh token, once.
+    async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, StoreError>;
+
+    /// Ends live sessions with `reason`; returns how many it ended.
+    async fn end_sessions(
+        &self,
+        target: EndTarget<'_>,
+        reason: EndReason,
+        now: Millis,
+    ) -> Result<u32, StoreError>;
+
+    /// The user's live sessions, newest first.
+    async fn list_sessions(&self, openid: &str, now: Millis) -> Result<Vec<SessionInfo>, StoreError>;
+
+    /// Whether the user exists.
+    async fn user_exists(&self, openid: &str) -> Result<bool, StoreError>;
+
+    /// The user's timeline, newest first, events older than `before` (an event id) when given.
+    async fn list_events(
+        &self,
+        openid: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SessionEvent>, StoreError>;
+
+    /// Records the end (reason `expired`) of sessions whose refresh token expired, for one
+    /// user or for everyone; returns how many.
+    async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError>;
+
+    /// Deletes token rows dead for longer than `keep` and clears successor pairs older than
+    /// `grace`; returns how many rows changed.
+    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError>;
+
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A device read back from a row's three columns.
+pub(crate) fn device(id: Option<String>, platform: Option<String>, model: Option<String>) -> Device {
+    Device::from_stored(id, platform, model)
+}

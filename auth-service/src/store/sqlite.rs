@@ -1,0 +1,550 @@
+//! The embedded default store: one SQLite file in WAL mode.
+//!
+//! Write transactions start with `BEGIN IMMEDIATE`, so two of them never deadlock while
+//! upgrading a read lock: SQLite serializes them, which is what makes a login's policy
+//! decision and a refresh-token exchange atomic here (PostgreSQL will lock rows instead).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{SqliteConnection, SqlitePool};
+
+use super::{
+    AccessRecord, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, Store,
+    StoreError, device,
+};
+use crate::crypto::TokenHash;
+use crate::domain::{
+    EndReason, EventKind, LiveSession, Millis, SessionEvent, SessionInfo, plan_evictions,
+};
+
+/// The SQLite-backed store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if missing) the database file and applies
+    /// pending migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the database directory {}", dir.display()))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the answer leaves; nothing acknowledged is
+            // lost on a crash or power cut.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .context("cannot apply the SQLite migrations")?;
+        Ok(Self { pool })
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)
+    }
+}
+
+/// Sorts sqlx errors into "retry later" and "something is wrong", by kind, never by text.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.into())
+        }
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6): another writer held the file too long.
+        sqlx::Error::Database(ref d)
+            if matches!(d.code().as_deref(), Some("5") | Some("6") | Some("517")) =>
+        {
+            StoreError::Unavailable(e.into())
+        }
+        other => StoreError::Other(other.into()),
+    }
+}
+
+/// Ends one live session inside a transaction and records why; false if it was not live.
+async fn end_one(
+    conn: &mut SqliteConnection,
+    session_id: &str,
+    reason: EndReason,
+    replaced_by: Option<(&str, Option<&str>)>,
+    at: Millis,
+) -> Result<bool, StoreError> {
+    let openid: Option<(String,)> = sqlx::query_as(
+        "UPDATE sessions SET ended_at = $1, end_reason = $2 \
+         WHERE id = $3 AND ended_at IS NULL RETURNING openid",
+    )
+    .bind(at)
+    .bind(reason.as_str())
+    .bind(session_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    let Some((openid,)) = openid else {
+        return Ok(false);
+    };
+    sqlx::query(
+        "INSERT INTO session_events \
+         (openid, session_id, kind, reason, replaced_by_session, replaced_by_device, at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(openid)
+    .bind(session_id)
+    .bind(EventKind::End.as_str())
+    .bind(reason.as_str())
+    .bind(replaced_by.map(|r| r.0))
+    .bind(replaced_by.and_then(|r| r.1))
+    .bind(at)
+    .execute(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    Ok(true)
+}
+
+async fn record_event(
+    conn: &mut SqliteConnection,
+    openid: &str,
+    session_id: &str,
+    kind: EventKind,
+    at: Millis,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO session_events (openid, session_id, kind, at) VALUES ($1, $2, $3, $4)")
+        .bind(openid)
+        .bind(session_id)
+        .bind(kind.as_str())
+        .bind(at)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+/// Marks sessions past their refresh expiry as ended (`expired`, at that instant).
+async fn expire_in(
+    conn: &mut SqliteConnection,
+    openid: Option<&str>,
+    now: Millis,
+) -> Result<u32, StoreError> {
+    let due: Vec<(String, Millis)> = sqlx::query_as(
+        "SELECT id, refresh_expires_at FROM sessions \
+         WHERE ended_at IS NULL AND refresh_expires_at <= $1 AND ($2 IS NULL OR openid = $2) \
+         LIMIT 1000",
+    )
+    .bind(now)
+    .bind(openid)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    let mut n = 0;
+    for (id, at) in due {
+        if end_one(conn, &id, EndReason::Expired, None, at).await? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+async fn insert_tokens(
+    conn: &mut SqliteConnection,
+    session_id: &str,
+    access: (TokenHash, Millis),
+    refresh: (TokenHash, Millis),
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO access_tokens (hash, session_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(&access.0.0[..])
+        .bind(session_id)
+        .bind(access.1)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    sqlx::query("INSERT INTO refresh_tokens (hash, session_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(&refresh.0.0[..])
+        .bind(session_id)
+        .bind(refresh.1)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+fn reason(stored: Option<String>) -> Result<Option<EndReason>, StoreError> {
+    stored
+        .map(|s| {
+            EndReason::from_stored(&s)
+                .ok_or_else(|| StoreError::Other(anyhow::anyhow!("unknown end reason {s:?} in store")))
+        })
+        .transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn login(&self, l: NewLogin) -> Result<LoginOutcome, StoreError> {
+        let mut tx = self.begin_write().await?;
+
+        let existing: Option<(Option<String>, Vec<u8>)> =
+            sqlx::query_as("SELECT unionid, session_key_fp FROM users WHERE openid = $1")
+                .bind(&l.openid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let (is_new_user, unionid) = match existing {
+            None => {
+                sqlx::query(
+                    "INSERT INTO users (openid, unionid, session_key, session_key_fp, \
+                     session_key_updated_at, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $5, $5)",
+                )
+                .bind(&l.openid)
+                .bind(&l.unionid)
+                .bind(&l.session_key_sealed)
+                .bind(&l.session_key_fp[..])
+                .bind(l.now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                (true, l.unionid.clone())
+            }
+            Some((old_unionid, old_fp)) => {
+                let unionid = l.unionid.clone().or(old_unionid);
+                if old_fp == l.session_key_fp {
+                    // WeChat handed out the same key again: no rotation, keep the previous.
+                    sqlx::query(
+                        "UPDATE users SET unionid = $2, session_key = $3, updated_at = $4 \
+                         WHERE openid = $1",
+                    )
+                    .bind(&l.openid)
+                    .bind(&unionid)
+                    .bind(&l.session_key_sealed)
+                    .bind(l.now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                } else {
+                    sqlx::query(
+                        "UPDATE users SET unionid = $2, prev_session_key = session_key, \
+                         session_key = $3, session_key_fp = $4, session_key_updated_at = $5, \
+                         updated_at = $5 WHERE openid = $1",
+                    )
+                    .bind(&l.openid)
+                    .bind(&unionid)
+                    .bind(&l.session_key_sealed)
+                    .bind(&l.session_key_fp[..])
+                    .bind(l.now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                (false, unionid)
+            }
+        };
+
+        expire_in(&mut tx, Some(&l.openid), l.now).await?;
+        let live: Vec<(String, Option<String>, Millis)> = sqlx::query_as(
+            "SELECT id, device_id, created_at FROM sessions WHERE openid = $1 AND ended_at IS NULL",
+        )
+        .bind(&l.openid)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let live: Vec<LiveSession> = live
+            .into_iter()
+            .map(|(id, device_id, created_at)| LiveSession {
+                id,
+                device_id,
+                created_at,
+            })
+            .collect();
+        let mut replaced = Vec::new();
+        for id in plan_evictions(l.policy, &live, l.device.id()) {
+            let by = Some((l.session_id.as_str(), l.device.id()));
+            if end_one(&mut tx, &id, EndReason::Replaced, by, l.now).await? {
+                replaced.push(id);
+            }
+        }
+
+        sqlx::query(
+            "INSERT INTO sessions (id, openid, device_id, device_platform, device_model, \
+             created_at, last_active_at, refresh_expires_at) VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
+        )
+        .bind(&l.session_id)
+        .bind(&l.openid)
+        .bind(l.device.id())
+        .bind(l.device.platform())
+        .bind(l.device.model())
+        .bind(l.now)
+        .bind(l.refresh.1)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_tokens(&mut tx, &l.session_id, l.access, l.refresh).await?;
+        record_event(&mut tx, &l.openid, &l.session_id, EventKind::Login, l.now).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(LoginOutcome {
+            is_new_user,
+            unionid,
+            replaced,
+        })
+    }
+
+    async fn find_access(&self, hash: &TokenHash) -> Result<Option<AccessRecord>, StoreError> {
+        type Row = (String, Option<String>, String, Millis, Millis, Option<String>, Millis);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT s.openid, u.unionid, a.session_id, a.expires_at, s.last_active_at, \
+             s.end_reason, s.refresh_expires_at \
+             FROM access_tokens a JOIN sessions s ON s.id = a.session_id \
+             JOIN users u ON u.openid = s.openid WHERE a.hash = $1",
+        )
+        .bind(&hash.0[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|(openid, unionid, session_id, expires_at, last_active_at, ended, refresh_expires_at)| {
+            Ok(AccessRecord {
+                openid,
+                unionid,
+                session_id,
+                expires_at,
+                last_active_at,
+                ended: reason(ended)?,
+                refresh_expires_at,
+            })
+        })
+        .transpose()
+    }
+
+    async fn touch(&self, session_id: &str, now: Millis, min_interval: Millis) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET last_active_at = $1 \
+             WHERE id = $2 AND ended_at IS NULL AND last_active_at <= $3",
+        )
+        .bind(now)
+        .bind(session_id)
+        .bind(now.saturating_sub(min_interval))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn rotate(&self, r: Rotation) -> Result<RotateOutcome, StoreError> {
+        type Row = (String, Millis, Option<Millis>, Option<Vec<u8>>, String, Option<String>, Option<String>);
+        let mut tx = self.begin_write().await?;
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT t.session_id, t.expires_at, t.rotated_at, t.successor, s.openid, u.unionid, \
+             s.end_reason FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
+             JOIN users u ON u.openid = s.openid WHERE t.hash = $1",
+        )
+        .bind(&r.old.0[..])
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some((session_id, expires_at, rotated_at, successor, openid, unionid, ended)) = row else {
+            return Ok(RotateOutcome::NotFound);
+        };
+        if let Some(ended) = reason(ended)? {
+            return Ok(RotateOutcome::Ended(ended));
+        }
+        let owner = Owner {
+            openid,
+            unionid,
+            session_id,
+        };
+        if let Some(rotated_at) = rotated_at {
+            return Ok(RotateOutcome::AlreadyRotated {
+                owner,
+                rotated_at,
+                successor,
+            });
+        }
+        if expires_at <= r.now {
+            end_one(&mut tx, &owner.session_id, EndReason::Expired, None, expires_at).await?;
+            tx.commit().await.map_err(map_err)?;
+            return Ok(RotateOutcome::Expired);
+        }
+        sqlx::query("UPDATE refresh_tokens SET rotated_at = $1, successor = $2 WHERE hash = $3")
+            .bind(r.now)
+            .bind(&r.successor)
+            .bind(&r.old.0[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        insert_tokens(&mut tx, &owner.session_id, r.access, r.refresh).await?;
+        sqlx::query("UPDATE sessions SET refresh_expires_at = $1, last_active_at = $2 WHERE id = $3")
+            .bind(r.refresh.1)
+            .bind(r.now)
+            .bind(&owner.session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        record_event(&mut tx, &owner.openid, &owner.session_id, EventKind::Refresh, r.now).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(RotateOutcome::Rotated(owner))
+    }
+
+    async fn end_sessions(
+        &self,
+        target: EndTarget<'_>,
+        reason: EndReason,
+        now: Millis,
+    ) -> Result<u32, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<String> = match target {
+            EndTarget::Session(id) => vec![id.to_owned()],
+            EndTarget::User(openid) => {
+                sqlx::query_as::<_, (String,)>(
+                    "SELECT id FROM sessions WHERE openid = $1 AND ended_at IS NULL",
+                )
+                .bind(openid)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .into_iter()
+                .map(|(id,)| id)
+                .collect()
+            }
+        };
+        let mut n = 0;
+        for id in ids {
+            if end_one(&mut tx, &id, reason, None, now).await? {
+                n += 1;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(n)
+    }
+
+    async fn list_sessions(&self, openid: &str, now: Millis) -> Result<Vec<SessionInfo>, StoreError> {
+        type Row = (String, Option<String>, Option<String>, Option<String>, Millis, Millis);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, device_id, device_platform, device_model, created_at, last_active_at \
+             FROM sessions WHERE openid = $1 AND ended_at IS NULL AND refresh_expires_at > $2 \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(openid)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, d_id, d_platform, d_model, created_at, last_active_at)| SessionInfo {
+                id,
+                device: device(d_id, d_platform, d_model),
+                created_at,
+                last_active_at,
+            })
+            .collect())
+    }
+
+    async fn user_exists(&self, openid: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM users WHERE openid = $1")
+            .bind(openid)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.is_some())
+    }
+
+    async fn list_events(
+        &self,
+        openid: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        type Row = (
+            i64,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Millis,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT e.id, e.session_id, e.kind, e.reason, e.replaced_by_session, \
+             e.replaced_by_device, e.at, s.device_id, s.device_platform, s.device_model \
+             FROM session_events e LEFT JOIN sessions s ON s.id = e.session_id \
+             WHERE e.openid = $1 AND ($2 IS NULL OR e.id < $2) ORDER BY e.id DESC LIMIT $3",
+        )
+        .bind(openid)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(id, session_id, kind, end, by_session, by_device, at, d_id, d_pf, d_model)| {
+                let kind = EventKind::from_stored(&kind)
+                    .ok_or_else(|| StoreError::Other(anyhow::anyhow!("unknown event kind {kind:?}")))?;
+                Ok(SessionEvent {
+                    id,
+                    session_id,
+                    kind,
+                    reason: reason(end)?,
+                    device: device(d_id, d_pf, d_model),
+                    replaced_by_session: by_session,
+                    replaced_by_device: by_device,
+                    at,
+                })
+            })
+            .collect()
+    }
+
+    async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let n = expire_in(&mut tx, openid, now).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(n)
+    }
+
+    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let dead = now.saturating_sub(keep);
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM access_tokens WHERE expires_at < $1",
+            "DELETE FROM refresh_tokens WHERE expires_at < $1",
+        ] {
+            n += sqlx::query(sql)
+                .bind(dead)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+        }
+        n += sqlx::query(
+            "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1",
+        )
+        .bind(now.saturating_sub(grace))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        tx.commit().await.map_err(map_err)?;
+        Ok(n)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! What the end-to-end tests, the local launcher and the benchmarks share: starting the real
+//! binaries and talking to them.
+
+pub mod process;
+pub mod sim;
+
+pub use process::Process;

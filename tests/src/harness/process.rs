@@ -1,0 +1,246 @@
+//! Starting the project's real binaries: find them, spawn them with a given environment,
+//! capture every log line, and learn the address they bound from their logs.
+//!
+//! Convention shared by every binary of the workspace: once listening, it writes a JSON log
+//! line to stdout with a field `listen_addr` (`"127.0.0.1:PORT"`), and a field `listener`
+//! naming which listener it is (`"grpc"`, `"http"`, `"metrics"`, ...). Tests bind port 0 and
+//! read the real port from that line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The directory that holds the workspace's binaries for the profile this code was built in
+/// (`target/debug` or `target/release`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the current executable")?;
+    let mut dir = exe
+        .parent()
+        .context("the current executable has no parent directory")?
+        .to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// The path of a workspace binary, built first (once per process) with cargo so that
+/// `cargo test` alone is enough: cargo builds a test's own package, not the binaries of
+/// the other packages it starts.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = bin_dir()?;
+    let built = BUILT.get_or_init(|| build_binaries(&dir).map_err(|e| format!("{e:#}")));
+    if let Err(e) = built {
+        bail!("building the workspace binaries failed: {e}");
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "binary {} not found; run `cargo build --workspace --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn build_binaries(dir: &Path) -> anyhow::Result<()> {
+    if std::env::var_os("WXAUTH_SKIP_BUILD").is_some() {
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .context("could not run cargo to build the binaries")?;
+    if !status.success() {
+        bail!("`cargo build --workspace --bins` failed with {status}");
+    }
+    Ok(())
+}
+
+/// Whether captured log lines are also printed (to stderr) as they arrive.
+fn echo_logs() -> bool {
+    std::env::var_os("TEST_LOG").is_some()
+}
+
+/// A running binary of the workspace; killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    addrs: watch::Receiver<HashMap<String, SocketAddr>>,
+}
+
+impl Process {
+    /// Starts binary `name` with exactly the environment `env` added to a cleaned one
+    /// (PATH, HOME, RUST_LOG and RUST_BACKTRACE are kept), in working directory `cwd`.
+    pub fn spawn(name: &str, env: &[(String, String)], cwd: &Path) -> anyhow::Result<Self> {
+        let path = binary(name)?;
+        let mut cmd = Command::new(&path);
+        cmd.env_clear();
+        for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {}", path.display()))?;
+
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, addrs) = watch::channel(HashMap::new());
+        let tx = Arc::new(tx);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(pump(name.to_owned(), out, logs.clone(), Some(tx.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(pump(name.to_owned(), err, logs.clone(), None));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            logs,
+            addrs,
+        })
+    }
+
+    /// Waits (up to 60 s) until the process has logged the address of `listener`.
+    pub async fn wait_for_addr(&mut self, listener: &str) -> anyhow::Result<SocketAddr> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(addr) = self.addrs.borrow().get(listener) {
+                return Ok(*addr);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before listening on {listener}; its output:\n{}",
+                    self.name,
+                    self.logs().join("\n")
+                );
+            }
+            let changed = tokio::time::timeout_at(deadline, self.addrs.changed()).await;
+            match changed {
+                Err(_) => bail!(
+                    "{} did not report a {listener} address within 60 s; its output:\n{}",
+                    self.name,
+                    self.logs().join("\n")
+                ),
+                // The sender is gone: stdout closed, the process is exiting. Loop to report it.
+                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Every line the process wrote so far, stdout and stderr interleaved.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The process id, when it is still running.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (a graceful stop).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has already exited")?;
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid)?)
+            .context("the process id is not a valid pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .context("could not send SIGTERM")?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {timeout:?}", self.name))??;
+        Ok(status.code())
+    }
+
+    /// Kills the process at once (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("could not kill the process")
+    }
+}
+
+async fn pump<R>(
+    name: String,
+    reader: R,
+    logs: Arc<Mutex<Vec<String>>>,
+    addrs: Option<Arc<watch::Sender<HashMap<String, SocketAddr>>>>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut lines = BufReader::new(reader).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if echo_logs() {
+            eprintln!("[{name}] {line}");
+        }
+        if let Some(tx) = &addrs {
+            if let Some((listener, addr)) = parse_listen_line(&line) {
+                tx.send_modify(|m| {
+                    m.insert(listener, addr);
+                });
+            }
+        }
+        if let Ok(mut l) = logs.lock() {
+            l.push(line);
+        }
+    }
+}
+
+/// Reads `listener` and `listen_addr` from a JSON log line, at the top level or under `fields`.
+fn parse_listen_line(line: &str) -> Option<(String, SocketAddr)> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields").unwrap_or(&value);
+    let addr = fields.get("listen_addr")?.as_str()?.parse().ok()?;
+    let listener = fields
+        .get("listener")
+        .and_then(|l| l.as_str())
+        .unwrap_or("main")
+        .to_owned();
+    Some((listener, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_address_from_a_tracing_json_line() {
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"listening","listener":"grpc","listen_addr":"127.0.0.1:4242"}}"#;
+        let (listener, addr) = parse_listen_line(line).expect("a listen line");
+        assert_eq!(listener, "grpc");
+        assert_eq!(addr.port(), 4242);
+    }
+
+    #[test]
+    fn ignores_lines_without_an_address() {
+        assert!(parse_listen_line(r#"{"fields":{"message":"hello"}}"#).is_none());
+        assert!(parse_listen_line("not json").is_none());
+    }
+}
