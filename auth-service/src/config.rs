@@ -77,7 +77,10 @@ pub struct Settings {
     pub client_keys: Vec<SecretString>,
     /// `AUTH_METRICS_ADDR`.
     pub metrics_addr: SocketAddr,
-    /// `AUTH_SHUTDOWN_GRACE`: how long in-flight calls may take to finish after SIGTERM.
+    /// `AUTH_DRAIN_DELAY`: after SIGTERM, how long to keep serving while reporting
+    /// NOT_SERVING, so load balancers stop sending new calls before the port closes.
+    pub drain_delay: Duration,
+    /// `AUTH_SHUTDOWN_GRACE`: how long in-flight calls may take to finish after that.
     pub shutdown_grace: Duration,
 }
 
@@ -147,8 +150,9 @@ impl Settings {
         let session_policy = SessionPolicy::parse(policy.trim(), max_sessions)
             .map_err(|e| bad(e.field, e.message))?;
 
-        let login_rate = LoginRate::parse(&get("AUTH_LOGIN_RATE").unwrap_or_else(|| "600/min".into()))
-            .map_err(|e| bad(e.field, e.message))?;
+        let login_rate =
+            LoginRate::parse(&get("AUTH_LOGIN_RATE").unwrap_or_else(|| "600/min".into()))
+                .map_err(|e| bad(e.field, e.message))?;
 
         let mut client_keys = Vec::new();
         if let Some(raw) = get("AUTH_CLIENT_KEYS") {
@@ -175,6 +179,7 @@ impl Settings {
             login_rate,
             client_keys,
             metrics_addr,
+            drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
         };
         if settings.access_ttl.is_zero() {
@@ -207,8 +212,12 @@ fn duration(
     name: &'static str,
     default: &str,
 ) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim())
-        .map_err(|e| bad(name, format!("must be a duration like 10s, 2h or 30d ({e})")))
+    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim()).map_err(|e| {
+        bad(
+            name,
+            format!("must be a duration like 10s, 2h or 30d ({e})"),
+        )
+    })
 }
 
 fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
@@ -265,7 +274,9 @@ mod tests {
         assert_eq!(s.wechat.api_base.as_str(), "https://api.weixin.qq.com/");
         assert_eq!(s.login_rate.count, 600);
         assert!(s.client_keys.is_empty());
-        assert!(matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/auth.db")));
+        assert!(
+            matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/auth.db"))
+        );
     }
 
     #[test]
@@ -306,7 +317,10 @@ mod tests {
     #[test]
     fn debug_output_hides_secrets() {
         let mut env = base();
-        env.insert("AUTH_CLIENT_KEYS", format!("{},{}", "c".repeat(32), "d".repeat(33)));
+        env.insert(
+            "AUTH_CLIENT_KEYS",
+            format!("{},{}", "c".repeat(32), "d".repeat(33)),
+        );
         let s = load(&env).expect("valid");
         assert_eq!(s.client_keys.len(), 2);
         let dbg = format!("{s:?}");
@@ -320,6 +334,8 @@ mod tests {
         let mut env = base();
         env.insert("AUTH_DATABASE_URL", "sqlite:/tmp/x.db?mode=rwc".into());
         let s = load(&env).expect("valid");
-        assert!(matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from("/tmp/x.db")));
+        assert!(
+            matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from("/tmp/x.db"))
+        );
     }
 }

@@ -407,7 +407,8 @@ impl AuthCore {
             .map_err(AuthError::internal)?;
         let p: SealedPair = serde_json::from_slice(&plain).map_err(AuthError::internal)?;
         let token = |kind, raw: &str| {
-            Token::parse(kind, raw).ok_or_else(|| AuthError::internal(anyhow::anyhow!("bad sealed pair")))
+            Token::parse(kind, raw)
+                .ok_or_else(|| AuthError::internal(anyhow::anyhow!("bad sealed pair")))
         };
         Ok(IssuedPair {
             access: token(TokenKind::Access, &p.a)?,
@@ -425,7 +426,10 @@ impl AuthCore {
         } else {
             (EndTarget::Session(&id.session_id), EndReason::Logout)
         };
-        let n = self.store.end_sessions(target, reason, now_millis()).await?;
+        let n = self
+            .store
+            .end_sessions(target, reason, now_millis())
+            .await?;
         info!(openid = %id.openid, session_id = %id.session_id, all, revoked = n, "logout");
         Ok(n)
     }
@@ -451,7 +455,11 @@ impl AuthCore {
         }
         let n = self
             .store
-            .end_sessions(EndTarget::User(openid), EndReason::RevokedByOperator, now_millis())
+            .end_sessions(
+                EndTarget::User(openid),
+                EndReason::RevokedByOperator,
+                now_millis(),
+            )
             .await?;
         warn!(openid = %openid, revoked = n, "user revoked by an operator");
         Ok(n)
@@ -478,14 +486,19 @@ impl AuthCore {
         let before = match page_token {
             "" => None,
             t => Some(t.parse::<i64>().map_err(|_| {
-                AuthError::InvalidArgument(Invalid::new("page_token", "is not a page token of this API"))
+                AuthError::InvalidArgument(Invalid::new(
+                    "page_token",
+                    "is not a page token of this API",
+                ))
             })?),
         };
         if !self.store.user_exists(openid).await? {
             return Err(AuthError::UserNotFound);
         }
         // Sessions that ran out since anyone looked get their `expired` end recorded first.
-        self.store.expire_sessions(Some(openid), now_millis()).await?;
+        self.store
+            .expire_sessions(Some(openid), now_millis())
+            .await?;
         let events = self.store.list_events(openid, before, limit).await?;
         let next_before = (events.len() == limit as usize)
             .then(|| events.last().map(|e| e.id))
@@ -572,21 +585,42 @@ mod tests {
 
     #[test]
     fn every_wechat_errcode_has_its_error() {
-        assert!(matches!(wechat_error(err(40029)), AuthError::WechatInvalidCode(_)));
-        assert!(matches!(wechat_error(err(40163)), AuthError::WechatCodeUsed(_)));
-        assert!(matches!(wechat_error(err(45011)), AuthError::WechatRateLimited(_)));
-        assert!(matches!(wechat_error(err(40226)), AuthError::WechatRiskyUser(_)));
+        assert!(matches!(
+            wechat_error(err(40029)),
+            AuthError::WechatInvalidCode(_)
+        ));
+        assert!(matches!(
+            wechat_error(err(40163)),
+            AuthError::WechatCodeUsed(_)
+        ));
+        assert!(matches!(
+            wechat_error(err(45011)),
+            AuthError::WechatRateLimited(_)
+        ));
+        assert!(matches!(
+            wechat_error(err(40226)),
+            AuthError::WechatRiskyUser(_)
+        ));
         assert!(matches!(wechat_error(err(-1)), AuthError::WechatBusy(_)));
         for other in [40013, 40125, 40164, 99999] {
-            assert!(matches!(wechat_error(err(other)), AuthError::WechatError(Some(_))));
+            assert!(matches!(
+                wechat_error(err(other)),
+                AuthError::WechatError(Some(_))
+            ));
         }
     }
 
     #[test]
     fn ended_sessions_tell_their_reason() {
-        assert!(matches!(ended(EndReason::Replaced), AuthError::SessionReplaced));
+        assert!(matches!(
+            ended(EndReason::Replaced),
+            AuthError::SessionReplaced
+        ));
         assert!(matches!(ended(EndReason::Expired), AuthError::TokenExpired));
         assert!(matches!(ended(EndReason::Logout), AuthError::TokenRevoked));
-        assert!(matches!(ended(EndReason::RevokedByOperator), AuthError::TokenRevoked));
+        assert!(matches!(
+            ended(EndReason::RevokedByOperator),
+            AuthError::TokenRevoked
+        ));
     }
 }

@@ -45,11 +45,14 @@ impl Application {
             DatabaseSettings::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
         };
         let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
-        let wechat = WechatClient::new(&settings.wechat).context("cannot build the WeChat client")?;
+        let wechat =
+            WechatClient::new(&settings.wechat).context("cannot build the WeChat client")?;
         let core = AuthCore::new(store, cache, wechat, keys, Policy::from_settings(&settings));
 
         if settings.client_keys.is_empty() {
-            warn!("AUTH_CLIENT_KEYS is not set: any caller may use this service (for development only)");
+            warn!(
+                "AUTH_CLIENT_KEYS is not set: any caller may use this service (for development only)"
+            );
         }
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
@@ -82,13 +85,19 @@ impl Application {
         let housekeeping = tokio::spawn(housekeeping(self.core.clone()));
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain_delay = self.settings.drain_delay;
         let signal = async move {
             shutdown.await;
-            info!("stopping: NOT_SERVING, draining in-flight calls");
-            reporter.set_not_serving::<AuthServiceServer<GrpcAuth>>().await;
+            info!(?drain_delay, "stopping: reporting NOT_SERVING");
+            reporter
+                .set_not_serving::<AuthServiceServer<GrpcAuth>>()
+                .await;
             reporter
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
+            // Still serving, so that callers who have not yet seen NOT_SERVING are answered.
+            tokio::time::sleep(drain_delay).await;
+            info!("no longer accepting calls; draining in-flight calls");
             let _ = stopping_tx.send(());
         };
         let grace = self.settings.shutdown_grace;

@@ -45,7 +45,11 @@ impl MemoryCache {
 
 #[async_trait]
 impl Cache for MemoryCache {
-    async fn claim_code(&self, code: &str, in_flight_ttl: Duration) -> Result<CodeClaim, CacheError> {
+    async fn claim_code(
+        &self,
+        code: &str,
+        in_flight_ttl: Duration,
+    ) -> Result<CodeClaim, CacheError> {
         let now = Instant::now();
         let mut state = self.lock();
         match state.codes.get(code) {
@@ -60,19 +64,30 @@ impl Cache for MemoryCache {
         }
     }
 
-    async fn finish_code(&self, code: &str, used: bool, used_ttl: Duration) -> Result<(), CacheError> {
+    async fn finish_code(
+        &self,
+        code: &str,
+        used: bool,
+        used_ttl: Duration,
+    ) -> Result<(), CacheError> {
         let mut state = self.lock();
         if used {
-            state
-                .codes
-                .insert(code.to_owned(), (CodeState::Used, Instant::now() + used_ttl));
+            state.codes.insert(
+                code.to_owned(),
+                (CodeState::Used, Instant::now() + used_ttl),
+            );
         } else {
             state.codes.remove(code);
         }
         Ok(())
     }
 
-    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<RateDecision, CacheError> {
+    async fn hit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, CacheError> {
         let now = Instant::now();
         let mut state = self.lock();
         let entry = state.windows.entry(key.to_owned()).or_insert((now, 0));
@@ -93,9 +108,9 @@ impl Cache for MemoryCache {
         let mut state = self.lock();
         state.codes.retain(|_, (_, until)| *until > now);
         // A window older than an hour is over whatever its length (the longest is 1 h).
-        state
-            .windows
-            .retain(|_, (start, _)| now.saturating_duration_since(*start) < Duration::from_secs(3600));
+        state.windows.retain(|_, (start, _)| {
+            now.saturating_duration_since(*start) < Duration::from_secs(3600)
+        });
     }
 }
 
@@ -109,7 +124,9 @@ mod tests {
         let ttl = Duration::from_secs(10);
         assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));
         assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::InFlight));
-        c.finish_code("h", true, Duration::from_secs(600)).await.ok();
+        c.finish_code("h", true, Duration::from_secs(600))
+            .await
+            .ok();
         assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Used));
         tokio::time::advance(Duration::from_secs(601)).await;
         assert_eq!(c.claim_code("h", ttl).await.ok(), Some(CodeClaim::Acquired));

@@ -43,14 +43,28 @@ pub enum RateDecision {
 pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
     /// Claims a code (by its keyed hash) for exchange. An `Acquired` claim lapses by
     /// itself after `in_flight_ttl`, so a crashed login does not block the code forever.
-    async fn claim_code(&self, code: &str, in_flight_ttl: Duration) -> Result<CodeClaim, CacheError>;
+    async fn claim_code(
+        &self,
+        code: &str,
+        in_flight_ttl: Duration,
+    ) -> Result<CodeClaim, CacheError>;
 
     /// Ends this login's claim: remembered as used for `used_ttl` on success, released on
     /// failure (so a retry may ask WeChat again, which has the last word).
-    async fn finish_code(&self, code: &str, used: bool, used_ttl: Duration) -> Result<(), CacheError>;
+    async fn finish_code(
+        &self,
+        code: &str,
+        used: bool,
+        used_ttl: Duration,
+    ) -> Result<(), CacheError>;
 
     /// Counts one event for `key` in a fixed window of `window`, allowing `limit` of them.
-    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<RateDecision, CacheError>;
+    async fn hit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, CacheError>;
 
     /// Drops expired entries (called periodically).
     async fn sweep(&self);

@@ -21,7 +21,11 @@ impl Device {
     }
 
     /// Rebuilds a device read back from the store (already checked when it was written).
-    pub fn from_stored(id: Option<String>, platform: Option<String>, model: Option<String>) -> Self {
+    pub fn from_stored(
+        id: Option<String>,
+        platform: Option<String>,
+        model: Option<String>,
+    ) -> Self {
         Self {
             id,
             platform,

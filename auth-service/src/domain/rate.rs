@@ -16,7 +16,12 @@ pub struct LoginRate {
 impl LoginRate {
     /// Parses `600/min`, `10/s`, `5000/hour` and the like.
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        let err = || Invalid::new("AUTH_LOGIN_RATE", "must look like 600/min (per s, min or hour)");
+        let err = || {
+            Invalid::new(
+                "AUTH_LOGIN_RATE",
+                "must look like 600/min (per s, min or hour)",
+            )
+        };
         let (count, unit) = raw.trim().split_once('/').ok_or_else(err)?;
         let count: u32 = count.trim().parse().map_err(|_| err())?;
         if count == 0 {
@@ -45,7 +50,10 @@ mod tests {
                 window: Duration::from_secs(60)
             })
         );
-        assert_eq!(LoginRate::parse("10/s").map(|r| r.window), Ok(Duration::from_secs(1)));
+        assert_eq!(
+            LoginRate::parse("10/s").map(|r| r.window),
+            Ok(Duration::from_secs(1))
+        );
         assert_eq!(LoginRate::parse("5/hour").map(|r| r.count), Ok(5));
     }
 

@@ -55,7 +55,9 @@ impl Token {
             && body
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && URL_SAFE_NO_PAD.decode(body).is_ok_and(|b| b.len() == RANDOM_BYTES);
+            && URL_SAFE_NO_PAD
+                .decode(body)
+                .is_ok_and(|b| b.len() == RANDOM_BYTES);
         well_formed.then(|| Self {
             kind,
             value: raw.to_owned(),

@@ -74,8 +74,7 @@ fn well_formed(id: &HeaderValue) -> bool {
     let b = id.as_bytes();
     !b.is_empty()
         && b.len() <= 128
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 

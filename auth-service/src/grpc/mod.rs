@@ -38,8 +38,9 @@ fn timestamp(ms: Millis) -> prost_types::Timestamp {
     }
 }
 
+/// Whole seconds from `now` to `until`, rounded to the nearest (never negative).
 fn seconds_left(until: Millis, now: Millis) -> i64 {
-    until.saturating_sub(now).max(0) / 1000
+    until.saturating_sub(now).max(0).saturating_add(500) / 1000
 }
 
 fn token_pair(p: &IssuedPair) -> pb::TokenPair {
@@ -103,7 +104,9 @@ impl AuthService for GrpcAuth {
         // The code first: a bad one is refused before anything else is looked at.
         let code = WechatCode::parse(&r.code).map_err(AuthError::InvalidCode)?;
         let device = match &r.device {
-            Some(d) => Device::parse(&d.id, &d.platform, &d.model).map_err(AuthError::InvalidArgument)?,
+            Some(d) => {
+                Device::parse(&d.id, &d.platform, &d.model).map_err(AuthError::InvalidArgument)?
+            }
             None => Device::default(),
         };
         let ip = client_ip(&r.client_ip, peer)?;
@@ -149,14 +152,19 @@ impl AuthService for GrpcAuth {
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let r = request.get_ref();
         let n = self.core.logout(&r.access_token, r.all).await?;
-        Ok(Response::new(pb::LogoutResponse { revoked_sessions: n }))
+        Ok(Response::new(pb::LogoutResponse {
+            revoked_sessions: n,
+        }))
     }
 
     async fn list_sessions(
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let sessions = self.core.list_sessions(&request.get_ref().access_token).await?;
+        let sessions = self
+            .core
+            .list_sessions(&request.get_ref().access_token)
+            .await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: sessions
                 .into_iter()
@@ -176,7 +184,9 @@ impl AuthService for GrpcAuth {
         request: Request<pb::RevokeUserRequest>,
     ) -> Result<Response<pb::RevokeUserResponse>, Status> {
         let n = self.core.revoke_user(&request.get_ref().openid).await?;
-        Ok(Response::new(pb::RevokeUserResponse { revoked_sessions: n }))
+        Ok(Response::new(pb::RevokeUserResponse {
+            revoked_sessions: n,
+        }))
     }
 
     async fn list_session_events(
@@ -196,14 +206,20 @@ impl AuthService for GrpcAuth {
                     event_id: e.id,
                     session_id: e.session_id,
                     kind: event_kind(e.kind).into(),
-                    end_reason: e.reason.map_or(pb::EndReason::Unspecified, end_reason).into(),
+                    end_reason: e
+                        .reason
+                        .map_or(pb::EndReason::Unspecified, end_reason)
+                        .into(),
                     device: Some(device_pb(&e.device)),
                     replaced_by_session_id: e.replaced_by_session.unwrap_or_default(),
                     replaced_by_device_id: e.replaced_by_device.unwrap_or_default(),
                     at: Some(timestamp(e.at)),
                 })
                 .collect(),
-            next_page_token: page.next_before.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: page
+                .next_before
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         }))
     }
 }

@@ -106,7 +106,10 @@ mod tests {
         let i = info(&s);
         assert_eq!(i.reason, "WECHAT_INVALID_CODE");
         assert_eq!(i.domain, DOMAIN);
-        assert_eq!(i.metadata.get("wechat_errcode").map(String::as_str), Some("40029"));
+        assert_eq!(
+            i.metadata.get("wechat_errcode").map(String::as_str),
+            Some("40029")
+        );
         assert_eq!(
             i.metadata.get("wechat_errmsg").map(String::as_str),
             Some("invalid code, rid: 1")
@@ -115,7 +118,9 @@ mod tests {
 
     #[test]
     fn internal_causes_stay_inside() {
-        let s = Status::from(AuthError::internal(anyhow::anyhow!("secret detail at row 7")));
+        let s = Status::from(AuthError::internal(anyhow::anyhow!(
+            "secret detail at row 7"
+        )));
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("secret detail"));
         assert_eq!(info(&s).reason, "INTERNAL");
@@ -124,13 +129,19 @@ mod tests {
     #[test]
     fn fields_and_retry_after_are_in_the_metadata() {
         let s = Status::from(AuthError::InvalidCode(Invalid::new("code", "is missing")));
-        assert_eq!(info(&s).metadata.get("field").map(String::as_str), Some("code"));
+        assert_eq!(
+            info(&s).metadata.get("field").map(String::as_str),
+            Some("code")
+        );
         let s = Status::from(AuthError::RateLimited {
             retry_after: Duration::from_millis(1500),
         });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert_eq!(
-            info(&s).metadata.get("retry_after_secs").map(String::as_str),
+            info(&s)
+                .metadata
+                .get("retry_after_secs")
+                .map(String::as_str),
             Some("2")
         );
     }

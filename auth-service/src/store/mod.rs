@@ -145,7 +145,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn find_access(&self, hash: &TokenHash) -> Result<Option<AccessRecord>, StoreError>;
 
     /// Moves a session's last_active_at to `now` if it is older than `now - min_interval`.
-    async fn touch(&self, session_id: &str, now: Millis, min_interval: Millis) -> Result<(), StoreError>;
+    async fn touch(
+        &self,
+        session_id: &str,
+        now: Millis,
+        min_interval: Millis,
+    ) -> Result<(), StoreError>;
 
     /// Exchanges a refresh token, once.
     async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, StoreError>;
@@ -159,7 +164,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<u32, StoreError>;
 
     /// The user's live sessions, newest first.
-    async fn list_sessions(&self, openid: &str, now: Millis) -> Result<Vec<SessionInfo>, StoreError>;
+    async fn list_sessions(
+        &self,
+        openid: &str,
+        now: Millis,
+    ) -> Result<Vec<SessionInfo>, StoreError>;
 
     /// Whether the user exists.
     async fn user_exists(&self, openid: &str) -> Result<bool, StoreError>;
@@ -185,6 +194,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// A device read back from a row's three columns.
-pub(crate) fn device(id: Option<String>, platform: Option<String>, model: Option<String>) -> Device {
+pub(crate) fn device(
+    id: Option<String>,
+    platform: Option<String>,
+    model: Option<String>,
+) -> Device {
     Device::from_stored(id, platform, model)
 }

@@ -32,8 +32,9 @@ impl SqliteStore {
     /// pending migrations.
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the database directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the database directory {}", dir.display())
+            })?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -58,7 +59,10 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)
     }
 }
 
@@ -124,14 +128,16 @@ async fn record_event(
     kind: EventKind,
     at: Millis,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO session_events (openid, session_id, kind, at) VALUES ($1, $2, $3, $4)")
-        .bind(openid)
-        .bind(session_id)
-        .bind(kind.as_str())
-        .bind(at)
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
+    sqlx::query(
+        "INSERT INTO session_events (openid, session_id, kind, at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(openid)
+    .bind(session_id)
+    .bind(kind.as_str())
+    .bind(at)
+    .execute(&mut *conn)
+    .await
+    .map_err(map_err)?;
     Ok(())
 }
 
@@ -186,8 +192,9 @@ async fn insert_tokens(
 fn reason(stored: Option<String>) -> Result<Option<EndReason>, StoreError> {
     stored
         .map(|s| {
-            EndReason::from_stored(&s)
-                .ok_or_else(|| StoreError::Other(anyhow::anyhow!("unknown end reason {s:?} in store")))
+            EndReason::from_stored(&s).ok_or_else(|| {
+                StoreError::Other(anyhow::anyhow!("unknown end reason {s:?} in store"))
+            })
         })
         .transpose()
 }
@@ -303,7 +310,15 @@ impl Store for SqliteStore {
     }
 
     async fn find_access(&self, hash: &TokenHash) -> Result<Option<AccessRecord>, StoreError> {
-        type Row = (String, Option<String>, String, Millis, Millis, Option<String>, Millis);
+        type Row = (
+            String,
+            Option<String>,
+            String,
+            Millis,
+            Millis,
+            Option<String>,
+            Millis,
+        );
         let row: Option<Row> = sqlx::query_as(
             "SELECT s.openid, u.unionid, a.session_id, a.expires_at, s.last_active_at, \
              s.end_reason, s.refresh_expires_at \
@@ -314,21 +329,36 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
-        row.map(|(openid, unionid, session_id, expires_at, last_active_at, ended, refresh_expires_at)| {
-            Ok(AccessRecord {
+        row.map(
+            |(
                 openid,
                 unionid,
                 session_id,
                 expires_at,
                 last_active_at,
-                ended: reason(ended)?,
+                ended,
                 refresh_expires_at,
-            })
-        })
+            )| {
+                Ok(AccessRecord {
+                    openid,
+                    unionid,
+                    session_id,
+                    expires_at,
+                    last_active_at,
+                    ended: reason(ended)?,
+                    refresh_expires_at,
+                })
+            },
+        )
         .transpose()
     }
 
-    async fn touch(&self, session_id: &str, now: Millis, min_interval: Millis) -> Result<(), StoreError> {
+    async fn touch(
+        &self,
+        session_id: &str,
+        now: Millis,
+        min_interval: Millis,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE sessions SET last_active_at = $1 \
              WHERE id = $2 AND ended_at IS NULL AND last_active_at <= $3",
@@ -343,7 +373,15 @@ impl Store for SqliteStore {
     }
 
     async fn rotate(&self, r: Rotation) -> Result<RotateOutcome, StoreError> {
-        type Row = (String, Millis, Option<Millis>, Option<Vec<u8>>, String, Option<String>, Option<String>);
+        type Row = (
+            String,
+            Millis,
+            Option<Millis>,
+            Option<Vec<u8>>,
+            String,
+            Option<String>,
+            Option<String>,
+        );
         let mut tx = self.begin_write().await?;
         let row: Option<Row> = sqlx::query_as(
             "SELECT t.session_id, t.expires_at, t.rotated_at, t.successor, s.openid, u.unionid, \
@@ -354,7 +392,8 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        let Some((session_id, expires_at, rotated_at, successor, openid, unionid, ended)) = row else {
+        let Some((session_id, expires_at, rotated_at, successor, openid, unionid, ended)) = row
+        else {
             return Ok(RotateOutcome::NotFound);
         };
         if let Some(ended) = reason(ended)? {
@@ -373,7 +412,14 @@ impl Store for SqliteStore {
             });
         }
         if expires_at <= r.now {
-            end_one(&mut tx, &owner.session_id, EndReason::Expired, None, expires_at).await?;
+            end_one(
+                &mut tx,
+                &owner.session_id,
+                EndReason::Expired,
+                None,
+                expires_at,
+            )
+            .await?;
             tx.commit().await.map_err(map_err)?;
             return Ok(RotateOutcome::Expired);
         }
@@ -385,14 +431,23 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         insert_tokens(&mut tx, &owner.session_id, r.access, r.refresh).await?;
-        sqlx::query("UPDATE sessions SET refresh_expires_at = $1, last_active_at = $2 WHERE id = $3")
-            .bind(r.refresh.1)
-            .bind(r.now)
-            .bind(&owner.session_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        record_event(&mut tx, &owner.openid, &owner.session_id, EventKind::Refresh, r.now).await?;
+        sqlx::query(
+            "UPDATE sessions SET refresh_expires_at = $1, last_active_at = $2 WHERE id = $3",
+        )
+        .bind(r.refresh.1)
+        .bind(r.now)
+        .bind(&owner.session_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        record_event(
+            &mut tx,
+            &owner.openid,
+            &owner.session_id,
+            EventKind::Refresh,
+            r.now,
+        )
+        .await?;
         tx.commit().await.map_err(map_err)?;
         Ok(RotateOutcome::Rotated(owner))
     }
@@ -406,18 +461,16 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
         let ids: Vec<String> = match target {
             EndTarget::Session(id) => vec![id.to_owned()],
-            EndTarget::User(openid) => {
-                sqlx::query_as::<_, (String,)>(
-                    "SELECT id FROM sessions WHERE openid = $1 AND ended_at IS NULL",
-                )
-                .bind(openid)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .into_iter()
-                .map(|(id,)| id)
-                .collect()
-            }
+            EndTarget::User(openid) => sqlx::query_as::<_, (String,)>(
+                "SELECT id FROM sessions WHERE openid = $1 AND ended_at IS NULL",
+            )
+            .bind(openid)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect(),
         };
         let mut n = 0;
         for id in ids {
@@ -429,8 +482,19 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn list_sessions(&self, openid: &str, now: Millis) -> Result<Vec<SessionInfo>, StoreError> {
-        type Row = (String, Option<String>, Option<String>, Option<String>, Millis, Millis);
+    async fn list_sessions(
+        &self,
+        openid: &str,
+        now: Millis,
+    ) -> Result<Vec<SessionInfo>, StoreError> {
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Millis,
+            Millis,
+        );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, device_id, device_platform, device_model, created_at, last_active_at \
              FROM sessions WHERE openid = $1 AND ended_at IS NULL AND refresh_expires_at > $2 \
@@ -443,12 +507,14 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         Ok(rows
             .into_iter()
-            .map(|(id, d_id, d_platform, d_model, created_at, last_active_at)| SessionInfo {
-                id,
-                device: device(d_id, d_platform, d_model),
-                created_at,
-                last_active_at,
-            })
+            .map(
+                |(id, d_id, d_platform, d_model, created_at, last_active_at)| SessionInfo {
+                    id,
+                    device: device(d_id, d_platform, d_model),
+                    created_at,
+                    last_active_at,
+                },
+            )
             .collect())
     }
 
@@ -492,20 +558,23 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         rows.into_iter()
-            .map(|(id, session_id, kind, end, by_session, by_device, at, d_id, d_pf, d_model)| {
-                let kind = EventKind::from_stored(&kind)
-                    .ok_or_else(|| StoreError::Other(anyhow::anyhow!("unknown event kind {kind:?}")))?;
-                Ok(SessionEvent {
-                    id,
-                    session_id,
-                    kind,
-                    reason: reason(end)?,
-                    device: device(d_id, d_pf, d_model),
-                    replaced_by_session: by_session,
-                    replaced_by_device: by_device,
-                    at,
-                })
-            })
+            .map(
+                |(id, session_id, kind, end, by_session, by_device, at, d_id, d_pf, d_model)| {
+                    let kind = EventKind::from_stored(&kind).ok_or_else(|| {
+                        StoreError::Other(anyhow::anyhow!("unknown event kind {kind:?}"))
+                    })?;
+                    Ok(SessionEvent {
+                        id,
+                        session_id,
+                        kind,
+                        reason: reason(end)?,
+                        device: device(d_id, d_pf, d_model),
+                        replaced_by_session: by_session,
+                        replaced_by_device: by_device,
+                        at,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -544,7 +613,10 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 }

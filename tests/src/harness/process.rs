@@ -77,6 +77,15 @@ fn echo_logs() -> bool {
     std::env::var_os("TEST_LOG").is_some()
 }
 
+/// How to start a binary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnOptions {
+    /// Keep the caller's whole environment (the local launcher); tests start from a clean one.
+    pub inherit_env: bool,
+    /// Print every log line to stderr as it arrives (also on with `TEST_LOG`).
+    pub echo: bool,
+}
+
 /// A running binary of the workspace; killed when dropped.
 #[derive(Debug)]
 pub struct Process {
@@ -90,12 +99,24 @@ impl Process {
     /// Starts binary `name` with exactly the environment `env` added to a cleaned one
     /// (PATH, HOME, RUST_LOG and RUST_BACKTRACE are kept), in working directory `cwd`.
     pub fn spawn(name: &str, env: &[(String, String)], cwd: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(name, env, cwd, SpawnOptions::default())
+    }
+
+    /// [`Process::spawn`] with options.
+    pub fn spawn_with(
+        name: &str,
+        env: &[(String, String)],
+        cwd: &Path,
+        options: SpawnOptions,
+    ) -> anyhow::Result<Self> {
         let path = binary(name)?;
         let mut cmd = Command::new(&path);
-        cmd.env_clear();
-        for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
-            if let Some(v) = std::env::var_os(key) {
-                cmd.env(key, v);
+        if !options.inherit_env {
+            cmd.env_clear();
+            for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
+                if let Some(v) = std::env::var_os(key) {
+                    cmd.env(key, v);
+                }
             }
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)))
@@ -111,11 +132,18 @@ impl Process {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, addrs) = watch::channel(HashMap::new());
         let tx = Arc::new(tx);
+        let echo = options.echo || echo_logs();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(name.to_owned(), out, logs.clone(), Some(tx.clone())));
+            tokio::spawn(pump(
+                name.to_owned(),
+                out,
+                logs.clone(),
+                Some(tx.clone()),
+                echo,
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(name.to_owned(), err, logs.clone(), None));
+            tokio::spawn(pump(name.to_owned(), err, logs.clone(), None, echo));
         }
         Ok(Self {
             name: name.to_owned(),
@@ -183,7 +211,10 @@ impl Process {
 
     /// Kills the process at once (SIGKILL) and waits for it.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.kill().await.context("could not kill the process")
+        self.child
+            .kill()
+            .await
+            .context("could not kill the process")
     }
 }
 
@@ -192,20 +223,19 @@ async fn pump<R>(
     reader: R,
     logs: Arc<Mutex<Vec<String>>>,
     addrs: Option<Arc<watch::Sender<HashMap<String, SocketAddr>>>>,
+    echo: bool,
 ) where
     R: tokio::io::AsyncRead + Unpin,
 {
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if echo_logs() {
+        if echo {
             eprintln!("[{name}] {line}");
         }
-        if let Some(tx) = &addrs {
-            if let Some((listener, addr)) = parse_listen_line(&line) {
-                tx.send_modify(|m| {
-                    m.insert(listener, addr);
-                });
-            }
+        if let (Some(tx), Some((listener, addr))) = (&addrs, parse_listen_line(&line)) {
+            tx.send_modify(|m| {
+                m.insert(listener, addr);
+            });
         }
         if let Ok(mut l) = logs.lock() {
             l.push(line);

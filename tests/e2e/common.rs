@@ -1,0 +1,127 @@
+//! What the auth-service end-to-end tests share: a simulator plus a real auth-service per
+//! test, and small readers for gRPC errors.
+
+use proto::v1::{
+    Device, ListSessionEventsRequest, LoginRequest, LoginResponse, RefreshRequest, RefreshResponse,
+    SessionEvent, VerifyRequest, VerifyResponse,
+};
+use tests::harness::sim::{MintCode, MintedCode};
+use tests::harness::{AuthClient, AuthProcess, SimProcess};
+use tonic::Status;
+use tonic_types::StatusExt;
+
+/// One test's world: its own simulator and its own auth-service.
+pub(crate) struct World {
+    pub(crate) sim: SimProcess,
+    pub(crate) auth: AuthProcess,
+    pub(crate) client: AuthClient,
+}
+
+/// Starts a simulator and an auth-service with `extra` settings.
+pub(crate) async fn world(extra: &[(&str, &str)]) -> World {
+    let sim = SimProcess::start().await.expect("simulator starts");
+    let auth = AuthProcess::start(&sim, extra)
+        .await
+        .expect("auth-service starts");
+    let client = auth.client().await.expect("client connects");
+    World { sim, auth, client }
+}
+
+/// The ErrorInfo reason of a failed call.
+pub(crate) fn reason(s: &Status) -> String {
+    let info = s
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo on {s:?}"));
+    assert_eq!(info.domain, "wxauth", "{s:?}");
+    info.reason
+}
+
+/// One ErrorInfo metadata entry of a failed call.
+pub(crate) fn meta(s: &Status, key: &str) -> Option<String> {
+    s.get_details_error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+}
+
+/// A login request for `code` from `device_id` (if any) and client IP `ip`.
+pub(crate) fn login_request(code: &str, device_id: Option<&str>, ip: &str) -> LoginRequest {
+    LoginRequest {
+        code: code.to_owned(),
+        device: device_id.map(|id| Device {
+            id: id.to_owned(),
+            platform: "ios".to_owned(),
+            model: "iPhone 15".to_owned(),
+        }),
+        client_ip: ip.to_owned(),
+    }
+}
+
+impl World {
+    /// Mints a code for `openid` (a new user when None) and logs in with it.
+    pub(crate) async fn login_as(
+        &mut self,
+        openid: Option<&str>,
+        device_id: Option<&str>,
+    ) -> (MintedCode, LoginResponse) {
+        let mint = match openid {
+            Some(o) => MintCode::for_openid(o),
+            None => MintCode::default(),
+        };
+        let minted = self.sim.mint_code(&mint).await.expect("mint a code");
+        let answer = self
+            .client
+            .login(login_request(&minted.code, device_id, "203.0.113.7"))
+            .await
+            .expect("login succeeds")
+            .into_inner();
+        (minted, answer)
+    }
+
+    /// Verify, as a Result.
+    pub(crate) async fn verify(&mut self, access_token: &str) -> Result<VerifyResponse, Status> {
+        self.client
+            .verify(VerifyRequest {
+                access_token: access_token.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Refresh, as a Result.
+    pub(crate) async fn refresh(&mut self, refresh_token: &str) -> Result<RefreshResponse, Status> {
+        self.client
+            .refresh(RefreshRequest {
+                refresh_token: refresh_token.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The newest page of a user's session timeline.
+    pub(crate) async fn events(&mut self, openid: &str) -> Vec<SessionEvent> {
+        self.client
+            .list_session_events(ListSessionEventsRequest {
+                openid: openid.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .expect("ListSessionEvents")
+            .into_inner()
+            .events
+    }
+
+    /// The reason Verify refuses `access_token` with (panics if it accepts it).
+    pub(crate) async fn verify_refused(&mut self, access_token: &str) -> String {
+        let err = self
+            .verify(access_token)
+            .await
+            .expect_err("Verify must refuse this token");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        reason(&err)
+    }
+}
+
+/// The access and refresh tokens of a login or refresh answer.
+pub(crate) fn tokens(pair: Option<&proto::v1::TokenPair>) -> (String, String) {
+    let p = pair.expect("a token pair");
+    (p.access_token.clone(), p.refresh_token.clone())
+}

@@ -1,0 +1,293 @@
+//! Login: `GET /sns/jscode2session`, WeChat's code2Session, and `POST /sim/login-codes`, the
+//! control call that does what `wx.login()` does on the phone. Owns the login codes and the
+//! per-user minute quota.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
+
+use super::clock::SimTime;
+use super::control::{ControlError, ControlJson};
+use super::ids::{self, RandomError};
+use super::state::{SimState, World};
+use super::users::UnionidChange;
+use super::wechat::{self, Endpoint, WechatError};
+
+const ENDPOINT: Endpoint = Endpoint::Jscode2session;
+/// How long a login code can be exchanged after `wx.login()` made it.
+const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
+/// The per-user quota: this many successful exchanges ...
+const QUOTA: usize = 100;
+/// ... within this long.
+const QUOTA_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct LoginCode {
+    openid: String,
+    appid: String,
+    minted_at: SimTime,
+    used: bool,
+}
+
+/// Every login code minted, and each user's recent successful exchanges.
+#[derive(Debug, Default)]
+pub(crate) struct LoginCodes {
+    codes: HashMap<String, LoginCode>,
+    /// Per openid, the times of its successful exchanges within the last [`QUOTA_WINDOW`].
+    recent_exchanges: HashMap<String, VecDeque<SimTime>>,
+}
+
+impl LoginCodes {
+    fn mint(&mut self, openid: &str, appid: &str, now: SimTime) -> Result<String, RandomError> {
+        let code = loop {
+            let code = ids::login_code()?;
+            if !self.codes.contains_key(&code) {
+                break code;
+            }
+        };
+        self.codes.insert(
+            code.clone(),
+            LoginCode {
+                openid: openid.to_owned(),
+                appid: appid.to_owned(),
+                minted_at: now,
+                used: false,
+            },
+        );
+        Ok(code)
+    }
+
+    /// Checks `code` for `appid` at `now` and consumes it; answers its openid.
+    fn exchange(&mut self, appid: &str, code: &str, now: SimTime) -> Result<String, WechatError> {
+        let login = self
+            .codes
+            .get_mut(code)
+            .filter(|login| login.appid == appid)
+            .filter(|login| now.saturating_sub(login.minted_at) <= CODE_LIFETIME)
+            .ok_or_else(|| WechatError::new(WechatError::INVALID_CODE))?;
+        if login.used {
+            return Err(WechatError::new(WechatError::CODE_USED));
+        }
+        let recent = self
+            .recent_exchanges
+            .entry(login.openid.clone())
+            .or_default();
+        while recent
+            .front()
+            .is_some_and(|&at| now.saturating_sub(at) >= QUOTA_WINDOW)
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= QUOTA {
+            return Err(WechatError::new(WechatError::MINUTE_QUOTA));
+        }
+        recent.push_back(now);
+        login.used = true;
+        Ok(login.openid.clone())
+    }
+}
+
+pub(crate) fn router() -> Router<SimState> {
+    Router::new()
+        .route("/sns/jscode2session", get(jscode2session))
+        .route("/sim/login-codes", post(mint_login_code))
+}
+
+async fn jscode2session(
+    State(state): State<SimState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    // A query that does not parse has, as far as WeChat is concerned, no parameters.
+    let params = query.map(|Query(params)| params).unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .get(name)
+            .map(String::as_str)
+            .filter(|value| !value.is_empty())
+    };
+    if let Some(answer) = wechat::begin_call(&state, ENDPOINT, param("js_code")).await {
+        return answer;
+    }
+    match code_to_session(&state, param) {
+        Ok(body) => wechat::answer(ENDPOINT, &body),
+        Err(error) => {
+            tracing::info!(errcode = error.errcode(), "jscode2session refused");
+            error.answer(ENDPOINT)
+        }
+    }
+}
+
+fn code_to_session<'a>(
+    state: &SimState,
+    param: impl Fn(&str) -> Option<&'a str>,
+) -> Result<serde_json::Value, WechatError> {
+    let settings = state.settings();
+    if param("appid") != Some(settings.appid.as_str()) {
+        return Err(WechatError::new(WechatError::INVALID_APPID));
+    }
+    let secret_matches = param("secret")
+        .is_some_and(|secret| bool::from(secret.as_bytes().ct_eq(settings.secret.as_bytes())));
+    if !secret_matches {
+        return Err(WechatError::new(WechatError::INVALID_APPSECRET));
+    }
+    if param("grant_type") != Some("authorization_code") {
+        return Err(WechatError::new(WechatError::INVALID_GRANT_TYPE));
+    }
+    let code = param("js_code").ok_or_else(|| WechatError::new(WechatError::MISSING_CODE))?;
+    state.with_world(|world| exchange(world, &settings.appid, code))
+}
+
+/// Consumes `code` and answers its user's current session, as code2Session's success body.
+fn exchange(world: &mut World, appid: &str, code: &str) -> Result<serde_json::Value, WechatError> {
+    let now = world.clock.now();
+    let openid = world.login_codes.exchange(appid, code, now)?;
+    let user = world
+        .users
+        .get(&openid)
+        .ok_or_else(|| WechatError::new(WechatError::INVALID_CODE))?;
+    let mut body = serde_json::Map::new();
+    body.insert("session_key".into(), user.session_key().into());
+    body.insert("openid".into(), user.openid().into());
+    if let Some(unionid) = user.unionid() {
+        body.insert("unionid".into(), unionid.into());
+    }
+    Ok(body.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintBody {
+    openid: Option<String>,
+    unionid: Option<String>,
+    #[serde(default)]
+    with_unionid: bool,
+    appid: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct MintAnswer {
+    code: String,
+    openid: String,
+    unionid: Option<String>,
+    session_key: String,
+}
+
+async fn mint_login_code(
+    State(state): State<SimState>,
+    ControlJson(body): ControlJson<MintBody>,
+) -> Result<Json<MintAnswer>, ControlError> {
+    let openid = body.openid.map(|id| check_id("openid", id)).transpose()?;
+    let unionid = match (body.unionid, body.with_unionid) {
+        (Some(_), true) => {
+            return Err(ControlError::bad_request(
+                "give either unionid or with_unionid, not both",
+            ));
+        }
+        (Some(unionid), false) => UnionidChange::Set(check_id("unionid", unionid)?),
+        (None, true) => UnionidChange::EnsureOne,
+        (None, false) => UnionidChange::Keep,
+    };
+    let appid = match body.appid {
+        Some(appid) if appid.is_empty() || !appid.chars().all(|c| c.is_ascii_alphanumeric()) => {
+            return Err(ControlError::bad_request(
+                "appid must be a non-empty string of ASCII letters and digits",
+            ));
+        }
+        Some(appid) => appid,
+        None => state.settings().appid.clone(),
+    };
+
+    let minted = state.with_world(|world| -> Result<MintAnswer, RandomError> {
+        let now = world.clock.now();
+        let user = world.users.log_in(openid, unionid)?;
+        let code = world.login_codes.mint(user.openid(), &appid, now)?;
+        Ok(MintAnswer {
+            code,
+            openid: user.openid().to_owned(),
+            unionid: user.unionid().map(str::to_owned),
+            session_key: user.session_key().to_owned(),
+        })
+    })?;
+    tracing::info!(openid = %minted.openid, %appid, "login code minted, session_key rotated");
+    Ok(Json(minted))
+}
+
+/// An openid or unionid given to the control API: 1 to 128 printable ASCII characters.
+fn check_id(field: &str, id: String) -> Result<String, ControlError> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ControlError::bad_request(format!(
+            "{field} must be 1 to 128 printable ASCII characters without spaces"
+        )));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APPID: &str = "wxapp";
+
+    fn minted(codes: &mut LoginCodes, openid: &str, at: SimTime) -> String {
+        codes.mint(openid, APPID, at).expect("random")
+    }
+
+    fn errcode(result: Result<String, WechatError>) -> i64 {
+        result.expect_err("an error").errcode()
+    }
+
+    #[test]
+    fn a_code_is_exchanged_once() {
+        let mut codes = LoginCodes::default();
+        let code = minted(&mut codes, "oA", SimTime::ZERO);
+        assert_eq!(
+            codes.exchange(APPID, &code, SimTime::ZERO).as_deref(),
+            Ok("oA")
+        );
+        assert_eq!(errcode(codes.exchange(APPID, &code, SimTime::ZERO)), 40163);
+    }
+
+    #[test]
+    fn a_code_lives_five_minutes_for_its_own_appid() {
+        let mut codes = LoginCodes::default();
+        let code = minted(&mut codes, "oA", SimTime::ZERO);
+        assert_eq!(
+            errcode(codes.exchange("wxother", &code, SimTime::ZERO)),
+            40029
+        );
+        assert_eq!(
+            errcode(codes.exchange(APPID, &code, CODE_LIFETIME + Duration::from_secs(1))),
+            40029
+        );
+        assert!(codes.exchange(APPID, &code, CODE_LIFETIME).is_ok());
+        assert_eq!(
+            errcode(codes.exchange(APPID, "0unknown", SimTime::ZERO)),
+            40029
+        );
+    }
+
+    #[test]
+    fn the_101st_exchange_within_a_minute_is_refused_without_using_the_code() {
+        let mut codes = LoginCodes::default();
+        let at = Duration::from_secs(10);
+        for _ in 0..QUOTA {
+            let code = minted(&mut codes, "oA", at);
+            assert!(codes.exchange(APPID, &code, at).is_ok());
+        }
+        let code = minted(&mut codes, "oA", at);
+        assert_eq!(errcode(codes.exchange(APPID, &code, at)), 45011);
+        let other = minted(&mut codes, "oB", at);
+        assert!(
+            codes.exchange(APPID, &other, at).is_ok(),
+            "the quota is per user"
+        );
+        assert!(codes.exchange(APPID, &code, at + QUOTA_WINDOW).is_ok());
+    }
+}
