@@ -22,6 +22,7 @@ enum CodeState {
 #[derive(Debug, Default)]
 struct State {
     codes: HashMap<String, (CodeState, Instant)>,
+    /// Per key: when its current window ends, and how many events it has counted.
     windows: HashMap<String, (Instant, u32)>,
 }
 
@@ -90,13 +91,16 @@ impl Cache for MemoryCache {
     ) -> Result<RateDecision, CacheError> {
         let now = Instant::now();
         let mut state = self.lock();
-        let entry = state.windows.entry(key.to_owned()).or_insert((now, 0));
-        if now >= entry.0 + window {
-            *entry = (now, 0);
+        let entry = state
+            .windows
+            .entry(key.to_owned())
+            .or_insert((now + window, 0));
+        if now >= entry.0 {
+            *entry = (now + window, 0);
         }
         if entry.1 >= limit {
             return Ok(RateDecision::Limited {
-                retry_after: (entry.0 + window).saturating_duration_since(now),
+                retry_after: entry.0.saturating_duration_since(now),
             });
         }
         entry.1 += 1;
@@ -107,10 +111,7 @@ impl Cache for MemoryCache {
         let now = Instant::now();
         let mut state = self.lock();
         state.codes.retain(|_, (_, until)| *until > now);
-        // A window older than an hour is over whatever its length (the longest is 1 h).
-        state.windows.retain(|_, (start, _)| {
-            now.saturating_duration_since(*start) < Duration::from_secs(3600)
-        });
+        state.windows.retain(|_, (ends, _)| *ends > now);
     }
 }
 
@@ -161,5 +162,19 @@ mod tests {
         assert_eq!(c.hit("other", 3, w).await.ok(), Some(RateDecision::Allowed));
         tokio::time::advance(Duration::from_secs(41)).await;
         assert_eq!(c.hit("ip", 3, w).await.ok(), Some(RateDecision::Allowed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_drops_what_has_expired_and_nothing_else() {
+        let c = MemoryCache::new();
+        c.hit("short", 1, Duration::from_secs(1)).await.ok();
+        c.hit("long", 1, Duration::from_secs(60)).await.ok();
+        c.claim_code("h", Duration::from_secs(1)).await.ok();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        c.sweep().await;
+        let state = c.lock();
+        assert!(!state.windows.contains_key("short"));
+        assert!(state.windows.contains_key("long"));
+        assert!(state.codes.is_empty());
     }
 }
