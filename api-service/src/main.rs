@@ -1,11 +1,36 @@
-//! api-service: the mini-program's HTTPS JSON edge.
-//!
-//! Not built yet: this placeholder keeps the workspace layout of `shared/STYLE.md` whole
-//! and refuses to run, so nobody mistakes it for the real edge.
+//! The api-service binary: settings from the environment, JSON logs to stdout, serve until
+//! SIGTERM.
 
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    eprintln!("api-service is not implemented yet; see the README's status section");
-    ExitCode::from(2)
+use api_service::config::Settings;
+use api_service::startup::{Application, shutdown_signal};
+use api_service::telemetry;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init(std::io::stdout);
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(setting = e.name, "{e}");
+            eprintln!("api-service: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = ?e, "api-service could not start");
+            eprintln!("api-service: could not start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = ?e, "api-service failed");
+            ExitCode::FAILURE
+        }
+    }
 }

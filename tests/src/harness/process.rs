@@ -57,8 +57,17 @@ fn build_binaries(dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The workspace this crate belongs to, wherever the caller's working directory is.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--workspace",
+        "--bins",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }

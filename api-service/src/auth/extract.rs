@@ -1,0 +1,76 @@
+//! The `Authenticated` extractor: `Authorization: Bearer <token>`, checked by auth-service's
+//! `Verify` on every request, before a handler touches business data.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use super::{CallContext, Identity};
+use crate::error::ApiError;
+use crate::middleware::RequestId;
+use crate::state::AppState;
+
+/// The raw bearer token of a request (for the auth endpoints that pass it on as it is).
+#[derive(Debug, Clone)]
+pub struct BearerToken(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(
+                "token_missing",
+                "send the access token as Authorization: Bearer <token>",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "token_invalid",
+                    "the Authorization header is not `Bearer <token>`",
+                )
+            })?;
+        Ok(Self(token.to_owned()))
+    }
+}
+
+/// A request whose token auth-service has just vouched for.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// Who the caller is.
+    pub identity: Identity,
+    /// The token it presented.
+    pub token: String,
+}
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let BearerToken(token) = BearerToken::from_request_parts(parts, state).await?;
+        let ctx = CallContext {
+            request_id: RequestId::of(parts),
+        };
+        let verdict = state.auth.verify(&ctx, &token).await;
+        state.metrics.verify_outcome(match &verdict {
+            Ok(_) => "ok",
+            Err(e) if e.status().is_server_error() => "unavailable",
+            Err(_) => "refused",
+        });
+        Ok(Self {
+            identity: verdict?,
+            token,
+        })
+    }
+}

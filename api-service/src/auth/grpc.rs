@@ -1,0 +1,359 @@
+//! [`AuthApi`] over tonic. The channel connects lazily and reconnects by itself; every call
+//! has a deadline (`API_AUTH_TIMEOUT`), so a dead or hung auth-service turns into a prompt
+//! 503 `auth_unavailable`, never a hang and never a 500.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use proto::v1::auth_service_client::AuthServiceClient;
+use proto::v1::{self as pb};
+use secrecy::{ExposeSecret, SecretString};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+use tracing::{error, warn};
+
+use super::{
+    AuthApi, AuthResult, CallContext, Device, Identity, SessionItem, TokenPair, http_status_for,
+};
+use crate::error::ApiError;
+use crate::time::rfc3339;
+
+/// The gRPC client of auth-service.
+#[derive(Clone)]
+pub struct GrpcAuth {
+    client: AuthServiceClient<Channel>,
+    health: HealthClient<Channel>,
+    client_key: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for GrpcAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcAuth")
+            .field("client_key", &self.client_key.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcAuth {
+    /// A client of `url` that does not connect until first used.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        client_key: Option<&SecretString>,
+    ) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect_lazy();
+        let client_key = match client_key {
+            Some(k) => Some(
+                k.expose_secret()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("API_AUTH_CLIENT_KEY is not valid metadata"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            client: AuthServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+            client_key,
+        })
+    }
+
+    fn request<T>(&self, ctx: &CallContext, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        if let Some(key) = &self.client_key {
+            req.metadata_mut().insert("x-client-key", key.clone());
+        }
+        if let Ok(id) = ctx.request_id.parse() {
+            req.metadata_mut().insert("x-request-id", id);
+        }
+        req
+    }
+}
+
+/// Turns a failed call into the contract's answer: auth-service's verdicts by their reason,
+/// everything else (no connection, deadline, an unknown or internal reason) as 503
+/// `auth_unavailable`, so that a failure of auth-service never becomes an allow or a 500.
+fn to_api_error(status: Status) -> ApiError {
+    let info = status.get_details_error_info();
+    let mapped = info
+        .as_ref()
+        .and_then(|i| http_status_for(&i.reason).map(|m| (i, m)));
+    let Some((info, (http, code))) = mapped else {
+        match info.as_ref().map(|i| i.reason.as_str()) {
+            Some("CLIENT_KEY_INVALID") => {
+                error!(
+                    "auth-service refuses our client key: check API_AUTH_CLIENT_KEY against AUTH_CLIENT_KEYS"
+                );
+            }
+            _ if matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+            ) =>
+            {
+                warn!(grpc_code = ?status.code(), "auth-service unreachable or too slow");
+            }
+            _ => {
+                error!(grpc_code = ?status.code(), message = %status.message(), "auth-service failed")
+            }
+        }
+        return ApiError::auth_unavailable(anyhow::anyhow!(
+            "auth-service: {:?}: {}",
+            status.code(),
+            status.message()
+        ));
+    };
+    let mut e = if http == axum::http::StatusCode::UNAUTHORIZED {
+        ApiError::unauthorized(code, status.message())
+    } else {
+        ApiError::new(http, code, status.message())
+    };
+    if let Some(field) = info.metadata.get("field") {
+        e = e.with_field(field.clone());
+    }
+    if let Some(errcode) = info
+        .metadata
+        .get("wechat_errcode")
+        .and_then(|c| c.parse().ok())
+    {
+        let errmsg = info
+            .metadata
+            .get("wechat_errmsg")
+            .cloned()
+            .unwrap_or_default();
+        e = e.with_wechat(errcode, errmsg);
+    }
+    if let Some(secs) = info
+        .metadata
+        .get("retry_after_secs")
+        .and_then(|s| s.parse().ok())
+    {
+        e = e.retry_after(secs);
+    } else if http.is_server_error() {
+        e = e.retry_after(1);
+    }
+    e
+}
+
+fn millis(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+fn pair(p: Option<pb::TokenPair>, openid: String, is_new_user: bool) -> AuthResult<TokenPair> {
+    let p =
+        p.ok_or_else(|| ApiError::auth_unavailable(anyhow::anyhow!("answer without tokens")))?;
+    Ok(TokenPair {
+        access_token: p.access_token,
+        token_type: p.token_type,
+        expires_in: p.expires_in,
+        refresh_token: p.refresh_token,
+        refresh_expires_in: p.refresh_expires_in,
+        openid,
+        is_new_user,
+    })
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[async_trait]
+impl AuthApi for GrpcAuth {
+    async fn verify(&self, ctx: &CallContext, access_token: &str) -> AuthResult<Identity> {
+        let req = self.request(
+            ctx,
+            pb::VerifyRequest {
+                access_token: access_token.to_owned(),
+            },
+        );
+        let r = self
+            .client
+            .clone()
+            .verify(req)
+            .await
+            .map_err(to_api_error)?
+            .into_inner();
+        Ok(Identity {
+            openid: r.openid,
+            unionid: r.unionid,
+            session_id: r.session_id,
+        })
+    }
+
+    async fn login(
+        &self,
+        ctx: &CallContext,
+        code: &str,
+        device: Option<Device>,
+        client_ip: &str,
+    ) -> AuthResult<TokenPair> {
+        let req = self.request(
+            ctx,
+            pb::LoginRequest {
+                code: code.to_owned(),
+                device: device.map(|d| pb::Device {
+                    id: d.id.unwrap_or_default(),
+                    platform: d.platform.unwrap_or_default(),
+                    model: d.model.unwrap_or_default(),
+                }),
+                client_ip: client_ip.to_owned(),
+            },
+        );
+        let r = self
+            .client
+            .clone()
+            .login(req)
+            .await
+            .map_err(to_api_error)?
+            .into_inner();
+        pair(r.tokens, r.openid, r.is_new_user)
+    }
+
+    async fn refresh(&self, ctx: &CallContext, refresh_token: &str) -> AuthResult<TokenPair> {
+        let req = self.request(
+            ctx,
+            pb::RefreshRequest {
+                refresh_token: refresh_token.to_owned(),
+            },
+        );
+        let r = self
+            .client
+            .clone()
+            .refresh(req)
+            .await
+            .map_err(to_api_error)?
+            .into_inner();
+        pair(r.tokens, r.openid, false)
+    }
+
+    async fn logout(&self, ctx: &CallContext, access_token: &str, all: bool) -> AuthResult<u32> {
+        let req = self.request(
+            ctx,
+            pb::LogoutRequest {
+                access_token: access_token.to_owned(),
+                all,
+            },
+        );
+        let r = self
+            .client
+            .clone()
+            .logout(req)
+            .await
+            .map_err(to_api_error)?
+            .into_inner();
+        Ok(r.revoked_sessions)
+    }
+
+    async fn list_sessions(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+    ) -> AuthResult<Vec<SessionItem>> {
+        let req = self.request(
+            ctx,
+            pb::ListSessionsRequest {
+                access_token: access_token.to_owned(),
+            },
+        );
+        let r = self
+            .client
+            .clone()
+            .list_sessions(req)
+            .await
+            .map_err(to_api_error)?
+            .into_inner();
+        Ok(r.sessions
+            .into_iter()
+            .map(|s| {
+                let d = s.device.unwrap_or_default();
+                SessionItem {
+                    session_id: s.session_id,
+                    device: Device {
+                        id: non_empty(d.id),
+                        platform: non_empty(d.platform),
+                        model: non_empty(d.model),
+                    },
+                    created_at: rfc3339(millis(s.created_at.as_ref())),
+                    last_active_at: rfc3339(millis(s.last_active_at.as_ref())),
+                    current: s.current,
+                }
+            })
+            .collect())
+    }
+
+    async fn ready(&self) -> bool {
+        let answer = self
+            .health
+            .clone()
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        matches!(answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use axum::http::StatusCode;
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn status(code: Code, reason: &str, meta: &[(&str, &str)]) -> Status {
+        let meta: HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        Status::with_error_details(
+            code,
+            "msg",
+            ErrorDetails::with_error_info(reason, "wxauth", meta),
+        )
+    }
+
+    #[test]
+    fn wechat_details_and_retry_after_are_carried() {
+        let e = to_api_error(status(
+            Code::ResourceExhausted,
+            "WECHAT_RATE_LIMITED",
+            &[("wechat_errcode", "45011"), ("wechat_errmsg", "slow down")],
+        ));
+        assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.code(), "wechat_rate_limited");
+        let e = to_api_error(status(
+            Code::ResourceExhausted,
+            "RATE_LIMITED",
+            &[("retry_after_secs", "7")],
+        ));
+        assert_eq!(e.code(), "rate_limited");
+    }
+
+    #[test]
+    fn failures_of_auth_service_are_503_never_500() {
+        for s in [
+            Status::unavailable("connection refused"),
+            Status::deadline_exceeded("slow"),
+            status(Code::Internal, "INTERNAL", &[]),
+            status(Code::Unavailable, "UNAVAILABLE", &[]),
+            status(Code::Unauthenticated, "CLIENT_KEY_INVALID", &[]),
+            Status::unknown("no details at all"),
+        ] {
+            let e = to_api_error(s);
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(e.code(), "auth_unavailable");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! api-service's settings, read from the environment (names fixed by CONTRACT.md, plus a few
+//! of our own, all `API_*`). A missing or malformed one stops the process with a message that
+//! names it; secrets are `SecretString`s and never printed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// A setting that is missing or malformed.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub name: &'static str,
+    /// What is wrong (never a secret's value).
+    pub problem: String,
+}
+
+fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        problem: problem.into(),
+    }
+}
+
+/// The PEM files of the edge's own certificate.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// `API_TLS_CERT`: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// `API_TLS_KEY`: its private key.
+    pub key: PathBuf,
+}
+
+/// All of api-service's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `API_HTTP_ADDR`.
+    pub http_addr: SocketAddr,
+    /// `API_AUTH_URL`: auth-service's gRPC endpoint.
+    pub auth_url: String,
+    /// `API_AUTH_CLIENT_KEY`: sent as `x-client-key`.
+    pub auth_client_key: Option<SecretString>,
+    /// `API_AUTH_TIMEOUT`: deadline of one call to auth-service.
+    pub auth_timeout: Duration,
+    /// `API_DATABASE_URL`: the SQLite file of business data.
+    pub database: PathBuf,
+    /// `API_TLS_CERT` and `API_TLS_KEY`, when both are set.
+    pub tls: Option<TlsSettings>,
+    /// `API_METRICS_ADDR`.
+    pub metrics_addr: SocketAddr,
+    /// `API_REQUEST_TIMEOUT`: the longest a request may take.
+    pub request_timeout: Duration,
+    /// `API_BODY_LIMIT`: the largest request body, in bytes.
+    pub body_limit: usize,
+    /// `API_TRUSTED_PROXY_HOPS`: how many proxies in front of the edge append to
+    /// `X-Forwarded-For` (0: the client is the TCP peer).
+    pub trusted_proxy_hops: usize,
+    /// `API_DRAIN_DELAY`: after SIGTERM, how long /readyz answers 503 before the port closes.
+    pub drain_delay: Duration,
+    /// `API_SHUTDOWN_GRACE`: then, how long in-flight requests may take.
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `get`; an empty value counts as unset.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+
+        let auth_url = get("API_AUTH_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into());
+        let parsed = url::Url::parse(auth_url.trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if parsed.is_none() {
+            return Err(bad(
+                "API_AUTH_URL",
+                "must be an http:// or https:// URL like http://127.0.0.1:50051",
+            ));
+        }
+
+        let auth_client_key = get("API_AUTH_CLIENT_KEY").map(SecretString::from);
+        if auth_client_key
+            .as_ref()
+            .is_some_and(|k| k.expose_secret().len() < 32 || !k.expose_secret().is_ascii())
+        {
+            return Err(bad(
+                "API_AUTH_CLIENT_KEY",
+                "must be at least 32 ASCII characters",
+            ));
+        }
+
+        if get("API_REDIS_URL").is_some() {
+            return Err(bad(
+                "API_REDIS_URL",
+                "Redis is not supported by this build yet; leave it unset (one replica only)",
+            ));
+        }
+        let database = sqlite_path(get("API_DATABASE_URL"))?;
+
+        let tls = match (get("API_TLS_CERT"), get("API_TLS_KEY")) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(bad("API_TLS_KEY", "is required when API_TLS_CERT is set"));
+            }
+            (None, Some(_)) => {
+                return Err(bad("API_TLS_CERT", "is required when API_TLS_KEY is set"));
+            }
+        };
+
+        let body_limit = match get("API_BODY_LIMIT") {
+            None => 64 * 1024,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1024..=16 * 1024 * 1024).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "API_BODY_LIMIT",
+                        "must be a byte count from 1024 to 16777216",
+                    )
+                })?,
+        };
+        let trusted_proxy_hops = match get("API_TRUSTED_PROXY_HOPS") {
+            None => 0,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 10)
+                .ok_or_else(|| {
+                    bad(
+                        "API_TRUSTED_PROXY_HOPS",
+                        "must be a whole number from 0 to 10",
+                    )
+                })?,
+        };
+
+        let settings = Self {
+            http_addr: addr(&get, "API_HTTP_ADDR", "127.0.0.1:8080")?,
+            auth_url: auth_url.trim().to_owned(),
+            auth_client_key,
+            auth_timeout: duration(&get, "API_AUTH_TIMEOUT", "3s")?,
+            database,
+            tls,
+            metrics_addr: addr(&get, "API_METRICS_ADDR", "127.0.0.1:9102")?,
+            request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s")?,
+            body_limit,
+            trusted_proxy_hops,
+            drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
+            shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
+        };
+        if settings.auth_timeout.is_zero() {
+            return Err(bad("API_AUTH_TIMEOUT", "must be more than 0"));
+        }
+        if settings.request_timeout.is_zero() {
+            return Err(bad("API_REQUEST_TIMEOUT", "must be more than 0"));
+        }
+        Ok(settings)
+    }
+}
+
+fn addr(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    get(name)
+        .unwrap_or_else(|| default.into())
+        .trim()
+        .parse()
+        .map_err(|_| bad(name, "must be an address like 127.0.0.1:8080"))
+}
+
+fn duration(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim())
+        .map_err(|_| bad(name, "must be a duration like 500ms, 3s or 1m"))
+}
+
+fn sqlite_path(url: Option<String>) -> Result<PathBuf, ConfigError> {
+    const NAME: &str = "API_DATABASE_URL";
+    let url = url.unwrap_or_else(|| "sqlite://./data/api.db".into());
+    let url = url.trim();
+    if let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        let path = rest.split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" {
+            return Err(bad(NAME, "needs a file path, like sqlite://./data/api.db"));
+        }
+        return Ok(path.into());
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(bad(
+            NAME,
+            "PostgreSQL is not supported by this build yet; use sqlite://PATH",
+        ));
+    }
+    Err(bad(NAME, "must start with sqlite://"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(env: &[(&'static str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<&str, String> = env.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        Settings::from_lookup(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = load(&[]).expect("valid");
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.auth_url, "http://127.0.0.1:50051");
+        assert_eq!(s.metrics_addr.to_string(), "127.0.0.1:9102");
+        assert!(s.tls.is_none());
+        assert!(s.auth_client_key.is_none());
+        assert!(s.database.ends_with("data/api.db"));
+        assert_eq!(s.body_limit, 65536);
+    }
+
+    #[test]
+    fn malformed_settings_are_named_without_their_value() {
+        let cases: [(&'static str, &str); 9] = [
+            ("API_HTTP_ADDR", "localhost:80"),
+            ("API_AUTH_URL", "grpc-server"),
+            ("API_AUTH_CLIENT_KEY", "short-key-value"),
+            ("API_AUTH_TIMEOUT", "soon"),
+            ("API_DATABASE_URL", "mysql://db"),
+            ("API_REDIS_URL", "redis://127.0.0.1"),
+            ("API_BODY_LIMIT", "12"),
+            ("API_TRUSTED_PROXY_HOPS", "many"),
+            ("API_TLS_CERT", "/tmp/cert.pem"),
+        ];
+        for (name, value) in cases {
+            let err = load(&[(name, value)]).expect_err(name);
+            let expected = if name == "API_TLS_CERT" {
+                "API_TLS_KEY"
+            } else {
+                name
+            };
+            assert_eq!(err.name, expected, "{value}");
+            assert!(!err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let s = load(&[("API_TLS_CERT", "/c.pem"), ("API_TLS_KEY", "/k.pem")]).expect("valid");
+        assert!(s.tls.is_some());
+        assert_eq!(
+            load(&[("API_TLS_KEY", "/k.pem")])
+                .expect_err("no cert")
+                .name,
+            "API_TLS_CERT"
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! Request bodies: JSON only, with errors in the contract's shape that name the field at
+//! fault. `Json<T>` needs a body; `JsonOrEmpty<T>` takes an empty one as `T::default()`.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON request body.
+#[derive(Debug, Clone)]
+pub struct Json<T>(pub T);
+
+/// A JSON request body that may be absent.
+#[derive(Debug, Clone)]
+pub struct JsonOrEmpty<T>(pub T);
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+}
+
+async fn body(req: Request) -> Result<(HeaderMap, Bytes), ApiError> {
+    let headers = req.headers().clone();
+    let bytes = Bytes::from_request(req, &()).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body could not be read",
+            )
+        }
+    })?;
+    Ok((headers, bytes))
+}
+
+fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() && path != "." {
+            ApiError::invalid(&path, "invalid_request", format!("{path}: {inner}"))
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON for this request: {inner}"),
+            )
+        }
+    })
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let (headers, bytes) = body(req).await?;
+        parse(&headers, &bytes).map(Self)
+    }
+}
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for JsonOrEmpty<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let (headers, bytes) = body(req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        parse(&headers, &bytes).map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Note {
+        #[allow(dead_code)]
+        title: String,
+    }
+
+    fn json_headers(ct: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        h
+    }
+
+    #[test]
+    fn media_types() {
+        assert!(is_json(&json_headers("application/json")));
+        assert!(is_json(&json_headers("application/json; charset=utf-8")));
+        assert!(is_json(&json_headers("Application/JSON")));
+        assert!(!is_json(&json_headers("text/plain")));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn errors_name_the_field_or_the_syntax() {
+        let h = json_headers("application/json");
+        let e = parse::<Note>(&h, br#"{"title": 5}"#).expect_err("wrong type");
+        assert_eq!(e.code(), "invalid_request");
+        let e = parse::<Note>(&h, b"{not json").expect_err("syntax");
+        assert_eq!(e.code(), "invalid_json");
+        let e = parse::<Note>(&json_headers("text/plain"), b"{}").expect_err("media type");
+        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+}

@@ -1,0 +1,112 @@
+//! `/v1/me`: the caller's profile, readable and writable by its owner only.
+
+use axum::extract::State;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Authenticated;
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::json::Json;
+use crate::profile::{AvatarUrl, Nickname, Profile, ProfilePatch};
+use crate::state::AppState;
+use crate::time::rfc3339;
+
+/// The caller's profile.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid, or null.
+    pub unionid: Option<String>,
+    /// The nickname, or null.
+    pub nickname: Option<String>,
+    /// The avatar URL, or null.
+    pub avatar_url: Option<String>,
+    /// The phone number, or null (set through `POST /v1/me/phone`, a later issue).
+    pub phone_number: Option<String>,
+    /// When the profile was first seen (RFC 3339, UTC).
+    pub created_at: String,
+    /// When it last changed (RFC 3339, UTC).
+    pub updated_at: String,
+}
+
+/// `PATCH /v1/me`'s body: a field left out is unchanged, a `null` clears it.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MePatch {
+    /// 1 to 64 characters, any script.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub nickname: Option<Option<String>>,
+    /// `https://` only, at most 1,024 characters.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub avatar_url: Option<Option<String>>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+fn me(identity_unionid: Option<String>, p: Profile) -> Me {
+    Me {
+        openid: p.openid,
+        unionid: identity_unionid,
+        nickname: p.nickname,
+        avatar_url: p.avatar_url,
+        phone_number: None,
+        created_at: rfc3339(p.created_at),
+        updated_at: rfc3339(p.updated_at),
+    }
+}
+
+/// The caller's profile.
+#[utoipa::path(
+    get, path = "/v1/me", tag = "profile",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile", body = Me),
+        (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 503, description = "auth_unavailable, unavailable", body = ErrorEnvelope),
+    )
+)]
+pub async fn get_me(
+    State(state): State<AppState>,
+    auth: Authenticated,
+) -> Result<axum::Json<Me>, ApiError> {
+    let profile = state.profiles.get_or_create(&auth.identity.openid).await?;
+    Ok(axum::Json(me(auth.identity.unionid, profile)))
+}
+
+/// Change the caller's nickname or avatar.
+#[utoipa::path(
+    patch, path = "/v1/me", tag = "profile",
+    request_body = MePatch,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile after the change", body = Me),
+        (status = 400, description = "invalid_argument (with field), invalid_request, invalid_json", body = ErrorEnvelope),
+        (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 415, description = "unsupported_media_type", body = ErrorEnvelope),
+        (status = 503, description = "auth_unavailable, unavailable", body = ErrorEnvelope),
+    )
+)]
+pub async fn patch_me(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Json(body): Json<MePatch>,
+) -> Result<axum::Json<Me>, ApiError> {
+    let patch = ProfilePatch {
+        nickname: body
+            .nickname
+            .map(|n| n.as_deref().map(Nickname::parse).transpose())
+            .transpose()?,
+        avatar_url: body
+            .avatar_url
+            .map(|a| a.as_deref().map(AvatarUrl::parse).transpose())
+            .transpose()?,
+    };
+    let profile = state.profiles.update(&auth.identity.openid, patch).await?;
+    Ok(axum::Json(me(auth.identity.unionid, profile)))
+}

@@ -1,0 +1,151 @@
+//! The HTTP API: one module per resource, all registered through utoipa's router so that
+//! `GET /openapi.json` is generated from the very routes served (a route added any other way
+//! fails the test below).
+
+pub mod auth;
+pub mod health;
+pub mod me;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{StatusCode, header};
+use axum::{Extension, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, JSON_UTF8};
+use crate::middleware::{panic_response, request_context};
+use crate::state::AppState;
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body, in bytes (413 past it).
+    pub body: usize,
+    /// Longest a request may take (408 past it).
+    pub timeout: Duration,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "wxauth api-service",
+        description = "The mini-program's HTTP API. Every error answer is \
+            `{\"error\": {\"code\", \"message\", \"request_id\", \"field\"?, \"wechat\"?}}`; \
+            every answer carries `X-Request-Id`."
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "auth", description = "Login, refresh, logout, sessions"),
+        (name = "profile", description = "The caller's profile"),
+        (name = "health", description = "Liveness and readiness"),
+        (name = "meta", description = "This document"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The generated OpenAPI document, served as it is.
+#[derive(Debug, Clone)]
+struct OpenApiJson(Arc<String>);
+
+/// This API's OpenAPI 3.1 description.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl axum::response::IntoResponse {
+    ([(header::CONTENT_TYPE, JSON_UTF8)], doc.0.as_ref().clone())
+}
+
+async fn no_such_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Every route, and its description.
+fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::sessions))
+        .routes(routes!(me::get_me, me::patch_me))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi_json))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of this API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
+}
+
+/// The whole HTTP API with its layers (outermost last): the request context (request id,
+/// error bodies, metrics), the time limit, panics caught, and the body limit.
+pub fn router(state: AppState, limits: Limits) -> Router {
+    let (routes, doc) = api();
+    let doc = OpenApiJson(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
+    routes
+        .fallback(no_such_route)
+        .layer(Extension(doc))
+        .layer(DefaultBodyLimit::max(limits.body))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's endpoints (CONTRACT.md, HTTP API) that this build serves.
+    const CONTRACT: &[(&str, &str)] = &[
+        ("post", "/v1/auth/login"),
+        ("post", "/v1/auth/refresh"),
+        ("post", "/v1/auth/logout"),
+        ("get", "/v1/auth/sessions"),
+        ("get", "/v1/me"),
+        ("patch", "/v1/me"),
+        ("get", "/openapi.json"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+    ];
+
+    #[test]
+    fn the_document_is_openapi_3_1_and_lists_every_contract_route() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi().to_json().expect("json")).expect("valid json");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for (method, path) in CONTRACT {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} is missing from /openapi.json"
+            );
+        }
+        assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+}
