@@ -3,8 +3,9 @@
 //! Layout: `config` (settings), `startup` (build, bind, serve, stop), `telemetry` (logs),
 //! `routes/` (one module per resource), `auth/` (auth-service client and the `Authenticated`
 //! extractor), `error` (the one error shape), `middleware` (request id, error bodies,
-//! metrics), `json` (request bodies), `profile/` (the user's profile), `db` (the database),
-//! `metrics`, `client_ip`, `time`.
+//! metrics), `json` (request bodies), `profile/` (the user's profile), `notes/` (the sample
+//! business module, replaceable as a whole), `db` (the database), `metrics`, `client_ip`,
+//! `time`.
 
 pub mod auth;
 pub mod client_ip;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod json;
 pub mod metrics;
 pub mod middleware;
+pub mod notes;
 pub mod profile;
 pub mod routes;
 pub mod startup;

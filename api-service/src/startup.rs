@@ -19,6 +19,7 @@ use crate::auth::GrpcAuth;
 use crate::config::{Settings, TlsSettings};
 use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::notes::SqliteNotes;
 use crate::profile::SqliteProfiles;
 use crate::routes::{Limits, router};
 use crate::state::AppState;
@@ -82,6 +83,7 @@ impl Application {
         let state = AppState {
             auth: Arc::new(auth),
             profiles: Arc::new(SqliteProfiles::new(db.pool().clone())),
+            notes: Arc::new(SqliteNotes::new(db.pool().clone())),
             db,
             metrics: Arc::new(Metrics::new()),
             trusted_proxy_hops: settings.trusted_proxy_hops,

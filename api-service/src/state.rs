@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use crate::auth::AuthApi;
 use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::notes::NotesStore;
 use crate::profile::ProfileStore;
 
 /// Shared state; cheap to clone.
@@ -17,6 +18,8 @@ pub struct AppState {
     pub db: Db,
     /// Users' profiles.
     pub profiles: Arc<dyn ProfileStore>,
+    /// The sample business module's notes.
+    pub notes: Arc<dyn NotesStore>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// `API_TRUSTED_PROXY_HOPS`.

@@ -87,4 +87,31 @@ impl AuthError {
     pub fn internal(e: impl Into<anyhow::Error>) -> Self {
         Self::Internal(e.into())
     }
+
+    /// The `google.rpc.ErrorInfo` reason callers see: the upper-case form of the HTTP API's
+    /// error code. Also the `outcome` label of the metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidCode(_) => "INVALID_CODE",
+            Self::CodeUsed => "CODE_USED",
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::WechatInvalidCode(_) => "WECHAT_INVALID_CODE",
+            Self::WechatCodeUsed(_) => "WECHAT_CODE_USED",
+            Self::WechatRateLimited(_) => "WECHAT_RATE_LIMITED",
+            Self::WechatRiskyUser(_) => "WECHAT_RISKY_USER",
+            Self::WechatBusy(_) => "WECHAT_BUSY",
+            Self::WechatError(_) => "WECHAT_ERROR",
+            Self::WechatUnavailable => "WECHAT_UNAVAILABLE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::TokenMissing => "TOKEN_MISSING",
+            Self::TokenInvalid => "TOKEN_INVALID",
+            Self::TokenExpired => "TOKEN_EXPIRED",
+            Self::TokenRevoked => "TOKEN_REVOKED",
+            Self::SessionReplaced => "SESSION_REPLACED",
+            Self::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+            Self::UserNotFound => "NOT_FOUND",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! Layout: `config` (settings), `startup` (build, bind, serve, stop), `telemetry` (logs),
 //! `domain` (newtypes and rules), `crypto` (keys, hashes, encryption at rest), `wechat`
 //! (WeChat's server API), `store` (durable state), `cache` (short-lived shared state),
-//! `service` (what the RPCs do), `grpc` (the tonic service and the error mapping).
+//! `service` (what the RPCs do), `grpc` (the tonic service and the error mapping), `metrics`
+//! (Prometheus, on a listener of its own).
 
 pub mod cache;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -1,4 +1,5 @@
-//! Building the service from its settings, binding, serving, and stopping cleanly.
+//! Building the service from its settings, binding (gRPC and metrics), serving, and
+//! stopping cleanly.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -6,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -16,6 +19,7 @@ use crate::cache::{Cache, MemoryCache};
 use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::Keys;
 use crate::grpc::{AuthServiceServer, CallContextLayer, GrpcAuth};
+use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, Policy};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -29,12 +33,15 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(300);
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics_listener: TcpListener,
+    metrics: Arc<Metrics>,
     core: AuthCore,
     settings: Settings,
 }
 
 impl Application {
-    /// Opens the store (applying migrations), builds the clients and binds the gRPC port.
+    /// Opens the store (applying migrations), builds the clients and binds the gRPC and
+    /// metrics ports.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // reqwest is built without a default crypto provider: ours is ring. A second
         // install (tests building twice in one process) is harmless.
@@ -58,9 +65,19 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on AUTH_GRPC_ADDR {}", settings.grpc_addr))?;
         let local_addr = listener.local_addr().context("no local address")?;
+        let metrics_listener = TcpListener::bind(settings.metrics_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on AUTH_METRICS_ADDR {}",
+                    settings.metrics_addr
+                )
+            })?;
         Ok(Self {
             listener,
             local_addr,
+            metrics_listener,
+            metrics: Arc::new(Metrics::new()),
             core,
             settings,
         })
@@ -83,6 +100,12 @@ impl Application {
             .context("cannot build the reflection service")?;
 
         let housekeeping = tokio::spawn(housekeeping(self.core.clone()));
+        let metrics_addr = self
+            .metrics_listener
+            .local_addr()
+            .context("no local address for metrics")?;
+        let metrics_task = tokio::spawn(serve_metrics(self.metrics_listener, self.metrics.clone()));
+        info!(listener = "metrics", listen_addr = %metrics_addr, "listening");
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_delay = self.settings.drain_delay;
@@ -116,7 +139,10 @@ impl Application {
             .layer(CallContextLayer::new(self.settings.client_keys.clone()))
             .add_service(health)
             .add_service(reflection)
-            .add_service(AuthServiceServer::new(GrpcAuth::new(self.core.clone())))
+            .add_service(AuthServiceServer::new(GrpcAuth::new(
+                self.core.clone(),
+                self.metrics.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, signal);
 
         let result = tokio::select! {
@@ -127,8 +153,28 @@ impl Application {
             }
         };
         housekeeping.abort();
+        metrics_task.abort();
         info!("stopped");
         result
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) on the metrics listener, and nothing else.
+async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!(error = %e, "the metrics listener stopped");
     }
 }
 

@@ -1,9 +1,14 @@
 //! End-to-end tests: the real binaries, started as processes, over real HTTP and gRPC.
 //! One test binary (all modules link into it); each test starts its own processes.
 
+mod api_auth;
+mod api_common;
+mod api_notes;
+mod api_tls;
 mod auth_login;
 mod auth_ops;
 mod auth_sessions;
 mod auth_tokens;
 mod common;
+mod metrics;
 mod sim;

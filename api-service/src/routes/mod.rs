@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod health;
 pub mod me;
+pub mod notes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ pub struct Limits {
     tags(
         (name = "auth", description = "Login, refresh, logout, sessions"),
         (name = "profile", description = "The caller's profile"),
+        (name = "notes", description = "The sample business resource: the caller's notes"),
         (name = "health", description = "Liveness and readiness"),
         (name = "meta", description = "This document"),
     )
@@ -85,6 +87,12 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(auth::logout))
         .routes(routes!(auth::sessions))
         .routes(routes!(me::get_me, me::patch_me))
+        .routes(routes!(notes::create_note, notes::list_notes))
+        .routes(routes!(
+            notes::get_note,
+            notes::patch_note,
+            notes::delete_note
+        ))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(openapi_json))
@@ -129,6 +137,11 @@ mod tests {
         ("get", "/v1/auth/sessions"),
         ("get", "/v1/me"),
         ("patch", "/v1/me"),
+        ("post", "/v1/notes"),
+        ("get", "/v1/notes"),
+        ("get", "/v1/notes/{id}"),
+        ("patch", "/v1/notes/{id}"),
+        ("delete", "/v1/notes/{id}"),
         ("get", "/openapi.json"),
         ("get", "/healthz"),
         ("get", "/readyz"),

@@ -1,9 +1,12 @@
-//! The tonic service: wire types in, domain calls, wire types out. No rule lives here.
+//! The tonic service: wire types in, domain calls, wire types out, each call counted in the
+//! metrics by method and outcome. No rule lives here.
 
 mod layer;
 mod status;
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 use proto::v1::auth_service_server::AuthService;
 use proto::v1::{self as pb};
@@ -11,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{Device, Invalid, Millis, WechatCode, now_millis};
 use crate::error::AuthError;
+use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, IssuedPair};
 
 pub use layer::CallContextLayer;
@@ -21,12 +25,13 @@ pub use status::DOMAIN;
 #[derive(Debug, Clone)]
 pub struct GrpcAuth {
     core: AuthCore,
+    metrics: Arc<Metrics>,
 }
 
 impl GrpcAuth {
-    /// Serves `core`.
-    pub fn new(core: AuthCore) -> Self {
-        Self { core }
+    /// Serves `core`, counting every call in `metrics`.
+    pub fn new(core: AuthCore, metrics: Arc<Metrics>) -> Self {
+        Self { core, metrics }
     }
 }
 
@@ -93,14 +98,40 @@ fn event_kind(k: crate::domain::EventKind) -> pb::SessionEventKind {
     }
 }
 
-#[tonic::async_trait]
-impl AuthService for GrpcAuth {
-    async fn login(
+/// The gRPC path of an `AuthService` method: the `method` label of the metrics.
+macro_rules! path {
+    ($method:literal) => {
+        concat!("/wxauth.v1.AuthService/", $method)
+    };
+}
+
+/// The metrics' outcome of a call: `OK` or the ErrorInfo reason.
+fn outcome<T>(result: &Result<T, AuthError>) -> &'static str {
+    match result {
+        Ok(_) => metrics::OK,
+        Err(e) => e.reason(),
+    }
+}
+
+impl GrpcAuth {
+    /// Runs one RPC, counts it by method and outcome with its latency, and answers it.
+    async fn observed<T>(
         &self,
-        request: Request<pb::LoginRequest>,
-    ) -> Result<Response<pb::LoginResponse>, Status> {
-        let peer = request.remote_addr();
-        let r = request.into_inner();
+        method: &'static str,
+        call: impl Future<Output = Result<T, AuthError>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .observe_call(method, outcome(&result), started.elapsed());
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn login_call(
+        &self,
+        r: pb::LoginRequest,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<pb::LoginResponse, AuthError> {
         // The code first: a bad one is refused before anything else is looked at.
         let code = WechatCode::parse(&r.code).map_err(AuthError::InvalidCode)?;
         let device = match &r.device {
@@ -111,61 +142,48 @@ impl AuthService for GrpcAuth {
         };
         let ip = client_ip(&r.client_ip, peer)?;
         let out = self.core.login(code, device, ip).await?;
-        Ok(Response::new(pb::LoginResponse {
+        Ok(pb::LoginResponse {
             tokens: Some(token_pair(&out.pair)),
             openid: out.openid,
             unionid: out.unionid,
             is_new_user: out.is_new_user,
             session_id: out.session_id,
-        }))
+        })
     }
 
-    async fn verify(
-        &self,
-        request: Request<pb::VerifyRequest>,
-    ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let id = self.core.verify(&request.get_ref().access_token).await?;
-        Ok(Response::new(pb::VerifyResponse {
+    async fn verify_call(&self, r: &pb::VerifyRequest) -> Result<pb::VerifyResponse, AuthError> {
+        let id = self.core.verify(&r.access_token).await?;
+        Ok(pb::VerifyResponse {
             openid: id.openid,
             unionid: id.unionid,
             session_id: id.session_id,
             expires_at: Some(timestamp(id.expires_at)),
-        }))
+        })
     }
 
-    async fn refresh(
-        &self,
-        request: Request<pb::RefreshRequest>,
-    ) -> Result<Response<pb::RefreshResponse>, Status> {
-        let out = self.core.refresh(&request.get_ref().refresh_token).await?;
-        Ok(Response::new(pb::RefreshResponse {
+    async fn refresh_call(&self, r: &pb::RefreshRequest) -> Result<pb::RefreshResponse, AuthError> {
+        let out = self.core.refresh(&r.refresh_token).await?;
+        Ok(pb::RefreshResponse {
             tokens: Some(token_pair(&out.pair)),
             openid: out.owner.openid,
             unionid: out.owner.unionid,
             session_id: out.owner.session_id,
-        }))
+        })
     }
 
-    async fn logout(
-        &self,
-        request: Request<pb::LogoutRequest>,
-    ) -> Result<Response<pb::LogoutResponse>, Status> {
-        let r = request.get_ref();
+    async fn logout_call(&self, r: &pb::LogoutRequest) -> Result<pb::LogoutResponse, AuthError> {
         let n = self.core.logout(&r.access_token, r.all).await?;
-        Ok(Response::new(pb::LogoutResponse {
+        Ok(pb::LogoutResponse {
             revoked_sessions: n,
-        }))
+        })
     }
 
-    async fn list_sessions(
+    async fn list_sessions_call(
         &self,
-        request: Request<pb::ListSessionsRequest>,
-    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let sessions = self
-            .core
-            .list_sessions(&request.get_ref().access_token)
-            .await?;
-        Ok(Response::new(pb::ListSessionsResponse {
+        r: &pb::ListSessionsRequest,
+    ) -> Result<pb::ListSessionsResponse, AuthError> {
+        let sessions = self.core.list_sessions(&r.access_token).await?;
+        Ok(pb::ListSessionsResponse {
             sessions: sessions
                 .into_iter()
                 .map(|s| pb::Session {
@@ -176,29 +194,28 @@ impl AuthService for GrpcAuth {
                     current: s.current,
                 })
                 .collect(),
-        }))
+        })
     }
 
-    async fn revoke_user(
+    async fn revoke_user_call(
         &self,
-        request: Request<pb::RevokeUserRequest>,
-    ) -> Result<Response<pb::RevokeUserResponse>, Status> {
-        let n = self.core.revoke_user(&request.get_ref().openid).await?;
-        Ok(Response::new(pb::RevokeUserResponse {
+        r: &pb::RevokeUserRequest,
+    ) -> Result<pb::RevokeUserResponse, AuthError> {
+        let n = self.core.revoke_user(&r.openid).await?;
+        Ok(pb::RevokeUserResponse {
             revoked_sessions: n,
-        }))
+        })
     }
 
-    async fn list_session_events(
+    async fn list_session_events_call(
         &self,
-        request: Request<pb::ListSessionEventsRequest>,
-    ) -> Result<Response<pb::ListSessionEventsResponse>, Status> {
-        let r = request.get_ref();
+        r: &pb::ListSessionEventsRequest,
+    ) -> Result<pb::ListSessionEventsResponse, AuthError> {
         let page = self
             .core
             .list_events(&r.openid, r.page_size, &r.page_token)
             .await?;
-        Ok(Response::new(pb::ListSessionEventsResponse {
+        Ok(pb::ListSessionEventsResponse {
             events: page
                 .events
                 .into_iter()
@@ -220,7 +237,80 @@ impl AuthService for GrpcAuth {
                 .next_before
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for GrpcAuth {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let peer = request.remote_addr();
+        let call = async {
+            let result = self.login_call(request.into_inner(), peer).await;
+            self.metrics.login_outcome(outcome(&result));
+            result
+        };
+        self.observed(path!("Login"), call).await
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        self.observed(path!("Verify"), self.verify_call(request.get_ref()))
+            .await
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        self.observed(path!("Refresh"), self.refresh_call(request.get_ref()))
+            .await
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        self.observed(path!("Logout"), self.logout_call(request.get_ref()))
+            .await
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        self.observed(
+            path!("ListSessions"),
+            self.list_sessions_call(request.get_ref()),
+        )
+        .await
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeUserResponse>, Status> {
+        self.observed(
+            path!("RevokeUser"),
+            self.revoke_user_call(request.get_ref()),
+        )
+        .await
+    }
+
+    async fn list_session_events(
+        &self,
+        request: Request<pb::ListSessionEventsRequest>,
+    ) -> Result<Response<pb::ListSessionEventsResponse>, Status> {
+        self.observed(
+            path!("ListSessionEvents"),
+            self.list_session_events_call(request.get_ref()),
+        )
+        .await
     }
 }
 
@@ -244,5 +334,27 @@ mod tests {
             "2001:db8::1".parse().ok()
         );
         assert!(client_ip("not-an-ip", None).is_err());
+    }
+
+    #[test]
+    fn metric_labels_are_the_real_grpc_paths() {
+        use proto::v1::auth_service_server::SERVICE_NAME;
+        assert_eq!(path!("Login"), format!("/{SERVICE_NAME}/Login"));
+    }
+
+    #[test]
+    fn outcomes_are_ok_or_the_errorinfo_reason() {
+        assert_eq!(outcome(&Ok::<(), AuthError>(())), "OK");
+        assert_eq!(
+            outcome::<()>(&Err(AuthError::TokenExpired)),
+            "TOKEN_EXPIRED"
+        );
+        let reason =
+            tonic_types::StatusExt::get_details_error_info(&Status::from(AuthError::CodeUsed))
+                .map(|i| i.reason);
+        assert_eq!(
+            reason.as_deref(),
+            Some(outcome::<()>(&Err(AuthError::CodeUsed)))
+        );
     }
 }

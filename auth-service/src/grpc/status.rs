@@ -16,28 +16,29 @@ pub const DOMAIN: &str = "wxauth";
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         use AuthError as E;
-        let (code, reason) = match &e {
-            E::InvalidCode(_) => (Code::InvalidArgument, "INVALID_CODE"),
-            E::CodeUsed => (Code::InvalidArgument, "CODE_USED"),
-            E::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
-            E::WechatInvalidCode(_) => (Code::InvalidArgument, "WECHAT_INVALID_CODE"),
-            E::WechatCodeUsed(_) => (Code::InvalidArgument, "WECHAT_CODE_USED"),
-            E::WechatRateLimited(_) => (Code::ResourceExhausted, "WECHAT_RATE_LIMITED"),
-            E::WechatRiskyUser(_) => (Code::PermissionDenied, "WECHAT_RISKY_USER"),
-            E::WechatBusy(_) => (Code::Unavailable, "WECHAT_BUSY"),
-            E::WechatError(_) => (Code::FailedPrecondition, "WECHAT_ERROR"),
-            E::WechatUnavailable => (Code::Unavailable, "WECHAT_UNAVAILABLE"),
-            E::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
-            E::TokenMissing => (Code::Unauthenticated, "TOKEN_MISSING"),
-            E::TokenInvalid => (Code::Unauthenticated, "TOKEN_INVALID"),
-            E::TokenExpired => (Code::Unauthenticated, "TOKEN_EXPIRED"),
-            E::TokenRevoked => (Code::Unauthenticated, "TOKEN_REVOKED"),
-            E::SessionReplaced => (Code::Unauthenticated, "SESSION_REPLACED"),
-            E::RefreshTokenReused => (Code::Unauthenticated, "REFRESH_TOKEN_REUSED"),
-            E::UserNotFound => (Code::NotFound, "NOT_FOUND"),
-            E::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
-            E::Internal(_) => (Code::Internal, "INTERNAL"),
+        let code = match &e {
+            E::InvalidCode(_) => Code::InvalidArgument,
+            E::CodeUsed => Code::InvalidArgument,
+            E::InvalidArgument(_) => Code::InvalidArgument,
+            E::WechatInvalidCode(_) => Code::InvalidArgument,
+            E::WechatCodeUsed(_) => Code::InvalidArgument,
+            E::WechatRateLimited(_) => Code::ResourceExhausted,
+            E::WechatRiskyUser(_) => Code::PermissionDenied,
+            E::WechatBusy(_) => Code::Unavailable,
+            E::WechatError(_) => Code::FailedPrecondition,
+            E::WechatUnavailable => Code::Unavailable,
+            E::RateLimited { .. } => Code::ResourceExhausted,
+            E::TokenMissing => Code::Unauthenticated,
+            E::TokenInvalid => Code::Unauthenticated,
+            E::TokenExpired => Code::Unauthenticated,
+            E::TokenRevoked => Code::Unauthenticated,
+            E::SessionReplaced => Code::Unauthenticated,
+            E::RefreshTokenReused => Code::Unauthenticated,
+            E::UserNotFound => Code::NotFound,
+            E::Unavailable(_) => Code::Unavailable,
+            E::Internal(_) => Code::Internal,
         };
+        let reason = e.reason();
 
         let mut metadata = HashMap::new();
         let mut retry_after = None;

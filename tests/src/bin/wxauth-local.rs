@@ -1,8 +1,9 @@
 //! `wxauth-local`: runs the pair locally on embedded defaults, and calls it.
 //!
 //! ```text
-//! wxauth-local [up]                 start the WeChat simulator (127.0.0.1:9300) and
-//!                                   auth-service (127.0.0.1:50051, SQLite in ./data)
+//! wxauth-local [up]                 start the WeChat simulator (127.0.0.1:9300),
+//!                                   auth-service (127.0.0.1:50051) and api-service
+//!                                   (127.0.0.1:8080), SQLite files in ./data
 //! wxauth-local login [OPENID] [--device ID]
 //!                                   what a phone does: wx.login() at the simulator, then Login
 //! wxauth-local verify ACCESS_TOKEN
@@ -12,8 +13,9 @@
 //! wxauth-local revoke OPENID
 //! wxauth-local events OPENID
 //! ```
-//! Every AUTH_* / WECHAT_* setting in the environment is passed to auth-service by `up`
-//! (the simulator's appid and secret excepted). Answers are printed as JSON.
+//! Every AUTH_* / API_* setting in the environment reaches the services started by `up`
+//! (WECHAT_APPID, WECHAT_SECRET and WECHAT_API_BASE are the simulator's). The other commands
+//! call auth-service's gRPC API directly; answers are printed as JSON.
 
 // A command-line tool: printing its answers is its job.
 #![allow(clippy::print_stdout)]
@@ -31,6 +33,7 @@ use tonic::transport::Channel;
 
 const SIM_ADDR: &str = "127.0.0.1:9300";
 const AUTH_ADDR: &str = "127.0.0.1:50051";
+const API_ADDR: &str = "127.0.0.1:8080";
 /// The simulator's default app credentials; auth-service gets the same.
 const APPID: &str = "wx00000000000000d1";
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -280,31 +283,66 @@ async fn up() -> anyhow::Result<()> {
     }
     let mut auth = Process::spawn_with("auth-service", &auth_env, &cwd, echo)?;
     let auth_addr = auth.wait_for_addr("grpc").await?;
+
+    let mut api_env = vec![("API_AUTH_URL".to_owned(), format!("http://{auth_addr}"))];
+    if std::env::var_os("API_HTTP_ADDR").is_none() {
+        api_env.push(("API_HTTP_ADDR".to_owned(), API_ADDR.to_owned()));
+    }
+    let mut api = Process::spawn_with("api-service", &api_env, &cwd, echo)?;
+    let api_addr = api.wait_for_addr("http").await?;
     let data: PathBuf = cwd.join("data");
 
-    let me = "cargo run -q -p tests --bin wxauth-local --";
-    println!(
-        "\n\
-         wxauth is running locally (Ctrl-C stops it):\n  \
-           WeChat simulator  http://{sim_addr}   (control API: tests/src/sim/mod.rs)\n  \
-           auth-service      grpc://{auth_addr}  (SQLite under {})\n\n\
-         In another terminal:\n  \
-           {me} login                 # wx.login() at the simulator, then Login\n  \
-           {me} verify ACCESS_TOKEN\n  \
-           {me} refresh REFRESH_TOKEN\n  \
-           {me} sessions ACCESS_TOKEN\n  \
-           {me} logout ACCESS_TOKEN [--all]\n  \
-           {me} events OPENID\n",
-        data.display()
-    );
+    println!("{}", banner(sim_addr, auth_addr, api_addr, &data));
 
     wait_for_stop().await;
-    for p in [&mut auth, &mut sim] {
+    for p in [&mut api, &mut auth, &mut sim] {
         if p.terminate().is_ok() {
             let _ = p.wait_exit(Duration::from_secs(25)).await;
         }
     }
     Ok(())
+}
+
+/// What `up` prints: where everything runs, and a walk-through to paste.
+fn banner(
+    sim: std::net::SocketAddr,
+    auth: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+    data: &std::path::Path,
+) -> String {
+    let me = "cargo run -q -p tests --bin wxauth-local --";
+    format!(
+        r#"
+wxauth is running locally (Ctrl-C stops it):
+  api-service       http://{api}     (the mini-program's HTTP API; GET /openapi.json)
+  auth-service      grpc://{auth}   (internal gRPC API)
+  WeChat simulator  http://{sim}     (control API: tests/src/sim/mod.rs)
+  data              {data}
+
+Paste into another terminal (bash, curl):
+
+  # 1. What wx.login() does on the phone: a code from "WeChat" (the simulator)
+  CODE=$(curl -s -X POST http://{sim}/sim/login-codes | sed -E 's/.*"code":"([^"]+)".*//')
+  # 2. Log in at the edge, as wx.request would
+  LOGIN=$(curl -s -X POST http://{api}/v1/auth/login -H 'content-type: application/json'     -d "{{"code":"$CODE","device":{{"id":"my-phone","platform":"ios"}}}}"); echo "$LOGIN"
+  TOKEN=$(echo "$LOGIN" | sed -E 's/.*"access_token":"([^"]+)".*//')
+  REFRESH=$(echo "$LOGIN" | sed -E 's/.*"refresh_token":"([^"]+)".*//')
+  # 3. Who am I; set a nickname
+  curl -s http://{api}/v1/me -H "authorization: Bearer $TOKEN"; echo
+  curl -s -X PATCH http://{api}/v1/me -H "authorization: Bearer $TOKEN"     -H 'content-type: application/json' -d '{{"nickname":"小明"}}'; echo
+  # 4. Notes: create (safe to retry with the same Idempotency-Key), list
+  curl -s -X POST http://{api}/v1/notes -H "authorization: Bearer $TOKEN" -H 'Idempotency-Key: note-1'     -H 'content-type: application/json' -d '{{"title":"First note","body":"hello"}}'; echo
+  curl -s "http://{api}/v1/notes?limit=20" -H "authorization: Bearer $TOKEN"; echo
+  # 5. Refresh (rotates both tokens), then log out
+  LOGIN=$(curl -s -X POST http://{api}/v1/auth/refresh -H 'content-type: application/json'     -d "{{"refresh_token":"$REFRESH"}}"); echo "$LOGIN"
+  TOKEN=$(echo "$LOGIN" | sed -E 's/.*"access_token":"([^"]+)".*//')
+  curl -s -X POST http://{api}/v1/auth/logout -H "authorization: Bearer $TOKEN"; echo
+  curl -s http://{api}/v1/me -H "authorization: Bearer $TOKEN"; echo   # 401 token_revoked
+
+Or through auth-service's gRPC API: {me} login | verify TOKEN | sessions TOKEN | events OPENID
+"#,
+        data = data.display()
+    )
 }
 
 async fn wait_for_stop() {

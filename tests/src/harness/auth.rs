@@ -48,6 +48,7 @@ pub type AuthClient = AuthServiceClient<InterceptedService<Channel, CallMetadata
 pub struct AuthProcess {
     process: Process,
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     env: Vec<(String, String)>,
     data: tempfile::TempDir,
     client_key: Option<String>,
@@ -90,10 +91,11 @@ impl AuthProcess {
             .rev()
             .find(|(k, _)| k == "AUTH_CLIENT_KEYS")
             .and_then(|(_, v)| v.split(',').next().map(str::to_owned));
-        let (process, addr) = launch(&env, data.path()).await?;
+        let (process, addr, metrics_addr) = launch(&env, data.path()).await?;
         Ok(Self {
             process,
             addr,
+            metrics_addr,
             env,
             data,
             client_key,
@@ -105,15 +107,31 @@ impl AuthProcess {
     pub async fn restart(&mut self) -> anyhow::Result<Option<i32>> {
         self.process.terminate()?;
         let code = self.process.wait_exit(Duration::from_secs(20)).await?;
-        let (process, addr) = launch(&self.env, self.data.path()).await?;
+        let (process, addr, metrics_addr) = launch(&self.env, self.data.path()).await?;
         self.process = process;
         self.addr = addr;
+        self.metrics_addr = metrics_addr;
         Ok(code)
+    }
+
+    /// Starts the process again after it died or was killed, with the same settings and
+    /// database (and port, when the settings fixed one).
+    pub async fn relaunch(&mut self) -> anyhow::Result<()> {
+        let (process, addr, metrics_addr) = launch(&self.env, self.data.path()).await?;
+        self.process = process;
+        self.addr = addr;
+        self.metrics_addr = metrics_addr;
+        Ok(())
     }
 
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The metrics listener's address (Prometheus `GET /metrics`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// The database file.
@@ -178,13 +196,17 @@ pub async fn health(addr: SocketAddr, service: &str) -> anyhow::Result<ServingSt
     Ok(answer.status())
 }
 
-async fn launch(env: &[(String, String)], cwd: &Path) -> anyhow::Result<(Process, SocketAddr)> {
+async fn launch(
+    env: &[(String, String)],
+    cwd: &Path,
+) -> anyhow::Result<(Process, SocketAddr, SocketAddr)> {
     let mut process = Process::spawn("auth-service", env, cwd)?;
     let addr = process.wait_for_addr("grpc").await?;
+    let metrics_addr = process.wait_for_addr("metrics").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match health(addr, "").await {
-            Ok(ServingStatus::Serving) => return Ok((process, addr)),
+            Ok(ServingStatus::Serving) => return Ok((process, addr, metrics_addr)),
             _ if tokio::time::Instant::now() > deadline => {
                 bail!(
                     "auth-service at {addr} never reported SERVING; its output:\n{}",

@@ -1,0 +1,513 @@
+//! Notes: the sample business module, every read and write scoped to the openid `Verify`
+//! returned. It shows how a business resource sits on the edge: domain newtypes checked at
+//! the HTTP boundary, a store behind a trait, keyset pagination with an opaque cursor, and
+//! `Idempotency-Key` on creation, stored in the same transaction as what it guards.
+//!
+//! Replacing it with your own domain: copy this directory and `routes/notes.rs` under new
+//! names, change the newtypes and the tables (`migrations/sqlite/0002_notes.sql` shows both;
+//! write a new migration rather than editing one a database has applied), then swap the
+//! `notes` field of `AppState`, its construction in `startup.rs` and the `routes!` lines in
+//! `routes/mod.rs`. To remove notes, delete those same places and this directory, and keep
+//! `0002_notes.sql` in place: databases that applied it refuse to start without it (a later
+//! migration may drop the tables). Nothing else refers to notes.
+
+mod store;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest as _, Sha256};
+
+pub use store::SqliteNotes;
+
+use crate::error::ApiError;
+use crate::time::Millis;
+
+/// Longest title, in characters.
+pub const TITLE_MAX_CHARS: usize = 100;
+/// Longest body, in characters.
+pub const BODY_MAX_CHARS: usize = 10_000;
+/// Page size when the caller names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 20;
+/// Largest page size.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// How long an `Idempotency-Key` is remembered: at least 24 hours are promised; after 48 it
+/// is forgotten (and purged), and the same key makes a new note.
+pub const IDEMPOTENCY_TTL_MILLIS: Millis = 48 * 60 * 60 * 1000;
+/// Longest `Idempotency-Key`, in characters.
+pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+/// The header that carries it.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+fn invalid(field: &str, message: &str) -> ApiError {
+    ApiError::invalid(field, "invalid_argument", message)
+}
+
+/// A checked title: 1 to 100 characters of any script, not blank, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteTitle(String);
+
+impl NoteTitle {
+    /// Checks a title as sent.
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        if raw.trim().is_empty() {
+            return Err(invalid("title", "title must not be empty"));
+        }
+        if raw.chars().count() > TITLE_MAX_CHARS {
+            return Err(invalid("title", "title must be at most 100 characters"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(invalid(
+                "title",
+                "title must not contain control characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The title.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A checked body: at most 10,000 characters, possibly empty; line breaks and tabs are kept,
+/// other control characters are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NoteBody(String);
+
+impl NoteBody {
+    /// Checks a body as sent.
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        if raw.chars().count() > BODY_MAX_CHARS {
+            return Err(invalid("body", "body must be at most 10000 characters"));
+        }
+        if raw
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err(invalid(
+                "body",
+                "body must not contain control characters other than line breaks and tabs",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The body.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A note's id: a random UUID (v4), lower-case and hyphenated; never sequential, so ids
+/// tell nothing about how many notes exist or when one was made.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NoteId(String);
+
+impl NoteId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// The id from a URL, or `None` when it is not one we could have issued (the caller
+    /// answers 404, exactly as for an unknown id).
+    pub fn parse(raw: &str) -> Option<Self> {
+        let id = uuid::Uuid::try_parse(raw).ok()?;
+        let canonical = id.hyphenated().to_string();
+        (canonical == raw).then_some(Self(canonical))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A stored note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Its id.
+    pub id: NoteId,
+    /// Its title.
+    pub title: NoteTitle,
+    /// Its body.
+    pub body: NoteBody,
+    /// When it was made.
+    pub created_at: Millis,
+    /// When it last changed.
+    pub updated_at: Millis,
+}
+
+impl Note {
+    /// A new note, made at `now`, with a fresh id.
+    pub fn new(title: NoteTitle, body: NoteBody, now: Millis) -> Self {
+        Self {
+            id: NoteId::random(),
+            title,
+            body,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// A change: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotePatch {
+    /// New title.
+    pub title: Option<NoteTitle>,
+    /// New body.
+    pub body: Option<NoteBody>,
+}
+
+impl NotePatch {
+    /// True when it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.title.is_none() && self.body.is_none()
+    }
+}
+
+/// How many notes a page holds: 1 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSize(u32);
+
+impl PageSize {
+    /// Checks `limit` as sent in the query string (absent: 20).
+    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let Some(raw) = raw else {
+            return Ok(Self(DEFAULT_PAGE_SIZE));
+        };
+        match raw.parse::<u32>() {
+            Ok(n)
+                if (1..=MAX_PAGE_SIZE).contains(&n) && raw.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Ok(Self(n))
+            }
+            _ => Err(invalid("limit", "limit must be an integer from 1 to 100")),
+        }
+    }
+
+    /// The size.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Where the next page starts: the position of the last note of the previous one.
+///
+/// On the wire it is opaque: base64url (no padding) of a version byte (1) and the note's
+/// internal sequence number (8 bytes, big-endian). Sequence numbers grow with every note
+/// made, in commit order, so a page that starts below one never repeats or skips a note
+/// that was there when the listing began, whatever is created or deleted in between. A
+/// cursor means something only for the user it was issued to: the listing is scoped to the
+/// caller, so another user's cursor only says where to start among the caller's own notes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor(i64);
+
+const CURSOR_VERSION: u8 = 1;
+
+impl Cursor {
+    /// The cursor after the note at sequence number `seq`.
+    pub fn after(seq: i64) -> Self {
+        Self(seq)
+    }
+
+    /// The sequence number the next page starts below.
+    pub fn seq(self) -> i64 {
+        self.0
+    }
+
+    /// The opaque form.
+    pub fn encode(self) -> String {
+        let mut bytes = [0_u8; 9];
+        bytes[0] = CURSOR_VERSION;
+        bytes[1..].copy_from_slice(&self.0.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Reads `cursor` as sent in the query string; absent or empty: the first page.
+    pub fn parse(raw: Option<&str>) -> Result<Option<Self>, ApiError> {
+        let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+            return Ok(None);
+        };
+        let garbled = || invalid("cursor", "cursor is not one this API issued");
+        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| garbled())?;
+        let (&version, seq) = bytes.split_first().ok_or_else(garbled)?;
+        let seq: [u8; 8] = seq.try_into().map_err(|_| garbled())?;
+        let seq = i64::from_be_bytes(seq);
+        if version != CURSOR_VERSION || seq <= 0 {
+            return Err(garbled());
+        }
+        Ok(Some(Self(seq)))
+    }
+}
+
+/// One page of a user's notes, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The notes.
+    pub items: Vec<Note>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// A checked `Idempotency-Key`: 1 to 255 printable ASCII characters (space to `~`), not
+/// blank. Keys are scoped to the user: two users may use the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Checks the header's value as sent.
+    pub fn parse(raw: &[u8]) -> Result<Self, ApiError> {
+        let fine = !raw.is_empty()
+            && raw.len() <= IDEMPOTENCY_KEY_MAX
+            && raw.iter().all(|b| (b' '..=b'~').contains(b))
+            && raw.iter().any(|b| *b != b' ');
+        if !fine {
+            return Err(invalid(
+                IDEMPOTENCY_KEY_HEADER,
+                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            ));
+        }
+        Ok(Self(raw.iter().copied().map(char::from).collect()))
+    }
+
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What identifies a creation request for `Idempotency-Key`: the SHA-256 of its canonical
+/// form (the method and path, then the checked title and body, each preceded by its length
+/// in bytes), so a retry that differs only in JSON spacing, key order or escapes is the same
+/// request, and one that changes a character is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFingerprint([u8; 32]);
+
+impl RequestFingerprint {
+    /// The fingerprint of `POST /v1/notes` with `title` and `body`.
+    pub fn of_create(title: &NoteTitle, body: &NoteBody) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"POST /v1/notes\n");
+        for part in [title.as_str(), body.as_str()] {
+            hash.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        Self(hash.finalize().into())
+    }
+
+    /// Rebuilds one read back from the store.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// The answer a creation gave, as it is kept for its `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// The HTTP status (201).
+    pub status: u16,
+    /// The note it made.
+    pub note_id: String,
+    /// The response body, byte for byte.
+    pub body: Vec<u8>,
+}
+
+/// A creation that carries an `Idempotency-Key`.
+#[derive(Debug, Clone)]
+pub struct Idempotent {
+    /// The key.
+    pub key: IdempotencyKey,
+    /// What the request said.
+    pub fingerprint: RequestFingerprint,
+    /// The answer to keep should this request make the note.
+    pub answer: StoredAnswer,
+}
+
+/// What a creation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The note was made (and its key, if any, remembered with its answer).
+    New,
+    /// The key was used before with the same request: here is the first answer; nothing
+    /// was made.
+    Replayed(StoredAnswer),
+}
+
+/// 422 `idempotency_key_reused`: the key was used before with a different request.
+pub fn key_reused() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used with a different request",
+    )
+}
+
+/// Where notes live. Every method takes the owner's openid and touches only that user's
+/// notes: another user's note is indistinguishable from one that does not exist.
+#[async_trait]
+pub trait NotesStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores `note` for `openid`. With `idempotent`, in the same transaction: answers the
+    /// first answer when the key was used with the same request, [`key_reused`] when it was
+    /// used with another, else stores the note and remembers the key with its answer.
+    async fn create(
+        &self,
+        openid: &str,
+        note: &Note,
+        idempotent: Option<Idempotent>,
+    ) -> Result<Created, ApiError>;
+    /// A page of the user's notes, newest first, starting after `cursor`.
+    async fn list(
+        &self,
+        openid: &str,
+        size: PageSize,
+        cursor: Option<Cursor>,
+    ) -> Result<Page, ApiError>;
+    /// One note, or [`ApiError::not_found`].
+    async fn get(&self, openid: &str, id: &NoteId) -> Result<Note, ApiError>;
+    /// Applies a change at `now` and returns the note after it, or [`ApiError::not_found`].
+    async fn update(
+        &self,
+        openid: &str,
+        id: &NoteId,
+        patch: NotePatch,
+        now: Millis,
+    ) -> Result<Note, ApiError>;
+    /// Deletes a note, or answers [`ApiError::not_found`].
+    async fn delete(&self, openid: &str, id: &NoteId) -> Result<(), ApiError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: &ApiError) -> (u16, &str) {
+        (e.status().as_u16(), e.code())
+    }
+
+    #[test]
+    fn titles_of_any_script_up_to_100_characters() {
+        assert!(NoteTitle::parse("购物清单").is_ok());
+        assert!(NoteTitle::parse("Zoë 🌸 notes").is_ok());
+        assert!(NoteTitle::parse(&"字".repeat(100)).is_ok());
+        for bad in ["", "   ", "\u{3000}", "a\nb", "tab\there", "nul\0"] {
+            let e = NoteTitle::parse(bad).expect_err(bad);
+            assert_eq!(field_of(&e), (400, "invalid_argument"), "{bad:?}");
+        }
+        assert!(NoteTitle::parse(&"字".repeat(101)).is_err());
+    }
+
+    #[test]
+    fn bodies_up_to_10000_characters_with_line_breaks() {
+        assert!(NoteBody::parse("").is_ok());
+        assert!(NoteBody::parse("line 1\nline 2\r\n\tindented").is_ok());
+        assert!(NoteBody::parse(&"文".repeat(10_000)).is_ok());
+        assert!(NoteBody::parse(&"文".repeat(10_001)).is_err());
+        assert!(NoteBody::parse("bell\u{7}").is_err());
+    }
+
+    #[test]
+    fn ids_are_random_canonical_uuids() {
+        let a = NoteId::random();
+        let b = NoteId::random();
+        assert_ne!(a, b);
+        assert_eq!(NoteId::parse(a.as_str()), Some(a.clone()));
+        let upper = a.as_str().to_uppercase();
+        let simple = a.as_str().replace('-', "");
+        for bad in ["", "1", "not-a-uuid", upper.as_str(), simple.as_str()] {
+            assert!(NoteId::parse(bad).is_none(), "{bad}");
+        }
+        let braced = format!("{{{}}}", a.as_str());
+        assert!(NoteId::parse(&braced).is_none());
+    }
+
+    #[test]
+    fn page_sizes_from_1_to_100_default_20() {
+        assert_eq!(PageSize::parse(None).expect("default").get(), 20);
+        assert_eq!(PageSize::parse(Some("1")).expect("1").get(), 1);
+        assert_eq!(PageSize::parse(Some("100")).expect("100").get(), 100);
+        for bad in ["0", "101", "x", "", "-1", "+5", " 5", "1.5", "99999999999"] {
+            let e = PageSize::parse(Some(bad)).expect_err(bad);
+            assert_eq!(field_of(&e), (400, "invalid_argument"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbled_ones_are_refused() {
+        for seq in [1, 20, 1 << 40, i64::MAX] {
+            let c = Cursor::after(seq);
+            let text = c.encode();
+            assert!(
+                text.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            );
+            assert_eq!(Cursor::parse(Some(&text)).expect("valid"), Some(c));
+        }
+        assert_eq!(Cursor::parse(None).expect("absent"), None);
+        assert_eq!(Cursor::parse(Some("")).expect("empty"), None);
+        let wrong_version = URL_SAFE_NO_PAD.encode([2, 0, 0, 0, 0, 0, 0, 0, 5]);
+        let zero = URL_SAFE_NO_PAD.encode([1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let negative = URL_SAFE_NO_PAD.encode([1, 255, 255, 255, 255, 255, 255, 255, 255]);
+        let short = URL_SAFE_NO_PAD.encode([1, 0, 0, 5]);
+        let padded = format!("{}=", Cursor::after(7).encode());
+        for bad in [
+            "garbage!",
+            "AQAAAAAAAAAF==",
+            wrong_version.as_str(),
+            zero.as_str(),
+            negative.as_str(),
+            short.as_str(),
+            padded.as_str(),
+        ] {
+            let e = Cursor::parse(Some(bad)).expect_err(bad);
+            assert_eq!(field_of(&e), (400, "invalid_argument"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_printable_ascii_up_to_255() {
+        assert!(IdempotencyKey::parse(b"a").is_ok());
+        assert!(IdempotencyKey::parse(b"retry 1: {uuid}~").is_ok());
+        assert!(IdempotencyKey::parse("k".repeat(255).as_bytes()).is_ok());
+        let long = "k".repeat(256);
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"tab\there",
+            b"\x7f",
+            "caf\u{e9}".as_bytes(),
+            long.as_bytes(),
+        ] {
+            let e = IdempotencyKey::parse(bad).expect_err("refused");
+            assert_eq!(field_of(&e), (400, "invalid_argument"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_requests_apart_by_content_only() {
+        let t = |s: &str| NoteTitle::parse(s).expect("title");
+        let b = |s: &str| NoteBody::parse(s).expect("body");
+        let one = RequestFingerprint::of_create(&t("title"), &b("body"));
+        assert_eq!(one, RequestFingerprint::of_create(&t("title"), &b("body")));
+        assert_ne!(one, RequestFingerprint::of_create(&t("title"), &b("body ")));
+        assert_ne!(one, RequestFingerprint::of_create(&t("titl"), &b("ebody")));
+        // Text cannot move from one field to the other unnoticed.
+        assert_ne!(
+            RequestFingerprint::of_create(&t("a\",\"body\":\"b"), &b("")),
+            RequestFingerprint::of_create(&t("a"), &b("b"))
+        );
+        assert_eq!(
+            RequestFingerprint::from_bytes(*one.as_bytes()),
+            one,
+            "round trip through the store"
+        );
+    }
+}
