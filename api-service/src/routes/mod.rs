@@ -109,9 +109,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState, limits: Limits) -> Router {
     let (routes, doc) = api();
     let doc = OpenApiJson(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
+    with_layers(
+        routes.fallback(no_such_route).layer(Extension(doc)),
+        state,
+        limits,
+    )
+}
+
+/// The layers every route gets (outermost last): body limit, panics caught, time limit,
+/// and the request context that gives every answer the contract's shape.
+fn with_layers(routes: Router<AppState>, state: AppState, limits: Limits) -> Router {
     routes
-        .fallback(no_such_route)
-        .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(limits.body))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TimeoutLayer::with_status_code(
@@ -160,5 +168,89 @@ mod tests {
         }
         assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    /// A state whose auth-service is never called and whose database is a fresh file.
+    async fn test_state() -> AppState {
+        use std::sync::atomic::AtomicBool;
+
+        let path =
+            std::env::temp_dir().join(format!("wxauth-api-unit-{}.db", uuid::Uuid::new_v4()));
+        let db = crate::db::Db::open(&path).await.expect("database");
+        let auth =
+            crate::auth::GrpcAuth::new("http://127.0.0.1:9", Duration::from_millis(100), None)
+                .expect("client");
+        AppState {
+            auth: Arc::new(auth),
+            profiles: Arc::new(crate::profile::SqliteProfiles::new(db.pool().clone())),
+            notes: Arc::new(crate::notes::SqliteNotes::new(db.pool().clone())),
+            db,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            trusted_proxy_hops: 0,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    async fn call(app: Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
+        use tower::ServiceExt as _;
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = app.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let ct = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            ct,
+            serde_json::from_slice(&bytes).expect("JSON body"),
+        )
+    }
+
+    async fn boom() -> &'static str {
+        panic!("secret detail in a panic")
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_a_500_and_a_slow_handler_a_408_both_in_the_contract_shape() {
+        use axum::routing::get;
+
+        let routes = Router::new().route("/boom", get(boom)).route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        );
+        let app = with_layers(
+            routes,
+            test_state().await,
+            Limits {
+                body: 1024,
+                timeout: Duration::from_millis(100),
+            },
+        );
+
+        let (status, ct, body) = call(app.clone(), "/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(ct.as_deref(), Some(JSON_UTF8));
+        assert_eq!(body["error"]["code"], "internal");
+        assert!(!body.to_string().contains("secret detail"), "{body}");
+        assert!(
+            body["error"]["request_id"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty())
+        );
+
+        let (status, ct, body) = call(app, "/slow").await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(ct.as_deref(), Some(JSON_UTF8));
+        assert_eq!(body["error"]["code"], "request_timeout");
     }
 }
