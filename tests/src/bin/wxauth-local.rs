@@ -303,7 +303,19 @@ async fn up() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `up` prints: where everything runs, and a walk-through to paste.
+/// The README's walk-through (its "Trying it" shell block), compiled in so that what the
+/// launcher prints and what the README says cannot drift apart.
+fn readme_walkthrough() -> &'static str {
+    let readme = include_str!("../../../README.md");
+    let section = readme.find("## Trying it").map_or("", |i| &readme[i..]);
+    let Some(start) = section.find("```sh\n").map(|i| i + "```sh\n".len()) else {
+        return "";
+    };
+    let end = section[start..].find("```").map_or(start, |e| start + e);
+    &section[start..end]
+}
+
+/// What `up` prints: where everything runs, and the walk-through with the real addresses.
 fn banner(
     sim: std::net::SocketAddr,
     auth: std::net::SocketAddr,
@@ -311,36 +323,18 @@ fn banner(
     data: &std::path::Path,
 ) -> String {
     let me = "cargo run -q -p tests --bin wxauth-local --";
+    let walkthrough = readme_walkthrough()
+        .replace(SIM_ADDR, &sim.to_string())
+        .replace(API_ADDR, &api.to_string());
+    let indented: String = walkthrough.lines().map(|l| format!("  {l}\n")).collect();
     format!(
-        r#"
-wxauth is running locally (Ctrl-C stops it):
-  api-service       http://{api}     (the mini-program's HTTP API; GET /openapi.json)
-  auth-service      grpc://{auth}   (internal gRPC API)
-  WeChat simulator  http://{sim}     (control API: tests/src/sim/mod.rs)
-  data              {data}
-
-Paste into another terminal (bash, curl):
-
-  # 1. What wx.login() does on the phone: a code from "WeChat" (the simulator)
-  CODE=$(curl -s -X POST http://{sim}/sim/login-codes | sed -E 's/.*"code":"([^"]+)".*//')
-  # 2. Log in at the edge, as wx.request would
-  LOGIN=$(curl -s -X POST http://{api}/v1/auth/login -H 'content-type: application/json'     -d "{{"code":"$CODE","device":{{"id":"my-phone","platform":"ios"}}}}"); echo "$LOGIN"
-  TOKEN=$(echo "$LOGIN" | sed -E 's/.*"access_token":"([^"]+)".*//')
-  REFRESH=$(echo "$LOGIN" | sed -E 's/.*"refresh_token":"([^"]+)".*//')
-  # 3. Who am I; set a nickname
-  curl -s http://{api}/v1/me -H "authorization: Bearer $TOKEN"; echo
-  curl -s -X PATCH http://{api}/v1/me -H "authorization: Bearer $TOKEN"     -H 'content-type: application/json' -d '{{"nickname":"小明"}}'; echo
-  # 4. Notes: create (safe to retry with the same Idempotency-Key), list
-  curl -s -X POST http://{api}/v1/notes -H "authorization: Bearer $TOKEN" -H 'Idempotency-Key: note-1'     -H 'content-type: application/json' -d '{{"title":"First note","body":"hello"}}'; echo
-  curl -s "http://{api}/v1/notes?limit=20" -H "authorization: Bearer $TOKEN"; echo
-  # 5. Refresh (rotates both tokens), then log out
-  LOGIN=$(curl -s -X POST http://{api}/v1/auth/refresh -H 'content-type: application/json'     -d "{{"refresh_token":"$REFRESH"}}"); echo "$LOGIN"
-  TOKEN=$(echo "$LOGIN" | sed -E 's/.*"access_token":"([^"]+)".*//')
-  curl -s -X POST http://{api}/v1/auth/logout -H "authorization: Bearer $TOKEN"; echo
-  curl -s http://{api}/v1/me -H "authorization: Bearer $TOKEN"; echo   # 401 token_revoked
-
-Or through auth-service's gRPC API: {me} login | verify TOKEN | sessions TOKEN | events OPENID
-"#,
+        "\nwxauth is running locally (Ctrl-C stops it):\n  \
+         api-service       http://{api}     (the mini-program's HTTP API; GET /openapi.json)\n  \
+         auth-service      grpc://{auth}   (internal gRPC API)\n  \
+         WeChat simulator  http://{sim}     (control API: tests/src/sim/mod.rs)\n  \
+         data              {data}\n\n\
+         Paste into another terminal (bash, curl):\n\n{indented}\n\
+         Or through auth-service's gRPC API: {me} login | verify TOKEN | sessions TOKEN | events OPENID\n",
         data = data.display()
     )
 }
@@ -355,5 +349,27 @@ async fn wait_for_stop() {
                 None => std::future::pending::<()>().await,
             }
         } => {},
+    }
+}
+
+#[cfg(test)]
+mod banner_tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_prints_the_readme_walkthrough_with_the_real_addresses() {
+        let block = readme_walkthrough();
+        assert!(block.contains("/v1/auth/login") && block.contains("/sim/login-codes"));
+        assert!(!block.chars().any(|c| c.is_control() && c != '\n'));
+
+        let printed = banner(
+            "127.0.0.1:19300".parse().expect("addr"),
+            AUTH_ADDR.parse().expect("addr"),
+            "127.0.0.1:18080".parse().expect("addr"),
+            std::path::Path::new("data"),
+        );
+        assert!(printed.contains("http://127.0.0.1:18080/v1/auth/login"));
+        assert!(printed.contains("http://127.0.0.1:19300/sim/login-codes"));
+        assert!(!printed.contains(API_ADDR) && !printed.contains(SIM_ADDR));
     }
 }
