@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -23,6 +24,22 @@ fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
         name,
         problem: problem.into(),
     }
+}
+
+/// Where the business data lives (`API_DATABASE_URL`), chosen once at start-up by the URL's
+/// scheme.
+#[derive(Debug, Clone)]
+pub enum DatabaseSettings {
+    /// `sqlite://PATH`: one SQLite file (the embedded default, one replica).
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// `postgres://…` or `postgresql://…`: PostgreSQL, shared by any number of replicas.
+    Postgres {
+        /// The whole URL; it may carry a password, so it is a secret (never in Debug or logs).
+        url: SecretString,
+    },
 }
 
 /// The PEM files of the edge's own certificate.
@@ -45,8 +62,8 @@ pub struct Settings {
     pub auth_client_key: Option<SecretString>,
     /// `API_AUTH_TIMEOUT`: deadline of one call to auth-service.
     pub auth_timeout: Duration,
-    /// `API_DATABASE_URL`: the SQLite file of business data.
-    pub database: PathBuf,
+    /// `API_DATABASE_URL`: where the business data lives.
+    pub database: DatabaseSettings,
     /// `API_TLS_CERT` and `API_TLS_KEY`, when both are set.
     pub tls: Option<TlsSettings>,
     /// `API_METRICS_ADDR`.
@@ -58,6 +75,8 @@ pub struct Settings {
     /// `API_TRUSTED_PROXY_HOPS`: how many proxies in front of the edge append to
     /// `X-Forwarded-For` (0: the client is the TCP peer).
     pub trusted_proxy_hops: usize,
+    /// `API_REDIS_URL` was set (accepted, not needed: see the README).
+    pub redis_url_set: bool,
     /// `API_DRAIN_DELAY`: after SIGTERM, how long /readyz answers 503 before the port closes.
     pub drain_delay: Duration,
     /// `API_SHUTDOWN_GRACE`: then, how long in-flight requests may take.
@@ -96,13 +115,23 @@ impl Settings {
             ));
         }
 
-        if get("API_REDIS_URL").is_some() {
-            return Err(bad(
-                "API_REDIS_URL",
-                "Redis is not supported by this build yet; leave it unset (one replica only)",
-            ));
-        }
-        let database = sqlite_path(get("API_DATABASE_URL"))?;
+        // api-service keeps no state per process that replicas would need to share: its
+        // idempotency keys are in the database, written in the same transaction as the note
+        // (stronger than Redis could make them). The setting is checked and accepted so that
+        // a deployment which sets it keeps working; start-up says it is not used.
+        let redis_url_set = match get("API_REDIS_URL") {
+            None => false,
+            Some(url) => {
+                let ok = url::Url::parse(url.trim()).ok().is_some_and(|u| {
+                    matches!(u.scheme(), "redis" | "rediss") && u.host().is_some()
+                });
+                if !ok {
+                    return Err(bad("API_REDIS_URL", "must be a redis:// or rediss:// URL"));
+                }
+                true
+            }
+        };
+        let database = database(get("API_DATABASE_URL"))?;
 
         let tls = match (get("API_TLS_CERT"), get("API_TLS_KEY")) {
             (Some(cert), Some(key)) => Some(TlsSettings {
@@ -158,6 +187,7 @@ impl Settings {
             request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s")?,
             body_limit,
             trusted_proxy_hops,
+            redis_url_set,
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
         };
@@ -192,7 +222,7 @@ fn duration(
         .map_err(|_| bad(name, "must be a duration like 500ms, 3s or 1m"))
 }
 
-fn sqlite_path(url: Option<String>) -> Result<PathBuf, ConfigError> {
+fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
     const NAME: &str = "API_DATABASE_URL";
     let url = url.unwrap_or_else(|| "sqlite://./data/api.db".into());
     let url = url.trim();
@@ -204,15 +234,22 @@ fn sqlite_path(url: Option<String>) -> Result<PathBuf, ConfigError> {
         if path.is_empty() || path == ":memory:" {
             return Err(bad(NAME, "needs a file path, like sqlite://./data/api.db"));
         }
-        return Ok(path.into());
+        return Ok(DatabaseSettings::Sqlite { path: path.into() });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(bad(
-            NAME,
-            "PostgreSQL is not supported by this build yet; use sqlite://PATH",
-        ));
+        // Checked here so that a malformed URL stops the start; the error is not echoed,
+        // as it could quote the password.
+        if sqlx::postgres::PgConnectOptions::from_str(url).is_err() {
+            return Err(bad(
+                NAME,
+                "is not a valid PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
+            ));
+        }
+        return Ok(DatabaseSettings::Postgres {
+            url: SecretString::from(url),
+        });
     }
-    Err(bad(NAME, "must start with sqlite://"))
+    Err(bad(NAME, "must start with sqlite:// or postgres://"))
 }
 
 #[cfg(test)]
@@ -234,19 +271,26 @@ mod tests {
         assert_eq!(s.metrics_addr.to_string(), "127.0.0.1:9102");
         assert!(s.tls.is_none());
         assert!(s.auth_client_key.is_none());
-        assert!(s.database.ends_with("data/api.db"));
+        assert!(
+            matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/api.db"))
+        );
         assert_eq!(s.body_limit, 65536);
     }
 
     #[test]
     fn malformed_settings_are_named_without_their_value() {
-        let cases: [(&'static str, &str); 9] = [
+        let cases: [(&'static str, &str); 11] = [
             ("API_HTTP_ADDR", "localhost:80"),
             ("API_AUTH_URL", "grpc-server"),
             ("API_AUTH_CLIENT_KEY", "short-key-value"),
             ("API_AUTH_TIMEOUT", "soon"),
             ("API_DATABASE_URL", "mysql://db"),
-            ("API_REDIS_URL", "redis://127.0.0.1"),
+            (
+                "API_DATABASE_URL",
+                "postgres://api:pw-secret@db:notaport/api",
+            ),
+            ("API_DATABASE_URL", "sqlite://:memory:"),
+            ("API_REDIS_URL", "memcached://127.0.0.1"),
             ("API_BODY_LIMIT", "12"),
             ("API_TRUSTED_PROXY_HOPS", "many"),
             ("API_TLS_CERT", "/tmp/cert.pem"),
@@ -273,5 +317,25 @@ mod tests {
                 .name,
             "API_TLS_CERT"
         );
+    }
+
+    #[test]
+    fn the_database_is_sqlite_or_postgres_and_its_url_stays_secret() {
+        let s = load(&[("API_DATABASE_URL", "sqlite:///var/lib/api/api.db")]).expect("sqlite");
+        assert!(
+            matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from("/var/lib/api/api.db"))
+        );
+        for url in [
+            "postgres://api:pw-secret@db.internal:5432/api",
+            "postgresql://api:pw-secret@db.internal/api?sslmode=require",
+        ] {
+            let s = load(&[("API_DATABASE_URL", url)]).expect(url);
+            let DatabaseSettings::Postgres { url: ref kept } = s.database else {
+                panic!("{url} must select PostgreSQL");
+            };
+            assert_eq!(kept.expose_secret(), url);
+            let printed = format!("{s:?}");
+            assert!(!printed.contains("pw-secret"), "{printed}");
+        }
     }
 }

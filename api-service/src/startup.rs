@@ -19,8 +19,8 @@ use crate::auth::GrpcAuth;
 use crate::config::{Settings, TlsSettings};
 use crate::db::Db;
 use crate::metrics::Metrics;
-use crate::notes::SqliteNotes;
-use crate::profile::SqliteProfiles;
+use crate::notes::{NotesStore, PgNotes, SqliteNotes};
+use crate::profile::{PgProfiles, ProfileStore, SqliteProfiles};
 use crate::routes::{Limits, router};
 use crate::state::AppState;
 
@@ -64,16 +64,34 @@ pub fn tls_config(tls: &TlsSettings) -> anyhow::Result<rustls::ServerConfig> {
 }
 
 impl Application {
-    /// Opens the database (migrating it), prepares the auth-service client (which connects
-    /// lazily, so the edge starts while auth-service is down) and binds both listeners.
+    /// Opens the database (SQLite: migrated now; PostgreSQL: connected lazily and migrated in
+    /// the background, so the edge starts while it is down), prepares the auth-service client
+    /// (which connects lazily too) and binds both listeners.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let _already = rustls::crypto::ring::default_provider().install_default();
+        if settings.redis_url_set {
+            info!(
+                "API_REDIS_URL is set but not needed: api-service keeps no per-process state \
+                 (idempotency keys are in the database, in each note's transaction)"
+            );
+        }
 
         let tls = match &settings.tls {
             Some(t) => Some(RustlsConfig::from_config(Arc::new(tls_config(t)?))),
             None => None,
         };
         let db = Db::open(&settings.database).await?;
+        info!(backend = db.backend(), "business database");
+        let (profiles, notes): (Arc<dyn ProfileStore>, Arc<dyn NotesStore>) = match &db {
+            Db::Sqlite(pool) => (
+                Arc::new(SqliteProfiles::new(pool.clone())),
+                Arc::new(SqliteNotes::new(pool.clone())),
+            ),
+            Db::Postgres(pg) => (
+                Arc::new(PgProfiles::new(pg.clone())),
+                Arc::new(PgNotes::new(pg.clone())),
+            ),
+        };
         let auth = GrpcAuth::new(
             &settings.auth_url,
             settings.auth_timeout,
@@ -82,8 +100,8 @@ impl Application {
         .context("cannot build the auth-service client")?;
         let state = AppState {
             auth: Arc::new(auth),
-            profiles: Arc::new(SqliteProfiles::new(db.pool().clone())),
-            notes: Arc::new(SqliteNotes::new(db.pool().clone())),
+            profiles,
+            notes,
             db,
             metrics: Arc::new(Metrics::new()),
             trusted_proxy_hops: settings.trusted_proxy_hops,

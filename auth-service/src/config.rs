@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -37,6 +38,11 @@ pub enum DatabaseSettings {
         /// The database file.
         path: PathBuf,
     },
+    /// A PostgreSQL database, shared by every replica.
+    Postgres {
+        /// `postgres://USER:PASSWORD@HOST:PORT/DB` (a secret: it may hold the password).
+        url: SecretString,
+    },
 }
 
 /// WeChat's server API.
@@ -59,6 +65,9 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     /// `AUTH_DATABASE_URL`.
     pub database: DatabaseSettings,
+    /// `AUTH_REDIS_URL` (`redis://` or `rediss://`; may hold a password): the cache shared by
+    /// replicas. `None`: the in-process cache.
+    pub redis_url: Option<SecretString>,
     /// `WECHAT_APPID`, `WECHAT_SECRET`, `WECHAT_API_BASE`, `AUTH_WECHAT_TIMEOUT`.
     pub wechat: WechatSettings,
     /// `AUTH_TOKEN_KEY`: keys token hashing and encryption at rest.
@@ -103,13 +112,7 @@ impl Settings {
         let metrics_addr = addr(&get, "AUTH_METRICS_ADDR", "127.0.0.1:9101")?;
 
         let database = database(get("AUTH_DATABASE_URL"))?;
-        if get("AUTH_REDIS_URL").is_some() {
-            return Err(bad(
-                "AUTH_REDIS_URL",
-                "Redis is not supported by this build yet; leave it unset for the in-process cache \
-                 (one replica only)",
-            ));
-        }
+        let redis_url = get("AUTH_REDIS_URL").map(redis_url).transpose()?;
 
         let appid = required("WECHAT_APPID")?;
         if !appid
@@ -170,6 +173,7 @@ impl Settings {
         let settings = Self {
             grpc_addr,
             database,
+            redis_url,
             wechat,
             token_key,
             session_policy,
@@ -220,6 +224,28 @@ fn duration(
     })
 }
 
+/// Checks `AUTH_REDIS_URL` as redis-rs will read it, without echoing it (it may hold a
+/// password).
+fn redis_url(url: String) -> Result<SecretString, ConfigError> {
+    const NAME: &str = "AUTH_REDIS_URL";
+    let url = SecretString::from(url.trim().to_owned());
+    let parsed = reqwest::Url::parse(url.expose_secret()).map_err(|_| {
+        bad(
+            NAME,
+            "must be a URL like redis://HOST:PORT/DB or rediss://…",
+        )
+    })?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") {
+        return Err(bad(NAME, "must start with redis:// or rediss://"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad(NAME, "needs a host, like redis://127.0.0.1:6379"));
+    }
+    redis::IntoConnectionInfo::into_connection_info(parsed)
+        .map_err(|e| bad(NAME, format!("is not usable: {e}")))?;
+    Ok(url)
+}
+
 fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
     const NAME: &str = "AUTH_DATABASE_URL";
     let url = url.unwrap_or_else(|| "sqlite://./data/auth.db".into());
@@ -235,12 +261,22 @@ fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
         return Ok(DatabaseSettings::Sqlite { path: path.into() });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(bad(
-            NAME,
-            "PostgreSQL is not supported by this build yet; use sqlite://PATH",
-        ));
+        // Checked as sqlx will read it; its message is not passed on (it could quote the
+        // password).
+        if sqlx::postgres::PgConnectOptions::from_str(url).is_err() {
+            return Err(bad(
+                NAME,
+                "is not a valid PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DB)",
+            ));
+        }
+        return Ok(DatabaseSettings::Postgres {
+            url: SecretString::from(url.to_owned()),
+        });
     }
-    Err(bad(NAME, "must start with sqlite://"))
+    Err(bad(
+        NAME,
+        "must start with sqlite://, postgres:// or postgresql://",
+    ))
 }
 
 #[cfg(test)]
@@ -301,8 +337,13 @@ mod tests {
             ("AUTH_CLIENT_KEYS", "tiny-client-key"),
             ("WECHAT_API_BASE", "ftp://x"),
             ("AUTH_DATABASE_URL", "mysql://x"),
-            ("AUTH_DATABASE_URL", "postgres://u:p@h/db"),
-            ("AUTH_REDIS_URL", "redis://127.0.0.1"),
+            ("AUTH_DATABASE_URL", "postgres://u:pw-secret@h:port/db"),
+            ("AUTH_REDIS_URL", "http://127.0.0.1:6379"),
+            (
+                "AUTH_REDIS_URL",
+                "redis://:pw-secret@127.0.0.1:6379/not-a-db",
+            ),
+            ("AUTH_REDIS_URL", "redis//:pw-secret@127.0.0.1"),
             ("AUTH_WECHAT_TIMEOUT", "0s"),
         ];
         for (name, value) in cases {
@@ -327,6 +368,42 @@ mod tests {
         assert!(!dbg.contains("s3cr3t-value"));
         assert!(!dbg.contains(&"k".repeat(32)));
         assert!(!dbg.contains(&"c".repeat(32)));
+    }
+
+    #[test]
+    fn redis_urls_are_accepted_and_kept_secret() {
+        assert!(load(&base()).expect("valid").redis_url.is_none());
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis://:pw-secret@10.0.0.5:6380/2",
+            "rediss://user:pw-secret@redis.internal",
+        ] {
+            let mut env = base();
+            env.insert("AUTH_REDIS_URL", url.to_string());
+            let s = load(&env).expect(url);
+            assert_eq!(
+                s.redis_url.as_ref().map(|u| u.expose_secret().to_owned()),
+                Some(url.to_owned())
+            );
+            assert!(!format!("{s:?}").contains("pw-secret"), "{url}");
+        }
+    }
+
+    #[test]
+    fn postgres_urls_in_both_spellings_and_kept_secret() {
+        for url in [
+            "postgres://auth:pw-secret@db.internal:5432/wxauth",
+            "postgresql://auth:pw-secret@127.0.0.1/wxauth?sslmode=require",
+        ] {
+            let mut env = base();
+            env.insert("AUTH_DATABASE_URL", url.to_string());
+            let s = load(&env).expect(url);
+            assert!(
+                matches!(s.database, DatabaseSettings::Postgres { url: ref u } if u.expose_secret() == url),
+                "{url}"
+            );
+            assert!(!format!("{s:?}").contains("pw-secret"), "{url}");
+        }
     }
 
     #[test]

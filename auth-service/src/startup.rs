@@ -13,20 +13,29 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
-use crate::cache::{Cache, MemoryCache};
+use crate::cache::{Cache, FallbackCache, MemoryCache, RedisCache};
 use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::Keys;
 use crate::grpc::{AuthServiceServer, CallContextLayer, GrpcAuth};
 use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, Policy};
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::wechat::WechatClient;
 
 /// How often expired sessions are recorded and dead token rows purged.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(300);
+
+/// The gRPC health service name that tells whether Redis answers (`AUTH_REDIS_URL` set):
+/// SERVING when it does, NOT_SERVING while this process's memory stands in for it. Answers
+/// stay correct either way, so `""` and `wxauth.v1.AuthService` do not follow it.
+pub const REDIS_HEALTH_SERVICE: &str = "wxauth.redis";
+/// How often Redis is pinged for [`REDIS_HEALTH_SERVICE`].
+const REDIS_HEALTH_EVERY: Duration = Duration::from_secs(2);
 
 /// A built, bound, not yet serving auth-service.
 #[derive(Debug)]
@@ -36,22 +45,41 @@ pub struct Application {
     metrics_listener: TcpListener,
     metrics: Arc<Metrics>,
     core: AuthCore,
+    /// The Redis-backed cache, when `AUTH_REDIS_URL` is set (for its health).
+    redis: Option<Arc<FallbackCache>>,
+    /// The PostgreSQL store, whose migrations run once serving.
+    postgres: Option<PostgresStore>,
     settings: Settings,
 }
 
 impl Application {
-    /// Opens the store (applying migrations), builds the clients and binds the gRPC and
-    /// metrics ports.
+    /// Opens the store (SQLite: applying migrations; PostgreSQL: without connecting yet),
+    /// builds the clients and binds the gRPC and metrics ports.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // reqwest is built without a default crypto provider: ours is ring. A second
         // install (tests building twice in one process) is harmless.
         let _already = rustls::crypto::ring::default_provider().install_default();
 
         let keys = Arc::new(Keys::derive(&settings.token_key));
-        let store: Arc<dyn Store> = match &settings.database {
-            DatabaseSettings::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        let (store, postgres): (Arc<dyn Store>, _) = match &settings.database {
+            DatabaseSettings::Sqlite { path } => (Arc::new(SqliteStore::open(path).await?), None),
+            // Nothing is connected here: the service starts while PostgreSQL is down.
+            DatabaseSettings::Postgres { url } => {
+                let pg =
+                    PostgresStore::connect_lazy(url).context("cannot use AUTH_DATABASE_URL")?;
+                (Arc::new(pg.clone()), Some(pg))
+            }
         };
-        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        // Nothing is connected here: the service starts while Redis is down.
+        let (cache, redis): (Arc<dyn Cache>, _) = match &settings.redis_url {
+            Some(url) => {
+                let primary = RedisCache::new(url, &settings.wechat.appid)
+                    .context("cannot use AUTH_REDIS_URL")?;
+                let cache = Arc::new(FallbackCache::new(primary, MemoryCache::new()));
+                (cache.clone(), Some(cache))
+            }
+            None => (Arc::new(MemoryCache::new()), None),
+        };
         let wechat =
             WechatClient::new(&settings.wechat).context("cannot build the WeChat client")?;
         let core = AuthCore::new(store, cache, wechat, keys, Policy::from_settings(&settings));
@@ -79,6 +107,8 @@ impl Application {
             metrics_listener,
             metrics: Arc::new(Metrics::new()),
             core,
+            redis,
+            postgres,
             settings,
         })
     }
@@ -92,7 +122,24 @@ impl Application {
     /// lets in-flight calls finish (for at most `AUTH_SHUTDOWN_GRACE`).
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter.set_serving::<AuthServiceServer<GrpcAuth>>().await;
+        // SQLite was migrated in `build`. PostgreSQL migrates in the background (every
+        // store call answers UNAVAILABLE until then), NOT_SERVING until it is done.
+        let migrations = match self.postgres.clone() {
+            None => {
+                reporter.set_serving::<AuthServiceServer<GrpcAuth>>().await;
+                None
+            }
+            Some(pg) => {
+                reporter
+                    .set_not_serving::<AuthServiceServer<GrpcAuth>>()
+                    .await;
+                reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                Some(tokio::spawn(async move { pg.migrate_until_ready().await }))
+            }
+        };
+        let migrated = self.postgres.clone();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -100,6 +147,15 @@ impl Application {
             .context("cannot build the reflection service")?;
 
         let housekeeping = tokio::spawn(housekeeping(self.core.clone()));
+        let redis_health = match self.redis.clone() {
+            Some(cache) => {
+                reporter
+                    .set_service_status(REDIS_HEALTH_SERVICE, ServingStatus::NotServing)
+                    .await;
+                Some(tokio::spawn(report_redis_health(cache, reporter.clone())))
+            }
+            None => None,
+        };
         let metrics_addr = self
             .metrics_listener
             .local_addr()
@@ -110,7 +166,22 @@ impl Application {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_delay = self.settings.drain_delay;
         let signal = async move {
-            shutdown.await;
+            // SERVING once PostgreSQL is migrated, unless stopping comes first.
+            let serve_when_migrated = async {
+                if let Some(pg) = migrated {
+                    pg.ready().await;
+                    info!("the store is ready: reporting SERVING");
+                    reporter.set_serving::<AuthServiceServer<GrpcAuth>>().await;
+                    reporter
+                        .set_service_status("", ServingStatus::Serving)
+                        .await;
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = shutdown => {}
+                () = serve_when_migrated => {}
+            }
             info!(?drain_delay, "stopping: reporting NOT_SERVING");
             reporter
                 .set_not_serving::<AuthServiceServer<GrpcAuth>>()
@@ -153,6 +224,12 @@ impl Application {
             }
         };
         housekeeping.abort();
+        if let Some(task) = migrations {
+            task.abort();
+        }
+        if let Some(task) = redis_health {
+            task.abort();
+        }
         metrics_task.abort();
         info!("stopped");
         result
@@ -179,6 +256,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 async fn housekeeping(core: AuthCore) {
+    core.store().ready().await;
     let mut every = tokio::time::interval(HOUSEKEEPING_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -186,6 +264,34 @@ async fn housekeeping(core: AuthCore) {
         if let Err(e) = core.housekeeping().await {
             warn!(error = %e, "housekeeping failed; will try again");
         }
+    }
+}
+
+/// Pings Redis every [`REDIS_HEALTH_EVERY`] and reports it as [`REDIS_HEALTH_SERVICE`].
+async fn report_redis_health(cache: Arc<FallbackCache>, reporter: HealthReporter) {
+    let mut every = tokio::time::interval(REDIS_HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = None;
+    loop {
+        every.tick().await;
+        let ok = cache.redis_ok().await;
+        if reported == Some(ok) {
+            continue;
+        }
+        let status = if ok {
+            info!(health = REDIS_HEALTH_SERVICE, "Redis answers");
+            ServingStatus::Serving
+        } else {
+            warn!(
+                health = REDIS_HEALTH_SERVICE,
+                "Redis does not answer: login codes and rate limits are kept in this process until it does"
+            );
+            ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status(REDIS_HEALTH_SERVICE, status)
+            .await;
+        reported = Some(ok);
     }
 }
 

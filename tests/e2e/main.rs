@@ -11,4 +11,7 @@ mod auth_sessions;
 mod auth_tokens;
 mod common;
 mod metrics;
+mod postgres_down;
+mod redis_down;
+mod replicas;
 mod sim;

@@ -3,21 +3,28 @@
 //! the HTTP boundary, a store behind a trait, keyset pagination with an opaque cursor, and
 //! `Idempotency-Key` on creation, stored in the same transaction as what it guards.
 //!
+//! The store has one implementation per backend: `store.rs` (SQLite) and `postgres.rs`
+//! (PostgreSQL), with the same semantics; `tests/stores/` runs one contract suite on both.
+//!
 //! Replacing it with your own domain: copy this directory and `routes/notes.rs` under new
-//! names, change the newtypes and the tables (`migrations/sqlite/0002_notes.sql` shows both;
-//! write a new migration rather than editing one a database has applied), then swap the
-//! `notes` field of `AppState`, its construction in `startup.rs` and the `routes!` lines in
-//! `routes/mod.rs`. To remove notes, delete those same places and this directory, and keep
-//! `0002_notes.sql` in place: databases that applied it refuse to start without it (a later
-//! migration may drop the tables). Nothing else refers to notes.
+//! names, change the newtypes and the tables (`migrations/{sqlite,postgres}/0002_notes.sql`
+//! show both; write new migrations rather than editing ones a database has applied), then
+//! swap the `notes` field of `AppState`, its construction in `startup.rs` and the `routes!`
+//! lines in `routes/mod.rs`. To remove notes, delete those same places and this directory,
+//! and keep both `0002_notes.sql` in place: databases that applied one refuse to start
+//! without it (a later migration may drop the tables). Nothing else refers to notes.
 
+mod postgres;
 mod store;
+
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 
+pub use postgres::PgNotes;
 pub use store::SqliteNotes;
 
 use crate::error::ApiError;
@@ -34,6 +41,28 @@ pub const MAX_PAGE_SIZE: u32 = 100;
 /// How long an `Idempotency-Key` is remembered: at least 24 hours are promised; after 48 it
 /// is forgotten (and purged), and the same key makes a new note.
 pub const IDEMPOTENCY_TTL_MILLIS: Millis = 48 * 60 * 60 * 1000;
+/// How often expired idempotency keys are purged, at most: on the first creation after
+/// start-up, then at most once an hour (per process).
+const PURGE_EVERY_MILLIS: Millis = 60 * 60 * 1000;
+
+/// When expired idempotency keys were last purged by this process (0: not yet).
+#[derive(Debug, Default)]
+struct PurgeClock {
+    last: AtomicI64,
+}
+
+impl PurgeClock {
+    /// True (once per period, for one caller) when a purge is due at `now`.
+    fn due(&self, now: Millis) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= PURGE_EVERY_MILLIS
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// Longest `Idempotency-Key`, in characters.
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 /// The header that carries it.

@@ -1,29 +1,26 @@
 //! Notes in SQLite (`migrations/sqlite/0002_notes.sql`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use async_trait::async_trait;
 use sqlx::SqlitePool;
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, RequestFingerprint, StoredAnswer, key_reused,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, RequestFingerprint, StoredAnswer,
+    key_reused,
 };
 use crate::db::db_error;
 use crate::error::ApiError;
 use crate::time::Millis;
 
-/// How often expired idempotency keys are purged, at most: on the first creation after
-/// start-up, then at most once an hour, inside a creation's own transaction.
-const PURGE_EVERY_MILLIS: Millis = 60 * 60 * 1000;
-
 /// The SQLite notes store.
 #[derive(Debug, Clone)]
 pub struct SqliteNotes {
     pool: SqlitePool,
-    /// When expired idempotency keys were last purged (0: not yet since start-up).
-    last_purge: Arc<AtomicI64>,
+    /// When expired idempotency keys were last purged; the purge runs inside a creation's
+    /// own transaction.
+    purges: Arc<PurgeClock>,
 }
 
 impl SqliteNotes {
@@ -31,18 +28,8 @@ impl SqliteNotes {
     pub fn new(pool: SqlitePool) -> Self {
         Self {
             pool,
-            last_purge: Arc::new(AtomicI64::new(0)),
+            purges: Arc::default(),
         }
-    }
-
-    /// True (once per period, for one caller) when a purge is due at `now`.
-    fn purge_due(&self, now: Millis) -> bool {
-        let last = self.last_purge.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= PURGE_EVERY_MILLIS
-            && self
-                .last_purge
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
     }
 }
 
@@ -79,7 +66,7 @@ impl NotesStore for SqliteNotes {
             .await
             .map_err(db_error)?;
 
-        if self.purge_due(now) {
+        if self.purges.due(now) {
             let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
                 .bind(expired_before)
                 .execute(&mut *tx)
@@ -252,9 +239,11 @@ impl NotesStore for SqliteNotes {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use sqlx::sqlite::SqlitePoolOptions;
 
-    use super::super::IdempotencyKey;
+    use super::super::{IdempotencyKey, PURGE_EVERY_MILLIS};
     use super::*;
 
     async fn store() -> SqliteNotes {
@@ -427,7 +416,7 @@ mod tests {
             .await
             .expect("old");
         // Let the next creation purge, as the first one after a restart would.
-        s.last_purge.store(0, Ordering::Relaxed);
+        s.purges.last.store(0, Ordering::Relaxed);
         let now = 1_000 + IDEMPOTENCY_TTL_MILLIS + PURGE_EVERY_MILLIS;
         s.create("bob", &new_note("new", now), None)
             .await

@@ -1,10 +1,12 @@
 //! Users' profiles: nickname and avatar, as the mini-program collects them (`chooseAvatar`
 //! and `<input type="nickname">`, WECHAT.md §6), scoped to the openid `Verify` returned.
 
+mod postgres;
 mod store;
 
 use async_trait::async_trait;
 
+pub use postgres::PgProfiles;
 pub use store::SqliteProfiles;
 
 use crate::error::ApiError;
@@ -58,6 +60,11 @@ impl AvatarUrl {
         let invalid = |m: &str| ApiError::invalid("avatar_url", "invalid_argument", m);
         if raw.chars().count() > 1024 {
             return Err(invalid("avatar_url must be at most 1024 characters"));
+        }
+        // The URL is kept as sent; the parser below would quietly accept some control
+        // characters (and PostgreSQL cannot store NUL in text at all).
+        if raw.chars().any(char::is_control) {
+            return Err(invalid("avatar_url must not contain control characters"));
         }
         let url = url::Url::parse(raw).map_err(|_| invalid("avatar_url must be a URL"))?;
         if url.scheme() != "https" || url.host_str().is_none_or(str::is_empty) {
@@ -136,6 +143,8 @@ mod tests {
             "https://",
             "not a url",
             "https://user:pw@example.com/a.png",
+            "https://example.com/a\0.png",
+            "https://example.com/a\t.png",
         ] {
             assert!(AvatarUrl::parse(bad).is_err(), "{bad}");
         }

@@ -52,22 +52,30 @@ impl ProfileStore for SqliteProfiles {
     }
 
     async fn update(&self, openid: &str, patch: ProfilePatch) -> Result<Profile, ApiError> {
-        let current = self.get_or_create(openid).await?;
-        let nickname = match patch.nickname {
-            None => current.nickname,
-            Some(n) => n.map(|n| n.as_str().to_owned()),
-        };
-        let avatar_url = match patch.avatar_url {
-            None => current.avatar_url,
-            Some(a) => a.map(|a| a.as_str().to_owned()),
-        };
+        self.get_or_create(openid).await?;
+        let nickname = patch
+            .nickname
+            .as_ref()
+            .map(|n| n.as_ref().map(|n| n.as_str()));
+        let avatar_url = patch
+            .avatar_url
+            .as_ref()
+            .map(|a| a.as_ref().map(|a| a.as_str()));
+        // One statement: each field is changed only when the patch names it, so two
+        // concurrent changes of different fields both stick.
         let row: Row = sqlx::query_as(
-            "UPDATE profiles SET nickname = $2, avatar_url = $3, updated_at = $4 WHERE openid = $1 \
+            "UPDATE profiles SET \
+             nickname = CASE WHEN $2 THEN $3 ELSE nickname END, \
+             avatar_url = CASE WHEN $4 THEN $5 ELSE avatar_url END, \
+             updated_at = $6 \
+             WHERE openid = $1 \
              RETURNING openid, nickname, avatar_url, created_at, updated_at",
         )
         .bind(openid)
-        .bind(nickname)
-        .bind(avatar_url)
+        .bind(nickname.is_some())
+        .bind(nickname.flatten())
+        .bind(avatar_url.is_some())
+        .bind(avatar_url.flatten())
         .bind(now_millis())
         .fetch_one(&self.pool)
         .await

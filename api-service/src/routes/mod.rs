@@ -172,18 +172,31 @@ mod tests {
 
     /// A state whose auth-service is never called and whose database is a fresh file.
     async fn test_state() -> AppState {
-        use std::sync::atomic::AtomicBool;
-
         let path =
             std::env::temp_dir().join(format!("wxauth-api-unit-{}.db", uuid::Uuid::new_v4()));
-        let db = crate::db::Db::open(&path).await.expect("database");
+        let db = crate::db::Db::open_sqlite(&path).await.expect("database");
+        let crate::db::Db::Sqlite(pool) = &db else {
+            panic!("an SQLite path opens SQLite");
+        };
+        let profiles = Arc::new(crate::profile::SqliteProfiles::new(pool.clone()));
+        let notes = Arc::new(crate::notes::SqliteNotes::new(pool.clone()));
+        state_with(db, profiles, notes)
+    }
+
+    fn state_with(
+        db: crate::db::Db,
+        profiles: Arc<dyn crate::profile::ProfileStore>,
+        notes: Arc<dyn crate::notes::NotesStore>,
+    ) -> AppState {
+        use std::sync::atomic::AtomicBool;
+
         let auth =
             crate::auth::GrpcAuth::new("http://127.0.0.1:9", Duration::from_millis(100), None)
                 .expect("client");
         AppState {
             auth: Arc::new(auth),
-            profiles: Arc::new(crate::profile::SqliteProfiles::new(db.pool().clone())),
-            notes: Arc::new(crate::notes::SqliteNotes::new(db.pool().clone())),
+            profiles,
+            notes,
             db,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             trusted_proxy_hops: 0,
@@ -252,5 +265,36 @@ mod tests {
         assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
         assert_eq!(ct.as_deref(), Some(JSON_UTF8));
         assert_eq!(body["error"]["code"], "request_timeout");
+    }
+
+    #[tokio::test]
+    async fn the_edge_serves_while_postgres_is_down_and_is_not_ready() {
+        use secrecy::SecretString;
+
+        // Nothing listens on port 1: the pool is lazy and the migrations wait in the background.
+        let url = SecretString::from("postgres://api:pw@127.0.0.1:1/api");
+        let db = crate::db::Db::open(&crate::config::DatabaseSettings::Postgres { url })
+            .await
+            .expect("starts without PostgreSQL");
+        let crate::db::Db::Postgres(pg) = &db else {
+            panic!("postgres:// opens PostgreSQL");
+        };
+        let profiles = Arc::new(crate::profile::PgProfiles::new(pg.clone()));
+        let notes = Arc::new(crate::notes::PgNotes::new(pg.clone()));
+        let app = router(
+            state_with(db, profiles, notes),
+            Limits {
+                body: 1024,
+                timeout: Duration::from_secs(30),
+            },
+        );
+
+        let (status, ct, body) = call(app.clone(), "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ct.as_deref(), Some(JSON_UTF8));
+        assert_eq!(body["checks"]["database"], false, "{body}");
+
+        let (status, _, body) = call(app, "/healthz").await;
+        assert_eq!((status, &body["status"]), (StatusCode::OK, &"ok".into()));
     }
 }

@@ -1,13 +1,18 @@
 //! Short-lived shared state: the single-flight and memory of login codes, and the login
-//! rate limit. One process keeps it in memory ([`memory::MemoryCache`]); several replicas
-//! will share it through Redis, behind the same trait.
+//! rate limit. One process keeps it in memory ([`MemoryCache`], without `AUTH_REDIS_URL`);
+//! several replicas share it through Redis ([`RedisCache`]), behind the same trait, with
+//! memory standing in while Redis does not answer ([`FallbackCache`]).
 
+mod fallback;
 mod memory;
+mod redis;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use self::redis::RedisCache;
+pub use fallback::FallbackCache;
 pub use memory::MemoryCache;
 
 /// The cache failed (only a networked backend can).

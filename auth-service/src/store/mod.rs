@@ -2,8 +2,10 @@
 //!
 //! One app-level trait, [`Store`], with a backend per database, each with its own
 //! migrations; every method is one transaction, so a crash never leaves half a login or
-//! half a rotation behind. The embedded default is SQLite ([`sqlite::SqliteStore`]).
+//! half a rotation behind. The embedded default is SQLite ([`sqlite::SqliteStore`]);
+//! several replicas share PostgreSQL ([`postgres::PostgresStore`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -191,6 +193,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Completes once the store answers calls: at once for a store that is ready when
+    /// built (SQLite migrates while opening); PostgreSQL's once its migrations are applied.
+    async fn ready(&self) {}
 }
 
 /// A device read back from a row's three columns.
@@ -200,4 +206,15 @@ pub(crate) fn device(
     model: Option<String>,
 ) -> Device {
     Device::from_stored(id, platform, model)
+}
+
+/// An end reason read back from a row.
+pub(crate) fn reason(stored: Option<String>) -> Result<Option<EndReason>, StoreError> {
+    stored
+        .map(|s| {
+            EndReason::from_stored(&s).ok_or_else(|| {
+                StoreError::Other(anyhow::anyhow!("unknown end reason {s:?} in store"))
+            })
+        })
+        .transpose()
 }

@@ -14,7 +14,7 @@ use sqlx::{SqliteConnection, SqlitePool};
 
 use super::{
     AccessRecord, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, Store,
-    StoreError, device,
+    StoreError, device, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -187,16 +187,6 @@ async fn insert_tokens(
         .await
         .map_err(map_err)?;
     Ok(())
-}
-
-fn reason(stored: Option<String>) -> Result<Option<EndReason>, StoreError> {
-    stored
-        .map(|s| {
-            EndReason::from_stored(&s).ok_or_else(|| {
-                StoreError::Other(anyhow::anyhow!("unknown end reason {s:?} in store"))
-            })
-        })
-        .transpose()
 }
 
 #[async_trait]

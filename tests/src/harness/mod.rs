@@ -3,7 +3,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod external;
 pub mod process;
+pub mod proxy;
 pub mod sim;
 
 pub use api::ApiProcess;

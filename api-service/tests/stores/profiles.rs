@@ -1,0 +1,127 @@
+//! `ProfileStore`: made on first sight, changed field by field, scoped to the openid.
+
+use api_service::profile::{AvatarUrl, Nickname, ProfilePatch};
+use tokio::task::JoinSet;
+
+use crate::support::Backend;
+
+on_every_backend!(
+    a_profile_is_made_empty_on_first_sight_and_kept,
+    a_change_sets_only_what_it_names_and_none_clears,
+    concurrent_first_sights_make_one_profile,
+    concurrent_changes_of_different_fields_both_stick,
+);
+
+fn nickname(n: &str) -> ProfilePatch {
+    ProfilePatch {
+        nickname: Some(Some(Nickname::parse(n).expect("nickname"))),
+        avatar_url: None,
+    }
+}
+
+fn avatar(url: &str) -> ProfilePatch {
+    ProfilePatch {
+        nickname: None,
+        avatar_url: Some(Some(AvatarUrl::parse(url).expect("avatar"))),
+    }
+}
+
+async fn a_profile_is_made_empty_on_first_sight_and_kept(b: Backend) {
+    // Act
+    let first = b
+        .profiles
+        .get_or_create("alice")
+        .await
+        .expect("first sight");
+    let again = b.profiles.get_or_create("alice").await.expect("again");
+
+    // Assert
+    assert_eq!(first.openid, "alice");
+    assert_eq!(
+        (first.nickname.as_deref(), first.avatar_url.as_deref()),
+        (None, None)
+    );
+    assert_eq!(first.created_at, first.updated_at);
+    assert!(first.created_at > 0);
+    assert_eq!(again, first);
+}
+
+async fn a_change_sets_only_what_it_names_and_none_clears(b: Backend) {
+    // A change to a profile never seen makes it first.
+    let named = b
+        .profiles
+        .update("alice", nickname("微信用户"))
+        .await
+        .expect("nickname");
+    assert_eq!(named.openid, "alice");
+    assert_eq!(named.nickname.as_deref(), Some("微信用户"));
+    assert_eq!(named.avatar_url, None);
+    assert!(named.updated_at >= named.created_at);
+
+    let url = "https://thirdwx.qlogo.cn/mmopen/abc/132";
+    let both = b
+        .profiles
+        .update("alice", avatar(url))
+        .await
+        .expect("avatar");
+    assert_eq!(both.nickname.as_deref(), Some("微信用户"));
+    assert_eq!(both.avatar_url.as_deref(), Some(url));
+    assert_eq!(both.created_at, named.created_at);
+    assert!(both.updated_at >= named.updated_at);
+
+    let cleared = b
+        .profiles
+        .update(
+            "alice",
+            ProfilePatch {
+                nickname: Some(None),
+                avatar_url: None,
+            },
+        )
+        .await
+        .expect("clear");
+    assert_eq!(cleared.nickname, None);
+    assert_eq!(cleared.avatar_url.as_deref(), Some(url));
+    assert_eq!(
+        b.profiles.get_or_create("alice").await.expect("read back"),
+        cleared
+    );
+
+    // Nobody else's profile moved.
+    let bob = b.profiles.get_or_create("bob").await.expect("bob");
+    assert_eq!((bob.nickname, bob.avatar_url), (None, None));
+}
+
+async fn concurrent_first_sights_make_one_profile(b: Backend) {
+    let mut tasks = JoinSet::new();
+    for _ in 0..20 {
+        let profiles = b.profiles.clone();
+        tasks.spawn(async move { profiles.get_or_create("newcomer").await });
+    }
+    let seen: Vec<_> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.expect("every first sight succeeds"))
+        .collect();
+    assert!(seen.iter().all(|p| p == &seen[0]), "{seen:?}");
+}
+
+async fn concurrent_changes_of_different_fields_both_stick(b: Backend) {
+    let url = "https://example.com/me.png";
+    for round in 0..5 {
+        let openid = format!("user-{round}");
+        let (n, a) = tokio::join!(
+            b.profiles.update(&openid, nickname("Zoë")),
+            b.profiles.update(&openid, avatar(url)),
+        );
+        n.expect("nickname");
+        a.expect("avatar");
+        let p = b.profiles.get_or_create(&openid).await.expect("read");
+        assert_eq!(
+            (p.nickname.as_deref(), p.avatar_url.as_deref()),
+            (Some("Zoë"), Some(url)),
+            "round {round}"
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Redis, with this process's memory standing in while Redis does not answer.
+//!
+//! Every call goes to Redis first. When Redis fails (down, restarting, too slow: see
+//! [`super::RedisCache`]'s deadline), the call is answered by the in-process
+//! [`super::MemoryCache`] instead, and a warning is logged (at most once per
+//! [`WARN_EVERY`], with the number of failures in between), so logins keep working. When
+//! Redis answers again the next calls use it: nothing needs a restart.
+//!
+//! What an outage costs: each replica counts the login rate on its own, and claims codes
+//! on its own. A code raced on two replicas during the outage may then reach WeChat twice;
+//! WeChat spends a code once, so the second exchange gets `40163` and answers
+//! `wechat_code_used`. No answer becomes wrong, only less shared. `Verify` and every token
+//! operation read the database, never this cache, and are unaffected.
+//!
+//! Ends of claims are mirrored into memory as well, so that a code this replica saw spent
+//! stays `Used` here through a later outage.
+//!
+//! Whether Redis answers is [`FallbackCache::redis_ok`]; the gRPC health service reports it
+//! as `wxauth.redis` (see `startup`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{Cache, CacheError, CodeClaim, MemoryCache, RateDecision, RedisCache};
+
+/// At most one warning about Redis failures per this long.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Warnings {
+    /// When the last warning was logged.
+    last: Option<Instant>,
+    /// Failures since then that were not logged.
+    suppressed: u64,
+}
+
+/// Redis first, the in-process cache when Redis fails.
+#[derive(Debug)]
+pub struct FallbackCache {
+    primary: RedisCache,
+    local: MemoryCache,
+    /// A call fell back since Redis last answered.
+    degraded: AtomicBool,
+    warnings: Mutex<Warnings>,
+}
+
+impl FallbackCache {
+    /// Redis as `primary`, `local` standing in for it.
+    pub fn new(primary: RedisCache, local: MemoryCache) -> Self {
+        Self {
+            primary,
+            local,
+            degraded: AtomicBool::new(false),
+            warnings: Mutex::new(Warnings::default()),
+        }
+    }
+
+    /// True when Redis answers a PING now.
+    pub async fn redis_ok(&self) -> bool {
+        self.primary.ping().await.is_ok()
+    }
+
+    fn answered(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            info!("Redis answers again: the shared cache is in use");
+        }
+    }
+
+    fn fell_back(&self, operation: &'static str, e: &CacheError) {
+        self.degraded.store(true, Ordering::Relaxed);
+        let Ok(mut w) = self.warnings.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if w.last
+            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
+        {
+            w.suppressed += 1;
+            return;
+        }
+        warn!(
+            operation,
+            error = format!("{:#}", e.0),
+            failures_not_logged = w.suppressed,
+            "Redis does not answer: the in-process cache stands in (not shared with other replicas)"
+        );
+        w.last = Some(now);
+        w.suppressed = 0;
+    }
+}
+
+#[async_trait]
+impl Cache for FallbackCache {
+    async fn claim_code(
+        &self,
+        code: &str,
+        in_flight_ttl: Duration,
+    ) -> Result<CodeClaim, CacheError> {
+        match self.primary.claim_code(code, in_flight_ttl).await {
+            Ok(claim) => {
+                self.answered();
+                Ok(claim)
+            }
+            Err(e) => {
+                self.fell_back("claim_code", &e);
+                self.local.claim_code(code, in_flight_ttl).await
+            }
+        }
+    }
+
+    async fn finish_code(
+        &self,
+        code: &str,
+        used: bool,
+        used_ttl: Duration,
+    ) -> Result<(), CacheError> {
+        // The claim may have been taken here while Redis was away: end it here too.
+        self.local.finish_code(code, used, used_ttl).await?;
+        match self.primary.finish_code(code, used, used_ttl).await {
+            Ok(()) => self.answered(),
+            Err(e) => self.fell_back("finish_code", &e),
+        }
+        Ok(())
+    }
+
+    async fn hit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, CacheError> {
+        match self.primary.hit(key, limit, window).await {
+            Ok(decision) => {
+                self.answered();
+                Ok(decision)
+            }
+            Err(e) => {
+                self.fell_back("hit", &e);
+                self.local.hit(key, limit, window).await
+            }
+        }
+    }
+
+    async fn sweep(&self) {
+        self.local.sweep().await;
+        self.primary.sweep().await;
+    }
+}

@@ -1,0 +1,321 @@
+//! The Redis cache: the same rules as [`super::MemoryCache`], shared by every replica.
+//!
+//! Keys are namespaced by the mini-program's appid, so that several apps (or test runs) can
+//! share one Redis:
+//! - `wxauth:<appid>:code:<hash>`: a login code's state, `inflight` or `used`, keyed by the
+//!   code's keyed hash (never the code itself), expiring with its TTL;
+//! - `wxauth:<appid>:rate:<key>`: a fixed-window counter, expiring when its window ends.
+//!
+//! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
+//! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
+//!
+//! The connection is lazy and bounded: nothing is connected when the cache is built (the
+//! service starts while Redis is down); the first call connects, a failed connection is tried
+//! again by a later call, and once connected, redis-rs' `ConnectionManager` reconnects by
+//! itself after Redis restarts. Every call gives up after [`CALL_DEADLINE`], so a Redis that
+//! is down or hung costs a login at most that long (and [`super::FallbackCache`] answers it).
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::{Cache, CacheError, CodeClaim, RateDecision};
+
+/// Time limit of one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time limit of one command's answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most one cache call may take, connecting included.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// The most the first connection may take (its attempt and one retry), inside
+/// [`CALL_DEADLINE`] so that a failure is always recorded.
+const FIRST_CONNECT_DEADLINE: Duration = Duration::from_millis(1500);
+/// After a failed first connection, calls fail at once for this long rather than each
+/// waiting for a connect timeout of its own.
+const RECONNECT_GAP: Duration = Duration::from_millis(500);
+
+/// Claims a code: `SET NX` when free, else tells what holds it.
+/// KEYS[1] the code's key; ARGV[1] the in-flight TTL (ms). Returns 0 acquired, 1 in
+/// flight, 2 used.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], 'inflight', 'NX', 'PX', ARGV[1]) then
+  return 0
+end
+if redis.call('GET', KEYS[1]) == 'used' then
+  return 2
+end
+return 1
+";
+
+/// Releases an in-flight claim, and never a `used` mark (a claim that lapsed may have been
+/// taken and spent by another login since). KEYS[1] the code's key.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == 'inflight' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Counts one event in a fixed window: the window starts with its first event and ends
+/// `ARGV[1]` ms later (a counter found without expiry is given one). KEYS[1] the counter.
+/// Returns the count, and the window's remaining time in ms.
+const HIT_LUA: &str = r"
+local n = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if n == 1 or ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+";
+
+/// Cache state in Redis, shared by every replica of one app.
+pub struct RedisCache {
+    client: Client,
+    /// `wxauth:<appid>:`.
+    prefix: String,
+    conn: OnceCell<ConnectionManager>,
+    /// When the last attempt to connect failed.
+    failed_at: Mutex<Option<Instant>>,
+    claim: Script,
+    release: Script,
+    hit: Script,
+}
+
+impl std::fmt::Debug for RedisCache {
+    // Not the client: its connection info holds the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.prefix)
+            .field("connected", &self.conn.initialized())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCache {
+    /// A cache at `url` (`redis://` or `rediss://`) for the app `appid`. Reads the URL only:
+    /// nothing is connected until the first call.
+    pub fn new(url: &SecretString, appid: &str) -> Result<Self, CacheError> {
+        // redis-rs' messages about a URL never repeat it, so the password stays out.
+        let client = Client::open(url.expose_secret())
+            .map_err(|e| CacheError(anyhow::Error::new(e).context("unusable Redis URL")))?;
+        Ok(Self {
+            client,
+            prefix: format!("wxauth:{appid}:"),
+            conn: OnceCell::new(),
+            failed_at: Mutex::new(None),
+            claim: Script::new(CLAIM_LUA),
+            release: Script::new(RELEASE_LUA),
+            hit: Script::new(HIT_LUA),
+        })
+    }
+
+    /// Asks Redis for a `PONG`.
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        within("PING", async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(failed("PING"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn code_key(&self, code: &str) -> String {
+        format!("{}code:{code}", self.prefix)
+    }
+
+    fn rate_key(&self, key: &str) -> String {
+        format!("{}rate:{key}", self.prefix)
+    }
+
+    /// The connection, made on first use; a failed attempt is retried by a later call
+    /// (at most once per [`RECONNECT_GAP`]).
+    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let recent_failure = self
+                    .failed_at
+                    .lock()
+                    .map(|at| at.is_some_and(|at| at.elapsed() < RECONNECT_GAP))
+                    .unwrap_or(false);
+                if recent_failure {
+                    return Err(CacheError(anyhow!(
+                        "Redis could not be reached moments ago; not trying again yet"
+                    )));
+                }
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+                let error = match tokio::time::timeout(FIRST_CONNECT_DEADLINE, connect).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(e)) => failed("connect")(e),
+                    Err(_) => CacheError(anyhow!(
+                        "Redis did not accept a connection within {FIRST_CONNECT_DEADLINE:?}"
+                    )),
+                };
+                if let Ok(mut at) = self.failed_at.lock() {
+                    *at = Some(Instant::now());
+                }
+                Err(error)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+}
+
+/// Milliseconds for `PX`/`PEXPIRE`, which refuse 0.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn failed(what: &'static str) -> impl FnOnce(RedisError) -> CacheError {
+    move |e| CacheError(anyhow::Error::new(e).context(format!("Redis {what} failed")))
+}
+
+/// Runs one cache call under [`CALL_DEADLINE`].
+async fn within<T>(
+    what: &'static str,
+    call: impl Future<Output = Result<T, CacheError>>,
+) -> Result<T, CacheError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .map_err(|_| {
+            CacheError(anyhow!(
+                "Redis {what} did not finish within {CALL_DEADLINE:?}"
+            ))
+        })?
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn claim_code(
+        &self,
+        code: &str,
+        in_flight_ttl: Duration,
+    ) -> Result<CodeClaim, CacheError> {
+        within("claim", async {
+            let mut conn = self.connection().await?;
+            let state: i64 = self
+                .claim
+                .key(self.code_key(code))
+                .arg(ms(in_flight_ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(failed("claim"))?;
+            match state {
+                0 => Ok(CodeClaim::Acquired),
+                1 => Ok(CodeClaim::InFlight),
+                2 => Ok(CodeClaim::Used),
+                other => Err(CacheError(anyhow!("unexpected claim answer {other}"))),
+            }
+        })
+        .await
+    }
+
+    async fn finish_code(
+        &self,
+        code: &str,
+        used: bool,
+        used_ttl: Duration,
+    ) -> Result<(), CacheError> {
+        within("finish", async {
+            let mut conn = self.connection().await?;
+            if used {
+                redis::cmd("SET")
+                    .arg(self.code_key(code))
+                    .arg("used")
+                    .arg("PX")
+                    .arg(ms(used_ttl))
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(failed("finish"))
+            } else {
+                self.release
+                    .key(self.code_key(code))
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(failed("release"))
+            }
+        })
+        .await
+    }
+
+    async fn hit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, CacheError> {
+        within("rate count", async {
+            let mut conn = self.connection().await?;
+            let (count, ttl_ms): (i64, i64) = self
+                .hit
+                .key(self.rate_key(key))
+                .arg(ms(window))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(failed("rate count"))?;
+            if count <= i64::from(limit) {
+                return Ok(RateDecision::Allowed);
+            }
+            let left = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0));
+            Ok(RateDecision::Limited {
+                retry_after: left.min(window),
+            })
+        })
+        .await
+    }
+
+    async fn sweep(&self) {
+        // Redis expires the keys itself.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_namespaced_by_appid() {
+        let c = RedisCache::new(&SecretString::from("redis://127.0.0.1:1/0"), "wxapp")
+            .expect("a valid URL");
+        assert_eq!(c.code_key("abc"), "wxauth:wxapp:code:abc");
+        assert_eq!(c.rate_key("login-ip:::1"), "wxauth:wxapp:rate:login-ip:::1");
+    }
+
+    #[test]
+    fn debug_output_hides_the_url() {
+        let c = RedisCache::new(
+            &SecretString::from("redis://:hunter2-password@127.0.0.1:1/0"),
+            "wxapp",
+        )
+        .expect("a valid URL");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("127.0.0.1"), "{dbg}");
+    }
+
+    #[test]
+    fn expiries_are_whole_positive_milliseconds() {
+        assert_eq!(ms(Duration::ZERO), 1);
+        assert_eq!(ms(Duration::from_micros(1500)), 1);
+        assert_eq!(ms(Duration::from_secs(600)), 600_000);
+    }
+}

@@ -1,0 +1,381 @@
+//! The `Cache` contract: the same tests against `MemoryCache` and `RedisCache` (each Redis
+//! test on an appid of its own, so keys never collide), then what only a shared cache does
+//! (two replicas, one Redis), and `FallbackCache` with Redis away.
+//!
+//! Windows and TTLs are short and real: tests wait for outcomes (with deadlines), and never
+//! assert how long something took.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use auth_service::cache::{Cache, CodeClaim, FallbackCache, MemoryCache, RateDecision, RedisCache};
+use secrecy::SecretString;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::support::{self, External};
+
+/// How long a test waits for something that should happen well before.
+const PATIENCE: Duration = Duration::from_secs(10);
+const USED_TTL: Duration = Duration::from_secs(60);
+const IN_FLIGHT_TTL: Duration = Duration::from_secs(30);
+
+fn new_appid() -> String {
+    format!("wxtest{}", uuid::Uuid::new_v4().simple())
+}
+
+fn redis_at(url: &str, appid: &str) -> RedisCache {
+    RedisCache::new(&SecretString::from(url.to_owned()), appid).expect("a usable Redis URL")
+}
+
+/// A Redis cache on a fresh appid for `test`, or `None` when skipping was asked.
+fn redis_for(test: &str) -> Option<RedisCache> {
+    match support::redis(test) {
+        External::Run(url) => Some(redis_at(&url, &new_appid())),
+        External::Skip => None,
+    }
+}
+
+/// A loopback URL where nothing listens.
+fn dead_redis_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("its address").port();
+    drop(listener);
+    format!("redis://127.0.0.1:{port}")
+}
+
+fn code() -> String {
+    format!("hash-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn claim(c: &dyn Cache, code: &str, ttl: Duration) -> CodeClaim {
+    c.claim_code(code, ttl).await.expect("claim_code answers")
+}
+
+async fn hit(c: &dyn Cache, key: &str, limit: u32, window: Duration) -> RateDecision {
+    c.hit(key, limit, window).await.expect("hit answers")
+}
+
+/// Claims `code` until it is `Acquired` (panics after [`PATIENCE`]).
+async fn wait_until_acquired(c: &dyn Cache, code: &str, ttl: Duration) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match claim(c, code, ttl).await {
+            CodeClaim::Acquired => return,
+            other if Instant::now() > deadline => panic!("still {other:?} after {PATIENCE:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Hits `key` until it is allowed again (panics after [`PATIENCE`]).
+async fn wait_until_allowed(c: &dyn Cache, key: &str, limit: u32, window: Duration) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match hit(c, key, limit, window).await {
+            RateDecision::Allowed => return,
+            RateDecision::Limited { .. } if Instant::now() > deadline => {
+                panic!("still limited after {PATIENCE:?}")
+            }
+            RateDecision::Limited { retry_after } => {
+                tokio::time::sleep(retry_after.max(Duration::from_millis(20))).await;
+            }
+        }
+    }
+}
+
+// ---- the contract, for every backend ----
+
+async fn a_code_is_claimed_once_and_then_remembered_as_used(c: &dyn Cache) {
+    let code = code();
+
+    let first = claim(c, &code, IN_FLIGHT_TTL).await;
+    let second = claim(c, &code, IN_FLIGHT_TTL).await;
+    c.finish_code(&code, true, USED_TTL).await.expect("finish");
+    let after = claim(c, &code, IN_FLIGHT_TTL).await;
+
+    assert_eq!(first, CodeClaim::Acquired);
+    assert_eq!(second, CodeClaim::InFlight);
+    assert_eq!(after, CodeClaim::Used);
+    // Another code is its own.
+    assert_eq!(
+        claim(c, &self::code(), IN_FLIGHT_TTL).await,
+        CodeClaim::Acquired
+    );
+}
+
+async fn a_failed_exchange_releases_the_code(c: &dyn Cache) {
+    let code = code();
+    assert_eq!(claim(c, &code, IN_FLIGHT_TTL).await, CodeClaim::Acquired);
+
+    c.finish_code(&code, false, USED_TTL).await.expect("finish");
+
+    assert_eq!(claim(c, &code, IN_FLIGHT_TTL).await, CodeClaim::Acquired);
+}
+
+async fn an_in_flight_claim_lapses_after_its_ttl(c: &dyn Cache) {
+    let code = code();
+    let ttl = Duration::from_millis(1000);
+    assert_eq!(claim(c, &code, ttl).await, CodeClaim::Acquired);
+    assert_eq!(claim(c, &code, ttl).await, CodeClaim::InFlight);
+
+    // Nobody finishes it: it must become free again by itself.
+    wait_until_acquired(c, &code, ttl).await;
+}
+
+async fn the_window_allows_limit_then_refuses_then_resets(c: &dyn Cache) {
+    let key = format!("login-ip:{}", uuid::Uuid::new_v4());
+    let window = Duration::from_secs(2);
+
+    let allowed = [
+        hit(c, &key, 3, window).await,
+        hit(c, &key, 3, window).await,
+        hit(c, &key, 3, window).await,
+    ];
+    let refused = hit(c, &key, 3, window).await;
+
+    assert_eq!(allowed, [RateDecision::Allowed; 3]);
+    match refused {
+        RateDecision::Limited { retry_after } => {
+            assert!(retry_after <= window, "{retry_after:?} > {window:?}");
+        }
+        RateDecision::Allowed => panic!("the 4th event of 3 was allowed"),
+    }
+    // Another key has a window of its own.
+    assert_eq!(
+        hit(c, &format!("{key}-other"), 3, window).await,
+        RateDecision::Allowed
+    );
+    // The window ends, and counting starts again.
+    wait_until_allowed(c, &key, 3, window).await;
+}
+
+async fn a_short_window_resets(c: &dyn Cache) {
+    let key = format!("login-ip:{}", uuid::Uuid::new_v4());
+    let window = Duration::from_millis(300);
+    assert_eq!(hit(c, &key, 1, window).await, RateDecision::Allowed);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    assert_eq!(hit(c, &key, 1, window).await, RateDecision::Allowed);
+}
+
+/// Runs each contract test against the in-process cache and against Redis.
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test]
+            async fn memory() {
+                super::$test(&auth_service::cache::MemoryCache::new()).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let name = concat!("cache::", stringify!($test), "::redis");
+                let Some(cache) = super::redis_for(name) else {
+                    return;
+                };
+                super::$test(&cache).await;
+            }
+        }
+    )*};
+}
+
+for_each_backend!(
+    a_code_is_claimed_once_and_then_remembered_as_used,
+    a_failed_exchange_releases_the_code,
+    an_in_flight_claim_lapses_after_its_ttl,
+    the_window_allows_limit_then_refuses_then_resets,
+    a_short_window_resets,
+);
+
+// ---- one code, many logins at once ----
+
+/// Claims `code` 16 times at once across `caches` (round robin) and counts the outcomes.
+async fn claim_16_at_once(caches: &[Arc<dyn Cache>], code: &str) -> (usize, usize) {
+    let mut set = JoinSet::new();
+    for i in 0..16 {
+        let cache = caches[i % caches.len()].clone();
+        let code = code.to_owned();
+        set.spawn(async move { cache.claim_code(&code, IN_FLIGHT_TTL).await });
+    }
+    let mut acquired = 0;
+    let mut in_flight = 0;
+    while let Some(joined) = set.join_next().await {
+        match joined.expect("task").expect("claim_code answers") {
+            CodeClaim::Acquired => acquired += 1,
+            CodeClaim::InFlight => in_flight += 1,
+            CodeClaim::Used => panic!("nobody finished the code"),
+        }
+    }
+    (acquired, in_flight)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_claims_of_one_code_in_memory_acquire_it_once() {
+    let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+
+    let (acquired, in_flight) = claim_16_at_once(&[cache], &code()).await;
+
+    assert_eq!((acquired, in_flight), (1, 15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_claims_of_one_code_on_two_redis_replicas_acquire_it_once() {
+    let External::Run(url) =
+        support::redis("cache::parallel_claims_of_one_code_on_two_redis_replicas_acquire_it_once")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let a: Arc<dyn Cache> = Arc::new(redis_at(&url, &appid));
+    let b: Arc<dyn Cache> = Arc::new(redis_at(&url, &appid));
+
+    let (acquired, in_flight) = claim_16_at_once(&[a, b], &code()).await;
+
+    assert_eq!((acquired, in_flight), (1, 15));
+}
+
+// ---- what only a shared cache does ----
+
+#[tokio::test]
+async fn two_redis_replicas_share_claims_and_counts() {
+    let External::Run(url) = support::redis("cache::two_redis_replicas_share_claims_and_counts")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let a = redis_at(&url, &appid);
+    let b = redis_at(&url, &appid);
+    let code = code();
+    let key = "login-ip:203.0.113.7";
+    let window = Duration::from_secs(60);
+
+    assert_eq!(claim(&a, &code, IN_FLIGHT_TTL).await, CodeClaim::Acquired);
+    assert_eq!(claim(&b, &code, IN_FLIGHT_TTL).await, CodeClaim::InFlight);
+    a.finish_code(&code, true, USED_TTL).await.expect("finish");
+    assert_eq!(claim(&b, &code, IN_FLIGHT_TTL).await, CodeClaim::Used);
+
+    assert_eq!(hit(&a, key, 2, window).await, RateDecision::Allowed);
+    assert_eq!(hit(&a, key, 2, window).await, RateDecision::Allowed);
+    assert!(matches!(
+        hit(&b, key, 2, window).await,
+        RateDecision::Limited { .. }
+    ));
+}
+
+#[tokio::test]
+async fn another_app_on_the_same_redis_shares_nothing() {
+    let External::Run(url) = support::redis("cache::another_app_on_the_same_redis_shares_nothing")
+    else {
+        return;
+    };
+    let ours = redis_at(&url, &new_appid());
+    let theirs = redis_at(&url, &new_appid());
+    let code = code();
+    let key = "login-ip:203.0.113.7";
+    let window = Duration::from_secs(60);
+
+    ours.finish_code(&code, true, USED_TTL)
+        .await
+        .expect("finish");
+    assert_eq!(hit(&ours, key, 1, window).await, RateDecision::Allowed);
+
+    assert_eq!(
+        claim(&theirs, &code, IN_FLIGHT_TTL).await,
+        CodeClaim::Acquired
+    );
+    assert_eq!(hit(&theirs, key, 1, window).await, RateDecision::Allowed);
+}
+
+#[tokio::test]
+async fn a_released_claim_never_erases_a_used_mark() {
+    let External::Run(url) = support::redis("cache::a_released_claim_never_erases_a_used_mark")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let a = redis_at(&url, &appid);
+    let b = redis_at(&url, &appid);
+    let code = code();
+    // B spent the code (say A's claim had lapsed); A's exchange then fails and releases.
+    b.finish_code(&code, true, USED_TTL).await.expect("finish");
+
+    a.finish_code(&code, false, USED_TTL)
+        .await
+        .expect("release");
+
+    assert_eq!(claim(&b, &code, IN_FLIGHT_TTL).await, CodeClaim::Used);
+}
+
+// ---- Redis away ----
+
+#[tokio::test]
+async fn a_redis_cache_builds_without_redis_and_its_calls_fail() {
+    let cache = redis_at(&dead_redis_url(), &new_appid());
+
+    let claimed = cache.claim_code(&code(), IN_FLIGHT_TTL).await;
+    let counted = cache.hit("k", 1, Duration::from_secs(1)).await;
+
+    assert!(claimed.is_err(), "{claimed:?}");
+    assert!(counted.is_err(), "{counted:?}");
+    assert!(cache.ping().await.is_err());
+}
+
+#[tokio::test]
+async fn the_fallback_answers_from_memory_while_redis_is_away() {
+    let cache = FallbackCache::new(
+        redis_at(&dead_redis_url(), &new_appid()),
+        MemoryCache::new(),
+    );
+    let code = code();
+    let window = Duration::from_secs(60);
+
+    let first = claim(&cache, &code, IN_FLIGHT_TTL).await;
+    let second = claim(&cache, &code, IN_FLIGHT_TTL).await;
+    cache
+        .finish_code(&code, true, USED_TTL)
+        .await
+        .expect("finish");
+    let after = claim(&cache, &code, IN_FLIGHT_TTL).await;
+    let counts = [
+        hit(&cache, "ip", 2, window).await,
+        hit(&cache, "ip", 2, window).await,
+        hit(&cache, "ip", 2, window).await,
+    ];
+
+    assert_eq!(
+        (first, second, after),
+        (CodeClaim::Acquired, CodeClaim::InFlight, CodeClaim::Used)
+    );
+    assert_eq!(counts[..2], [RateDecision::Allowed; 2]);
+    assert!(matches!(counts[2], RateDecision::Limited { .. }));
+    assert!(!cache.redis_ok().await);
+}
+
+#[tokio::test]
+async fn the_fallback_uses_redis_when_it_answers() {
+    let External::Run(url) = support::redis("cache::the_fallback_uses_redis_when_it_answers")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let fallback = FallbackCache::new(redis_at(&url, &appid), MemoryCache::new());
+    let replica = redis_at(&url, &appid);
+    let code = code();
+
+    assert!(fallback.redis_ok().await);
+    assert_eq!(
+        claim(&fallback, &code, IN_FLIGHT_TTL).await,
+        CodeClaim::Acquired
+    );
+    assert_eq!(
+        claim(&replica, &code, IN_FLIGHT_TTL).await,
+        CodeClaim::InFlight
+    );
+    fallback
+        .finish_code(&code, true, USED_TTL)
+        .await
+        .expect("finish");
+    assert_eq!(claim(&replica, &code, IN_FLIGHT_TTL).await, CodeClaim::Used);
+}

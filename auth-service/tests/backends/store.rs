@@ -1,0 +1,1058 @@
+//! The `Store` contract: every test is written once, over `Arc<dyn Store>`, and run against
+//! SQLite (a temporary file) and PostgreSQL (a fresh database). The concurrency tests use
+//! two stores on one database, as two replicas would.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use auth_service::crypto::TokenHash;
+use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, SessionPolicy};
+use auth_service::store::postgres::PostgresStore;
+use auth_service::store::sqlite::SqliteStore;
+use auth_service::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store};
+use secrecy::SecretString;
+use sha2::{Digest as _, Sha256};
+use sqlx::{PgPool, SqlitePool};
+
+use crate::support::{External, postgres_database};
+
+const T0: Millis = 1_700_000_000_000;
+const SEC: Millis = 1_000;
+const MIN: Millis = 60 * SEC;
+const HOUR: Millis = 60 * MIN;
+const DAY: Millis = 24 * HOUR;
+const MULTI_5: SessionPolicy = SessionPolicy::Multi { max: 5 };
+const MULTI_2: SessionPolicy = SessionPolicy::Multi { max: 2 };
+
+// ---------------------------------------------------------------------------------------
+// Fixtures: one database per test, on either backend.
+
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+struct Fixture {
+    backend: Backend,
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Self {
+            backend: Backend::Sqlite(dir),
+        }
+    }
+
+    /// `None` when skipping was asked for.
+    async fn postgres(test: &str) -> Option<Self> {
+        match postgres_database(test).await {
+            External::Run(url) => Some(Self {
+                backend: Backend::Postgres(url),
+            }),
+            External::Skip => None,
+        }
+    }
+
+    /// `n` stores on this test's database, each with a pool of its own, as `n` replicas;
+    /// the PostgreSQL ones migrate at the same time.
+    async fn open(&self, n: usize) -> Vec<Arc<dyn Store>> {
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        match &self.backend {
+            Backend::Sqlite(dir) => {
+                for _ in 0..n {
+                    let store = SqliteStore::open(&dir.path().join("auth.db"))
+                        .await
+                        .expect("SQLite store");
+                    stores.push(Arc::new(store));
+                }
+            }
+            Backend::Postgres(url) => {
+                let pgs: Vec<PostgresStore> = (0..n)
+                    .map(|_| {
+                        PostgresStore::connect_lazy(&SecretString::from(url.clone()))
+                            .expect("PostgreSQL store")
+                    })
+                    .collect();
+                let migrations = pgs.iter().map(|pg| {
+                    let pg = pg.clone();
+                    tokio::spawn(async move { pg.migrate().await })
+                });
+                for migrated in migrations.collect::<Vec<_>>() {
+                    migrated.await.expect("join").expect("migrations");
+                }
+                for pg in pgs {
+                    assert!(pg.is_ready());
+                    stores.push(Arc::new(pg));
+                }
+            }
+        }
+        stores
+    }
+
+    async fn store(&self) -> Arc<dyn Store> {
+        self.open(1).await.remove(0)
+    }
+
+    async fn replicas(&self) -> Vec<Arc<dyn Store>> {
+        self.open(2).await
+    }
+
+    /// A plain connection pool on the same database, to look at what the trait does not
+    /// return.
+    async fn raw(&self) -> Raw {
+        match &self.backend {
+            Backend::Sqlite(dir) => Raw::Sqlite(
+                SqlitePool::connect(&format!(
+                    "sqlite://{}",
+                    dir.path().join("auth.db").display()
+                ))
+                .await
+                .expect("SQLite pool"),
+            ),
+            Backend::Postgres(url) => Raw::Postgres(PgPool::connect(url).await.expect("pool")),
+        }
+    }
+}
+
+enum Raw {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A user's stored session_key columns.
+#[derive(Debug, PartialEq, Eq)]
+struct Keys {
+    current: Vec<u8>,
+    previous: Option<Vec<u8>>,
+    fingerprint: Vec<u8>,
+    updated_at: Millis,
+}
+
+impl Raw {
+    async fn keys(&self, openid: &str) -> Keys {
+        const SQL: &str = "SELECT session_key, prev_session_key, session_key_fp, \
+                           session_key_updated_at FROM users WHERE openid = $1";
+        type Row = (Vec<u8>, Option<Vec<u8>>, Vec<u8>, Millis);
+        let (current, previous, fingerprint, updated_at): Row = match self {
+            Raw::Sqlite(pool) => sqlx::query_as(SQL).bind(openid).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_as(SQL).bind(openid).fetch_one(pool).await,
+        }
+        .expect("user row");
+        Keys {
+            current,
+            previous,
+            fingerprint,
+            updated_at,
+        }
+    }
+}
+
+/// Declares each contract test twice, `sqlite::NAME` and `postgres::NAME`; the arguments
+/// name the fixture's accessors (`store`, `replicas`, `raw`).
+macro_rules! contract {
+    ($($name:ident($($arg:ident),*);)*) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fx = super::Fixture::sqlite().await;
+                    super::$name($(fx.$arg().await),*).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let test = concat!("store::postgres::", stringify!($name));
+                    let Some(fx) = super::Fixture::postgres(test).await else {
+                        return;
+                    };
+                    super::$name($(fx.$arg().await),*).await;
+                }
+            )*
+        }
+    };
+}
+
+contract! {
+    login_creates_the_user_then_updates_it(store);
+    session_key_rotates_unless_the_same_key_comes_back(store, raw);
+    multi_policy_pushes_out_the_oldest_and_names_the_replacer(store);
+    single_policy_pushes_out_every_other_session(store);
+    same_device_replaces_its_own_session(store);
+    find_access_reports_the_session_state(store);
+    touch_moves_last_active_at_at_most_once_per_interval(store);
+    rotate_once_then_already_rotated_with_the_same_successor(store);
+    rotate_reports_ended_expired_and_unknown_tokens(store);
+    end_sessions_counts_and_is_idempotent(store);
+    list_sessions_is_newest_first_and_only_live(store);
+    list_events_pages_newest_first(store);
+    expire_sessions_records_each_end_once(store);
+    login_expires_lapsed_sessions_before_the_policy(store);
+    purge_deletes_dead_tokens_and_clears_successors(store);
+    ping_answers_once_ready(store);
+    parallel_rotations_of_one_token_rotate_once(replicas);
+    parallel_logins_of_one_user_keep_the_session_limit(replicas);
+}
+
+// ---------------------------------------------------------------------------------------
+// Builders.
+
+fn hash(tag: &str) -> TokenHash {
+    TokenHash(Sha256::digest(tag.as_bytes()).into())
+}
+
+fn access(session: &str) -> TokenHash {
+    hash(&format!("access:{session}"))
+}
+
+fn refresh(session: &str) -> TokenHash {
+    hash(&format!("refresh:{session}"))
+}
+
+fn device(id: &str) -> Device {
+    Device::parse(id, "ios", "iPhone 15").expect("valid device")
+}
+
+/// A login of `openid` opening `session` at `now`: access for 2 hours, refresh for 30
+/// days, no device, `multi` with 5 places, the same session_key each time.
+fn login(openid: &str, session: &str, now: Millis) -> NewLogin {
+    NewLogin {
+        openid: openid.into(),
+        unionid: None,
+        session_key_sealed: format!("sealed-key-1-{session}").into_bytes(),
+        session_key_fp: [1; 32],
+        session_id: session.into(),
+        device: Device::default(),
+        access: (access(session), now + 2 * HOUR),
+        refresh: (refresh(session), now + 30 * DAY),
+        policy: MULTI_5,
+        now,
+    }
+}
+
+fn with_policy(mut l: NewLogin, policy: SessionPolicy) -> NewLogin {
+    l.policy = policy;
+    l
+}
+
+fn with_device(mut l: NewLogin, id: &str) -> NewLogin {
+    l.device = device(id);
+    l
+}
+
+/// Exchanges the refresh token of `old` (a session id, or a previous `new`) for the pair
+/// named `new`, at `now`; the sealed successor is `successor:{new}`.
+fn rotation(old: &str, new: &str, now: Millis) -> Rotation {
+    Rotation {
+        old: refresh(old),
+        access: (access(new), now + 2 * HOUR),
+        refresh: (refresh(new), now + 30 * DAY),
+        successor: successor(new),
+        now,
+    }
+}
+
+fn successor(new: &str) -> Vec<u8> {
+    format!("successor:{new}").into_bytes()
+}
+
+async fn live_ids(store: &Arc<dyn Store>, openid: &str, now: Millis) -> Vec<String> {
+    store
+        .list_sessions(openid, now)
+        .await
+        .expect("list_sessions")
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
+}
+
+async fn events(store: &Arc<dyn Store>, openid: &str) -> Vec<SessionEvent> {
+    store
+        .list_events(openid, None, 1000)
+        .await
+        .expect("list_events")
+}
+
+fn ends_of<'a>(events: &'a [SessionEvent], session: &str) -> Vec<&'a SessionEvent> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::End && e.session_id == session)
+        .collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// The contract.
+
+async fn login_creates_the_user_then_updates_it(store: Arc<dyn Store>) {
+    assert!(!store.user_exists("o1").await.expect("user_exists"));
+
+    let first = store.login(login("o1", "s1", T0)).await.expect("login");
+    assert!(first.is_new_user);
+    assert_eq!(first.unionid, None);
+    assert!(first.replaced.is_empty());
+    assert!(store.user_exists("o1").await.expect("user_exists"));
+
+    let mut l = login("o1", "s2", T0 + MIN);
+    l.unionid = Some("u1".into());
+    let second = store.login(l).await.expect("login");
+    assert!(!second.is_new_user);
+    assert_eq!(second.unionid.as_deref(), Some("u1"));
+
+    // A login without a unionid keeps the one known.
+    let third = store
+        .login(login("o1", "s3", T0 + 2 * MIN))
+        .await
+        .expect("login");
+    assert!(!third.is_new_user);
+    assert_eq!(third.unionid.as_deref(), Some("u1"));
+    let record = store
+        .find_access(&access("s3"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.openid, "o1");
+    assert_eq!(record.unionid.as_deref(), Some("u1"));
+    assert!(!store.user_exists("o2").await.expect("user_exists"));
+}
+
+async fn session_key_rotates_unless_the_same_key_comes_back(store: Arc<dyn Store>, raw: Raw) {
+    let mut l = login("o1", "s1", T0);
+    l.session_key_sealed = b"sealed-A".to_vec();
+    l.session_key_fp = [0xA; 32];
+    store.login(l).await.expect("login");
+    assert_eq!(
+        raw.keys("o1").await,
+        Keys {
+            current: b"sealed-A".to_vec(),
+            previous: None,
+            fingerprint: vec![0xA; 32],
+            updated_at: T0,
+        }
+    );
+
+    // A new key: the newest moves to previous.
+    let mut l = login("o1", "s2", T0 + MIN);
+    l.session_key_sealed = b"sealed-B".to_vec();
+    l.session_key_fp = [0xB; 32];
+    store.login(l).await.expect("login");
+    assert_eq!(
+        raw.keys("o1").await,
+        Keys {
+            current: b"sealed-B".to_vec(),
+            previous: Some(b"sealed-A".to_vec()),
+            fingerprint: vec![0xB; 32],
+            updated_at: T0 + MIN,
+        }
+    );
+
+    // The same key again (sealed anew): no shift, previous kept, rotation time kept.
+    let mut l = login("o1", "s3", T0 + 2 * MIN);
+    l.session_key_sealed = b"sealed-B-again".to_vec();
+    l.session_key_fp = [0xB; 32];
+    store.login(l).await.expect("login");
+    assert_eq!(
+        raw.keys("o1").await,
+        Keys {
+            current: b"sealed-B-again".to_vec(),
+            previous: Some(b"sealed-A".to_vec()),
+            fingerprint: vec![0xB; 32],
+            updated_at: T0 + MIN,
+        }
+    );
+}
+
+async fn multi_policy_pushes_out_the_oldest_and_names_the_replacer(store: Arc<dyn Store>) {
+    for (i, s) in ["s1", "s2"].into_iter().enumerate() {
+        let l = with_device(with_policy(login("o1", s, T0 + i as Millis), MULTI_2), s);
+        assert!(store.login(l).await.expect("login").replaced.is_empty());
+    }
+
+    let l = with_device(with_policy(login("o1", "s3", T0 + 10), MULTI_2), "dev-3");
+    let outcome = store.login(l).await.expect("login");
+
+    assert_eq!(outcome.replaced, vec!["s1".to_string()]);
+    assert_eq!(live_ids(&store, "o1", T0 + 20).await, vec!["s3", "s2"]);
+    let record = store
+        .find_access(&access("s1"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.ended, Some(EndReason::Replaced));
+    let events = events(&store, "o1").await;
+    let ends = ends_of(&events, "s1");
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].reason, Some(EndReason::Replaced));
+    assert_eq!(ends[0].replaced_by_session.as_deref(), Some("s3"));
+    assert_eq!(ends[0].replaced_by_device.as_deref(), Some("dev-3"));
+    assert_eq!(ends[0].at, T0 + 10);
+    assert_eq!(ends[0].device.id(), Some("s1"));
+}
+
+async fn single_policy_pushes_out_every_other_session(store: Arc<dyn Store>) {
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store.login(login("o1", "s2", T0 + 1)).await.expect("login");
+    store
+        .login(login("o2", "other", T0 + 2))
+        .await
+        .expect("login");
+
+    let outcome = store
+        .login(with_policy(
+            login("o1", "s3", T0 + 3),
+            SessionPolicy::Single,
+        ))
+        .await
+        .expect("login");
+
+    assert_eq!(sorted(outcome.replaced), vec!["s1", "s2"]);
+    assert_eq!(live_ids(&store, "o1", T0 + 10).await, vec!["s3"]);
+    assert_eq!(live_ids(&store, "o2", T0 + 10).await, vec!["other"]);
+    let events = events(&store, "o1").await;
+    for s in ["s1", "s2"] {
+        let ends = ends_of(&events, s);
+        assert_eq!(ends.len(), 1, "{s}");
+        assert_eq!(ends[0].reason, Some(EndReason::Replaced));
+        assert_eq!(ends[0].replaced_by_session.as_deref(), Some("s3"));
+        assert_eq!(ends[0].replaced_by_device, None);
+    }
+}
+
+async fn same_device_replaces_its_own_session(store: Arc<dyn Store>) {
+    let l = with_device(with_policy(login("o1", "s1", T0), MULTI_2), "phone");
+    store.login(l).await.expect("login");
+    let l = with_device(with_policy(login("o1", "s2", T0 + 1), MULTI_2), "tablet");
+    store.login(l).await.expect("login");
+
+    // The phone logs in again: its old session goes, the tablet's stays.
+    let l = with_device(with_policy(login("o1", "s3", T0 + 2), MULTI_2), "phone");
+    let outcome = store.login(l).await.expect("login");
+
+    assert_eq!(outcome.replaced, vec!["s1".to_string()]);
+    assert_eq!(live_ids(&store, "o1", T0 + 10).await, vec!["s3", "s2"]);
+    let events = events(&store, "o1").await;
+    let ends = ends_of(&events, "s1");
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].replaced_by_session.as_deref(), Some("s3"));
+    assert_eq!(ends[0].replaced_by_device.as_deref(), Some("phone"));
+}
+
+async fn find_access_reports_the_session_state(store: Arc<dyn Store>) {
+    let mut l = login("o1", "s1", T0);
+    l.unionid = Some("u1".into());
+    store.login(l).await.expect("login");
+
+    let record = store
+        .find_access(&access("s1"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.openid, "o1");
+    assert_eq!(record.unionid.as_deref(), Some("u1"));
+    assert_eq!(record.session_id, "s1");
+    assert_eq!(record.expires_at, T0 + 2 * HOUR);
+    assert_eq!(record.last_active_at, T0);
+    assert_eq!(record.ended, None);
+    assert_eq!(record.refresh_expires_at, T0 + 30 * DAY);
+    assert_eq!(
+        store
+            .find_access(&access("nope"))
+            .await
+            .expect("find_access"),
+        None
+    );
+    // A refresh token is not an access token.
+    assert_eq!(
+        store
+            .find_access(&refresh("s1"))
+            .await
+            .expect("find_access"),
+        None
+    );
+
+    // Ended.
+    store
+        .end_sessions(EndTarget::Session("s1"), EndReason::Logout, T0 + MIN)
+        .await
+        .expect("end_sessions");
+    let record = store
+        .find_access(&access("s1"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.ended, Some(EndReason::Logout));
+
+    // Expired: the record shows the refresh expiry; once recorded, the end too.
+    let mut l = login("o1", "s2", T0);
+    l.refresh.1 = T0 + HOUR;
+    store.login(l).await.expect("login");
+    let record = store
+        .find_access(&access("s2"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.refresh_expires_at, T0 + HOUR);
+    assert_eq!(record.ended, None);
+    store
+        .expire_sessions(Some("o1"), T0 + 2 * HOUR)
+        .await
+        .expect("expire_sessions");
+    let record = store
+        .find_access(&access("s2"))
+        .await
+        .expect("find_access")
+        .expect("token");
+    assert_eq!(record.ended, Some(EndReason::Expired));
+}
+
+async fn touch_moves_last_active_at_at_most_once_per_interval(store: Arc<dyn Store>) {
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    let last_active = async |store: &Arc<dyn Store>| {
+        store
+            .find_access(&access("s1"))
+            .await
+            .expect("find_access")
+            .expect("token")
+            .last_active_at
+    };
+
+    store.touch("s1", T0 + 30 * SEC, MIN).await.expect("touch");
+    assert_eq!(last_active(&store).await, T0, "within the interval");
+    store.touch("s1", T0 + 61 * SEC, MIN).await.expect("touch");
+    assert_eq!(last_active(&store).await, T0 + 61 * SEC, "past it");
+    store.touch("s1", T0 + 90 * SEC, MIN).await.expect("touch");
+    assert_eq!(last_active(&store).await, T0 + 61 * SEC, "within again");
+
+    store
+        .end_sessions(EndTarget::Session("s1"), EndReason::Logout, T0 + 2 * MIN)
+        .await
+        .expect("end_sessions");
+    store.touch("s1", T0 + 10 * MIN, MIN).await.expect("touch");
+    assert_eq!(last_active(&store).await, T0 + 61 * SEC, "ended");
+    store.touch("unknown", T0, MIN).await.expect("touch");
+}
+
+async fn rotate_once_then_already_rotated_with_the_same_successor(store: Arc<dyn Store>) {
+    let mut l = login("o1", "s1", T0);
+    l.unionid = Some("u1".into());
+    store.login(l).await.expect("login");
+    let owner = Owner {
+        openid: "o1".into(),
+        unionid: Some("u1".into()),
+        session_id: "s1".into(),
+    };
+
+    let first = store
+        .rotate(rotation("s1", "n1", T0 + MIN))
+        .await
+        .expect("rotate");
+    assert!(
+        matches!(first, RotateOutcome::Rotated(ref o) if *o == owner),
+        "{first:?}"
+    );
+    let record = store
+        .find_access(&access("n1"))
+        .await
+        .expect("find_access")
+        .expect("the new access token");
+    assert_eq!(record.session_id, "s1");
+    assert_eq!(record.last_active_at, T0 + MIN);
+    assert_eq!(record.refresh_expires_at, T0 + MIN + 30 * DAY);
+
+    // The same token again: the first exchange's successor, and nothing new stored.
+    let again = store
+        .rotate(rotation("s1", "n2", T0 + 2 * MIN))
+        .await
+        .expect("rotate");
+    match again {
+        RotateOutcome::AlreadyRotated {
+            owner: o,
+            rotated_at,
+            successor: sealed,
+        } => {
+            assert_eq!(o, owner);
+            assert_eq!(rotated_at, T0 + MIN);
+            assert_eq!(sealed, Some(successor("n1")));
+        }
+        other => panic!("expected AlreadyRotated, got {other:?}"),
+    }
+    assert_eq!(
+        store.find_access(&access("n2")).await.expect("find_access"),
+        None
+    );
+
+    // The successor's refresh token rotates in turn.
+    let next = store
+        .rotate(rotation("n1", "n3", T0 + 3 * MIN))
+        .await
+        .expect("rotate");
+    assert!(matches!(next, RotateOutcome::Rotated(_)), "{next:?}");
+    let refreshes: Vec<Millis> = events(&store, "o1")
+        .await
+        .iter()
+        .filter(|e| e.kind == EventKind::Refresh)
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(refreshes, vec![T0 + 3 * MIN, T0 + MIN]);
+}
+
+async fn rotate_reports_ended_expired_and_unknown_tokens(store: Arc<dyn Store>) {
+    assert!(matches!(
+        store.rotate(rotation("nope", "n0", T0)).await,
+        Ok(RotateOutcome::NotFound)
+    ));
+
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .end_sessions(
+            EndTarget::Session("s1"),
+            EndReason::RevokedByOperator,
+            T0 + 1,
+        )
+        .await
+        .expect("end_sessions");
+    assert!(matches!(
+        store.rotate(rotation("s1", "n1", T0 + MIN)).await,
+        Ok(RotateOutcome::Ended(EndReason::RevokedByOperator))
+    ));
+
+    let mut l = login("o1", "s2", T0);
+    l.refresh.1 = T0 + HOUR;
+    store.login(l).await.expect("login");
+    assert!(matches!(
+        store.rotate(rotation("s2", "n2", T0 + 2 * HOUR)).await,
+        Ok(RotateOutcome::Expired)
+    ));
+    // The expiry is recorded, once, at the instant the token expired.
+    let events = events(&store, "o1").await;
+    let ends = ends_of(&events, "s2");
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].reason, Some(EndReason::Expired));
+    assert_eq!(ends[0].at, T0 + HOUR);
+    assert_eq!(
+        store.find_access(&access("n2")).await.expect("find_access"),
+        None
+    );
+    assert!(matches!(
+        store.rotate(rotation("s2", "n3", T0 + 3 * HOUR)).await,
+        Ok(RotateOutcome::Ended(EndReason::Expired))
+    ));
+}
+
+async fn end_sessions_counts_and_is_idempotent(store: Arc<dyn Store>) {
+    for (i, s) in ["s1", "s2", "s3"].into_iter().enumerate() {
+        store
+            .login(login("o1", s, T0 + i as Millis))
+            .await
+            .expect("login");
+    }
+    store.login(login("o2", "other", T0)).await.expect("login");
+    let end = async |target: EndTarget<'static>, reason: EndReason| {
+        store
+            .end_sessions(target, reason, T0 + MIN)
+            .await
+            .expect("end_sessions")
+    };
+
+    assert_eq!(end(EndTarget::Session("s1"), EndReason::Logout).await, 1);
+    assert_eq!(end(EndTarget::Session("s1"), EndReason::Logout).await, 0);
+    assert_eq!(
+        end(EndTarget::Session("unknown"), EndReason::Logout).await,
+        0
+    );
+    assert_eq!(end(EndTarget::User("o1"), EndReason::LogoutAll).await, 2);
+    assert_eq!(end(EndTarget::User("o1"), EndReason::LogoutAll).await, 0);
+    assert_eq!(
+        end(EndTarget::User("nobody"), EndReason::LogoutAll).await,
+        0
+    );
+
+    assert!(live_ids(&store, "o1", T0 + HOUR).await.is_empty());
+    assert_eq!(live_ids(&store, "o2", T0 + HOUR).await, vec!["other"]);
+    let events = events(&store, "o1").await;
+    for (s, reason) in [
+        ("s1", EndReason::Logout),
+        ("s2", EndReason::LogoutAll),
+        ("s3", EndReason::LogoutAll),
+    ] {
+        let ends = ends_of(&events, s);
+        assert_eq!(ends.len(), 1, "{s}");
+        assert_eq!(ends[0].reason, Some(reason), "{s}");
+        assert_eq!(ends[0].at, T0 + MIN, "{s}");
+    }
+}
+
+async fn list_sessions_is_newest_first_and_only_live(store: Arc<dyn Store>) {
+    // Room for every session: only ends and expiry filter here.
+    let login = |openid: &str, session: &str, now: Millis| {
+        with_policy(
+            login(openid, session, now),
+            SessionPolicy::Multi { max: 10 },
+        )
+    };
+    let mut l = login("o1", "s1", T0);
+    l.device = Device::parse("d1", "android", "Pixel 9").expect("device");
+    store.login(l).await.expect("login");
+    store.login(login("o1", "s2", T0 + 1)).await.expect("login");
+    store.login(login("o1", "s3", T0 + 2)).await.expect("login");
+    // Same instant: the larger id first.
+    store.login(login("o1", "s5", T0 + 5)).await.expect("login");
+    store.login(login("o1", "s4", T0 + 5)).await.expect("login");
+    let mut l = login("o1", "lapsed", T0 + 6);
+    l.refresh.1 = T0 + HOUR;
+    store.login(l).await.expect("login");
+    store
+        .login(login("o2", "other", T0 + 7))
+        .await
+        .expect("login");
+    store
+        .end_sessions(EndTarget::Session("s2"), EndReason::Logout, T0 + 10)
+        .await
+        .expect("end_sessions");
+
+    let sessions = store
+        .list_sessions("o1", T0 + 2 * HOUR)
+        .await
+        .expect("list_sessions");
+
+    let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, vec!["s5", "s4", "s3", "s1"]);
+    let s1 = &sessions[3];
+    assert_eq!(
+        s1.device,
+        Device::parse("d1", "android", "Pixel 9").expect("device")
+    );
+    assert_eq!(s1.created_at, T0);
+    assert_eq!(s1.last_active_at, T0);
+    assert!(
+        store
+            .list_sessions("nobody", T0)
+            .await
+            .expect("list_sessions")
+            .is_empty()
+    );
+}
+
+async fn list_events_pages_newest_first(store: Arc<dyn Store>) {
+    store
+        .login(with_device(login("o1", "s1", T0), "d1"))
+        .await
+        .expect("login");
+    store.login(login("o1", "s2", T0 + 1)).await.expect("login");
+    store
+        .login(login("o2", "other", T0 + 2))
+        .await
+        .expect("login");
+    store.login(login("o1", "s3", T0 + 3)).await.expect("login");
+    store
+        .rotate(rotation("s1", "n1", T0 + 4))
+        .await
+        .expect("rotate");
+    store
+        .end_sessions(EndTarget::Session("s2"), EndReason::Logout, T0 + 5)
+        .await
+        .expect("end_sessions");
+
+    let all = events(&store, "o1").await;
+    let seen: Vec<(&str, EventKind, Option<EndReason>, Millis)> = all
+        .iter()
+        .map(|e| (e.session_id.as_str(), e.kind, e.reason, e.at))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("s2", EventKind::End, Some(EndReason::Logout), T0 + 5),
+            ("s1", EventKind::Refresh, None, T0 + 4),
+            ("s3", EventKind::Login, None, T0 + 3),
+            ("s2", EventKind::Login, None, T0 + 1),
+            ("s1", EventKind::Login, None, T0),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    assert_eq!(all[4].device.id(), Some("d1"));
+
+    // Pages of two, each older than the last one's id.
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .list_events("o1", before, 2)
+            .await
+            .expect("list_events");
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|e| e.id);
+        pages.push(page.len());
+        assert!(pages.len() <= 3, "paging does not end");
+    }
+    assert_eq!(pages, vec![2, 2, 1]);
+    let after_first = store
+        .list_events("o1", Some(all[0].id), 10)
+        .await
+        .expect("list_events");
+    assert_eq!(after_first, all[1..].to_vec());
+    assert!(
+        store
+            .list_events("nobody", None, 10)
+            .await
+            .expect("list_events")
+            .is_empty()
+    );
+}
+
+async fn expire_sessions_records_each_end_once(store: Arc<dyn Store>) {
+    let lapsing = |openid: &str, session: &str| {
+        let mut l = login(openid, session, T0);
+        l.refresh.1 = T0 + HOUR;
+        l
+    };
+    store.login(lapsing("o1", "s1")).await.expect("login");
+    store.login(login("o1", "s2", T0)).await.expect("login");
+    store.login(lapsing("o2", "s3")).await.expect("login");
+
+    // Not yet due.
+    assert_eq!(
+        store
+            .expire_sessions(None, T0 + HOUR - 1)
+            .await
+            .expect("expire"),
+        0
+    );
+    // One user.
+    assert_eq!(
+        store
+            .expire_sessions(Some("o1"), T0 + 2 * HOUR)
+            .await
+            .expect("expire"),
+        1
+    );
+    assert_eq!(live_ids(&store, "o2", T0).await, vec!["s3"]);
+    // Everyone, then nothing left.
+    assert_eq!(
+        store
+            .expire_sessions(None, T0 + 2 * HOUR)
+            .await
+            .expect("expire"),
+        1
+    );
+    assert_eq!(
+        store
+            .expire_sessions(None, T0 + 3 * HOUR)
+            .await
+            .expect("expire"),
+        0
+    );
+
+    assert_eq!(live_ids(&store, "o1", T0).await, vec!["s2"]);
+    for (openid, session) in [("o1", "s1"), ("o2", "s3")] {
+        let events = events(&store, openid).await;
+        let ends = ends_of(&events, session);
+        assert_eq!(ends.len(), 1, "{session}");
+        assert_eq!(ends[0].reason, Some(EndReason::Expired));
+        assert_eq!(ends[0].at, T0 + HOUR, "at the expiry instant");
+    }
+}
+
+async fn login_expires_lapsed_sessions_before_the_policy(store: Arc<dyn Store>) {
+    let mut l = with_policy(login("o1", "lapsed", T0), MULTI_2);
+    l.refresh.1 = T0 + HOUR;
+    store.login(l).await.expect("login");
+    store
+        .login(with_policy(login("o1", "s2", T0 + 1), MULTI_2))
+        .await
+        .expect("login");
+
+    // Two places: the lapsed session is recorded as expired, not pushed out.
+    let outcome = store
+        .login(with_policy(login("o1", "s3", T0 + 2 * HOUR), MULTI_2))
+        .await
+        .expect("login");
+
+    assert!(outcome.replaced.is_empty(), "{:?}", outcome.replaced);
+    assert_eq!(
+        live_ids(&store, "o1", T0 + 2 * HOUR).await,
+        vec!["s3", "s2"]
+    );
+    let events = events(&store, "o1").await;
+    let ends = ends_of(&events, "lapsed");
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].reason, Some(EndReason::Expired));
+    assert_eq!(ends[0].at, T0 + HOUR);
+}
+
+async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) {
+    const KEEP: Millis = DAY;
+    const GRACE: Millis = 10 * SEC;
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .rotate(rotation("s1", "n1", T0 + MIN))
+        .await
+        .expect("rotate");
+    let kept_successor = async || match store
+        .rotate(rotation("s1", "late", T0 + MIN))
+        .await
+        .expect("rotate")
+    {
+        RotateOutcome::AlreadyRotated { successor, .. } => successor,
+        other => panic!("expected AlreadyRotated, got {other:?}"),
+    };
+
+    // Within the grace window: nothing to do.
+    assert_eq!(
+        store
+            .purge(T0 + MIN + 5 * SEC, KEEP, GRACE)
+            .await
+            .expect("purge"),
+        0
+    );
+    assert_eq!(kept_successor().await, Some(successor("n1")));
+
+    // Past it: the successor pair goes, the rotation stays known.
+    assert_eq!(
+        store
+            .purge(T0 + MIN + 11 * SEC, KEEP, GRACE)
+            .await
+            .expect("purge"),
+        1
+    );
+    assert_eq!(kept_successor().await, None);
+
+    // A day after s1's access token expired, it goes; n1's (a minute younger) stays.
+    assert_eq!(
+        store
+            .purge(T0 + 2 * HOUR + KEEP + 1, KEEP, GRACE)
+            .await
+            .expect("purge"),
+        1
+    );
+    assert_eq!(
+        store.find_access(&access("s1")).await.expect("find_access"),
+        None
+    );
+    assert!(
+        store
+            .find_access(&access("n1"))
+            .await
+            .expect("find_access")
+            .is_some()
+    );
+    // Long after everything expired: n1's access token and both refresh tokens.
+    assert_eq!(
+        store
+            .purge(T0 + MIN + 30 * DAY + KEEP + 1, KEEP, GRACE)
+            .await
+            .expect("purge"),
+        3
+    );
+    assert!(matches!(
+        store.rotate(rotation("n1", "n2", T0 + 40 * DAY)).await,
+        Ok(RotateOutcome::NotFound)
+    ));
+}
+
+async fn ping_answers_once_ready(store: Arc<dyn Store>) {
+    store.ready().await;
+    store.ping().await.expect("ping");
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrency, across two replicas.
+
+async fn parallel_rotations_of_one_token_rotate_once(replicas: Vec<Arc<dyn Store>>) {
+    const N: usize = 8;
+    replicas[0]
+        .login(login("o1", "s1", T0))
+        .await
+        .expect("login");
+
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = replicas[i % replicas.len()].clone();
+            tokio::spawn(async move {
+                store
+                    .rotate(rotation("s1", &format!("n{i}"), T0 + MIN))
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("join").expect("rotate"));
+    }
+
+    let winners: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, RotateOutcome::Rotated(_)))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    let winner = winners[0];
+    for (i, outcome) in outcomes.iter().enumerate().filter(|(i, _)| *i != winner) {
+        match outcome {
+            RotateOutcome::AlreadyRotated { successor: s, .. } => {
+                assert_eq!(
+                    s.as_deref(),
+                    Some(&successor(&format!("n{winner}"))[..]),
+                    "{i}"
+                );
+            }
+            other => panic!("rotation {i}: expected AlreadyRotated, got {other:?}"),
+        }
+    }
+    for i in 0..N {
+        let found = replicas[0]
+            .find_access(&access(&format!("n{i}")))
+            .await
+            .expect("find_access");
+        assert_eq!(found.is_some(), i == winner, "n{i}");
+    }
+    let refreshes = events(&replicas[1], "o1")
+        .await
+        .iter()
+        .filter(|e| e.kind == EventKind::Refresh)
+        .count();
+    assert_eq!(refreshes, 1);
+}
+
+async fn parallel_logins_of_one_user_keep_the_session_limit(replicas: Vec<Arc<dyn Store>>) {
+    const N: usize = 8;
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = replicas[i % replicas.len()].clone();
+            tokio::spawn(async move {
+                let l = with_policy(login("o1", &format!("p{i}"), T0 + i as Millis), MULTI_2);
+                store.login(l).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("join").expect("login"));
+    }
+
+    assert_eq!(outcomes.iter().filter(|o| o.is_new_user).count(), 1);
+    let live = live_ids(&replicas[0], "o1", T0 + HOUR).await;
+    assert_eq!(live.len(), 2, "{live:?}");
+    let replaced: Vec<String> = outcomes.into_iter().flat_map(|o| o.replaced).collect();
+    assert_eq!(replaced.len(), N - 2, "{replaced:?}");
+    let unique: HashSet<&String> = replaced.iter().collect();
+    assert_eq!(unique.len(), N - 2, "each session is pushed out once");
+    assert!(live.iter().all(|s| !unique.contains(s)));
+    let events = events(&replicas[1], "o1").await;
+    for s in &replaced {
+        let ends = ends_of(&events, s);
+        assert_eq!(ends.len(), 1, "{s}");
+        assert_eq!(ends[0].reason, Some(EndReason::Replaced));
+    }
+    let logins = events.iter().filter(|e| e.kind == EventKind::Login).count();
+    assert_eq!(logins, N);
+}
