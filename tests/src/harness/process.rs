@@ -102,6 +102,8 @@ pub struct Process {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     addrs: watch::Receiver<HashMap<String, SocketAddr>>,
+    /// The tasks reading stdout and stderr; they end when the process closes its pipes.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Process {
@@ -142,23 +144,31 @@ impl Process {
         let (tx, addrs) = watch::channel(HashMap::new());
         let tx = Arc::new(tx);
         let echo = options.echo || echo_logs();
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(
+            readers.push(tokio::spawn(pump(
                 name.to_owned(),
                 out,
                 logs.clone(),
                 Some(tx.clone()),
                 echo,
-            ));
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(name.to_owned(), err, logs.clone(), None, echo));
+            readers.push(tokio::spawn(pump(
+                name.to_owned(),
+                err,
+                logs.clone(),
+                None,
+                echo,
+            )));
         }
         Ok(Self {
             name: name.to_owned(),
             child,
             logs,
             addrs,
+            readers,
         })
     }
 
@@ -210,11 +220,17 @@ impl Process {
         Ok(())
     }
 
-    /// Waits up to `timeout` for the process to exit and returns its exit code.
+    /// Waits up to `timeout` for the process to exit and returns its exit code; by then every
+    /// line it wrote has been read into [`Process::logs`].
     pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
         let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .with_context(|| format!("{} did not exit within {timeout:?}", self.name))??;
+        // The pipes are closed once the process is gone: the readers finish their last lines.
+        // (A child of its own that kept the pipes open would hold them: bounded by the timeout.)
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(timeout, reader).await;
+        }
         Ok(status.code())
     }
 
