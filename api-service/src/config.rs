@@ -62,6 +62,10 @@ pub struct Settings {
     pub auth_client_key: Option<SecretString>,
     /// `API_AUTH_TIMEOUT`: deadline of one call to auth-service.
     pub auth_timeout: Duration,
+    /// `API_AUTH_WECHAT_TIMEOUT`: deadline of a call that waits on WeChat (login, phone
+    /// number); at least twice `AUTH_WECHAT_TIMEOUT` plus slack, since a busy WeChat is retried
+    /// once.
+    pub auth_wechat_timeout: Duration,
     /// `API_DATABASE_URL`: where the business data lives.
     pub database: DatabaseSettings,
     /// `API_TLS_CERT` and `API_TLS_KEY`, when both are set.
@@ -181,6 +185,7 @@ impl Settings {
             auth_url: auth_url.trim().to_owned(),
             auth_client_key,
             auth_timeout: duration(&get, "API_AUTH_TIMEOUT", "3s")?,
+            auth_wechat_timeout: duration(&get, "API_AUTH_WECHAT_TIMEOUT", "15s")?,
             database,
             tls,
             metrics_addr: addr(&get, "API_METRICS_ADDR", "127.0.0.1:9102")?,
@@ -191,6 +196,17 @@ impl Settings {
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
         };
+        let mut settings = settings;
+        if get("API_AUTH_WECHAT_TIMEOUT").is_none() {
+            // Unset: never shorter than the ordinary deadline.
+            settings.auth_wechat_timeout = settings.auth_wechat_timeout.max(settings.auth_timeout);
+        }
+        if settings.auth_wechat_timeout < settings.auth_timeout {
+            return Err(bad(
+                "API_AUTH_WECHAT_TIMEOUT",
+                "must be at least API_AUTH_TIMEOUT",
+            ));
+        }
         if settings.auth_timeout.is_zero() {
             return Err(bad("API_AUTH_TIMEOUT", "must be more than 0"));
         }
@@ -305,6 +321,19 @@ mod tests {
             assert_eq!(err.name, expected, "{value}");
             assert!(!err.to_string().contains(value), "{err}");
         }
+    }
+
+    #[test]
+    fn calls_that_wait_on_wechat_get_their_own_longer_deadline() {
+        let s = load(&[]).expect("valid");
+        assert_eq!(s.auth_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(s.auth_wechat_timeout, std::time::Duration::from_secs(15));
+        let err = load(&[
+            ("API_AUTH_TIMEOUT", "10s"),
+            ("API_AUTH_WECHAT_TIMEOUT", "5s"),
+        ])
+        .expect_err("shorter than the ordinary deadline");
+        assert_eq!(err.name, "API_AUTH_WECHAT_TIMEOUT");
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl Application {
         let auth = GrpcAuth::new(
             &settings.auth_url,
             settings.auth_timeout,
+            settings.auth_wechat_timeout,
             settings.auth_client_key.as_ref(),
         )
         .context("cannot build the auth-service client")?;

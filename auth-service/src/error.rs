@@ -74,6 +74,20 @@ pub enum AuthError {
     /// No such user.
     #[error("no such user")]
     UserNotFound,
+    /// encryptedData or its iv is not base64, or of the wrong length.
+    #[error("{0}")]
+    InvalidEncryptedData(Invalid),
+    /// None of the session_keys held for the user decrypts the data: it was encrypted with a
+    /// key that has been replaced since (or is not WeChat's at all). The mini-program calls
+    /// wx.login and logs in again.
+    #[error("no current session_key of this user decrypts the data; log in again")]
+    SessionKeyStale,
+    /// The data decrypts, but its watermark names another app (or none).
+    #[error("the data's watermark does not name this app")]
+    WatermarkMismatch,
+    /// No phone number is kept for this user.
+    #[error("no phone number is known for this user")]
+    PhoneNotSet,
     /// The database or cache is down; retrying later may work.
     #[error("a backing service is unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -110,6 +124,10 @@ impl AuthError {
             Self::SessionReplaced => "SESSION_REPLACED",
             Self::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
             Self::UserNotFound => "NOT_FOUND",
+            Self::InvalidEncryptedData(_) => "INVALID_ENCRYPTED_DATA",
+            Self::SessionKeyStale => "SESSION_KEY_STALE",
+            Self::WatermarkMismatch => "WATERMARK_MISMATCH",
+            Self::PhoneNotSet => "PHONE_NOT_SET",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }

@@ -1,5 +1,7 @@
 //! What auth-service does, apart from how it is called: login, verify, refresh, logout,
-//! sessions, revocation and the timeline. The gRPC layer (`grpc/`) only converts.
+//! sessions, revocation and the timeline; and the sensitive data that only auth-service
+//! reads: encryptedData (decrypted with the user's session_keys), the user's phone number,
+//! and the app's WeChat access_token. The gRPC layer (`grpc/`) only converts.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,7 +19,9 @@ use crate::domain::{
 };
 use crate::error::{AuthError, WechatErr};
 use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
-use crate::wechat::{Code2Session, WechatCallError, WechatClient};
+use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
+use crate::wechat::crypto::EncryptedData;
+use crate::wechat::{Code2Session, PhoneNumber, SessionKey, WechatCallError, WechatClient};
 
 /// `last_active_at` moves at most this often.
 const TOUCH_INTERVAL: Millis = 60_000;
@@ -38,6 +42,16 @@ impl From<StoreError> for AuthError {
 impl From<CacheError> for AuthError {
     fn from(e: CacheError) -> Self {
         Self::Unavailable(e.0)
+    }
+}
+
+impl From<AccessTokenError> for AuthError {
+    fn from(e: AccessTokenError) -> Self {
+        match e {
+            AccessTokenError::Wechat(e) => wechat_call_error(e),
+            AccessTokenError::Store(e) => e.into(),
+            AccessTokenError::Seal(e) => Self::internal(e),
+        }
     }
 }
 
@@ -157,6 +171,7 @@ pub struct AuthCore {
     wechat: WechatClient,
     keys: Arc<Keys>,
     policy: Policy,
+    app_tokens: Arc<AccessTokens>,
 }
 
 impl AuthCore {
@@ -168,12 +183,18 @@ impl AuthCore {
         keys: Arc<Keys>,
         policy: Policy,
     ) -> Self {
+        let app_tokens = Arc::new(AccessTokens::new(
+            store.clone(),
+            wechat.clone(),
+            keys.clone(),
+        ));
         Self {
             store,
             cache,
             wechat,
             keys,
             policy,
+            app_tokens,
         }
     }
 
@@ -199,7 +220,12 @@ impl AuthCore {
         }
 
         let code_key = self.keys.code_hash(code.as_ref());
-        self.claim(&code_key).await?;
+        // Two attempts (one retry of -1), each under the WeChat timeout, and some slack.
+        self.claim(
+            &code_key,
+            self.policy.wechat_timeout * 2 + Duration::from_secs(2),
+        )
+        .await?;
         let exchanged = self.exchange(&code).await;
         // Remember the outcome before anything else can fail: a code WeChat accepted is
         // spent, whatever happens to this login afterwards.
@@ -210,10 +236,9 @@ impl AuthCore {
         self.open_session(session, device).await
     }
 
-    /// Holds the code for this login, waiting while another login exchanges it.
-    async fn claim(&self, code_key: &str) -> Result<(), AuthError> {
-        // Two attempts (one retry of -1), each under the WeChat timeout, and some slack.
-        let in_flight_ttl = self.policy.wechat_timeout * 2 + Duration::from_secs(2);
+    /// Holds a code (login or phone, by its keyed hash) for this call, waiting while another
+    /// call exchanges it; the claim lapses after `in_flight_ttl` if this call dies.
+    async fn claim(&self, code_key: &str, in_flight_ttl: Duration) -> Result<(), AuthError> {
         let give_up = tokio::time::Instant::now() + in_flight_ttl + Duration::from_secs(1);
         loop {
             match self.cache.claim_code(code_key, in_flight_ttl).await? {
@@ -238,15 +263,7 @@ impl AuthCore {
                     warn!(errcode = e.errcode, "WeChat is busy; retrying once");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(WechatCallError::Api(e)) => return Err(wechat_error(e)),
-                Err(WechatCallError::Unreachable(e)) => {
-                    warn!(error = %e, "WeChat unreachable or too slow");
-                    return Err(AuthError::WechatUnavailable);
-                }
-                Err(e @ WechatCallError::Malformed(_)) => {
-                    error!(error = %e, "unreadable answer from WeChat");
-                    return Err(AuthError::WechatError(None));
-                }
+                Err(e) => return Err(wechat_call_error(e)),
             }
         }
     }
@@ -509,6 +526,150 @@ impl AuthCore {
         })
     }
 
+    /// Decrypts encryptedData with the token's user's newest session_key, then the previous
+    /// one, and answers the plaintext JSON once its watermark names this app.
+    pub async fn decrypt_data(
+        &self,
+        raw_token: &str,
+        encrypted_data: &str,
+        iv: &str,
+    ) -> Result<String, AuthError> {
+        let id = self.verify(raw_token).await?;
+        let data =
+            EncryptedData::parse(encrypted_data, iv).map_err(AuthError::InvalidEncryptedData)?;
+        let keys = self.session_keys(&id.openid).await?;
+        let decrypted = data.decrypt(&keys, self.wechat.appid());
+        match &decrypted {
+            Ok(_) => info!(openid = %id.openid, "encrypted data decrypted"),
+            Err(e) => info!(openid = %id.openid, outcome = e.reason(), "encrypted data refused"),
+        }
+        decrypted
+    }
+
+    /// The user's session_keys, newest first, opened. One that cannot be opened (sealed under
+    /// another `AUTH_TOKEN_KEY`) is left out: data it encrypted answers SESSION_KEY_STALE.
+    async fn session_keys(&self, openid: &str) -> Result<Vec<SessionKey>, AuthError> {
+        let Some(sealed) = self.store.session_keys(openid).await? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::with_capacity(2);
+        for s in std::iter::once(&sealed.newest).chain(sealed.previous.as_ref()) {
+            match self
+                .keys
+                .open(s, openid.as_bytes())
+                .ok()
+                .and_then(|plain| SessionKey::from_bytes(&plain))
+            {
+                Some(key) => keys.push(key),
+                None => warn!(
+                    openid = %openid,
+                    "a stored session_key cannot be opened (was AUTH_TOKEN_KEY changed?)"
+                ),
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Exchanges a getPhoneNumber code at WeChat, once ever, and keeps the number with the
+    /// token's user; with an empty code, answers the number kept.
+    pub async fn phone_number(
+        &self,
+        raw_token: &str,
+        code: &str,
+    ) -> Result<PhoneNumber, AuthError> {
+        let id = self.verify(raw_token).await?;
+        if code.is_empty() {
+            return self.stored_phone(&id.openid).await;
+        }
+        let code = WechatCode::parse(code).map_err(AuthError::InvalidCode)?;
+        // Namespaced apart from login codes, claimed exactly like them: across replicas
+        // through the shared cache, so a retry or a race never makes a second (billed) call.
+        let code_key = self.keys.code_hash(&format!("phone:{}", code.as_ref()));
+        // Up to eight WeChat calls (stable_token and the exchange, each with a retry of -1,
+        // then both again after a refused token), each under the WeChat timeout.
+        self.claim(
+            &code_key,
+            self.policy.wechat_timeout * 8 + Duration::from_secs(2),
+        )
+        .await?;
+        let exchanged = self.exchange_phone_code(&code, &id.openid).await;
+        // Remembered before anything else can fail: WeChat bills a code it accepted.
+        self.cache
+            .finish_code(&code_key, exchanged.is_ok(), USED_CODE_TTL)
+            .await?;
+        let phone = exchanged?;
+        let plain = serde_json::to_vec(&phone).map_err(AuthError::internal)?;
+        let sealed = self
+            .keys
+            .seal(&plain, id.openid.as_bytes())
+            .map_err(AuthError::internal)?;
+        if !self
+            .store
+            .set_phone(&id.openid, &sealed, now_millis())
+            .await?
+        {
+            return Err(AuthError::internal(anyhow::anyhow!(
+                "the user of a verified token is not in the store"
+            )));
+        }
+        info!(openid = %id.openid, "phone number stored");
+        Ok(phone)
+    }
+
+    async fn stored_phone(&self, openid: &str) -> Result<PhoneNumber, AuthError> {
+        let sealed = self
+            .store
+            .phone(openid)
+            .await?
+            .ok_or(AuthError::PhoneNotSet)?;
+        let plain = self
+            .keys
+            .open(&sealed, openid.as_bytes())
+            .map_err(AuthError::internal)?;
+        serde_json::from_slice(&plain).map_err(AuthError::internal)
+    }
+
+    /// getuserphonenumber: WeChat's "busy" (-1) retried once; an access_token WeChat
+    /// refuses (40001/42001) renewed once (forced only if no one renewed it already) and
+    /// the exchange tried once more.
+    async fn exchange_phone_code(
+        &self,
+        code: &WechatCode,
+        openid: &str,
+    ) -> Result<PhoneNumber, AuthError> {
+        let mut token = self.app_tokens.current().await?;
+        let mut busy_once = false;
+        let mut renewed_once = false;
+        loop {
+            match self.wechat.phone_number(token.secret(), code, openid).await {
+                Ok(phone) => return Ok(phone),
+                Err(WechatCallError::Api(e)) if e.errcode == -1 && !busy_once => {
+                    busy_once = true;
+                    warn!(errcode = e.errcode, "WeChat is busy; retrying once");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(WechatCallError::Api(e))
+                    if matches!(e.errcode, 40001 | 42001) && !renewed_once =>
+                {
+                    renewed_once = true;
+                    warn!(
+                        errcode = e.errcode,
+                        generation = token.generation(),
+                        "getuserphonenumber refused the app's access_token"
+                    );
+                    token = self.app_tokens.invalidated(&token).await?;
+                }
+                Err(e) => return Err(wechat_call_error(e)),
+            }
+        }
+    }
+
+    /// The app's current WeChat access_token (renewed first when less than 5 minutes are
+    /// left), for internal clients.
+    pub async fn wechat_access_token(&self) -> Result<AppToken, AuthError> {
+        Ok(self.app_tokens.current().await?)
+    }
+
     /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor
     /// pairs cleared after the grace window, cache swept.
     pub async fn housekeeping(&self) -> Result<(), AuthError> {
@@ -546,6 +707,22 @@ fn ended(reason: EndReason) -> AuthError {
         | EndReason::LogoutAll
         | EndReason::RefreshReused
         | EndReason::RevokedByOperator => AuthError::TokenRevoked,
+    }
+}
+
+/// A failed WeChat call to our error: WeChat's own errors by errcode, the rest as
+/// unreachable or unreadable.
+fn wechat_call_error(e: WechatCallError) -> AuthError {
+    match e {
+        WechatCallError::Api(e) => wechat_error(e),
+        WechatCallError::Unreachable(e) => {
+            warn!(error = %e, "WeChat unreachable or too slow");
+            AuthError::WechatUnavailable
+        }
+        e @ WechatCallError::Malformed(_) => {
+            error!(error = %e, "unreadable answer from WeChat");
+            AuthError::WechatError(None)
+        }
     }
 }
 

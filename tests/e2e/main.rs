@@ -4,9 +4,11 @@
 mod api_auth;
 mod api_common;
 mod api_notes;
+mod api_sensitive;
 mod api_tls;
 mod auth_login;
 mod auth_ops;
+mod auth_sensitive;
 mod auth_sessions;
 mod auth_tokens;
 mod common;
@@ -14,4 +16,5 @@ mod metrics;
 mod postgres_down;
 mod redis_down;
 mod replicas;
+mod rollout;
 mod sim;

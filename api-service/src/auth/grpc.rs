@@ -18,7 +18,8 @@ use tonic_types::StatusExt;
 use tracing::{error, warn};
 
 use super::{
-    AuthApi, AuthResult, CallContext, Device, Identity, SessionItem, TokenPair, http_status_for,
+    AuthApi, AuthResult, CallContext, Device, Identity, PHONE_NOT_SET, PhoneNumber, SessionItem,
+    TokenPair, http_status_for,
 };
 use crate::error::ApiError;
 use crate::time::rfc3339;
@@ -29,6 +30,10 @@ pub struct GrpcAuth {
     client: AuthServiceClient<Channel>,
     health: HealthClient<Channel>,
     client_key: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// Deadline of a call that stays inside auth-service (Verify, Refresh, ...).
+    timeout: Duration,
+    /// Deadline of a call that waits on WeChat (Login, GetPhoneNumber).
+    wechat_timeout: Duration,
 }
 
 impl std::fmt::Debug for GrpcAuth {
@@ -40,15 +45,17 @@ impl std::fmt::Debug for GrpcAuth {
 }
 
 impl GrpcAuth {
-    /// A client of `url` that does not connect until first used.
+    /// A client of `url` that does not connect until first used. Every call has a deadline:
+    /// `timeout` for calls answered by auth-service alone, `wechat_timeout` for the calls
+    /// that wait on WeChat (a login may take two WeChat round trips).
     pub fn new(
         url: &str,
         timeout: Duration,
+        wechat_timeout: Duration,
         client_key: Option<&SecretString>,
     ) -> anyhow::Result<Self> {
         let endpoint = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .timeout(timeout)
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -66,11 +73,20 @@ impl GrpcAuth {
             client: AuthServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
             client_key,
+            timeout,
+            wechat_timeout,
         })
     }
 
     fn request<T>(&self, ctx: &CallContext, message: T) -> Request<T> {
+        self.request_within(ctx, message, self.timeout)
+    }
+
+    /// A request with the metadata every call carries and `deadline` as its grpc-timeout
+    /// (auth-service stops working on it past that).
+    fn request_within<T>(&self, ctx: &CallContext, message: T, deadline: Duration) -> Request<T> {
         let mut req = Request::new(message);
+        req.set_timeout(deadline);
         if let Some(key) = &self.client_key {
             req.metadata_mut().insert("x-client-key", key.clone());
         }
@@ -78,6 +94,22 @@ impl GrpcAuth {
             req.metadata_mut().insert("x-request-id", id);
         }
         req
+    }
+}
+
+/// Runs one call under `deadline` on this side too: a hung connection must not hang the
+/// request (the grpc-timeout header alone relies on the server).
+async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> AuthResult<T> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(answer) => answer
+            .map(tonic::Response::into_inner)
+            .map_err(to_api_error),
+        Err(_) => Err(to_api_error(Status::deadline_exceeded(
+            "auth-service did not answer in time",
+        ))),
     }
 }
 
@@ -176,13 +208,7 @@ impl AuthApi for GrpcAuth {
                 access_token: access_token.to_owned(),
             },
         );
-        let r = self
-            .client
-            .clone()
-            .verify(req)
-            .await
-            .map_err(to_api_error)?
-            .into_inner();
+        let r = within(self.timeout, self.client.clone().verify(req)).await?;
         Ok(Identity {
             openid: r.openid,
             unionid: r.unionid,
@@ -197,7 +223,7 @@ impl AuthApi for GrpcAuth {
         device: Option<Device>,
         client_ip: &str,
     ) -> AuthResult<TokenPair> {
-        let req = self.request(
+        let req = self.request_within(
             ctx,
             pb::LoginRequest {
                 code: code.to_owned(),
@@ -208,14 +234,9 @@ impl AuthApi for GrpcAuth {
                 }),
                 client_ip: client_ip.to_owned(),
             },
+            self.wechat_timeout,
         );
-        let r = self
-            .client
-            .clone()
-            .login(req)
-            .await
-            .map_err(to_api_error)?
-            .into_inner();
+        let r = within(self.wechat_timeout, self.client.clone().login(req)).await?;
         pair(r.tokens, r.openid, r.is_new_user)
     }
 
@@ -226,13 +247,7 @@ impl AuthApi for GrpcAuth {
                 refresh_token: refresh_token.to_owned(),
             },
         );
-        let r = self
-            .client
-            .clone()
-            .refresh(req)
-            .await
-            .map_err(to_api_error)?
-            .into_inner();
+        let r = within(self.timeout, self.client.clone().refresh(req)).await?;
         pair(r.tokens, r.openid, false)
     }
 
@@ -244,13 +259,7 @@ impl AuthApi for GrpcAuth {
                 all,
             },
         );
-        let r = self
-            .client
-            .clone()
-            .logout(req)
-            .await
-            .map_err(to_api_error)?
-            .into_inner();
+        let r = within(self.timeout, self.client.clone().logout(req)).await?;
         Ok(r.revoked_sessions)
     }
 
@@ -265,13 +274,7 @@ impl AuthApi for GrpcAuth {
                 access_token: access_token.to_owned(),
             },
         );
-        let r = self
-            .client
-            .clone()
-            .list_sessions(req)
-            .await
-            .map_err(to_api_error)?
-            .into_inner();
+        let r = within(self.timeout, self.client.clone().list_sessions(req)).await?;
         Ok(r.sessions
             .into_iter()
             .map(|s| {
@@ -289,6 +292,74 @@ impl AuthApi for GrpcAuth {
                 }
             })
             .collect())
+    }
+
+    async fn decrypt_data(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        encrypted_data: &str,
+        iv: &str,
+    ) -> AuthResult<serde_json::Value> {
+        let req = self.request(
+            ctx,
+            pb::DecryptDataRequest {
+                access_token: access_token.to_owned(),
+                encrypted_data: encrypted_data.to_owned(),
+                iv: iv.to_owned(),
+            },
+        );
+        let r = within(self.timeout, self.client.clone().decrypt_data(req)).await?;
+        serde_json::from_str(&r.data_json).map_err(|e| {
+            ApiError::auth_unavailable(anyhow::anyhow!("DecryptData gave no JSON: {e}"))
+        })
+    }
+
+    async fn phone_number(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        code: &str,
+    ) -> AuthResult<Option<PhoneNumber>> {
+        // Reading the stored number stays inside auth-service; exchanging a code waits on WeChat.
+        let deadline = if code.is_empty() {
+            self.timeout
+        } else {
+            self.wechat_timeout
+        };
+        let req = self.request_within(
+            ctx,
+            pb::GetPhoneNumberRequest {
+                access_token: access_token.to_owned(),
+                code: code.to_owned(),
+            },
+            deadline,
+        );
+        let answer = tokio::time::timeout(deadline, self.client.clone().get_phone_number(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(
+                    "auth-service did not answer in time",
+                ))
+            });
+        match answer {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(Some(PhoneNumber {
+                    phone_number: r.phone_number,
+                    pure_phone_number: r.pure_phone_number,
+                    country_code: r.country_code,
+                }))
+            }
+            Err(status)
+                if status
+                    .get_details_error_info()
+                    .is_some_and(|i| i.reason == PHONE_NOT_SET) =>
+            {
+                Ok(None)
+            }
+            Err(status) => Err(to_api_error(status)),
+        }
     }
 
     async fn ready(&self) -> bool {

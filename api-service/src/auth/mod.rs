@@ -10,6 +10,9 @@ use axum::http::StatusCode;
 use serde::Serialize;
 
 pub use extract::{Authenticated, BearerToken};
+
+/// auth-service's reason when a user has no phone number stored.
+pub(crate) const PHONE_NOT_SET: &str = "PHONE_NOT_SET";
 pub use grpc::GrpcAuth;
 
 use crate::error::ApiError;
@@ -73,6 +76,17 @@ pub struct SessionItem {
     pub current: bool,
 }
 
+/// The user's phone number, as WeChat confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct PhoneNumber {
+    /// With the country code when it is not mainland China's (`+1 2025550123`), as WeChat gives it.
+    pub phone_number: String,
+    /// Without the country code.
+    pub pure_phone_number: String,
+    /// The country code (`86`).
+    pub country_code: String,
+}
+
 /// What the edge passes along with every call: the request id and, for logins, the client.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
@@ -106,6 +120,22 @@ pub trait AuthApi: Send + Sync + std::fmt::Debug + 'static {
         ctx: &CallContext,
         access_token: &str,
     ) -> AuthResult<Vec<SessionItem>>;
+    /// `DecryptData`: the decrypted JSON of `encryptedData`, its watermark checked.
+    async fn decrypt_data(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        encrypted_data: &str,
+        iv: &str,
+    ) -> AuthResult<serde_json::Value>;
+    /// `GetPhoneNumber`: with a code, exchanges it (once) and stores the number; with an empty
+    /// code, the stored number of the token's user, `None` when there is none.
+    async fn phone_number(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        code: &str,
+    ) -> AuthResult<Option<PhoneNumber>>;
     /// Whether auth-service reports SERVING (for /readyz).
     async fn ready(&self) -> bool;
 }
@@ -133,6 +163,9 @@ pub(crate) fn http_status_for(reason: &str) -> Option<(StatusCode, &'static str)
         "WECHAT_UNAVAILABLE" => (S::SERVICE_UNAVAILABLE, "wechat_unavailable"),
         "RATE_LIMITED" => (S::TOO_MANY_REQUESTS, "rate_limited"),
         "NOT_FOUND" => (S::NOT_FOUND, "not_found"),
+        "INVALID_ENCRYPTED_DATA" => (S::BAD_REQUEST, "invalid_encrypted_data"),
+        "SESSION_KEY_STALE" => (S::CONFLICT, "session_key_stale"),
+        "WATERMARK_MISMATCH" => (S::BAD_REQUEST, "watermark_mismatch"),
         _ => return None,
     })
 }
@@ -154,6 +187,18 @@ mod tests {
         assert_eq!(
             http_status_for("WECHAT_ERROR"),
             Some((StatusCode::BAD_GATEWAY, "wechat_error"))
+        );
+        assert_eq!(
+            http_status_for("SESSION_KEY_STALE"),
+            Some((StatusCode::CONFLICT, "session_key_stale"))
+        );
+        assert_eq!(
+            http_status_for("INVALID_ENCRYPTED_DATA"),
+            Some((StatusCode::BAD_REQUEST, "invalid_encrypted_data"))
+        );
+        assert_eq!(
+            http_status_for("WATERMARK_MISMATCH"),
+            Some((StatusCode::BAD_REQUEST, "watermark_mismatch"))
         );
         assert_eq!(
             http_status_for("WECHAT_RISKY_USER"),

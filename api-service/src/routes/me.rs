@@ -1,12 +1,14 @@
 //! `/v1/me`: the caller's profile, readable and writable by its owner only.
 
+use axum::Extension;
 use axum::extract::State;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::Authenticated;
+use crate::auth::{Authenticated, CallContext, PhoneNumber};
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::json::Json;
+use crate::middleware::RequestId;
 use crate::profile::{AvatarUrl, Nickname, Profile, ProfilePatch};
 use crate::state::AppState;
 use crate::time::rfc3339;
@@ -22,7 +24,7 @@ pub struct Me {
     pub nickname: Option<String>,
     /// The avatar URL, or null.
     pub avatar_url: Option<String>,
-    /// The phone number, or null (set through `POST /v1/me/phone`, a later issue).
+    /// The phone number, or null until set through `POST /v1/me/phone`.
     pub phone_number: Option<String>,
     /// When the profile was first seen (RFC 3339, UTC).
     pub created_at: String,
@@ -49,13 +51,13 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-fn me(identity_unionid: Option<String>, p: Profile) -> Me {
+fn me(identity_unionid: Option<String>, p: Profile, phone: Option<PhoneNumber>) -> Me {
     Me {
         openid: p.openid,
         unionid: identity_unionid,
         nickname: p.nickname,
         avatar_url: p.avatar_url,
-        phone_number: None,
+        phone_number: phone.map(|p| p.phone_number),
         created_at: rfc3339(p.created_at),
         updated_at: rfc3339(p.updated_at),
     }
@@ -73,10 +75,16 @@ fn me(identity_unionid: Option<String>, p: Profile) -> Me {
 )]
 pub async fn get_me(
     State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     auth: Authenticated,
 ) -> Result<axum::Json<Me>, ApiError> {
-    let profile = state.profiles.get_or_create(&auth.identity.openid).await?;
-    Ok(axum::Json(me(auth.identity.unionid, profile)))
+    // The number is only ever read inside auth-service: ask it, beside the profile read.
+    let ctx = CallContext { request_id };
+    let (profile, phone) = tokio::join!(
+        state.profiles.get_or_create(&auth.identity.openid),
+        state.auth.phone_number(&ctx, &auth.token, "")
+    );
+    Ok(axum::Json(me(auth.identity.unionid, profile?, phone?)))
 }
 
 /// Change the caller's nickname or avatar.
@@ -94,6 +102,7 @@ pub async fn get_me(
 )]
 pub async fn patch_me(
     State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     auth: Authenticated,
     Json(body): Json<MePatch>,
 ) -> Result<axum::Json<Me>, ApiError> {
@@ -107,6 +116,53 @@ pub async fn patch_me(
             .map(|a| a.as_deref().map(AvatarUrl::parse).transpose())
             .transpose()?,
     };
-    let profile = state.profiles.update(&auth.identity.openid, patch).await?;
-    Ok(axum::Json(me(auth.identity.unionid, profile)))
+    let ctx = CallContext { request_id };
+    let (profile, phone) = tokio::join!(
+        state.profiles.update(&auth.identity.openid, patch),
+        state.auth.phone_number(&ctx, &auth.token, "")
+    );
+    Ok(axum::Json(me(auth.identity.unionid, profile?, phone?)))
+}
+
+/// `POST /v1/me/phone`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PhoneBody {
+    /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code).
+    #[serde(default)]
+    pub code: String,
+}
+
+/// Confirm the caller's phone number with the code of the getPhoneNumber button.
+#[utoipa::path(
+    post, path = "/v1/me/phone", tag = "profile",
+    request_body = PhoneBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The number, kept with the profile and shown to its owner only", body = PhoneNumber),
+        (status = 400, description = "invalid_code, code_used, wechat_invalid_code, invalid_request, invalid_json", body = ErrorEnvelope),
+        (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 415, description = "unsupported_media_type", body = ErrorEnvelope),
+        (status = 429, description = "wechat_rate_limited", body = ErrorEnvelope),
+        (status = 502, description = "wechat_error", body = ErrorEnvelope),
+        (status = 503, description = "wechat_busy, wechat_unavailable, auth_unavailable", body = ErrorEnvelope),
+    )
+)]
+pub async fn post_phone(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    auth: Authenticated,
+    Json(body): Json<PhoneBody>,
+) -> Result<axum::Json<PhoneNumber>, ApiError> {
+    let ctx = CallContext { request_id };
+    let phone = state
+        .auth
+        .phone_number(&ctx, &auth.token, &body.code)
+        .await?
+        .ok_or_else(|| {
+            ApiError::auth_unavailable(anyhow::anyhow!(
+                "GetPhoneNumber with a code answered no number"
+            ))
+        })?;
+    Ok(axum::Json(phone))
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod health;
 pub mod me;
 pub mod notes;
+pub mod wechat;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,7 @@ pub struct Limits {
     tags(
         (name = "auth", description = "Login, refresh, logout, sessions"),
         (name = "profile", description = "The caller's profile"),
+        (name = "wechat", description = "WeChat's encryptedData, decrypted"),
         (name = "notes", description = "The sample business resource: the caller's notes"),
         (name = "health", description = "Liveness and readiness"),
         (name = "meta", description = "This document"),
@@ -87,6 +89,8 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(auth::logout))
         .routes(routes!(auth::sessions))
         .routes(routes!(me::get_me, me::patch_me))
+        .routes(routes!(me::post_phone))
+        .routes(routes!(wechat::decrypt))
         .routes(routes!(notes::create_note, notes::list_notes))
         .routes(routes!(
             notes::get_note,
@@ -145,6 +149,8 @@ mod tests {
         ("get", "/v1/auth/sessions"),
         ("get", "/v1/me"),
         ("patch", "/v1/me"),
+        ("post", "/v1/me/phone"),
+        ("post", "/v1/wechat/decrypt"),
         ("post", "/v1/notes"),
         ("get", "/v1/notes"),
         ("get", "/v1/notes/{id}"),
@@ -190,9 +196,13 @@ mod tests {
     ) -> AppState {
         use std::sync::atomic::AtomicBool;
 
-        let auth =
-            crate::auth::GrpcAuth::new("http://127.0.0.1:9", Duration::from_millis(100), None)
-                .expect("client");
+        let auth = crate::auth::GrpcAuth::new(
+            "http://127.0.0.1:9",
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+            None,
+        )
+        .expect("client");
         AppState {
             auth: Arc::new(auth),
             profiles,

@@ -207,6 +207,39 @@ impl GrpcAuth {
         })
     }
 
+    async fn decrypt_data_call(
+        &self,
+        r: &pb::DecryptDataRequest,
+    ) -> Result<pb::DecryptDataResponse, AuthError> {
+        let data_json = self
+            .core
+            .decrypt_data(&r.access_token, &r.encrypted_data, &r.iv)
+            .await?;
+        Ok(pb::DecryptDataResponse { data_json })
+    }
+
+    async fn get_phone_number_call(
+        &self,
+        r: &pb::GetPhoneNumberRequest,
+    ) -> Result<pb::GetPhoneNumberResponse, AuthError> {
+        let phone = self.core.phone_number(&r.access_token, &r.code).await?;
+        Ok(pb::GetPhoneNumberResponse {
+            phone_number: phone.phone_number,
+            pure_phone_number: phone.pure_phone_number,
+            country_code: phone.country_code,
+        })
+    }
+
+    async fn get_wechat_access_token_call(
+        &self,
+    ) -> Result<pb::GetWechatAccessTokenResponse, AuthError> {
+        let token = self.core.wechat_access_token().await?;
+        Ok(pb::GetWechatAccessTokenResponse {
+            access_token: secrecy::ExposeSecret::expose_secret(token.secret()).to_owned(),
+            expires_at: Some(timestamp(token.expires_at())),
+        })
+    }
+
     async fn list_session_events_call(
         &self,
         r: &pb::ListSessionEventsRequest,
@@ -309,6 +342,39 @@ impl AuthService for GrpcAuth {
         self.observed(
             path!("ListSessionEvents"),
             self.list_session_events_call(request.get_ref()),
+        )
+        .await
+    }
+
+    async fn decrypt_data(
+        &self,
+        request: Request<pb::DecryptDataRequest>,
+    ) -> Result<Response<pb::DecryptDataResponse>, Status> {
+        self.observed(
+            path!("DecryptData"),
+            self.decrypt_data_call(request.get_ref()),
+        )
+        .await
+    }
+
+    async fn get_phone_number(
+        &self,
+        request: Request<pb::GetPhoneNumberRequest>,
+    ) -> Result<Response<pb::GetPhoneNumberResponse>, Status> {
+        self.observed(
+            path!("GetPhoneNumber"),
+            self.get_phone_number_call(request.get_ref()),
+        )
+        .await
+    }
+
+    async fn get_wechat_access_token(
+        &self,
+        _request: Request<pb::GetWechatAccessTokenRequest>,
+    ) -> Result<Response<pb::GetWechatAccessTokenResponse>, Status> {
+        self.observed(
+            path!("GetWechatAccessToken"),
+            self.get_wechat_access_token_call(),
         )
         .await
     }

@@ -35,6 +35,10 @@ impl From<AuthError> for Status {
             E::SessionReplaced => Code::Unauthenticated,
             E::RefreshTokenReused => Code::Unauthenticated,
             E::UserNotFound => Code::NotFound,
+            E::InvalidEncryptedData(_) => Code::InvalidArgument,
+            E::SessionKeyStale => Code::FailedPrecondition,
+            E::WatermarkMismatch => Code::InvalidArgument,
+            E::PhoneNotSet => Code::NotFound,
             E::Unavailable(_) => Code::Unavailable,
             E::Internal(_) => Code::Internal,
         };
@@ -47,7 +51,7 @@ impl From<AuthError> for Status {
             m.insert("wechat_errmsg".into(), w.errmsg.clone());
         };
         match &e {
-            E::InvalidCode(i) | E::InvalidArgument(i) => {
+            E::InvalidCode(i) | E::InvalidArgument(i) | E::InvalidEncryptedData(i) => {
                 metadata.insert("field".into(), i.field.to_owned());
             }
             E::WechatInvalidCode(w)
@@ -74,7 +78,7 @@ impl From<AuthError> for Status {
                 error!(error = ?cause, "backing service unavailable");
                 e.to_string()
             }
-            E::InvalidCode(i) | E::InvalidArgument(i) => i.to_string(),
+            E::InvalidCode(i) | E::InvalidArgument(i) | E::InvalidEncryptedData(i) => i.to_string(),
             _ => e.to_string(),
         };
 
@@ -145,6 +149,38 @@ mod tests {
                 .map(String::as_str),
             Some("2")
         );
+    }
+
+    #[test]
+    fn sensitive_data_failures_are_told_apart() {
+        let s = Status::from(AuthError::InvalidEncryptedData(Invalid::new(
+            "iv",
+            "is not 16 bytes of base64",
+        )));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(info(&s).reason, "INVALID_ENCRYPTED_DATA");
+        assert_eq!(
+            info(&s).metadata.get("field").map(String::as_str),
+            Some("iv")
+        );
+        for (e, code, reason) in [
+            (
+                AuthError::SessionKeyStale,
+                Code::FailedPrecondition,
+                "SESSION_KEY_STALE",
+            ),
+            (
+                AuthError::WatermarkMismatch,
+                Code::InvalidArgument,
+                "WATERMARK_MISMATCH",
+            ),
+            (AuthError::PhoneNotSet, Code::NotFound, "PHONE_NOT_SET"),
+        ] {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{reason}");
+            assert_eq!(info(&s).reason, reason);
+            assert!(info(&s).metadata.is_empty(), "{reason}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Durable state: users, sessions, token hashes and the session timeline.
+//! Durable state: users (with their sealed session_keys and phone number), sessions, token
+//! hashes, the session timeline, and the app's sealed WeChat access_token.
 //!
 //! One app-level trait, [`Store`], with a backend per database, each with its own
 //! migrations; every method is one transaction, so a crash never leaves half a login or
@@ -127,6 +128,48 @@ pub enum RotateOutcome {
     NotFound,
 }
 
+/// A user's two latest session_keys as stored: each sealed with the openid as context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSessionKeys {
+    /// The newest.
+    pub newest: Vec<u8>,
+    /// The one before it, once there has been a rotation.
+    pub previous: Option<Vec<u8>>,
+}
+
+/// The app's WeChat access_token as stored (one row per appid).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAppToken {
+    /// The token, sealed with the appid as context.
+    pub sealed: Vec<u8>,
+    /// When WeChat said it expires.
+    pub expires_at: Millis,
+    /// Counts the renewals: 1 for the first token stored, one more each time it is replaced.
+    /// Two readers holding the same generation hold the same token.
+    pub generation: i64,
+}
+
+/// The app's access_token row, held exclusively: every other [`Store::lock_app_token`], on
+/// any replica, waits until this one is replaced or released (or dropped, which releases
+/// it). Held while WeChat is asked for a new token, so that one replica asks at a time and
+/// the others find its answer when they get their turn.
+#[async_trait]
+pub trait AppTokenLock: Send {
+    /// The token as it is now that the lock is held; `None` before the first one.
+    fn current(&self) -> Option<&StoredAppToken>;
+
+    /// Stores a new token as the next generation and releases the lock.
+    async fn replace(
+        self: Box<Self>,
+        sealed: Vec<u8>,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<StoredAppToken, StoreError>;
+
+    /// Releases the lock, changing nothing.
+    async fn release(self: Box<Self>) -> Result<(), StoreError>;
+}
+
 /// Which sessions to end.
 #[derive(Debug, Clone, Copy)]
 pub enum EndTarget<'a> {
@@ -190,6 +233,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes token rows dead for longer than `keep` and clears successor pairs older than
     /// `grace`; returns how many rows changed.
     async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError>;
+
+    /// The user's newest and previous session_keys, sealed; `None` for an unknown user.
+    async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError>;
+
+    /// Keeps the user's phone number (sealed, the openid as context), replacing any before;
+    /// false when there is no such user.
+    async fn set_phone(&self, openid: &str, sealed: &[u8], now: Millis)
+    -> Result<bool, StoreError>;
+
+    /// The user's sealed phone number; `None` when none is kept (or no such user).
+    async fn phone(&self, openid: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The app's access_token as stored, without locking; `None` before the first one.
+    async fn app_token(&self, appid: &str) -> Result<Option<StoredAppToken>, StoreError>;
+
+    /// Waits for, then holds, the exclusive lock on the app's access_token row (PostgreSQL:
+    /// the row `FOR UPDATE`; SQLite: a `BEGIN IMMEDIATE` transaction).
+    async fn lock_app_token(&self, appid: &str) -> Result<Box<dyn AppTokenLock>, StoreError>;
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -9,6 +9,10 @@
 //! - every end is `UPDATE … WHERE ended_at IS NULL RETURNING`, feeding the event insert in
 //!   the same statement, so concurrent ends of one session record one event.
 //!
+//! - the app's WeChat access_token row is locked `FOR UPDATE` while one replica renews it
+//!   (created empty by the first lock, so that there is a row to lock); the others wait,
+//!   then find the renewed token.
+//!
 //! Every transaction locks its user or token row before any session row, so a deadlock
 //! needs two transactions ending several sessions in different orders, which is rare; one
 //! (or a serialization failure) reruns the whole transaction, at most twice more.
@@ -33,8 +37,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    AccessRecord, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, Store,
-    StoreError, device, reason,
+    AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
+    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -60,6 +64,12 @@ const MIGRATION_RETRY_FIRST: Duration = Duration::from_millis(500);
 const MIGRATION_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Reruns of a transaction after a deadlock or serialization failure.
 const TX_RETRIES: u32 = 2;
+/// How long a replica waits for another's renewal of the app's access_token (which holds
+/// the row while it asks WeChat), in place of [`STATEMENT_TIMEOUT`].
+const APP_TOKEN_LOCK_WAIT: &str = "30s";
+/// How long the renewer may hold the row while WeChat answers, in place of
+/// [`IDLE_IN_TRANSACTION_TIMEOUT`].
+const APP_TOKEN_LOCK_HOLD: &str = "60s";
 
 /// The PostgreSQL-backed store. Clones share the pool and the readiness.
 #[derive(Clone)]
@@ -651,6 +661,102 @@ impl PostgresStore {
     }
 }
 
+/// The app's access_token row, locked `FOR UPDATE` by an open transaction. Dropped without
+/// [`AppTokenLock::replace`] or [`AppTokenLock::release`], the transaction rolls back when its
+/// connection returns to the pool, releasing the row.
+struct PgAppTokenLock {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    appid: String,
+    current: Option<StoredAppToken>,
+}
+
+#[async_trait]
+impl AppTokenLock for PgAppTokenLock {
+    fn current(&self) -> Option<&StoredAppToken> {
+        self.current.as_ref()
+    }
+
+    async fn replace(
+        mut self: Box<Self>,
+        sealed: Vec<u8>,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<StoredAppToken, StoreError> {
+        let (generation,): (i64,) = sqlx::query_as(
+            "UPDATE wechat_access_tokens SET token = $2, expires_at = $3, \
+             generation = generation + 1, updated_at = $4 WHERE appid = $1 RETURNING generation",
+        )
+        .bind(&self.appid)
+        .bind(&sealed)
+        .bind(expires_at)
+        .bind(now)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        self.tx.commit().await.map_err(map_err)?;
+        Ok(StoredAppToken {
+            sealed,
+            expires_at,
+            generation,
+        })
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        // Commits the empty row the first lock may have created.
+        self.tx.commit().await.map_err(map_err)
+    }
+}
+
+/// A stored token row's columns: the token is NULL (and generation 0) before the first one.
+fn app_token_row(row: Option<(Option<Vec<u8>>, Option<Millis>, i64)>) -> Option<StoredAppToken> {
+    match row? {
+        (Some(sealed), Some(expires_at), generation) => Some(StoredAppToken {
+            sealed,
+            expires_at,
+            generation,
+        }),
+        _ => None,
+    }
+}
+
+impl PostgresStore {
+    async fn lock_app_token_once(&self, appid: &str) -> Result<PgAppTokenLock, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // SET LOCAL takes no parameters; both values are constants of this file.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL statement_timeout = '{APP_TOKEN_LOCK_WAIT}'"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL idle_in_transaction_session_timeout = '{APP_TOKEN_LOCK_HOLD}'"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        // A row to lock even before the first token: two first renewals then queue on it
+        // (a second insert of the same appid waits for the first to commit, then does
+        // nothing) instead of both finding nothing to lock.
+        sqlx::query(
+            "INSERT INTO wechat_access_tokens (appid) VALUES ($1) ON CONFLICT (appid) DO NOTHING",
+        )
+        .bind(appid)
+        .execute(&mut *tx)
+        .await?;
+        let row: (Option<Vec<u8>>, Option<Millis>, i64) = sqlx::query_as(
+            "SELECT token, expires_at, generation FROM wechat_access_tokens \
+             WHERE appid = $1 FOR UPDATE",
+        )
+        .bind(appid)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(PgAppTokenLock {
+            tx,
+            appid: appid.to_owned(),
+            current: app_token_row(Some(row)),
+        })
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn login(&self, l: NewLogin) -> Result<LoginOutcome, StoreError> {
@@ -846,6 +952,65 @@ impl Store for PostgresStore {
     async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
         self.transaction("purge", || self.purge_once(now, keep, grace))
             .await
+    }
+
+    async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
+        self.check_ready()?;
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT session_key, prev_session_key FROM users WHERE openid = $1")
+                .bind(openid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(row.map(|(newest, previous)| SealedSessionKeys { newest, previous }))
+    }
+
+    async fn set_phone(
+        &self,
+        openid: &str,
+        sealed: &[u8],
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        self.check_ready()?;
+        let done = sqlx::query(
+            "UPDATE users SET phone = $2, phone_updated_at = $3, updated_at = $3 WHERE openid = $1",
+        )
+        .bind(openid)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn phone(&self, openid: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_ready()?;
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT phone FROM users WHERE openid = $1")
+                .bind(openid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(row.and_then(|(phone,)| phone))
+    }
+
+    async fn app_token(&self, appid: &str) -> Result<Option<StoredAppToken>, StoreError> {
+        self.check_ready()?;
+        let row: Option<(Option<Vec<u8>>, Option<Millis>, i64)> = sqlx::query_as(
+            "SELECT token, expires_at, generation FROM wechat_access_tokens WHERE appid = $1",
+        )
+        .bind(appid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(app_token_row(row))
+    }
+
+    async fn lock_app_token(&self, appid: &str) -> Result<Box<dyn AppTokenLock>, StoreError> {
+        self.check_ready()?;
+        let lock = self.lock_app_token_once(appid).await.map_err(map_err)?;
+        Ok(Box::new(lock))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -13,8 +13,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{SqliteConnection, SqlitePool};
 
 use super::{
-    AccessRecord, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, Store,
-    StoreError, device, reason,
+    AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
+    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -187,6 +187,74 @@ async fn insert_tokens(
         .await
         .map_err(map_err)?;
     Ok(())
+}
+
+/// The app's access_token row, held by a `BEGIN IMMEDIATE` transaction: SQLite lets one
+/// writer at a time, so every other lock (and every other write) waits for it, up to the
+/// busy timeout. Dropped without [`AppTokenLock::replace`] or [`AppTokenLock::release`], the
+/// transaction rolls back.
+struct SqliteAppTokenLock {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    appid: String,
+    current: Option<StoredAppToken>,
+}
+
+#[async_trait]
+impl AppTokenLock for SqliteAppTokenLock {
+    fn current(&self) -> Option<&StoredAppToken> {
+        self.current.as_ref()
+    }
+
+    async fn replace(
+        mut self: Box<Self>,
+        sealed: Vec<u8>,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<StoredAppToken, StoreError> {
+        let generation = self.current.as_ref().map_or(0, |t| t.generation) + 1;
+        sqlx::query(
+            "INSERT INTO wechat_access_tokens (appid, token, expires_at, generation, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (appid) DO UPDATE SET \
+             token = excluded.token, expires_at = excluded.expires_at, \
+             generation = excluded.generation, updated_at = excluded.updated_at",
+        )
+        .bind(&self.appid)
+        .bind(&sealed)
+        .bind(expires_at)
+        .bind(generation)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(map_err)?;
+        self.tx.commit().await.map_err(map_err)?;
+        Ok(StoredAppToken {
+            sealed,
+            expires_at,
+            generation,
+        })
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.rollback().await.map_err(map_err)
+    }
+}
+
+async fn read_app_token<'c>(
+    conn: impl sqlx::SqliteExecutor<'c>,
+    appid: &str,
+) -> Result<Option<StoredAppToken>, StoreError> {
+    let row: Option<(Vec<u8>, Millis, i64)> = sqlx::query_as(
+        "SELECT token, expires_at, generation FROM wechat_access_tokens WHERE appid = $1",
+    )
+    .bind(appid)
+    .fetch_optional(conn)
+    .await
+    .map_err(map_err)?;
+    Ok(row.map(|(sealed, expires_at, generation)| StoredAppToken {
+        sealed,
+        expires_at,
+        generation,
+    }))
 }
 
 #[async_trait]
@@ -600,6 +668,58 @@ impl Store for SqliteStore {
         .rows_affected();
         tx.commit().await.map_err(map_err)?;
         Ok(n)
+    }
+
+    async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT session_key, prev_session_key FROM users WHERE openid = $1")
+                .bind(openid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(row.map(|(newest, previous)| SealedSessionKeys { newest, previous }))
+    }
+
+    async fn set_phone(
+        &self,
+        openid: &str,
+        sealed: &[u8],
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET phone = $2, phone_updated_at = $3, updated_at = $3 WHERE openid = $1",
+        )
+        .bind(openid)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn phone(&self, openid: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT phone FROM users WHERE openid = $1")
+                .bind(openid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(row.and_then(|(phone,)| phone))
+    }
+
+    async fn app_token(&self, appid: &str) -> Result<Option<StoredAppToken>, StoreError> {
+        read_app_token(&self.pool, appid).await
+    }
+
+    async fn lock_app_token(&self, appid: &str) -> Result<Box<dyn AppTokenLock>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let current = read_app_token(&mut *tx, appid).await?;
+        Ok(Box::new(SqliteAppTokenLock {
+            tx,
+            appid: appid.to_owned(),
+            current,
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

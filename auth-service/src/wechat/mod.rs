@@ -1,15 +1,21 @@
-//! The client of WeChat's server API (`WECHAT_API_BASE`), over reqwest with rustls.
+//! The client of WeChat's server API (`WECHAT_API_BASE`), over reqwest with rustls:
+//! jscode2session (login), stable_token (the app's access_token) and getuserphonenumber.
+//! [`crypto`] decrypts encryptedData; [`access_token`] owns the app's access_token.
 //!
 //! Answers are parsed as JSON whatever their Content-Type says (jscode2session answers
-//! `text/plain`). Nothing here logs a URL: it carries the app secret and the user's code,
-//! so reqwest errors are stripped of their URL before they travel anywhere.
+//! `text/plain`). Nothing here logs a URL: it carries the app secret, the user's code or the
+//! access_token, so reqwest errors are stripped of their URL before they travel anywhere.
+
+pub mod access_token;
+pub mod crypto;
 
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::config::WechatSettings;
 use crate::domain::WechatCode;
@@ -63,6 +69,40 @@ impl std::fmt::Debug for SessionKey {
     }
 }
 
+/// The app's access_token as stable_token answered it.
+pub struct AppAccessToken {
+    /// The token (up to 512 characters). Never log it.
+    pub token: SecretString,
+    /// How long WeChat says it stays valid.
+    pub expires_in: Duration,
+}
+
+impl std::fmt::Debug for AppAccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppAccessToken")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user's phone number, as getuserphonenumber answers it (and as it is kept, sealed).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneNumber {
+    /// With the country code for numbers outside China (WeChat's `phoneNumber`).
+    pub phone_number: String,
+    /// Without country code (`purePhoneNumber`).
+    pub pure_phone_number: String,
+    /// The country calling code without `+` (`countryCode`, a string or a number on the wire).
+    pub country_code: String,
+}
+
+// A phone number is personal data: it stays out of Debug output.
+impl std::fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhoneNumber(..)")
+    }
+}
+
 /// Why a call to WeChat failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WechatCallError {
@@ -107,6 +147,68 @@ struct RawAnswer {
     unionid: Option<String>,
     #[serde(default)]
     session_key: Option<String>,
+}
+
+/// `errcode`/`errmsg`, present on every error answer (and on some successes, as 0).
+#[derive(Deserialize)]
+struct Status {
+    #[serde(default)]
+    errcode: Option<i64>,
+    #[serde(default)]
+    errmsg: Option<String>,
+}
+
+/// stable_token's success.
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: u64,
+}
+
+/// getuserphonenumber's success.
+#[derive(Deserialize)]
+struct PhoneAnswer {
+    phone_info: RawPhoneInfo,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPhoneInfo {
+    phone_number: String,
+    pure_phone_number: String,
+    /// Documented as a string, shown as a number: both are taken.
+    country_code: serde_json::Value,
+}
+
+/// The longest access_token accepted (WeChat asks for room for 512 characters).
+const MAX_ACCESS_TOKEN_LEN: usize = 2048;
+
+/// WeChat's `countryCode`, from a string (`"86"`) or a number (`86`).
+fn country_code(raw: &serde_json::Value) -> Option<String> {
+    let code = match raw {
+        serde_json::Value::String(s) => s.trim().trim_start_matches('+').to_owned(),
+        serde_json::Value::Number(n) => n.as_u64()?.to_string(),
+        _ => return None,
+    };
+    (!code.is_empty() && code.len() <= 8 && code.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(code)
+}
+
+/// Turns an answer's body into `T`, or into WeChat's error when it carries a non-zero
+/// errcode. Malformed answers say what is wrong, never what they held.
+fn parse_answer<T: DeserializeOwned>(body: &[u8]) -> Result<T, WechatCallError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| WechatCallError::Malformed(format!("not JSON ({e})")))?;
+    let status = Status::deserialize(&value)
+        .map_err(|e| WechatCallError::Malformed(format!("bad errcode ({e})")))?;
+    if let Some(errcode) = status.errcode.filter(|c| *c != 0) {
+        return Err(WechatCallError::Api(WechatErr {
+            errcode,
+            errmsg: status.errmsg.unwrap_or_default(),
+        }));
+    }
+    // serde's message names the field and the expected type, never the value.
+    T::deserialize(&value).map_err(|e| WechatCallError::Malformed(e.to_string()))
 }
 
 impl WechatClient {
@@ -174,6 +276,88 @@ impl WechatClient {
             session_key,
         })
     }
+
+    /// One call of `POST /cgi-bin/stable_token`. `force_refresh: false` answers the current
+    /// token while it is valid; `true` ends it at once and makes a new one (20 a day).
+    pub async fn stable_token(
+        &self,
+        force_refresh: bool,
+    ) -> Result<AppAccessToken, WechatCallError> {
+        let url = self
+            .base
+            .join("cgi-bin/stable_token")
+            .map_err(|_| WechatCallError::Malformed("bad WECHAT_API_BASE".into()))?;
+        let body = serde_json::json!({
+            "grant_type": "client_credential",
+            "appid": self.appid,
+            "secret": self.secret.expose_secret(),
+            "force_refresh": force_refresh,
+        });
+        let answer: TokenAnswer = parse_answer(&self.post_json(url, &body).await?)?;
+        if answer.access_token.is_empty() || answer.access_token.len() > MAX_ACCESS_TOKEN_LEN {
+            return Err(WechatCallError::Malformed(
+                "access_token empty or too long".into(),
+            ));
+        }
+        if answer.expires_in == 0 {
+            return Err(WechatCallError::Malformed("expires_in is 0".into()));
+        }
+        Ok(AppAccessToken {
+            token: SecretString::from(answer.access_token),
+            expires_in: Duration::from_secs(answer.expires_in),
+        })
+    }
+
+    /// One call of `POST /wxa/business/getuserphonenumber` with the app's `access_token`:
+    /// exchanges a getPhoneNumber button's code (billed by WeChat on success). `openid` (the
+    /// documented optional field) makes WeChat check that the code is that user's, so a code
+    /// cannot attach one user's number to another's account.
+    pub async fn phone_number(
+        &self,
+        access_token: &SecretString,
+        code: &WechatCode,
+        openid: &str,
+    ) -> Result<PhoneNumber, WechatCallError> {
+        let mut url = self
+            .base
+            .join("wxa/business/getuserphonenumber")
+            .map_err(|_| WechatCallError::Malformed("bad WECHAT_API_BASE".into()))?;
+        url.query_pairs_mut()
+            .append_pair("access_token", access_token.expose_secret());
+        let body = serde_json::json!({ "code": code.as_ref(), "openid": openid });
+        let answer: PhoneAnswer = parse_answer(&self.post_json(url, &body).await?)?;
+        let info = answer.phone_info;
+        let country_code = country_code(&info.country_code)
+            .ok_or_else(|| WechatCallError::Malformed("countryCode is not a number".into()))?;
+        if info.phone_number.is_empty() || info.pure_phone_number.is_empty() {
+            return Err(WechatCallError::Malformed("empty phone number".into()));
+        }
+        Ok(PhoneNumber {
+            phone_number: info.phone_number,
+            pure_phone_number: info.pure_phone_number,
+            country_code,
+        })
+    }
+
+    /// POSTs `body` as JSON and reads the whole answer, whatever its status and type.
+    async fn post_json(
+        &self,
+        url: reqwest::Url,
+        body: &serde_json::Value,
+    ) -> Result<Vec<u8>, WechatCallError> {
+        let answer = self
+            .http
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| WechatCallError::Unreachable(e.without_url()))?
+            .bytes()
+            .await
+            .map_err(|e| WechatCallError::Unreachable(e.without_url()))?;
+        Ok(answer.to_vec())
+    }
 }
 
 #[cfg(test)]
@@ -187,5 +371,79 @@ mod tests {
         assert!(SessionKey::from_base64("not base64!").is_none());
         let k = SessionKey::from_base64("tiihtNczf5v6AKRyjwEUhQ==").expect("valid");
         assert_eq!(format!("{k:?}"), "SessionKey(..)");
+    }
+
+    #[test]
+    fn country_codes_come_as_strings_or_numbers() {
+        use serde_json::json;
+        for (raw, want) in [
+            (json!("86"), Some("86")),
+            (json!(86), Some("86")),
+            (json!("+1"), Some("1")),
+            (json!(" 852 "), Some("852")),
+            (json!(1), Some("1")),
+            (json!(""), None),
+            (json!("eighty-six"), None),
+            (json!(-86), None),
+            (json!(8.6), None),
+            (json!(null), None),
+            (json!([86]), None),
+        ] {
+            assert_eq!(country_code(&raw).as_deref(), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn phone_answers_parse_with_either_country_code_form() {
+        for body in [
+            r#"{"errcode":0,"errmsg":"ok","phone_info":{"phoneNumber":"13800138000","purePhoneNumber":"13800138000","countryCode":"86","watermark":{"timestamp":1,"appid":"wx"}}}"#,
+            r#"{"phone_info":{"phoneNumber":"13800138000","purePhoneNumber":"13800138000","countryCode":86}}"#,
+        ] {
+            let answer: PhoneAnswer = parse_answer(body.as_bytes()).expect(body);
+            assert_eq!(answer.phone_info.phone_number, "13800138000");
+            assert_eq!(
+                country_code(&answer.phone_info.country_code).as_deref(),
+                Some("86")
+            );
+        }
+    }
+
+    #[test]
+    fn errors_are_told_from_malformed_answers() {
+        let err =
+            parse_answer::<PhoneAnswer>(br#"{"errcode":40029,"errmsg":"invalid code, rid: x"}"#)
+                .err();
+        assert!(
+            matches!(err, Some(WechatCallError::Api(ref e)) if e.errcode == 40029 && e.errmsg == "invalid code, rid: x"),
+            "{err:?}"
+        );
+        for body in [&b"<html>"[..], br#"{"errcode":0}"#, br#"{"errcode":"x"}"#] {
+            assert!(
+                matches!(
+                    parse_answer::<TokenAnswer>(body),
+                    Err(WechatCallError::Malformed(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let ok: TokenAnswer =
+            parse_answer(br#"{"access_token":"AT","expires_in":7200}"#).expect("a token");
+        assert_eq!((ok.access_token.as_str(), ok.expires_in), ("AT", 7200));
+    }
+
+    #[test]
+    fn debug_output_hides_tokens_and_numbers() {
+        let t = AppAccessToken {
+            token: SecretString::from("ACCESS-TOKEN-VALUE".to_owned()),
+            expires_in: Duration::from_secs(7200),
+        };
+        assert!(!format!("{t:?}").contains("ACCESS-TOKEN-VALUE"));
+        let p = PhoneNumber {
+            phone_number: "13800138000".into(),
+            pure_phone_number: "13800138000".into(),
+            country_code: "86".into(),
+        };
+        assert!(!format!("{p:?}").contains("138"));
     }
 }

@@ -5,11 +5,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use auth_service::crypto::TokenHash;
+use auth_service::crypto::{Keys as Crypto, TokenHash};
 use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, SessionPolicy};
 use auth_service::store::postgres::PostgresStore;
 use auth_service::store::sqlite::SqliteStore;
-use auth_service::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store};
+use auth_service::store::{
+    EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoredAppToken,
+};
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
 use sqlx::{PgPool, SqlitePool};
@@ -130,6 +132,16 @@ struct Keys {
 }
 
 impl Raw {
+    /// One BLOB/BYTEA column of one row, selected by a text key.
+    async fn bytes(&self, sql: &'static str, key: &str) -> Option<Vec<u8>> {
+        let row: Option<(Option<Vec<u8>>,)> = match self {
+            Raw::Sqlite(pool) => sqlx::query_as(sql).bind(key).fetch_optional(pool).await,
+            Raw::Postgres(pool) => sqlx::query_as(sql).bind(key).fetch_optional(pool).await,
+        }
+        .expect("query");
+        row.and_then(|(b,)| b)
+    }
+
     async fn keys(&self, openid: &str) -> Keys {
         const SQL: &str = "SELECT session_key, prev_session_key, session_key_fp, \
                            session_key_updated_at FROM users WHERE openid = $1";
@@ -195,6 +207,12 @@ contract! {
     ping_answers_once_ready(store);
     parallel_rotations_of_one_token_rotate_once(replicas);
     parallel_logins_of_one_user_keep_the_session_limit(replicas);
+    session_keys_are_the_newest_then_the_previous(store);
+    phone_is_kept_sealed_per_user_and_replaced(store, raw);
+    app_token_round_trips_sealed_and_counts_generations(store, raw);
+    app_token_lock_makes_another_replica_wait_then_see_the_renewal(replicas);
+    a_dropped_app_token_lock_is_released(replicas);
+    renewals_racing_on_two_replicas_recheck_and_renew_once(replicas);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1055,4 +1073,272 @@ async fn parallel_logins_of_one_user_keep_the_session_limit(replicas: Vec<Arc<dy
     }
     let logins = events.iter().filter(|e| e.kind == EventKind::Login).count();
     assert_eq!(logins, N);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sensitive data: session_keys read back, the phone number, the app's access_token.
+
+const APP: &str = "wx5e1e2e0000000001";
+
+/// Real sealing, as the service does it, to show the round trip through the store.
+fn crypto() -> Crypto {
+    Crypto::derive(&SecretString::from(
+        "store-contract-key-0123456789abcdef".to_owned(),
+    ))
+}
+
+fn app_context(appid: &str) -> Vec<u8> {
+    format!("wechat-access-token:{appid}").into_bytes()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn session_keys_are_the_newest_then_the_previous(store: Arc<dyn Store>) {
+    assert_eq!(store.session_keys("o1").await.expect("session_keys"), None);
+    let with_key = |session: &str, now: Millis, sealed: &[u8], fp: u8| {
+        let mut l = login("o1", session, now);
+        l.session_key_sealed = sealed.to_vec();
+        l.session_key_fp = [fp; 32];
+        l
+    };
+
+    store
+        .login(with_key("s1", T0, b"sealed-A", 0xA))
+        .await
+        .expect("login");
+    assert_eq!(
+        store.session_keys("o1").await.expect("session_keys"),
+        Some(SealedSessionKeys {
+            newest: b"sealed-A".to_vec(),
+            previous: None,
+        })
+    );
+
+    store
+        .login(with_key("s2", T0 + MIN, b"sealed-B", 0xB))
+        .await
+        .expect("login");
+    store
+        .login(with_key("s3", T0 + 2 * MIN, b"sealed-C", 0xC))
+        .await
+        .expect("login");
+
+    // Two kept: the newest and the one before it.
+    assert_eq!(
+        store.session_keys("o1").await.expect("session_keys"),
+        Some(SealedSessionKeys {
+            newest: b"sealed-C".to_vec(),
+            previous: Some(b"sealed-B".to_vec()),
+        })
+    );
+    assert_eq!(store.session_keys("o2").await.expect("session_keys"), None);
+}
+
+async fn phone_is_kept_sealed_per_user_and_replaced(store: Arc<dyn Store>, raw: Raw) {
+    const PHONE: &str = "SELECT phone FROM users WHERE openid = $1";
+    let c = crypto();
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store.login(login("o2", "s2", T0)).await.expect("login");
+    assert_eq!(store.phone("o1").await.expect("phone"), None);
+
+    let plain =
+        br#"{"phone_number":"13800138000","pure_phone_number":"13800138000","country_code":"86"}"#;
+    let sealed = c.seal(plain, b"o1").expect("seal");
+    assert!(
+        store
+            .set_phone("o1", &sealed, T0 + MIN)
+            .await
+            .expect("set_phone")
+    );
+
+    let stored = store.phone("o1").await.expect("phone").expect("a number");
+    assert_eq!(stored, sealed);
+    assert_eq!(c.open(&stored, b"o1").expect("opens for its owner"), plain);
+    assert!(c.open(&stored, b"o2").is_err(), "bound to the openid");
+    assert_eq!(store.phone("o2").await.expect("phone"), None);
+    let column = raw.bytes(PHONE, "o1").await.expect("the column is set");
+    assert!(!contains(&column, b"13800138000"), "stored in clear");
+
+    // A new number replaces the old one.
+    let sealed2 = c
+        .seal(br#"{"phone_number":"13900139000"}"#, b"o1")
+        .expect("seal");
+    assert!(
+        store
+            .set_phone("o1", &sealed2, T0 + 2 * MIN)
+            .await
+            .expect("set_phone")
+    );
+    assert_eq!(store.phone("o1").await.expect("phone"), Some(sealed2));
+
+    // No such user: nothing stored, nothing found.
+    assert!(
+        !store
+            .set_phone("nobody", &sealed, T0)
+            .await
+            .expect("set_phone")
+    );
+    assert_eq!(store.phone("nobody").await.expect("phone"), None);
+}
+
+async fn app_token_round_trips_sealed_and_counts_generations(store: Arc<dyn Store>, raw: Raw) {
+    const TOKEN: &str = "SELECT token FROM wechat_access_tokens WHERE appid = $1";
+    let c = crypto();
+    assert_eq!(store.app_token(APP).await.expect("app_token"), None);
+
+    // Locked and released before any token: still none.
+    let lock = store.lock_app_token(APP).await.expect("lock");
+    assert_eq!(lock.current(), None);
+    lock.release().await.expect("release");
+    assert_eq!(store.app_token(APP).await.expect("app_token"), None);
+
+    let first = c
+        .seal(b"AT-first-0123456789", &app_context(APP))
+        .expect("seal");
+    let lock = store.lock_app_token(APP).await.expect("lock");
+    let stored = lock
+        .replace(first.clone(), T0 + 2 * HOUR, T0)
+        .await
+        .expect("replace");
+    let want = StoredAppToken {
+        sealed: first.clone(),
+        expires_at: T0 + 2 * HOUR,
+        generation: 1,
+    };
+    assert_eq!(stored, want);
+    let read = store
+        .app_token(APP)
+        .await
+        .expect("app_token")
+        .expect("a token");
+    assert_eq!(read, want);
+    assert_eq!(
+        c.open(&read.sealed, &app_context(APP)).expect("opens"),
+        b"AT-first-0123456789"
+    );
+    let column = raw.bytes(TOKEN, APP).await.expect("the column is set");
+    assert!(!contains(&column, b"AT-first"), "stored in clear");
+
+    // The lock shows what is stored; a replacement is the next generation.
+    let second = c.seal(b"AT-second", &app_context(APP)).expect("seal");
+    let lock = store.lock_app_token(APP).await.expect("lock");
+    assert_eq!(lock.current(), Some(&want));
+    let stored = lock
+        .replace(second.clone(), T0 + 4 * HOUR, T0 + 2 * HOUR)
+        .await
+        .expect("replace");
+    assert_eq!(stored.generation, 2);
+    assert_eq!(
+        store.app_token(APP).await.expect("app_token"),
+        Some(StoredAppToken {
+            sealed: second,
+            expires_at: T0 + 4 * HOUR,
+            generation: 2,
+        })
+    );
+
+    // One row per appid.
+    let other = store.lock_app_token("wx_other").await.expect("lock");
+    assert_eq!(other.current(), None);
+    let stored = other.replace(first, T0 + HOUR, T0).await.expect("replace");
+    assert_eq!(stored.generation, 1);
+    assert_eq!(
+        store
+            .app_token(APP)
+            .await
+            .expect("app_token")
+            .map(|t| t.generation),
+        Some(2)
+    );
+}
+
+async fn app_token_lock_makes_another_replica_wait_then_see_the_renewal(
+    replicas: Vec<Arc<dyn Store>>,
+) {
+    let held = replicas[0].lock_app_token(APP).await.expect("lock A");
+    assert_eq!(held.current(), None);
+
+    let b = replicas[1].clone();
+    let waiting = tokio::spawn(async move {
+        let lock = b.lock_app_token(APP).await.expect("lock B");
+        let seen = lock.current().cloned();
+        lock.release().await.expect("release B");
+        seen
+    });
+    // Every chance for B to take the lock, if it could: it must not while A holds it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second replica got the lock while the first held it"
+    );
+
+    let stored = held
+        .replace(b"sealed-by-A".to_vec(), T0 + 2 * HOUR, T0)
+        .await
+        .expect("replace");
+    assert_eq!(stored.generation, 1);
+
+    // B's turn: it sees A's renewal (and so would not ask WeChat again).
+    assert_eq!(waiting.await.expect("join"), Some(stored));
+}
+
+async fn a_dropped_app_token_lock_is_released(replicas: Vec<Arc<dyn Store>>) {
+    let first = replicas[0].lock_app_token(APP).await.expect("lock");
+    first
+        .replace(b"sealed-1".to_vec(), T0 + HOUR, T0)
+        .await
+        .expect("replace");
+
+    // A renewal abandoned halfway (its call cancelled): nothing it did remains.
+    let lock = replicas[0].lock_app_token(APP).await.expect("lock");
+    drop(lock);
+
+    let lock = replicas[1]
+        .lock_app_token(APP)
+        .await
+        .expect("lock after a drop");
+    assert_eq!(lock.current().map(|t| t.generation), Some(1));
+    lock.release().await.expect("release");
+}
+
+async fn renewals_racing_on_two_replicas_recheck_and_renew_once(replicas: Vec<Arc<dyn Store>>) {
+    const N: usize = 8;
+    /// Locks the row and renews it only if it still holds generation `seen`: the re-check
+    /// the service does before asking WeChat. Answers whether it renewed.
+    async fn renew_if_still(store: Arc<dyn Store>, seen: Option<i64>, i: usize) -> bool {
+        let lock = store.lock_app_token(APP).await.expect("lock");
+        if lock.current().map(|t| t.generation) != seen {
+            lock.release().await.expect("release");
+            return false;
+        }
+        lock.replace(format!("sealed-{i}").into_bytes(), T0 + 2 * HOUR, T0)
+            .await
+            .expect("replace");
+        true
+    }
+
+    for (round, seen) in [None, Some(1)].into_iter().enumerate() {
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let store = replicas[i % replicas.len()].clone();
+                tokio::spawn(renew_if_still(store, seen, i))
+            })
+            .collect();
+        let mut renewed = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            if task.await.expect("join") {
+                renewed.push(i);
+            }
+        }
+        assert_eq!(renewed.len(), 1, "round {round}: {renewed:?}");
+        let stored = replicas[1]
+            .app_token(APP)
+            .await
+            .expect("app_token")
+            .expect("a token");
+        assert_eq!(stored.generation, round as i64 + 1);
+        assert_eq!(stored.sealed, format!("sealed-{}", renewed[0]).into_bytes());
+    }
 }

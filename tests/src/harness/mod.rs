@@ -7,6 +7,7 @@ pub mod external;
 pub mod process;
 pub mod proxy;
 pub mod sim;
+pub mod stream;
 
 pub use api::ApiProcess;
 pub use auth::{AuthClient, AuthProcess};

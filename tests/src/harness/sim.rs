@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use hmac::{Hmac, Mac};
 use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use super::process::Process;
 
@@ -23,6 +25,21 @@ pub fn install_crypto_provider() {
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
+}
+
+/// The `signature` checksession and resetusersessionkey expect for `session_key`: lowercase hex
+/// HMAC-SHA256 keyed with the key's base64 text, of the empty message.
+pub fn session_key_signature(session_key: &str) -> String {
+    // HMAC takes a key of any length: this cannot fail.
+    <Hmac<Sha256> as Mac>::new_from_slice(session_key.as_bytes())
+        .map(|mac| {
+            mac.finalize()
+                .into_bytes()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An HTTP client for tests: the crypto provider installed, no proxy, a `timeout` per request.
@@ -98,7 +115,8 @@ pub struct SimUser {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Fault {
-    /// `None`: `jscode2session`.
+    /// `jscode2session`, `stable_token`, `token`, `getuserphonenumber`, `checksession` or
+    /// `resetusersessionkey`; `None`: `jscode2session`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Only calls with this code; `None`: every call.
@@ -155,14 +173,14 @@ impl Fault {
         }
     }
 
-    /// Only for calls of `endpoint` (`"jscode2session"`, ...).
+    /// Only for calls of `endpoint` (`"jscode2session"`, `"stable_token"`, ...).
     #[must_use]
     pub fn on_endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
         self
     }
 
-    /// Only for calls with `code`.
+    /// Only for calls with `code` (a `js_code`, or a getuserphonenumber `code`).
     #[must_use]
     pub fn for_code(mut self, code: impl Into<String>) -> Self {
         self.code = Some(code.into());
@@ -181,6 +199,131 @@ impl Fault {
         self.times = Some(times);
         self
     }
+}
+
+/// `POST /sim/phone-codes`: what `<button open-type="getPhoneNumber">` does. Build one with
+/// [`MintPhoneCode::new`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintPhoneCode {
+    /// The number without country code, 4 to 20 digits.
+    pub phone_number: String,
+    /// 1 to 4 digits without `+`; `None`: `"86"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country_code: Option<String>,
+    /// The user the code belongs to (getuserphonenumber with another `openid` gives 40029);
+    /// `None`: any user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openid: Option<String>,
+}
+
+impl MintPhoneCode {
+    /// A code for `phone_number` (a Chinese number unless [`MintPhoneCode::country_code`]).
+    pub fn new(phone_number: impl Into<String>) -> Self {
+        Self {
+            phone_number: phone_number.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The code belongs to `openid`.
+    #[must_use]
+    pub fn for_openid(mut self, openid: impl Into<String>) -> Self {
+        self.openid = Some(openid.into());
+        self
+    }
+
+    /// A number of the country `country_code` (`"852"`, ...).
+    #[must_use]
+    pub fn country_code(mut self, country_code: impl Into<String>) -> Self {
+        self.country_code = Some(country_code.into());
+        self
+    }
+}
+
+/// `POST /sim/encrypt`: what the phone does for encryptedData. Build one with
+/// [`Encrypt::for_openid`] or [`Encrypt::with_session_key`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encrypt {
+    /// Whose current session_key encrypts, unless `session_key` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openid: Option<String>,
+    /// A JSON object; the simulator appends the watermark as its last field.
+    pub data: serde_json::Value,
+    /// Encrypt with this key (base64 of 16 bytes) instead of the user's current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<String>,
+    /// The watermark's appid; `None`: the simulator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appid: Option<String>,
+}
+
+impl Encrypt {
+    /// `data` encrypted with the current session_key of `openid`.
+    pub fn for_openid(openid: impl Into<String>, data: serde_json::Value) -> Self {
+        Self {
+            openid: Some(openid.into()),
+            data,
+            ..Self::default()
+        }
+    }
+
+    /// `data` encrypted with `session_key` (an older key of a user, say).
+    pub fn with_session_key(session_key: impl Into<String>, data: serde_json::Value) -> Self {
+        Self {
+            session_key: Some(session_key.into()),
+            data,
+            ..Self::default()
+        }
+    }
+
+    /// Watermarked with `appid` instead of the simulator's.
+    #[must_use]
+    pub fn appid(mut self, appid: impl Into<String>) -> Self {
+        self.appid = Some(appid.into());
+        self
+    }
+}
+
+/// What `POST /sim/encrypt` answers: what the phone sends the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encrypted {
+    /// Base64 of the AES-128-CBC ciphertext.
+    pub encrypted_data: String,
+    /// Base64 of the 16-byte iv.
+    pub iv: String,
+}
+
+/// `GET /sim/access-token`. Times are Unix seconds on the simulator's clock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessTokenState {
+    /// The newest stable token (`stable_token`), if it still works.
+    pub access_token: Option<String>,
+    pub expires_at: Option<u64>,
+    pub expires_in: Option<u64>,
+    /// The newest classic token (`token`), if it still works.
+    pub classic_access_token: Option<String>,
+    /// The lifetime of tokens issued from now on.
+    pub lifetime_seconds: u64,
+    /// Force refreshes within the last 24 hours.
+    pub force_refreshes_today: u64,
+    /// The simulator's now.
+    pub now: u64,
+    /// Every token issued, newest first.
+    pub tokens: Vec<AccessTokenInfo>,
+}
+
+/// One token of [`AccessTokenState::tokens`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessTokenInfo {
+    pub access_token: String,
+    /// `"stable"` or `"classic"`.
+    pub kind: String,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    /// When it was ended early (answers 40001 from then on).
+    pub ended_at: Option<u64>,
+    /// `"valid"`, `"invalid"` (40001) or `"expired"` (42001).
+    pub status: String,
 }
 
 /// `GET /sim/calls`.
@@ -203,6 +346,21 @@ struct FaultsCleared {
 #[derive(Deserialize)]
 struct ClockAdvanced {
     offset_seconds: u64,
+}
+
+#[derive(Deserialize)]
+struct CodeMinted {
+    code: String,
+}
+
+#[derive(Deserialize)]
+struct TokensTargeted {
+    access_tokens: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct StableToken {
+    access_token: String,
 }
 
 impl SimProcess {
@@ -306,6 +464,105 @@ impl SimProcess {
             .control(Method::POST, self.url("/sim/clock/advance")?, Some(body))
             .await?;
         Ok(advanced.offset_seconds)
+    }
+
+    /// Mints a phone code; answers it.
+    pub async fn mint_phone_code(&self, mint: &MintPhoneCode) -> anyhow::Result<String> {
+        let body = serde_json::to_value(mint)?;
+        let minted: CodeMinted = self
+            .control(Method::POST, self.url("/sim/phone-codes")?, Some(body))
+            .await?;
+        Ok(minted.code)
+    }
+
+    /// Makes getuserphonenumber answer `countryCode` as a JSON number (`true`) or as a string
+    /// (`false`, the default).
+    pub async fn set_country_code_as_number(&self, as_number: bool) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "country_code_as_number": as_number });
+        let _: serde_json::Value = self
+            .control(
+                Method::POST,
+                self.url("/sim/phone-number-format")?,
+                Some(body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Encrypts a JSON object as the phone does for encryptedData.
+    pub async fn encrypt(&self, encrypt: &Encrypt) -> anyhow::Result<Encrypted> {
+        let body = serde_json::to_value(encrypt)?;
+        self.control(Method::POST, self.url("/sim/encrypt")?, Some(body))
+            .await
+    }
+
+    /// Makes `access_token`, or every token that works now when `None`, answer 40001 from now
+    /// on; answers the tokens it applied to.
+    pub async fn invalidate_access_token(
+        &self,
+        access_token: Option<&str>,
+    ) -> anyhow::Result<Vec<String>> {
+        self.target_access_tokens("/sim/access-token/invalidate", access_token)
+            .await
+    }
+
+    /// Makes `access_token`, or every token that works now when `None`, answer 42001 from now
+    /// on; answers the tokens it applied to.
+    pub async fn expire_access_token(
+        &self,
+        access_token: Option<&str>,
+    ) -> anyhow::Result<Vec<String>> {
+        self.target_access_tokens("/sim/access-token/expire", access_token)
+            .await
+    }
+
+    async fn target_access_tokens(
+        &self,
+        path: &str,
+        access_token: Option<&str>,
+    ) -> anyhow::Result<Vec<String>> {
+        let body = match access_token {
+            Some(token) => serde_json::json!({ "access_token": token }),
+            None => serde_json::json!({}),
+        };
+        let targeted: TokensTargeted = self
+            .control(Method::POST, self.url(path)?, Some(body))
+            .await?;
+        Ok(targeted.access_tokens)
+    }
+
+    /// Sets the lifetime of the access tokens issued from now on (default 7200 s).
+    pub async fn set_access_token_lifetime(&self, seconds: u64) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "seconds": seconds });
+        let _: serde_json::Value = self
+            .control(
+                Method::POST,
+                self.url("/sim/access-token/lifetime")?,
+                Some(body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The access tokens as the simulator knows them.
+    pub async fn access_token(&self) -> anyhow::Result<AccessTokenState> {
+        self.control(Method::GET, self.url("/sim/access-token")?, None)
+            .await
+    }
+
+    /// Gets a stable access token the way a server does (`POST /cgi-bin/stable_token` with
+    /// [`APPID`] and [`SECRET`], `force_refresh: false`): a call of `stable_token` like any other.
+    pub async fn fetch_stable_token(&self) -> anyhow::Result<String> {
+        let body = serde_json::json!({
+            "grant_type": "client_credential",
+            "appid": APPID,
+            "secret": SECRET,
+            "force_refresh": false,
+        });
+        let token: StableToken = self
+            .control(Method::POST, self.url("/cgi-bin/stable_token")?, Some(body))
+            .await?;
+        Ok(token.access_token)
     }
 
     /// Forgets users, codes, faults, counts and the clock's advance.

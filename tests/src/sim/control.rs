@@ -79,6 +79,26 @@ where
     }
 }
 
+/// An openid or unionid given to the control API: 1 to 128 printable ASCII characters.
+pub(crate) fn check_id(field: &str, id: String) -> Result<String, ControlError> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ControlError::bad_request(format!(
+            "{field} must be 1 to 128 printable ASCII characters without spaces"
+        )));
+    }
+    Ok(id)
+}
+
+/// An appid given to the control API: ASCII letters and digits.
+pub(crate) fn check_appid(appid: String) -> Result<String, ControlError> {
+    if appid.is_empty() || !appid.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ControlError::bad_request(
+            "appid must be a non-empty string of ASCII letters and digits",
+        ));
+    }
+    Ok(appid)
+}
+
 pub(crate) fn router() -> Router<SimState> {
     Router::new()
         .route("/sim/reset", post(reset))

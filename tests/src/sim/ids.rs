@@ -1,5 +1,5 @@
-//! Random identifiers shaped like WeChat's: openids, unionids, login codes, session keys, and
-//! the `rid` that ends every error message.
+//! Random identifiers shaped like WeChat's: openids, unionids, login codes, session keys,
+//! access tokens, phone codes, and the `rid` that ends every error message.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,7 +12,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 #[error("the operating system's random number generator failed: {0}")]
 pub(crate) struct RandomError(getrandom::Error);
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
     let mut bytes = [0; N];
     getrandom::fill(&mut bytes).map_err(RandomError)?;
     Ok(bytes)
@@ -45,6 +45,23 @@ pub(crate) fn login_code() -> Result<String, RandomError> {
         }
     }
     Ok(code)
+}
+
+/// An access token: `98_` and 152 URL-safe base64 characters (114 random bytes), 155 characters
+/// in all, the length and alphabet of WeChat's (which keeps room for 512).
+pub(crate) fn access_token() -> Result<String, RandomError> {
+    Ok(format!(
+        "98_{}",
+        URL_SAFE_NO_PAD.encode(random_bytes::<114>()?)
+    ))
+}
+
+/// A phone code, as `<button open-type="getPhoneNumber">` gives: 64 lowercase hex digits.
+pub(crate) fn phone_code() -> Result<String, RandomError> {
+    Ok(random_bytes::<32>()?
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
 }
 
 /// A request id like WeChat's (`64a3c6f4-1d2b5b7e-0c1f5a3e`): the time and a counter, so it
@@ -89,6 +106,29 @@ mod tests {
         assert!(code.starts_with('0'));
         assert!(code.chars().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(code, login_code().expect("random"));
+    }
+
+    #[test]
+    fn an_access_token_is_155_url_safe_characters() {
+        let token = access_token().expect("random");
+        assert_eq!(token.len(), 155);
+        assert!(token.starts_with("98_"));
+        assert!(
+            token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert_ne!(token, access_token().expect("random"));
+    }
+
+    #[test]
+    fn a_phone_code_is_64_lowercase_hex_digits() {
+        let code = phone_code().expect("random");
+        assert_eq!(code.len(), 64);
+        assert!(
+            code.chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, 'a'..='f'))
+        );
     }
 
     #[test]

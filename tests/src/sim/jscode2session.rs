@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
 use super::clock::SimTime;
-use super::control::{ControlError, ControlJson};
+use super::control::{ControlError, ControlJson, check_appid, check_id};
 use super::ids::{self, RandomError};
 use super::state::{SimState, World};
 use super::users::UnionidChange;
@@ -195,12 +195,7 @@ async fn mint_login_code(
         (None, false) => UnionidChange::Keep,
     };
     let appid = match body.appid {
-        Some(appid) if appid.is_empty() || !appid.chars().all(|c| c.is_ascii_alphanumeric()) => {
-            return Err(ControlError::bad_request(
-                "appid must be a non-empty string of ASCII letters and digits",
-            ));
-        }
-        Some(appid) => appid,
+        Some(appid) => check_appid(appid)?,
         None => state.settings().appid.clone(),
     };
 
@@ -217,16 +212,6 @@ async fn mint_login_code(
     })?;
     tracing::info!(openid = %minted.openid, %appid, "login code minted, session_key rotated");
     Ok(Json(minted))
-}
-
-/// An openid or unionid given to the control API: 1 to 128 printable ASCII characters.
-fn check_id(field: &str, id: String) -> Result<String, ControlError> {
-    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ControlError::bad_request(format!(
-            "{field} must be 1 to 128 printable ASCII characters without spaces"
-        )));
-    }
-    Ok(id)
 }
 
 #[cfg(test)]

@@ -40,6 +40,91 @@
 //! Every call, whatever its outcome (faults, drops and hangs included), is counted per endpoint
 //! and per `js_code` (a call without a `js_code` counts for the endpoint only).
 //!
+//! ## What the other endpoints share
+//!
+//! They answer JSON with `Content-Type: application/json; encoding=utf-8` and HTTP 200 whatever
+//! the outcome, errors in the same shape as above. Each is counted under its name below (the
+//! `"endpoint"` of a fault, the keys of `GET /sim/calls`), and a staged fault for that name
+//! applies to it before anything else is checked. The POSTed ones read their body as JSON
+//! whatever the `Content-Type`; a body that is not a JSON object, or a field of the wrong type,
+//! is 47001 `data format error`.
+//!
+//! The calls that carry an `access_token` in their query check it, before anything else but
+//! the faults: missing or empty → 41001; never issued, or ended early (a force refresh, a newer
+//! classic token, `POST /sim/access-token/invalidate`) → 40001; past its lifetime (or
+//! `POST /sim/access-token/expire`) → 42001. When a token both ended and expired, the earlier of
+//! the two decides.
+//!
+//! ## `POST /cgi-bin/stable_token` (endpoint `stable_token`)
+//!
+//! Body `{"grant_type": "client_credential", "appid": "…", "secret": "…", "force_refresh":
+//! false}`. Checks, in order: body not a JSON object (or a field of the wrong type, such as a
+//! string `force_refresh`) → 47001; `appid` missing or empty → 41002, not the simulator's →
+//! 40013; `secret` missing or empty → 41004, wrong → 40125; `grant_type` not
+//! `client_credential` → 40002. Success: `{"access_token": "…", "expires_in": N}` (no
+//! errcode).
+//!
+//! The app has one current stable token at a time (the newest, if it still works):
+//!
+//! - `force_refresh` false or absent: the current token with its remaining whole seconds as
+//!   `expires_in`, as long as more than 5 minutes of it remain. With 5 minutes or less left (or
+//!   none at all, or the current one invalidated or expired), a new token is issued with the
+//!   full lifetime, and the previous one keeps working until its own end: during those
+//!   minutes both work. (With a lifetime of 5 minutes or less, every call issues a new one.)
+//! - `force_refresh: true`: every stable token that still works ends at once (40001 from now
+//!   on) and a new one is issued. As WeChat documents: a force refresh less than 30 s (on the
+//!   simulator's clock) after the previous successful one *does not refresh*: it answers as
+//!   `force_refresh: false` would (no errcode, nothing ended) and uses up no quota; and at most
+//!   20 force refreshes succeed within any 24 hours of the simulator's clock (a sliding window),
+//!   the 21st is refused with 45009 `reach max api daily quota limit` (nothing ended).
+//!
+//! Tokens are `98_` followed by 152 URL-safe base64 characters (155 in all; WeChat's are about
+//! as long and ask for room for 512). The lifetime is 7200 s unless
+//! `POST /sim/access-token/lifetime` changed it. Stable and classic tokens are independent of
+//! each other, as at WeChat.
+//!
+//! ## `GET /cgi-bin/token?grant_type=client_credential&appid=&secret=` (endpoint `token`)
+//!
+//! The classic access token. The same checks as stable_token (41002/40013, 41004/40125, 40002)
+//! on the query parameters. Each successful call issues a new token (`{"access_token",
+//! "expires_in"}` with the full lifetime), and the previous classic token ends 5 minutes later
+//! (40001 from then on), so two servers that each fetch their own keep breaking each other.
+//!
+//! ## `POST /wxa/business/getuserphonenumber?access_token=AT` (endpoint `getuserphonenumber`)
+//!
+//! Body `{"code": "…", "openid": "…"}` (`openid` optional). Checks, in order: the access_token;
+//! body not a JSON object, or `code`/`openid` not strings → 47001; `code` missing or empty →
+//! 41008; then 40029 for a code that is unknown, older than 5 minutes on the simulator's clock,
+//! already redeemed (WeChat documents 40029 for a used code too), or minted for another openid
+//! than the `openid` given (an `openid` is only checked against a code minted with one). A
+//! refused call does not use the code up. Success, which uses it up:
+//!
+//! ```json
+//! {"errcode": 0, "errmsg": "ok", "phone_info": {"phoneNumber": "13800138000",
+//!  "purePhoneNumber": "13800138000", "countryCode": "86",
+//!  "watermark": {"timestamp": <simulator's now, Unix seconds>, "appid": "<the simulator's>"}}}
+//! ```
+//!
+//! `phoneNumber` is the pure number for country code 86, else `+`, the country code and the
+//! number (`+85261234567`; WeChat only says foreign numbers carry their code). `countryCode` is
+//! a string unless `POST /sim/phone-number-format` asked for a number. The call is counted per
+//! `code` too (in `GET /sim/calls`), and a fault's `code` matches it.
+//!
+//! ## `GET /wxa/checksession?access_token=AT&openid=&signature=&sig_method=hmac_sha256` (endpoint `checksession`)
+//!
+//! Checks, in order: the access_token; `openid` missing or not a user the simulator knows →
+//! 40003 `invalid openid`; `sig_method` other than `hmac_sha256`, or `signature` other than
+//! the lowercase hex HMAC-SHA256 keyed with the user's *current* session_key's base64 text (as
+//! ASCII bytes) of the empty message → 87009 `invalid signature` (so a stale key gives 87009).
+//! Success: `{"errcode": 0, "errmsg": "ok"}`.
+//!
+//! ## `GET /wxa/resetusersessionkey?…the same query…` (endpoint `resetusersessionkey`)
+//!
+//! The same checks as checksession (the signature of the current key). Success: the user gets
+//! a fresh session_key, the current one moving to its history (it no longer passes
+//! checksession), and the answer is `{"errcode": 0, "errmsg": "ok", "openid": "…",
+//! "session_key": "<the new key>"}`.
+//!
 //! # Control API
 //!
 //! JSON in and out. A request body may be empty (it then reads as `{}`); unknown fields, wrong
@@ -73,14 +158,71 @@
 //! 200 `{"openid": "…", "unionid": "…"|null, "session_key": "…", "previous_session_keys":
 //! ["<newest first>", …]}`; 404 `{"error": …}` for an unknown openid.
 //!
+//! ## `POST /sim/phone-codes`: what `<button open-type="getPhoneNumber">` does
+//!
+//! Body `{"phone_number": "13800138000", "country_code": "86", "openid": "…"}`: `phone_number`
+//! 4 to 20 ASCII digits (required), `country_code` 1 to 4 ASCII digits without `+` (default
+//! `"86"`), `openid` (optional, same rules as above) the user the code belongs to. The user
+//! need not exist. Answer: 200 `{"code": "<64 lowercase hex digits>"}`, redeemable once within
+//! 5 minutes of the simulator's clock.
+//!
+//! ## `POST /sim/phone-number-format`
+//!
+//! Body `{"country_code_as_number": bool}` (required). `true`: getuserphonenumber answers
+//! `countryCode` as a JSON number (`86`); `false` (the default): as a string (`"86"`). Answer:
+//! 200 with the body as set.
+//!
+//! ## `POST /sim/encrypt`: what the phone does for encryptedData
+//!
+//! Body `{"openid": "…", "data": {…}, "session_key": "<base64>", "appid": "…"}`:
+//!
+//! - `data` (required) a JSON object without a `watermark` field;
+//! - the key: `session_key` when given (the base64 of 16 bytes; any key, such as one from the
+//!   user's history), else the current session_key of the user `openid` (404 for an unknown
+//!   user); giving neither is a 400;
+//! - `appid` (ASCII letters and digits; default the simulator's) goes into the watermark.
+//!
+//! The plaintext is the compact JSON of `data` (its fields in the simulator's order, currently
+//! sorted by name) with `"watermark":{"timestamp":<simulator's now, Unix seconds>,"appid":"…"}`
+//! appended as its last field; it is encrypted with AES-128-CBC, PKCS#7 padding, key =
+//! base64-decode(session_key), and a random 16-byte iv. Answer: 200 `{"encrypted_data":
+//! "<base64>", "iv": "<base64, 24 characters>"}` (standard base64 with padding).
+//!
+//! ## `GET /sim/access-token`
+//!
+//! 200 `{"access_token": "…"|null, "expires_at": N|null, "expires_in": N|null,
+//! "classic_access_token": "…"|null, "lifetime_seconds": N, "force_refreshes_today": N, "now": N,
+//! "tokens": [{"access_token": "…", "kind": "stable"|"classic", "issued_at": N, "expires_at": N,
+//! "ended_at": N|null, "status": "valid"|"invalid"|"expired"}, …]}`. `access_token` is the
+//! current stable token (the newest, if it still works), `classic_access_token` the newest
+//! classic one if it still works; `tokens` lists every token issued, newest first; times are
+//! Unix seconds on the simulator's clock (`now` is its now); `force_refreshes_today` counts the
+//! successful force refreshes of the last 24 hours.
+//!
+//! ## `POST /sim/access-token/invalidate` and `POST /sim/access-token/expire`
+//!
+//! Body `{"access_token": "…"}` (optional; the body may be empty): that token (404 if the
+//! simulator never issued it), or without one, every token that works at this moment (stable
+//! and classic, including a stable token in its last minutes next to its successor).
+//! `invalidate` ends them: 40001 from now on; `expire` puts their lifetime's end at now: 42001
+//! from now on. Either way stable_token then issues a new token on its next call. Answer: 200
+//! `{"access_tokens": ["<each token it applied to>", …]}` (empty when none worked).
+//!
+//! ## `POST /sim/access-token/lifetime`
+//!
+//! Body `{"seconds": N}`, 1 to 315360000 (ten years). The lifetime of the tokens issued from now
+//! on (tokens already issued keep theirs); 7200 until set. Answer: 200 `{"lifetime_seconds": N}`.
+//!
 //! ## `POST /sim/faults`: make WeChat misbehave
 //!
 //! Body: `{"endpoint": "jscode2session", "code": "…", "errcode": N, "errmsg": "…",
 //! "delay_ms": N, "hang": bool, "drop": bool, "times": N}`, all optional but at least one of
 //! `errcode`, `delay_ms`, `hang`, `drop`.
 //!
-//! - `endpoint`: which WeChat call it applies to (default `jscode2session`);
-//! - `code`: only calls carrying this code (`js_code`) match; without it, every call matches;
+//! - `endpoint`: which WeChat call it applies to: `jscode2session` (the default),
+//!   `stable_token`, `token`, `getuserphonenumber`, `checksession` or `resetusersessionkey`;
+//! - `code`: only calls carrying this code (a `js_code`, or the `code` of a getuserphonenumber
+//!   body) match; without it, every call of the endpoint matches;
 //! - `errcode`/`errmsg`: the error to answer. A given `errmsg` is answered exactly as it is;
 //!   without one, the answer is WeChat's text for known errcodes, else `"simulated error"`,
 //!   followed by `", rid: <id>"` (an `errmsg` without `errcode` is a 400);
@@ -101,17 +243,22 @@
 //!
 //! ## `GET /sim/calls`
 //!
-//! 200 `{"endpoints": {"jscode2session": N, …}, "codes": {"<js_code>": N, …}}`; only
-//! endpoints and codes called at least once appear.
+//! 200 `{"endpoints": {"jscode2session": N, "stable_token": N, "token": N,
+//! "getuserphonenumber": N, "checksession": N, "resetusersessionkey": N}, "codes": {"<code>": N,
+//! …}}`, counting every call whatever its outcome; `codes` counts js_codes and phone codes.
+//! Only endpoints and codes called at least once appear.
 //!
 //! ## `POST /sim/clock/advance`
 //!
 //! Body `{"seconds": N}` (a non-negative integer). Moves the simulator's clock forward, for code
-//! expiry and the per-minute quota. 200 `{"offset_seconds": <total advance so far>}`.
+//! and token expiry, the quotas and the watermarks' timestamps (which are the wall clock at
+//! start-up plus the simulator's elapsed time). 200 `{"offset_seconds": <total advance so
+//! far>}`.
 //!
 //! ## `POST /sim/reset`
 //!
-//! Forgets users, codes, faults, call counts and the clock's advance. 200 `{}`.
+//! Forgets users, login and phone codes, access tokens (and the lifetime and force-refresh
+//! quota), the `countryCode` format, faults, call counts and the clock's advance. 200 `{}`.
 //!
 //! # Layout
 //!
@@ -119,10 +266,15 @@
 //! behind one lock, `wechat` is what every WeChat endpoint shares (call counting, faults, the
 //! answer and error shapes), `control` the control API's plumbing, and each WeChat call is one
 //! module with its own `router()` (its WeChat route and its control routes) and its own part of
-//! the world: `jscode2session` (login codes, the per-user quota). A new WeChat call is one more
-//! such module, one more `wechat::Endpoint` variant, one more field of `state::World`, and one
-//! more `merge` in [`router`].
+//! the world: `jscode2session` (login codes, the per-user quota), `access_token` (stable_token
+//! and token: every token issued, the lifetime, the force-refresh quota; and the check the
+//! calls carrying a token make), `phone_number` (getuserphonenumber: phone codes, the
+//! `countryCode` format), `session_key` (checksession, resetusersessionkey and `/sim/encrypt`;
+//! the keys live in `users`). A new WeChat call is one more such module (or one more route of a
+//! module whose part of the world it shares), one more `wechat::Endpoint` variant, one more
+//! field of `state::World` if it has a part of its own, and one more `merge` in [`router`].
 
+mod access_token;
 mod calls;
 mod clock;
 mod config;
@@ -130,7 +282,9 @@ mod control;
 mod faults;
 mod ids;
 mod jscode2session;
+mod phone_number;
 mod server;
+mod session_key;
 mod state;
 mod telemetry;
 mod users;
@@ -150,6 +304,9 @@ pub use telemetry::init_subscriber;
 pub fn router(state: SimState) -> Router {
     Router::new()
         .merge(jscode2session::router())
+        .merge(access_token::router())
+        .merge(phone_number::router())
+        .merge(session_key::router())
         .merge(users::router())
         .merge(faults::router())
         .merge(calls::router())

@@ -1,13 +1,15 @@
-//! The simulated world (users, codes, faults, call counts, the clock) behind one lock, and the
+//! The simulated world (users, codes, access tokens, faults, call counts, the clock) behind one lock, and the
 //! settings it was started with.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::access_token::AccessTokens;
 use super::calls::CallCounts;
 use super::clock::Clock;
 use super::config::Settings;
 use super::faults::Faults;
 use super::jscode2session::LoginCodes;
+use super::phone_number::PhoneCodes;
 use super::users::Users;
 
 /// The state every handler shares; cheap to clone.
@@ -31,6 +33,8 @@ pub(crate) struct World {
     pub(crate) faults: Faults,
     pub(crate) calls: CallCounts,
     pub(crate) login_codes: LoginCodes,
+    pub(crate) access_tokens: AccessTokens,
+    pub(crate) phone_codes: PhoneCodes,
 }
 
 impl SimState {

@@ -1,5 +1,6 @@
 //! The simulated WeChat users of the one app, each with exactly one current session_key, and
-//! `GET /sim/users/{openid}`.
+//! `GET /sim/users/{openid}`. A login (`POST /sim/login-codes`) and `resetusersessionkey` rotate
+//! the key.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -108,6 +109,25 @@ impl Users {
     }
 }
 
+impl Users {
+    /// Gives the user `openid` a fresh session_key, the current one moving to its history, as
+    /// resetusersessionkey does; `None` for an unknown user.
+    pub(crate) fn rotate_session_key(
+        &mut self,
+        openid: &str,
+    ) -> Result<Option<&User>, RandomError> {
+        if !self.by_openid.contains_key(openid) {
+            return Ok(None);
+        }
+        let session_key = ids::session_key()?;
+        Ok(self.by_openid.get_mut(openid).map(|user| {
+            let previous = std::mem::replace(&mut user.session_key, session_key);
+            user.previous_session_keys.push(previous);
+            &*user
+        }))
+    }
+}
+
 pub(crate) fn router() -> Router<SimState> {
     Router::new().route("/sim/users/{openid}", get(user))
 }
@@ -170,6 +190,28 @@ mod tests {
             .expect("random");
         assert_ne!(user.session_key(), second);
         assert_eq!(user.previous_session_keys, [first, second]);
+    }
+
+    #[test]
+    fn rotating_replaces_the_key_and_keeps_the_old_one() {
+        let mut users = Users::default();
+        let first = users
+            .log_in(Some("oDave".into()), UnionidChange::Keep)
+            .expect("random")
+            .session_key()
+            .to_owned();
+        let user = users
+            .rotate_session_key("oDave")
+            .expect("random")
+            .expect("a known user");
+        assert_ne!(user.session_key(), first);
+        assert_eq!(user.previous_session_keys, [first]);
+        assert!(
+            users
+                .rotate_session_key("oNobody")
+                .expect("random")
+                .is_none()
+        );
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //! [`begin_call`], which each endpoint's handler awaits first to count the call and apply the
 //! faults staged for it.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 
+use axum::body::Bytes;
+use axum::extract::Query;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::faults::FaultAction;
-use super::ids;
+use super::ids::{self, RandomError};
 use super::server;
 use super::state::SimState;
 
@@ -20,12 +24,32 @@ pub(crate) enum Endpoint {
     /// `GET /sns/jscode2session`.
     #[serde(rename = "jscode2session")]
     Jscode2session,
+    /// `POST /cgi-bin/stable_token`.
+    #[serde(rename = "stable_token")]
+    StableToken,
+    /// `GET /cgi-bin/token`.
+    #[serde(rename = "token")]
+    Token,
+    /// `POST /wxa/business/getuserphonenumber`.
+    #[serde(rename = "getuserphonenumber")]
+    Getuserphonenumber,
+    /// `GET /wxa/checksession`.
+    #[serde(rename = "checksession")]
+    Checksession,
+    /// `GET /wxa/resetusersessionkey`.
+    #[serde(rename = "resetusersessionkey")]
+    Resetusersessionkey,
 }
 
 impl Endpoint {
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::Jscode2session => "jscode2session",
+            Self::StableToken => "stable_token",
+            Self::Token => "token",
+            Self::Getuserphonenumber => "getuserphonenumber",
+            Self::Checksession => "checksession",
+            Self::Resetusersessionkey => "resetusersessionkey",
         }
     }
 
@@ -33,6 +57,11 @@ impl Endpoint {
     pub(crate) const fn content_type(self) -> &'static str {
         match self {
             Self::Jscode2session => "text/plain",
+            Self::StableToken
+            | Self::Token
+            | Self::Getuserphonenumber
+            | Self::Checksession
+            | Self::Resetusersessionkey => "application/json; encoding=utf-8",
         }
     }
 }
@@ -53,13 +82,23 @@ enum Errmsg {
 }
 
 impl WechatError {
+    pub(crate) const SYSTEM_ERROR: i64 = -1;
+    pub(crate) const INVALID_ACCESS_TOKEN: i64 = 40001;
     pub(crate) const INVALID_GRANT_TYPE: i64 = 40002;
+    pub(crate) const INVALID_OPENID: i64 = 40003;
     pub(crate) const INVALID_APPID: i64 = 40013;
     pub(crate) const INVALID_CODE: i64 = 40029;
     pub(crate) const INVALID_APPSECRET: i64 = 40125;
     pub(crate) const CODE_USED: i64 = 40163;
+    pub(crate) const MISSING_ACCESS_TOKEN: i64 = 41001;
+    pub(crate) const MISSING_APPID: i64 = 41002;
+    pub(crate) const MISSING_APPSECRET: i64 = 41004;
     pub(crate) const MISSING_CODE: i64 = 41008;
+    pub(crate) const EXPIRED_ACCESS_TOKEN: i64 = 42001;
+    pub(crate) const DAILY_QUOTA: i64 = 45009;
     pub(crate) const MINUTE_QUOTA: i64 = 45011;
+    pub(crate) const DATA_FORMAT: i64 = 47001;
+    pub(crate) const INVALID_SIGNATURE: i64 = 87009;
 
     /// The error `errcode` with WeChat's text for it, and a rid.
     pub(crate) fn new(errcode: i64) -> Self {
@@ -97,12 +136,22 @@ impl WechatError {
     }
 }
 
+/// The operating system's random numbers failed while serving a WeChat call: logged, and
+/// answered as WeChat's "system error" (-1).
+impl From<RandomError> for WechatError {
+    fn from(cause: RandomError) -> Self {
+        tracing::error!(error = %cause, "a WeChat call failed");
+        Self::new(Self::SYSTEM_ERROR)
+    }
+}
+
 /// WeChat's text for the errcodes it documents; `"simulated error"` for any other.
 pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
     match errcode {
         -1 => "system error",
         40001 => "invalid credential, access_token is invalid or not latest",
         40002 => "invalid grant_type",
+        40003 => "invalid openid",
         40013 => "invalid appid",
         40029 => "invalid code",
         40125 => "invalid appsecret",
@@ -110,12 +159,87 @@ pub(crate) fn default_errmsg(errcode: i64) -> &'static str {
         40164 => "invalid ip, not in whitelist",
         40226 => "invalid risk user",
         41001 => "access_token missing",
+        41002 => "appid missing",
+        41004 => "appsecret missing",
         41008 => "missing code",
         42001 => "access_token expired",
+        45009 => "reach max api daily quota limit",
         45011 => "api minute-quota reach limit  mustslower  retry next minute",
         47001 => "data format error",
         87009 => "invalid signature",
         _ => "simulated error",
+    }
+}
+
+/// A success that says so: `{"errcode": 0, "errmsg": "ok"}` with the fields of `fields`.
+pub(crate) fn ok_body(fields: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::Map::new();
+    body.insert("errcode".into(), 0.into());
+    body.insert("errmsg".into(), "ok".into());
+    if let serde_json::Value::Object(fields) = fields {
+        body.extend(fields);
+    }
+    body.into()
+}
+
+/// The query parameters of a WeChat call. A query that does not parse has, as far as WeChat is
+/// concerned, no parameters; an empty value counts as absent.
+#[derive(Debug, Default)]
+pub(crate) struct Params(HashMap<String, String>);
+
+impl Params {
+    pub(crate) fn from_query(
+        query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ) -> Self {
+        Self(query.map(|Query(params)| params).unwrap_or_default())
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|value| !value.is_empty())
+    }
+}
+
+/// The JSON object a POSTed WeChat call carries; `None` when the body is not one (47001).
+pub(crate) fn json_object(
+    body: Result<Bytes, BytesRejection>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(&body.ok()?) {
+        Ok(serde_json::Value::Object(object)) => Some(object),
+        _ => None,
+    }
+}
+
+/// A field of a JSON body that must be a string when present: `Ok(None)` when absent or null,
+/// 47001 when of another type.
+pub(crate) fn string_field<'a>(
+    object: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<&'a str>, WechatError> {
+    match object.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(value)) => Ok(Some(value)),
+        Some(_) => Err(WechatError::new(WechatError::DATA_FORMAT)),
+    }
+}
+
+/// Answers `result`: the success body, or the error (logged).
+pub(crate) fn respond(
+    endpoint: Endpoint,
+    result: Result<serde_json::Value, WechatError>,
+) -> Response {
+    match result {
+        Ok(body) => answer(endpoint, &body),
+        Err(error) => {
+            tracing::info!(
+                endpoint = endpoint.name(),
+                errcode = error.errcode(),
+                "a WeChat call refused"
+            );
+            error.answer(endpoint)
+        }
     }
 }
 
@@ -194,6 +318,34 @@ mod tests {
         let endpoint: Endpoint = serde_json::from_str("\"jscode2session\"").expect("known");
         assert_eq!(endpoint, Endpoint::Jscode2session);
         assert_eq!(endpoint.name(), "jscode2session");
-        assert!(serde_json::from_str::<Endpoint>("\"token\"").is_err());
+        assert!(serde_json::from_str::<Endpoint>("\"nowhere\"").is_err());
+        for name in [
+            "stable_token",
+            "token",
+            "getuserphonenumber",
+            "checksession",
+            "resetusersessionkey",
+        ] {
+            let endpoint: Endpoint = serde_json::from_str(&format!("\"{name}\"")).expect("known");
+            assert_eq!(endpoint.name(), name);
+            assert_eq!(endpoint.content_type(), "application/json; encoding=utf-8");
+        }
+    }
+
+    #[test]
+    fn a_success_says_ok_before_its_fields() {
+        let body = ok_body(serde_json::json!({"openid": "oA"}));
+        assert_eq!(
+            body,
+            serde_json::json!({"errcode": 0, "errmsg": "ok", "openid": "oA"})
+        );
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_body() {
+        assert!(json_object(Ok(Bytes::from_static(b"{\"code\":\"c\"}"))).is_some());
+        for body in [&b"not json"[..], b"[1]", b"\"text\"", b""] {
+            assert!(json_object(Ok(Bytes::from_static(body))).is_none());
+        }
     }
 }

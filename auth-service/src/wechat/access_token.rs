@@ -1,0 +1,310 @@
+//! The app's WeChat access_token (WECHAT.md §4), owned by auth-service: one token for every
+//! replica, fetched with `stable_token`, kept sealed in the database (one row per appid,
+//! with a generation that counts renewals) and in each process's memory.
+//!
+//! - Reading: memory while the token has more than [`RENEW_MARGIN`] left; else the database;
+//!   else a renewal.
+//! - Renewing (`force_refresh: false`): one task per process at a time (a process-wide
+//!   mutex), and one replica at a time: the renewer locks the token's row
+//!   ([`Store::lock_app_token`]), looks again, and asks WeChat only if no one renewed it
+//!   meanwhile. WeChat answers a new token in the last 5 minutes of the old one, and the old
+//!   one keeps working until it expires, so a renewal never breaks a call in flight.
+//! - A token WeChat refuses (40001/42001) is [`AccessTokens::invalidated`]: under the same
+//!   lock, if the row still holds the generation that failed, one forced refresh
+//!   (`force_refresh: true`, which ends the old token at once and is limited to 20 a day);
+//!   if the row moved on, the newer token is used and WeChat is not asked.
+//!
+//! The token never appears in logs: only its generation and expiry do.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use tracing::{info, warn};
+
+use super::{AppAccessToken, WechatCallError, WechatClient};
+use crate::crypto::{CryptoError, Keys};
+use crate::domain::{Millis, millis, now_millis};
+use crate::store::{AppTokenLock, Store, StoreError, StoredAppToken};
+
+/// A token with less than this left is renewed (WeChat makes the next one in the last 5
+/// minutes of the current one).
+pub const RENEW_MARGIN: Duration = Duration::from_secs(300);
+
+/// The app's access_token as handed out.
+#[derive(Clone)]
+pub struct AppToken {
+    token: SecretString,
+    expires_at: Millis,
+    generation: i64,
+}
+
+impl AppToken {
+    /// The token itself. Never log it.
+    pub fn secret(&self) -> &SecretString {
+        &self.token
+    }
+
+    /// When WeChat said it expires.
+    pub fn expires_at(&self) -> Millis {
+        self.expires_at
+    }
+
+    /// Its generation in the store: equal generations, equal tokens.
+    pub fn generation(&self) -> i64 {
+        self.generation
+    }
+
+    fn fresh(&self, now: Millis) -> bool {
+        self.expires_at.saturating_sub(now) > millis(RENEW_MARGIN)
+    }
+}
+
+impl std::fmt::Debug for AppToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppToken")
+            .field("expires_at", &self.expires_at)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessTokenError {
+    /// WeChat refused or could not be reached (its "busy" already retried once).
+    #[error(transparent)]
+    Wechat(WechatCallError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A new token could not be sealed.
+    #[error("cannot seal the access_token: {0}")]
+    Seal(#[source] CryptoError),
+}
+
+/// The app's access_token, shared by every call of this process.
+pub struct AccessTokens {
+    store: Arc<dyn Store>,
+    wechat: WechatClient,
+    keys: Arc<Keys>,
+    /// What the token is sealed with: `wechat-access-token:<appid>`.
+    context: String,
+    /// The last token seen.
+    cached: Mutex<Option<AppToken>>,
+    /// One renewal (or look at the database) at a time in this process.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for AccessTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessTokens")
+            .field("appid", &self.wechat.appid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessTokens {
+    /// The token of `wechat`'s app, kept in `store`, sealed with `keys`.
+    pub fn new(store: Arc<dyn Store>, wechat: WechatClient, keys: Arc<Keys>) -> Self {
+        let context = format!("wechat-access-token:{}", wechat.appid());
+        Self {
+            store,
+            wechat,
+            keys,
+            context,
+            cached: Mutex::new(None),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A token with more than [`RENEW_MARGIN`] left, renewed first if need be.
+    pub async fn current(&self) -> Result<AppToken, AccessTokenError> {
+        if let Some(token) = self.cached().filter(|t| t.fresh(now_millis())) {
+            return Ok(token);
+        }
+        let _turn = self.turn.lock().await;
+        // Another task of this process may have renewed it while this one waited.
+        if let Some(token) = self.cached().filter(|t| t.fresh(now_millis())) {
+            return Ok(token);
+        }
+        // Another replica may have: a plain read first, no lock for the common case.
+        if let Some(token) = self
+            .store
+            .app_token(self.wechat.appid())
+            .await?
+            .and_then(|stored| self.open(&stored))
+            .filter(|t| t.fresh(now_millis()))
+        {
+            self.remember(&token);
+            return Ok(token);
+        }
+        // Renewal: hold the row, look again (another replica may have renewed it while this
+        // one waited for the lock), and only then ask WeChat.
+        let lock = self.store.lock_app_token(self.wechat.appid()).await?;
+        let held = lock.current().and_then(|stored| self.open(stored));
+        if let Some(token) = held.clone().filter(|t| t.fresh(now_millis())) {
+            lock.release().await?;
+            self.remember(&token);
+            return Ok(token);
+        }
+        match self.renew(lock, false).await {
+            // WeChat failed in the token's last minutes: it still works until it expires.
+            Err(e) if held.as_ref().is_some_and(|t| t.expires_at > now_millis()) => {
+                warn!(error = %e, "could not renew the app's access_token; using it until it expires");
+                let token = held.ok_or(e)?;
+                self.remember(&token);
+                Ok(token)
+            }
+            renewed => renewed,
+        }
+    }
+
+    /// WeChat refused `failed` as invalid or expired (40001/42001): a token that works,
+    /// force-refreshed at WeChat only if `failed` is still the current one, once across
+    /// every replica however many calls saw it fail.
+    pub async fn invalidated(&self, failed: &AppToken) -> Result<AppToken, AccessTokenError> {
+        let _turn = self.turn.lock().await;
+        if let Some(token) = self.cached().filter(|t| t.generation != failed.generation) {
+            return Ok(token);
+        }
+        let lock = self.store.lock_app_token(self.wechat.appid()).await?;
+        let moved_on = lock
+            .current()
+            .filter(|stored| stored.generation != failed.generation)
+            .and_then(|stored| self.open(stored));
+        if let Some(token) = moved_on {
+            lock.release().await?;
+            self.remember(&token);
+            return Ok(token);
+        }
+        warn!(
+            generation = failed.generation,
+            "WeChat refused the app's access_token; forcing a refresh"
+        );
+        self.renew(lock, true).await
+    }
+
+    /// Asks WeChat while holding `lock`, stores the answer as the next generation.
+    async fn renew(
+        &self,
+        lock: Box<dyn AppTokenLock>,
+        force_refresh: bool,
+    ) -> Result<AppToken, AccessTokenError> {
+        let fetched = match self.fetch(force_refresh).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                if let Err(release) = lock.release().await {
+                    warn!(error = %release, "could not release the access_token row");
+                }
+                return Err(e);
+            }
+        };
+        let now = now_millis();
+        let expires_at = now.saturating_add(millis(fetched.expires_in));
+        let sealed = self
+            .keys
+            .seal(
+                fetched.token.expose_secret().as_bytes(),
+                self.context.as_bytes(),
+            )
+            .map_err(AccessTokenError::Seal)?;
+        let stored = lock.replace(sealed, expires_at, now).await?;
+        info!(
+            generation = stored.generation,
+            force_refresh,
+            expires_in_secs = fetched.expires_in.as_secs(),
+            "the app's WeChat access_token was renewed"
+        );
+        let token = AppToken {
+            token: fetched.token,
+            expires_at,
+            generation: stored.generation,
+        };
+        self.remember(&token);
+        Ok(token)
+    }
+
+    /// stable_token, retrying WeChat's "busy" (-1) once.
+    async fn fetch(&self, force_refresh: bool) -> Result<AppAccessToken, AccessTokenError> {
+        let mut busy_once = false;
+        loop {
+            match self.wechat.stable_token(force_refresh).await {
+                Err(WechatCallError::Api(e)) if e.errcode == -1 && !busy_once => {
+                    busy_once = true;
+                    warn!(
+                        errcode = e.errcode,
+                        "WeChat is busy; retrying stable_token once"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                answer => return answer.map_err(AccessTokenError::Wechat),
+            }
+        }
+    }
+
+    /// The stored token, opened; `None` (and a warning) if it cannot be, as after a change of
+    /// `AUTH_TOKEN_KEY`: it is then simply renewed.
+    fn open(&self, stored: &StoredAppToken) -> Option<AppToken> {
+        let plain = match self.keys.open(&stored.sealed, self.context.as_bytes()) {
+            Ok(plain) => plain,
+            Err(e) => {
+                warn!(error = %e, generation = stored.generation, "the stored access_token cannot be opened; renewing it");
+                return None;
+            }
+        };
+        let token = String::from_utf8(plain).ok()?;
+        Some(AppToken {
+            token: SecretString::from(token),
+            expires_at: stored.expires_at,
+            generation: stored.generation,
+        })
+    }
+
+    fn cached(&self) -> Option<AppToken> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn remember(&self, token: &AppToken) {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        // Never back to an older generation (a slow reader racing a renewal).
+        if cached
+            .as_ref()
+            .is_none_or(|c| c.generation <= token.generation)
+        {
+            *cached = Some(token.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(expires_at: Millis, generation: i64) -> AppToken {
+        AppToken {
+            token: SecretString::from("AT-secret-value".to_owned()),
+            expires_at,
+            generation,
+        }
+    }
+
+    #[test]
+    fn a_token_is_renewed_in_its_last_five_minutes() {
+        let now = 1_700_000_000_000;
+        assert!(token(now + 7_200_000, 1).fresh(now));
+        assert!(token(now + 300_001, 1).fresh(now));
+        assert!(!token(now + 300_000, 1).fresh(now));
+        assert!(!token(now - 1, 1).fresh(now));
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let shown = format!("{:?}", token(1, 7));
+        assert!(!shown.contains("AT-secret-value"), "{shown}");
+        assert!(shown.contains("generation: 7"), "{shown}");
+    }
+}

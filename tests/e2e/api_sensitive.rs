@@ -1,0 +1,220 @@
+//! The sensitive-data endpoints of the edge: `POST /v1/wechat/decrypt` across devices and
+//! session_key rotations, and `POST /v1/me/phone` with the number shown to its owner only.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tests::harness::sim::{Encrypt, MintCode, MintPhoneCode, MintedCode};
+use tests::harness::{ApiProcess, AuthProcess, SimProcess};
+
+struct Edge {
+    sim: SimProcess,
+    _auth: AuthProcess,
+    api: ApiProcess,
+}
+
+async fn edge() -> Edge {
+    let sim = SimProcess::start().await.expect("simulator");
+    let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
+    let api = ApiProcess::start(&auth, &[]).await.expect("api-service");
+    Edge {
+        sim,
+        _auth: auth,
+        api,
+    }
+}
+
+impl Edge {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .api
+            .http()
+            .request(method, self.api.url(path))
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let r = req.send().await.expect("an answer");
+        let status = r.status();
+        let bytes = r.bytes().await.expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// wx.login on a device of `openid` (a new user when None), then the edge's login.
+    async fn login(&self, openid: Option<&str>, device: &str) -> (MintedCode, String) {
+        let mint = openid.map_or_else(MintCode::default, MintCode::for_openid);
+        let minted = self.sim.mint_code(&mint).await.expect("mint");
+        let r = self
+            .api
+            .http()
+            .post(self.api.url("/v1/auth/login"))
+            .header("content-type", "application/json")
+            .body(json!({"code": minted.code, "device": {"id": device}}).to_string())
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: Value = serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+        let token = body["access_token"].as_str().expect("token").to_owned();
+        (minted, token)
+    }
+
+    async fn decrypt(
+        &self,
+        token: &str,
+        sealed: &tests::harness::sim::Encrypted,
+    ) -> (StatusCode, Value) {
+        self.send(
+            Method::POST,
+            "/v1/wechat/decrypt",
+            token,
+            Some(json!({"encrypted_data": sealed.encrypted_data, "iv": sealed.iv})),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn data_from_either_device_decrypts_for_either_session_until_two_rotations_later() {
+    let e = edge().await;
+    // Device A logs in, then device B of the same user (WeChat rotates the session_key).
+    let (a, token_a) = e.login(None, "phone").await;
+    let (b, token_b) = e.login(Some(&a.openid), "tablet").await;
+    let steps = json!({"stepInfoList": [{"timestamp": 1700000000, "step": 4321}]});
+    let with_a = e
+        .sim
+        .encrypt(&Encrypt::with_session_key(
+            a.session_key.clone(),
+            steps.clone(),
+        ))
+        .await
+        .expect("encrypt with A's key");
+    let with_b = e
+        .sim
+        .encrypt(&Encrypt::with_session_key(
+            b.session_key.clone(),
+            steps.clone(),
+        ))
+        .await
+        .expect("encrypt with B's key");
+
+    for token in [&token_a, &token_b] {
+        for sealed in [&with_a, &with_b] {
+            let (status, body) = e.decrypt(token, sealed).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["data"]["stepInfoList"][0]["step"], 4321);
+            assert!(body["data"]["watermark"]["appid"].is_string());
+        }
+    }
+
+    // A third login rotates again: A's key is now two rotations old.
+    let (_, token_c) = e.login(Some(&a.openid), "laptop").await;
+    let (status, body) = e.decrypt(&token_c, &with_a).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "session_key_stale");
+    let (status, _) = e.decrypt(&token_c, &with_b).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_and_a_foreign_watermark_are_told_apart() {
+    let e = edge().await;
+    let (a, token) = e.login(None, "phone").await;
+
+    let (status, body) = e
+        .send(
+            Method::POST,
+            "/v1/wechat/decrypt",
+            &token,
+            Some(json!({"encrypted_data": "not base64!", "iv": "r7BXXKkLb8qrSNn05n0qiA=="})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_encrypted_data");
+    assert_eq!(body["error"]["field"], "encrypted_data");
+    let (status, body) = e
+        .send(
+            Method::POST,
+            "/v1/wechat/decrypt",
+            &token,
+            Some(json!({"encrypted_data": "AAAAAAAAAAAAAAAAAAAAAA==", "iv": "c2hvcnQ="})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["field"], "iv");
+
+    let foreign = e
+        .sim
+        .encrypt(
+            &Encrypt::for_openid(a.openid.clone(), json!({"openGId": "g1"}))
+                .appid("wxanotherapp0000001"),
+        )
+        .await
+        .expect("encrypt");
+    let (status, body) = e.decrypt(&token, &foreign).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "watermark_mismatch");
+
+    // No token, no decryption.
+    let (status, body) = e.decrypt("", &foreign).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+}
+
+#[tokio::test]
+async fn a_phone_code_is_exchanged_once_and_the_number_shown_to_its_owner_only() {
+    let e = edge().await;
+    let (owner, token) = e.login(None, "phone").await;
+    let (_, stranger) = e.login(None, "other-phone").await;
+    let code = e
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13800138000").for_openid(owner.openid.clone()))
+        .await
+        .expect("phone code");
+
+    let (status, body) = e
+        .send(
+            Method::POST,
+            "/v1/me/phone",
+            &token,
+            Some(json!({"code": code})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["phone_number"], "13800138000");
+    assert_eq!(body["pure_phone_number"], "13800138000");
+    assert_eq!(body["country_code"], "86");
+
+    let (_, me) = e.send(Method::GET, "/v1/me", &token, None).await;
+    assert_eq!(me["phone_number"], "13800138000");
+    let (_, theirs) = e.send(Method::GET, "/v1/me", &stranger, None).await;
+    assert!(theirs["phone_number"].is_null(), "{theirs}");
+
+    // The same code again: refused, and WeChat is not asked (billed) a second time.
+    let (status, body) = e
+        .send(
+            Method::POST,
+            "/v1/me/phone",
+            &token,
+            Some(json!({"code": code})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "code_used");
+    assert_eq!(
+        e.sim
+            .endpoint_calls("getuserphonenumber")
+            .await
+            .expect("calls"),
+        1
+    );
+}

@@ -1,0 +1,784 @@
+//! Sensitive data over real gRPC against the real binaries: encryptedData decrypted with the
+//! user's session_keys, the phone number exchanged once per code and shown only to its owner,
+//! and the app's WeChat access_token fetched once for every replica, force-refreshed once
+//! when WeChat refuses it. None of it may reach the logs or the database in clear.
+
+use std::time::Duration;
+
+use proto::v1::{
+    DecryptDataRequest, DecryptDataResponse, GetPhoneNumberRequest, GetPhoneNumberResponse,
+    GetWechatAccessTokenRequest,
+};
+use serde_json::{Value, json};
+use tests::harness::auth::TOKEN_KEY;
+use tests::harness::external::{External, postgres_database, redis};
+use tests::harness::sim::{APPID, Encrypt, Encrypted, Fault, MintCode, MintPhoneCode, SECRET};
+use tests::harness::{AuthClient, AuthProcess, SimProcess};
+use tonic::{Code, Status};
+
+use crate::common::{login_request, meta, reason, tokens, world};
+
+const CLIENT_KEY: &str = "client-key-sensitive-0123456789abcdef";
+
+/// WeRun-like data, as `wx.getWeRunData` would encrypt it (the simulator adds the watermark).
+fn run_data(steps: u64) -> Value {
+    json!({"stepInfoList": [{"timestamp": 1_700_000_000, "step": steps}]})
+}
+
+async fn decrypt(
+    client: &mut AuthClient,
+    access_token: &str,
+    e: &Encrypted,
+) -> Result<DecryptDataResponse, Status> {
+    client
+        .decrypt_data(DecryptDataRequest {
+            access_token: access_token.to_owned(),
+            encrypted_data: e.encrypted_data.clone(),
+            iv: e.iv.clone(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn phone(
+    client: &mut AuthClient,
+    access_token: &str,
+    code: &str,
+) -> Result<GetPhoneNumberResponse, Status> {
+    client
+        .get_phone_number(GetPhoneNumberRequest {
+            access_token: access_token.to_owned(),
+            code: code.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The decrypted JSON of a DecryptData answer.
+fn json_of(answer: &DecryptDataResponse) -> Value {
+    serde_json::from_str(&answer.data_json).expect("data_json is JSON")
+}
+
+/// Mints a code for a new user, logs in on `client`; answers (openid, access token).
+async fn new_user(sim: &SimProcess, client: &mut AuthClient) -> (String, String) {
+    let minted = sim.mint_code(&MintCode::default()).await.expect("mint");
+    let login = client
+        .login(login_request(&minted.code, None, "203.0.113.9"))
+        .await
+        .expect("login")
+        .into_inner();
+    (minted.openid, tokens(login.tokens.as_ref()).0)
+}
+
+#[tokio::test]
+async fn auth_decrypt_data_opens_data_of_either_device_until_two_rotations_later() {
+    // Arrange: device A logs in, then device B: the user's session_key rotates.
+    let mut w = world(&[]).await;
+    let (a, login_a) = w.login_as(None, Some("device-a")).await;
+    let (b, login_b) = w.login_as(Some(&a.openid), Some("device-b")).await;
+    assert_ne!(a.session_key, b.session_key, "a login rotates the key");
+    let (token_a, _) = tokens(login_a.tokens.as_ref());
+    let (token_b, _) = tokens(login_b.tokens.as_ref());
+    // B's data uses the current key; A encrypted with its key before B logged in.
+    let from_b = w
+        .sim
+        .encrypt(&Encrypt::for_openid(&a.openid, run_data(4321)))
+        .await
+        .expect("encrypt with the current key");
+    let from_a = w
+        .sim
+        .encrypt(&Encrypt::with_session_key(&a.session_key, run_data(1234)))
+        .await
+        .expect("encrypt with the previous key");
+
+    // Act / Assert: either session decrypts either device's data.
+    for token in [&token_a, &token_b] {
+        for (data, steps) in [(&from_b, 4321), (&from_a, 1234)] {
+            let answer = decrypt(&mut w.client, token, data)
+                .await
+                .expect("a held session_key decrypts it");
+            let json = json_of(&answer);
+            assert_eq!(json["stepInfoList"][0]["step"], steps);
+            assert_eq!(json["watermark"]["appid"], APPID);
+        }
+    }
+
+    // A third login: A's key is now two rotations old and no longer held.
+    let (c, login_c) = w.login_as(Some(&a.openid), Some("device-c")).await;
+    let (token_c, _) = tokens(login_c.tokens.as_ref());
+    for token in [&token_a, &token_c] {
+        let err = decrypt(&mut w.client, token, &from_a)
+            .await
+            .expect_err("A's key is gone");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(reason(&err), "SESSION_KEY_STALE");
+        // B's data is one rotation old: still fine.
+        decrypt(&mut w.client, token, &from_b)
+            .await
+            .expect("B's key is the previous one");
+    }
+    let from_c = w
+        .sim
+        .encrypt(&Encrypt::with_session_key(&c.session_key, run_data(7)))
+        .await
+        .expect("encrypt");
+    decrypt(&mut w.client, &token_a, &from_c)
+        .await
+        .expect("the newest key");
+}
+
+#[tokio::test]
+async fn auth_decrypt_data_tells_bad_input_from_another_apps_watermark() {
+    let mut w = world(&[]).await;
+    let (minted, login) = w.login_as(None, None).await;
+    let (token, _) = tokens(login.tokens.as_ref());
+
+    // Decrypts with the user's key, but made for another app.
+    let foreign = w
+        .sim
+        .encrypt(&Encrypt::for_openid(&minted.openid, run_data(1)).appid("wx0000000000000bad"))
+        .await
+        .expect("encrypt");
+    let err = decrypt(&mut w.client, &token, &foreign)
+        .await
+        .expect_err("another app's data");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "WATERMARK_MISMATCH");
+
+    // Not base64, or of the wrong length: the field at fault is named.
+    let good = w
+        .sim
+        .encrypt(&Encrypt::for_openid(&minted.openid, run_data(2)))
+        .await
+        .expect("encrypt");
+    let cases = [
+        ("not base64!", good.iv.as_str(), "encrypted_data"),
+        ("", good.iv.as_str(), "encrypted_data"),
+        ("AAAA", good.iv.as_str(), "encrypted_data"), // 3 bytes
+        (
+            "AAAAAAAAAAAAAAAAAAAAAAA=",
+            good.iv.as_str(),
+            "encrypted_data",
+        ), // 17 bytes
+        (good.encrypted_data.as_str(), "AAAAAAAAAAAAAAAAAAAA", "iv"), // 15 bytes
+        (good.encrypted_data.as_str(), "r7BX XKkL", "iv"),
+        (good.encrypted_data.as_str(), "", "iv"),
+    ];
+    for (encrypted_data, iv, field) in cases {
+        let bad = Encrypted {
+            encrypted_data: encrypted_data.to_owned(),
+            iv: iv.to_owned(),
+        };
+        let err = decrypt(&mut w.client, &token, &bad)
+            .await
+            .expect_err("malformed input");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{encrypted_data:?} {err:?}"
+        );
+        assert_eq!(reason(&err), "INVALID_ENCRYPTED_DATA", "{encrypted_data:?}");
+        assert_eq!(
+            meta(&err, "field").as_deref(),
+            Some(field),
+            "{encrypted_data:?}"
+        );
+    }
+    // Well-formed, but no key of the user's turns it into JSON: stale, not bad input.
+    let garbage = Encrypted {
+        encrypted_data: "AAAAAAAAAAAAAAAAAAAAAA==".to_owned(), // 16 bytes
+        iv: good.iv.clone(),
+    };
+    let err = decrypt(&mut w.client, &token, &garbage)
+        .await
+        .expect_err("garbage");
+    assert_eq!(reason(&err), "SESSION_KEY_STALE");
+
+    // A garbled token is refused before anything else.
+    let err = decrypt(&mut w.client, "wxa_nope", &good)
+        .await
+        .expect_err("bad token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    decrypt(&mut w.client, &token, &good)
+        .await
+        .expect("the good pair still decrypts");
+}
+
+#[tokio::test]
+async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() {
+    let mut w = world(&[]).await;
+    let (owner, owner_token) = new_user(&w.sim, &mut w.client).await;
+    let (_, other_token) = new_user(&w.sim, &mut w.client).await;
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13800138000").for_openid(&owner))
+        .await
+        .expect("mint a phone code");
+
+    // Nothing known yet.
+    let err = phone(&mut w.client, &owner_token, "")
+        .await
+        .expect_err("no number yet");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason(&err), "PHONE_NOT_SET");
+
+    // The exchange.
+    let got = phone(&mut w.client, &owner_token, &code)
+        .await
+        .expect("the exchange");
+    assert_eq!(got.phone_number, "13800138000");
+    assert_eq!(got.pure_phone_number, "13800138000");
+    assert_eq!(got.country_code, "86");
+
+    // Kept: the owner reads it back without a code; another user does not see it.
+    assert_eq!(
+        phone(&mut w.client, &owner_token, "").await.expect("kept"),
+        got
+    );
+    let err = phone(&mut w.client, &other_token, "")
+        .await
+        .expect_err("not another user's");
+    assert_eq!(reason(&err), "PHONE_NOT_SET");
+
+    // The code again, by its owner or anyone: CODE_USED, and WeChat is not called again.
+    for token in [&owner_token, &other_token] {
+        let err = phone(&mut w.client, token, &code)
+            .await
+            .expect_err("a replay");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(reason(&err), "CODE_USED");
+    }
+    assert_eq!(w.sim.code_calls(&code).await.expect("calls"), 1);
+
+    // A foreign number, with countryCode answered as a JSON number, for the other user.
+    w.sim
+        .set_country_code_as_number(true)
+        .await
+        .expect("format");
+    let hk = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("61234567").country_code("852"))
+        .await
+        .expect("mint");
+    let got_hk = phone(&mut w.client, &other_token, &hk)
+        .await
+        .expect("the exchange");
+    assert_eq!(got_hk.country_code, "852");
+    assert_eq!(got_hk.pure_phone_number, "61234567");
+    assert_eq!(got_hk.phone_number, "+85261234567");
+    // Each user still sees only their own.
+    assert_eq!(
+        phone(&mut w.client, &owner_token, "")
+            .await
+            .expect("kept")
+            .pure_phone_number,
+        "13800138000"
+    );
+    assert_eq!(
+        phone(&mut w.client, &other_token, "").await.expect("kept"),
+        got_hk
+    );
+    // One access_token served both exchanges.
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
+    let mut w = world(&[]).await;
+    let (owner, token) = new_user(&w.sim, &mut w.client).await;
+
+    // Eight racing requests with one code (WeChat slow, so that they overlap): one call.
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13700137000"))
+        .await
+        .expect("mint");
+    w.sim
+        .add_fault(
+            &Fault::delay(300)
+                .on_endpoint("getuserphonenumber")
+                .for_code(&code),
+        )
+        .await
+        .expect("slow WeChat");
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = w.client.clone();
+            let (token, code) = (token.clone(), code.clone());
+            tokio::spawn(async move { phone(&mut c, &token, &code).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("join") {
+            Ok(got) => {
+                won += 1;
+                assert_eq!(got.pure_phone_number, "13700137000");
+            }
+            Err(err) => assert_eq!(reason(&err), "CODE_USED", "{err:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(w.sim.code_calls(&code).await.expect("calls"), 1);
+
+    // A code of another user: WeChat refuses it (the openid is sent), errcode passed through;
+    // the code is not spent, so its owner can still use it.
+    let (_, other_token) = new_user(&w.sim, &mut w.client).await;
+    let owned = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13600136000").for_openid(&owner))
+        .await
+        .expect("mint");
+    let err = phone(&mut w.client, &other_token, &owned)
+        .await
+        .expect_err("not this user's code");
+    assert_eq!(reason(&err), "WECHAT_INVALID_CODE");
+    assert_eq!(meta(&err, "wechat_errcode").as_deref(), Some("40029"));
+    phone(&mut w.client, &token, &owned)
+        .await
+        .expect("its owner's exchange");
+
+    // WeChat busy once: retried once, and it works.
+    let busy = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13500135000"))
+        .await
+        .expect("mint");
+    w.sim
+        .add_fault(
+            &Fault::error(-1)
+                .on_endpoint("getuserphonenumber")
+                .for_code(&busy)
+                .once(),
+        )
+        .await
+        .expect("fault");
+    phone(&mut w.client, &token, &busy)
+        .await
+        .expect("the retry succeeds");
+    assert_eq!(w.sim.code_calls(&busy).await.expect("calls"), 2);
+
+    // WeChat unreachable: WECHAT_UNAVAILABLE, and the code stays usable.
+    let dropped = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13400134000"))
+        .await
+        .expect("mint");
+    w.sim
+        .add_fault(
+            &Fault::drop_connection()
+                .on_endpoint("getuserphonenumber")
+                .for_code(&dropped)
+                .once(),
+        )
+        .await
+        .expect("fault");
+    let err = phone(&mut w.client, &token, &dropped)
+        .await
+        .expect_err("no answer");
+    assert_eq!(reason(&err), "WECHAT_UNAVAILABLE");
+    phone(&mut w.client, &token, &dropped)
+        .await
+        .expect("a later try works");
+
+    // Malformed codes never reach WeChat.
+    let err = phone(&mut w.client, &token, "bad code!")
+        .await
+        .expect_err("malformed");
+    assert_eq!(reason(&err), "INVALID_CODE");
+    assert_eq!(meta(&err, "field").as_deref(), Some("code"));
+}
+
+#[tokio::test]
+async fn auth_an_expired_access_token_is_force_refreshed_once_and_the_exchange_retried() {
+    let mut w = world(&[]).await;
+    let (_, token) = new_user(&w.sim, &mut w.client).await;
+    let first = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13300133000"))
+        .await
+        .expect("mint");
+    phone(&mut w.client, &token, &first)
+        .await
+        .expect("warms the access_token");
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1
+    );
+
+    // WeChat now says the token expired (42001) though auth-service thinks it has hours.
+    w.sim.expire_access_token(None).await.expect("expire");
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13300133001"))
+        .await
+        .expect("mint");
+    let got = phone(&mut w.client, &token, &code)
+        .await
+        .expect("succeeds after one forced refresh");
+    assert_eq!(got.pure_phone_number, "13300133001");
+
+    assert_eq!(w.sim.code_calls(&code).await.expect("calls"), 2);
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        2
+    );
+    let state = w.sim.access_token().await.expect("state");
+    assert_eq!(state.force_refreshes_today, 1);
+}
+
+#[tokio::test]
+async fn auth_get_wechat_access_token_answers_the_one_token_behind_client_keys() {
+    let w = world(&[("AUTH_CLIENT_KEYS", CLIENT_KEY)]).await;
+    let mut keyless = w.auth.client_with_key(None).await.expect("client");
+    let err = keyless
+        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .await
+        .expect_err("an internal RPC");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "CLIENT_KEY_INVALID");
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        0
+    );
+
+    let mut client = w.client.clone();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(
+            client
+                .get_wechat_access_token(GetWechatAccessTokenRequest {})
+                .await
+                .expect("the token")
+                .into_inner(),
+        );
+    }
+    let state = w.sim.access_token().await.expect("state");
+    let current = state.access_token.expect("the simulator issued one");
+    for answer in &seen {
+        assert_eq!(answer.access_token, current);
+        let expires = answer.expires_at.as_ref().expect("expires_at").seconds;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        assert!(
+            expires > now + 3600,
+            "about two hours ahead: {expires} vs {now}"
+        );
+    }
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn auth_an_access_token_in_its_last_five_minutes_is_renewed_before_it_expires() {
+    let mut w = world(&[]).await;
+    let mut token = async || {
+        w.client
+            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .await
+            .expect("the token")
+            .into_inner()
+            .access_token
+    };
+    // Tokens that live 4 minutes: each is already in its renewal window when issued.
+    w.sim
+        .set_access_token_lifetime(240)
+        .await
+        .expect("lifetime");
+    let short = token().await;
+    let renewed = token().await;
+    assert_ne!(short, renewed, "renewed before it expired");
+
+    // Normal lifetimes again: one more renewal, then the token is simply reused.
+    w.sim
+        .set_access_token_lifetime(7200)
+        .await
+        .expect("lifetime");
+    let long = token().await;
+    assert_ne!(long, renewed);
+    assert_eq!(token().await, long);
+    assert_eq!(token().await, long);
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        3
+    );
+    // Renewals never force: the tokens they replaced still work until their own end.
+    let state = w.sim.access_token().await.expect("state");
+    assert_eq!(state.force_refreshes_today, 0);
+    for t in [&short, &renewed] {
+        let info = state
+            .tokens
+            .iter()
+            .find(|i| &i.access_token == t)
+            .expect("issued");
+        assert_eq!(info.status, "valid", "{info:?}");
+    }
+}
+
+/// Two auth-service replicas on one PostgreSQL database and one Redis, or `None` to skip.
+async fn two_replicas(test: &str) -> Option<(SimProcess, [AuthProcess; 2])> {
+    let External::Run(redis_url) = redis(test) else {
+        return None;
+    };
+    let External::Run(db) = postgres_database(test).await.expect("database") else {
+        return None;
+    };
+    let sim = SimProcess::start().await.expect("simulator");
+    let env = [
+        ("AUTH_DATABASE_URL", db.as_str()),
+        ("AUTH_REDIS_URL", redis_url.as_str()),
+        ("AUTH_WECHAT_TIMEOUT", "5s"),
+    ];
+    let a = AuthProcess::start(&sim, &env).await.expect("auth A");
+    let b = AuthProcess::start(&sim, &env).await.expect("auth B");
+    Some((sim, [a, b]))
+}
+
+/// `n` users, each logged in on one replica in turn, with a phone code each: (client of the
+/// replica to ask, access token, code, number).
+async fn users_with_codes(
+    sim: &SimProcess,
+    clients: &[AuthClient; 2],
+    n: usize,
+    first_number: u64,
+) -> Vec<(AuthClient, String, String, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut client = clients[i % 2].clone();
+        let (openid, token) = new_user(sim, &mut client).await;
+        let number = (first_number + i as u64).to_string();
+        let code = sim
+            .mint_phone_code(&MintPhoneCode::new(&number).for_openid(&openid))
+            .await
+            .expect("mint");
+        // Each asks on the other replica than it logged in on.
+        out.push((clients[(i + 1) % 2].clone(), token, code, number));
+    }
+    out
+}
+
+/// Runs every exchange at once; each must succeed with its own number.
+async fn exchange_all(requests: Vec<(AuthClient, String, String, String)>) {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|(mut client, token, code, number)| {
+            tokio::spawn(async move {
+                let got = phone(&mut client, &token, &code).await;
+                (got, number)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (got, number) = task.await.expect("join");
+        let got = got.unwrap_or_else(|e| panic!("the exchange for {number} failed: {e:?}"));
+        assert_eq!(got.pure_phone_number, number);
+    }
+}
+
+#[tokio::test]
+async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
+    let Some((sim, [a, b])) =
+        two_replicas("auth_sensitive::auth_replicas_share_one_access_token_and_one_forced_refresh")
+            .await
+    else {
+        return;
+    };
+    let clients = [
+        a.client().await.expect("client A"),
+        b.client().await.expect("client B"),
+    ];
+
+    // Many concurrent exchanges on both replicas, with no token anywhere yet: one fetch.
+    let requests = users_with_codes(&sim, &clients, 16, 13_100_000_000).await;
+    assert_eq!(sim.endpoint_calls("stable_token").await.expect("calls"), 0);
+    exchange_all(requests).await;
+    assert_eq!(sim.endpoint_calls("stable_token").await.expect("calls"), 1);
+    // Both replicas hand out that same token.
+    let current = sim
+        .access_token()
+        .await
+        .expect("state")
+        .access_token
+        .expect("one issued");
+    for client in &clients {
+        let answer = client
+            .clone()
+            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .await
+            .expect("the token")
+            .into_inner();
+        assert_eq!(answer.access_token, current);
+    }
+
+    // One code raced on both replicas: one (billed) call, through the shared claim.
+    let (_, token) = new_user(&sim, &mut clients[0].clone()).await;
+    let code = sim
+        .mint_phone_code(&MintPhoneCode::new("13199999999"))
+        .await
+        .expect("mint");
+    sim.add_fault(
+        &Fault::delay(300)
+            .on_endpoint("getuserphonenumber")
+            .for_code(&code),
+    )
+    .await
+    .expect("slow WeChat");
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            let (token, code) = (token.clone(), code.clone());
+            tokio::spawn(async move { phone(&mut c, &token, &code).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("join") {
+            Ok(_) => won += 1,
+            Err(err) => assert_eq!(reason(&err), "CODE_USED", "{err:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(sim.code_calls(&code).await.expect("calls"), 1);
+
+    // WeChat ends the token (40001) behind both replicas' backs: every request still
+    // succeeds, through exactly one forced refresh.
+    let requests = users_with_codes(&sim, &clients, 12, 13_200_000_000).await;
+    let ended = sim.invalidate_access_token(None).await.expect("invalidate");
+    assert_eq!(ended, vec![current.clone()]);
+    exchange_all(requests).await;
+    let state = sim.access_token().await.expect("state");
+    assert_eq!(state.force_refreshes_today, 1);
+    assert_eq!(sim.endpoint_calls("stable_token").await.expect("calls"), 2);
+    let renewed = state.access_token.expect("a new one");
+    assert_ne!(renewed, current);
+    for client in &clients {
+        let answer = client
+            .clone()
+            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .await
+            .expect("the token")
+            .into_inner();
+        assert_eq!(answer.access_token, renewed);
+    }
+}
+
+#[tokio::test]
+async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_the_database_in_clear()
+ {
+    // Arrange: debug logs, and every path that touches sensitive data: logins on two devices,
+    // decryptions (good, stale, foreign), phone exchanges and reads, the access_token handed
+    // out, refused by WeChat and force-refreshed.
+    const NUMBER: &str = "13912345678";
+    const MARKER: &str = "plaintext-marker-5d1e";
+    let mut w = world(&[("RUST_LOG", "debug"), ("AUTH_CLIENT_KEYS", CLIENT_KEY)]).await;
+    let mut secrets: Vec<String> = vec![
+        SECRET.into(),
+        TOKEN_KEY.into(),
+        CLIENT_KEY.into(),
+        NUMBER.into(),
+        MARKER.into(),
+    ];
+    let mut raw_keys: Vec<Vec<u8>> = Vec::new();
+
+    let (a, login_a) = w.login_as(None, Some("dev-a")).await;
+    let (b, _) = w.login_as(Some(&a.openid), Some("dev-b")).await;
+    let (c, _) = w.login_as(Some(&a.openid), Some("dev-c")).await;
+    for m in [&a, &b, &c] {
+        secrets.push(m.session_key.clone());
+        raw_keys.push(base64_decode(&m.session_key));
+    }
+    let (token, _) = tokens(login_a.tokens.as_ref());
+    for data in [
+        Encrypt::for_openid(&a.openid, json!({"secret": MARKER})),
+        Encrypt::with_session_key(&b.session_key, json!({"secret": MARKER})),
+        Encrypt::with_session_key(&a.session_key, json!({"secret": MARKER})),
+        Encrypt::for_openid(&a.openid, json!({"secret": MARKER})).appid("wx0000000000000bad"),
+    ] {
+        let e = w.sim.encrypt(&data).await.expect("encrypt");
+        secrets.push(e.encrypted_data.clone());
+        let _ = decrypt(&mut w.client, &token, &e).await;
+    }
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new(NUMBER).for_openid(&a.openid))
+        .await
+        .expect("mint");
+    secrets.push(code.clone());
+    phone(&mut w.client, &token, &code)
+        .await
+        .expect("the exchange");
+    phone(&mut w.client, &token, "").await.expect("read back");
+    let _replay = phone(&mut w.client, &token, &code).await;
+    w.client
+        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .await
+        .expect("the token");
+    w.sim
+        .invalidate_access_token(None)
+        .await
+        .expect("invalidate");
+    let second = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new(NUMBER).for_openid(&a.openid))
+        .await
+        .expect("mint");
+    secrets.push(second.clone());
+    phone(&mut w.client, &token, &second)
+        .await
+        .expect("after a forced refresh");
+    let state = w.sim.access_token().await.expect("state");
+    assert!(state.tokens.len() >= 2, "{state:?}");
+    secrets.extend(state.tokens.iter().map(|t| t.access_token.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Assert: the logs.
+    let logs = w.auth.logs().join("\n");
+    assert!(
+        logs.contains("phone number stored"),
+        "the logs are being captured"
+    );
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "the logs contain a secret: {s}");
+    }
+
+    // Assert: every file of the database (main file, WAL, shared memory).
+    let mut files = 0;
+    for entry in std::fs::read_dir(w.auth.data_dir()).expect("data dir") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read db file");
+        files += 1;
+        for s in &secrets {
+            assert!(
+                !contains(&bytes, s.as_bytes()),
+                "{} holds a secret in clear: {s}",
+                path.display()
+            );
+        }
+        for k in &raw_keys {
+            assert!(
+                !contains(&bytes, k),
+                "{} holds a raw session_key",
+                path.display()
+            );
+        }
+    }
+    assert!(files >= 1);
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("session_key is base64")
+}
