@@ -458,9 +458,16 @@ def rule_services(docs: list[Doc], overlay: str) -> list[str]:
     if auth_svc is None:
         problems.append("no Service auth-service")
     else:
-        # The load-spreading choice of deploy/README.md.
-        if auth_svc["spec"].get("clusterIP") != "None":
-            problems.append("Service/auth-service is not headless (clusterIP: None), as deploy/README.md says")
+        # The load-spreading choice of deploy/README.md: a ClusterIP Service, and connections
+        # recycled by auth-service's AUTH_MAX_CONNECTION_AGE.
+        if auth_svc["spec"].get("clusterIP") == "None":
+            problems.append("Service/auth-service is headless; deploy/README.md relies on a ClusterIP Service")
+        auth = named(docs, "Deployment", "auth-service")
+        if auth is not None:
+            auth_env, _ = container_env(docs, containers(auth)[0])
+            age = auth_env.get("AUTH_MAX_CONNECTION_AGE", "")
+            if age.strip() in ("", "0", "0s"):
+                problems.append("auth-service has no AUTH_MAX_CONNECTION_AGE: connections would never move to new replicas")
         if api is not None:
             env, _ = container_env(docs, containers(api)[0])
             url = env.get("API_AUTH_URL", "")
@@ -582,7 +589,7 @@ RULES: list[tuple[str, str, Callable[[list[Doc], str], list[str]]]] = [
     ("termination", "terminationGracePeriodSeconds above drain delay + shutdown grace", rule_termination),
     ("prometheus", "prometheus.io/scrape, /port (the metrics port), /path annotations", rule_prometheus),
     ("secrets", "every Secret value is a placeholder (CHANGE-ME or empty)", rule_secrets),
-    ("services", "Services select their pods; auth-service headless; API_AUTH_URL names it", rule_services),
+    ("services", "Services select their pods; auth-service ClusterIP with AUTH_MAX_CONNECTION_AGE; API_AUTH_URL names it", rule_services),
     ("network", "NetworkPolicy: gRPC only from api-service and labelled clients, metrics only from Prometheus", rule_network),
     ("availability", "HPA minReplicas >= 2, PDB, topology spread, surge-only rollouts (not for local)", rule_availability),
     ("images", "images have a tag or digest, and a registry outside local", rule_images),
@@ -641,7 +648,8 @@ MUTATIONS: list[tuple[str, str, Callable[[list[Doc]], None]]] = [
     ("prometheus", "the scrape port annotation on the public port", lambda d: dep(d, "api-service")["spec"]["template"]["metadata"]["annotations"].update({"prometheus.io/port": "8080"})),
     ("network", "the gRPC port open to every pod", lambda d: grpc_rule(d).update({"from": []})),
     ("network", "the gRPC port open to a whole namespace", lambda d: grpc_rule(d).update({"from": [{"namespaceSelector": {}}]})),
-    ("services", "a ClusterIP auth-service", lambda d: named(d, "Service", "auth-service")["spec"].pop("clusterIP")),  # type: ignore[index]
+    ("services", "a headless auth-service", lambda d: named(d, "Service", "auth-service")["spec"].update(clusterIP="None")),  # type: ignore[index]
+    ("services", "no AUTH_MAX_CONNECTION_AGE", lambda d: config(d, "auth-service").pop("AUTH_MAX_CONNECTION_AGE")),
     ("availability", "HPA minReplicas 1", lambda d: named(d, "HorizontalPodAutoscaler", "auth-service")["spec"].update(minReplicas=1)),  # type: ignore[index]
     ("availability", "no PodDisruptionBudget", lambda d: d.remove(named(d, "PodDisruptionBudget", "api-service"))),
     ("images", "an image without registry", lambda d: ctr(d, "auth-service").update(image="wxauth/auth-service:dev")),

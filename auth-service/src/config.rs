@@ -86,6 +86,9 @@ pub struct Settings {
     pub client_keys: Vec<SecretString>,
     /// `AUTH_METRICS_ADDR`.
     pub metrics_addr: SocketAddr,
+    /// `AUTH_MAX_CONNECTION_AGE`: connections are closed gracefully (GOAWAY) after this long,
+    /// so that clients connect again and spread over new replicas; `None` (unset or 0): never.
+    pub max_connection_age: Option<Duration>,
     /// `AUTH_DRAIN_DELAY`: after SIGTERM, how long to keep serving while reporting
     /// NOT_SERVING, so load balancers stop sending new calls before the port closes.
     pub drain_delay: Duration,
@@ -183,6 +186,8 @@ impl Settings {
             login_rate,
             client_keys,
             metrics_addr,
+            max_connection_age: Some(duration(&get, "AUTH_MAX_CONNECTION_AGE", "0s")?)
+                .filter(|d| !d.is_zero()),
             drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
         };
@@ -312,6 +317,22 @@ mod tests {
         assert!(s.client_keys.is_empty());
         assert!(
             matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/auth.db"))
+        );
+    }
+
+    #[test]
+    fn max_connection_age_is_off_unless_set() {
+        assert_eq!(load(&base()).expect("valid").max_connection_age, None);
+        let mut env = base();
+        env.insert("AUTH_MAX_CONNECTION_AGE", "5m".into());
+        assert_eq!(
+            load(&env).expect("valid").max_connection_age,
+            Some(Duration::from_secs(300))
+        );
+        env.insert("AUTH_MAX_CONNECTION_AGE", "soon".into());
+        assert_eq!(
+            load(&env).expect_err("malformed").name,
+            "AUTH_MAX_CONNECTION_AGE"
         );
     }
 

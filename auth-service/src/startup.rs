@@ -205,8 +205,15 @@ impl Application {
 
         info!(listener = "grpc", listen_addr = %self.local_addr, "listening");
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let server = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+        if let Some(age) = self.settings.max_connection_age {
+            // Clients reconnect after `age` (GOAWAY; calls in flight finish), which is how a
+            // ClusterIP Service spreads them over new replicas. No max_connection_age_grace:
+            // in tonic 0.14 setting it replaces the graceful GOAWAY at `age` with a forced
+            // close at `age + grace`, which would cut calls in flight.
+            builder = builder.max_connection_age(age);
+        }
+        let server = builder
             .layer(CallContextLayer::new(self.settings.client_keys.clone()))
             .add_service(health)
             .add_service(reflection)

@@ -12,6 +12,7 @@ mod auth_sensitive;
 mod auth_sessions;
 mod auth_tokens;
 mod common;
+mod connection_age;
 mod metrics;
 mod postgres_down;
 mod redis_down;

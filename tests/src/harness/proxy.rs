@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     addr: SocketAddr,
     up: Arc<watch::Sender<bool>>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,8 +28,14 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (tx, rx) = watch::channel(true);
         let up = Arc::new(tx);
-        let task = tokio::spawn(accept(listener, target, rx));
-        Ok(Self { addr, up, task })
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(accept(listener, target, rx, accepted.clone()));
+        Ok(Self {
+            addr,
+            up,
+            accepted,
+            task,
+        })
     }
 
     /// Where clients connect.
@@ -38,6 +46,11 @@ impl Proxy {
     /// Closes every connection and refuses new ones.
     pub fn cut(&self) {
         self.up.send_replace(false);
+    }
+
+    /// How many connections clients have made through the proxy so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Lets connections through again.
@@ -52,8 +65,14 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(listener: TcpListener, target: SocketAddr, up: watch::Receiver<bool>) {
+async fn accept(
+    listener: TcpListener,
+    target: SocketAddr,
+    up: watch::Receiver<bool>,
+    accepted: Arc<AtomicUsize>,
+) {
     while let Ok((client, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::Relaxed);
         if !*up.borrow() {
             drop(client);
             continue;
