@@ -8,7 +8,7 @@ use tests::harness::{ApiProcess, AuthProcess, SimProcess};
 
 struct Edge {
     sim: SimProcess,
-    _auth: AuthProcess,
+    auth: AuthProcess,
     api: ApiProcess,
 }
 
@@ -16,11 +16,7 @@ async fn edge() -> Edge {
     let sim = SimProcess::start().await.expect("simulator");
     let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
     let api = ApiProcess::start(&auth, &[]).await.expect("api-service");
-    Edge {
-        sim,
-        _auth: auth,
-        api,
-    }
+    Edge { sim, auth, api }
 }
 
 impl Edge {
@@ -217,4 +213,80 @@ async fn a_phone_code_is_exchanged_once_and_the_number_shown_to_its_owner_only()
             .expect("calls"),
         1
     );
+}
+
+#[tokio::test]
+async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
+    let e = edge().await;
+    let (a, token_a) = e.login(None, "phone").await;
+    let (b, token_b) = e.login(Some(&a.openid), "tablet").await;
+    let sealed = e
+        .sim
+        .encrypt(&Encrypt::with_session_key(
+            a.session_key.clone(),
+            json!({"openGId": "g"}),
+        ))
+        .await
+        .expect("encrypt");
+    let code = e
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13912345678").for_openid(a.openid.clone()))
+        .await
+        .expect("phone code");
+
+    let mut answers = Vec::new();
+    answers.push(e.decrypt(&token_b, &sealed).await.1);
+    answers.push(
+        e.send(
+            Method::POST,
+            "/v1/me/phone",
+            &token_a,
+            Some(json!({"code": code})),
+        )
+        .await
+        .1,
+    );
+    answers.push(e.send(Method::GET, "/v1/me", &token_b, None).await.1);
+    answers.push(
+        e.send(Method::GET, "/v1/auth/sessions", &token_a, None)
+            .await
+            .1,
+    );
+
+    // No answer carries a session_key (the phone number is in its owner's answers by design).
+    let keys = [a.session_key.as_str(), b.session_key.as_str()];
+    for answer in &answers {
+        let text = answer.to_string();
+        for key in keys {
+            assert!(
+                !text.contains(key),
+                "an answer carries a session_key: {text}"
+            );
+        }
+    }
+    assert_eq!(answers[2]["phone_number"], "13912345678");
+
+    // api-service never holds either: not in its logs, not in its database files.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let logs = e.api.logs().join("\n");
+    let secrets = [keys[0], keys[1], "13912345678"];
+    for s in secrets {
+        assert!(!logs.contains(s), "api-service logged {s}");
+    }
+    for entry in std::fs::read_dir(e.api.data_dir()).expect("data dir") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        for s in secrets {
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{} holds {s}",
+                path.display()
+            );
+        }
+    }
+    // And auth-service keeps the number sealed, not in clear.
+    for entry in std::fs::read_dir(e.auth.data_dir()).expect("data dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(!bytes.windows(11).any(|w| w == b"13912345678"));
+    }
 }
