@@ -1,0 +1,1114 @@
+//! `bench`: how fast the pair is, next to a bare tonic server and a bare axum server measured
+//! in the same run, on the same machine, with the same load generator.
+//!
+//! ```text
+//! cargo run --release -p tests --bin bench [-- --seconds N] [--concurrency 1,16,64,256]
+//!                                             [--sessions N]
+//! ```
+//! It starts the real binaries (simulator, auth-service, api-service) on embedded defaults, and
+//! again on PostgreSQL + Redis when `WXAUTH_TEST_PG_URL` and `WXAUTH_TEST_REDIS_URL` are set.
+//! The load generator is its own: tokio tasks, a fixed number of workers for a fixed time per
+//! step, latency into an hdrhistogram. It shares the cores with the servers. The table it
+//! prints is also written as JSON to `target/bench/latest.json`. It fails (exit 1) on any
+//! error answer or when a revoked token is not refused on the very next call.
+
+// A command-line tool: printing its table is its job.
+#![allow(clippy::print_stdout)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use http::{Method, Request, StatusCode};
+use hyper::body::Body as _;
+use proto::v1::auth_service_client::AuthServiceClient;
+use proto::v1::{LoginRequest, LogoutRequest, VerifyRequest};
+use serde::Serialize;
+use serde_json::json;
+use tests::harness::external::{self, External};
+use tests::harness::{ApiProcess, AuthProcess, SimProcess};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
+
+/// Logins per client IP the bench's auth-service allows: the bench logs in from one address.
+const LOGIN_RATE: &str = "1000000/min";
+/// Logins (and code mints) in flight while filling sessions.
+const FILL_PARALLEL: usize = 64;
+/// Concurrency of the Login and `POST /v1/notes` steps.
+const WRITE_CONCURRENCY: usize = 16;
+/// Notes the `GET /v1/notes?limit=20` user has.
+const NOTES: usize = 25;
+/// UNAVAILABLE answers to Login one filling task tolerates (each retried with a new code).
+const MAX_FILL_RETRIES: u64 = 20;
+
+#[derive(Debug, Clone)]
+struct Args {
+    seconds: u64,
+    concurrency: Vec<usize>,
+    sessions: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        seconds: 2,
+        concurrency: vec![1, 16, 64, 256],
+        sessions: 20_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--seconds" => args.seconds = value("--seconds")?.parse()?,
+            "--sessions" => args.sessions = value("--sessions")?.parse()?,
+            "--concurrency" => {
+                args.concurrency = value("--concurrency")?
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "bench [--seconds N (2)] [--concurrency 1,16,64,256] [--sessions N (20000)]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if args.seconds == 0 || args.concurrency.contains(&0) {
+        bail!("--seconds and every --concurrency must be at least 1");
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load generator.
+
+/// What one call answered.
+enum Outcome {
+    Ok,
+    Error,
+    /// Nothing left to do (the Login step runs out of codes): the worker stops.
+    Done,
+}
+
+/// One worker's connection and what it sends.
+trait Worker: Send + 'static {
+    fn call(&mut self) -> impl Future<Output = Outcome> + Send;
+}
+
+/// What one step measured, before CPU is added.
+struct Measured {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+/// Runs `workers` concurrently for `seconds` (or until they are done).
+async fn drive<W: Worker>(workers: Vec<W>, seconds: u64) -> anyhow::Result<Measured> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut worker in workers {
+        tasks.spawn(async move {
+            // Nanoseconds, 1 ns to 60 s, 3 significant digits.
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            let (mut requests, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let outcome = worker.call().await;
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                match outcome {
+                    Outcome::Done => break,
+                    Outcome::Ok => {}
+                    Outcome::Error => errors += 1,
+                }
+                requests += 1;
+                hist.saturating_record(ns.max(1));
+            }
+            anyhow::Ok((hist, requests, errors))
+        });
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut requests, mut errors) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (h, r, e) = done??;
+        hist.add(h)?;
+        requests += r;
+        errors += e;
+    }
+    Ok(Measured {
+        requests,
+        errors,
+        elapsed: start.elapsed(),
+        hist,
+    })
+}
+
+/// A bare tonic unary call: the standard health service's Check.
+struct EchoWorker(HealthClient<Channel>);
+
+impl Worker for EchoWorker {
+    async fn call(&mut self) -> Outcome {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        match self.0.check(request).await {
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::Error,
+        }
+    }
+}
+
+/// auth-service's Verify of one live token.
+struct VerifyWorker {
+    client: AuthServiceClient<Channel>,
+    token: String,
+}
+
+impl Worker for VerifyWorker {
+    async fn call(&mut self) -> Outcome {
+        let request = VerifyRequest {
+            access_token: self.token.clone(),
+        };
+        match self.client.verify(request).await {
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::Error,
+        }
+    }
+}
+
+/// auth-service's Login, one minted code per call.
+struct LoginWorker {
+    client: AuthServiceClient<Channel>,
+    codes: Arc<Mutex<Vec<String>>>,
+}
+
+impl Worker for LoginWorker {
+    async fn call(&mut self) -> Outcome {
+        let code = match self.codes.lock() {
+            Ok(mut codes) => codes.pop(),
+            Err(_) => None,
+        };
+        let Some(code) = code else {
+            return Outcome::Done;
+        };
+        match self.client.login(login_request(code)).await {
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::Error,
+        }
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection, one request shape.
+struct HttpWorker {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<String>,
+    method: Method,
+    path: &'static str,
+    token: Option<String>,
+    body: Option<String>,
+    expect: StatusCode,
+}
+
+impl HttpWorker {
+    async fn connect(
+        addr: SocketAddr,
+        method: Method,
+        path: &'static str,
+        token: Option<String>,
+        body: Option<String>,
+        expect: StatusCode,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            sender: http1_connect(addr).await?,
+            addr,
+            method,
+            path,
+            token,
+            body,
+            expect,
+        })
+    }
+
+    async fn send(&mut self) -> anyhow::Result<StatusCode> {
+        if self.sender.is_closed() {
+            self.sender = http1_connect(self.addr).await?;
+        }
+        let mut request = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path)
+            .header(http::header::HOST, self.addr.to_string());
+        if let Some(token) = &self.token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if self.body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(self.body.clone().unwrap_or_default())?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            frame?;
+        }
+        Ok(status)
+    }
+}
+
+impl Worker for HttpWorker {
+    async fn call(&mut self) -> Outcome {
+        match self.send().await {
+            Ok(status) if status == self.expect => Outcome::Ok,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+async fn http1_connect(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<String>> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        // The connection ends when its sender is dropped; an error is counted by the caller.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU and memory of processes, from /proc.
+
+/// `utime + stime` of `pid` (or of this process), in seconds.
+fn cpu_seconds(pid: Option<u32>) -> anyhow::Result<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name may hold spaces: the fields start after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("unexpected {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i - 3)
+            .with_context(|| format!("short {path}"))?
+            .parse()?)
+    };
+    let total = ticks(14)? + ticks(15)?;
+    #[allow(clippy::cast_precision_loss, reason = "tick counts are far below 2^52")]
+    Ok(total as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+fn cpu_of(pids: &[Option<u32>]) -> anyhow::Result<f64> {
+    pids.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+/// VmRSS of `pid`, in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))?;
+    Ok(kib / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results.
+
+#[derive(Debug, Clone, Serialize)]
+struct Line {
+    /// What was called, e.g. `Verify`, `GET /v1/me`, `bare tonic Health/Check`.
+    name: String,
+    /// `baseline`, `embedded` (SQLite, in-memory) or `postgres+redis`.
+    backend: String,
+    /// `grpc 1 conn`, `grpc 4 conns`, `http/1.1 1 conn/worker`.
+    transport: String,
+    concurrency: usize,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    /// Server CPU time (user + system) per request, in microseconds.
+    cpu_us_per_request: f64,
+    /// Whose CPU: the server processes, or this process (server and load generator).
+    cpu_of: String,
+    /// The line this one is compared with.
+    baseline: Option<String>,
+    /// requests/s of this line divided by requests/s of its baseline.
+    ratio: Option<f64>,
+}
+
+/// Measures a step: the workers, then the CPU of `pids` (`None`: this process) over it.
+async fn step<W: Worker>(
+    name: &str,
+    backend: &str,
+    transport: &str,
+    workers: Vec<W>,
+    seconds: u64,
+    pids: &[Option<u32>],
+    cpu_label: &str,
+) -> anyhow::Result<Line> {
+    let concurrency = workers.len();
+    let before = cpu_of(pids)?;
+    let m = drive(workers, seconds).await?;
+    let cpu = cpu_of(pids)? - before;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "request counts are far below 2^52"
+    )]
+    let requests = m.requests.max(1) as f64;
+    let secs = m.elapsed.as_secs_f64();
+    #[allow(clippy::cast_precision_loss, reason = "nanoseconds below 60 s")]
+    let ms = |q: f64| m.hist.value_at_quantile(q) as f64 / 1e6;
+    let line = Line {
+        name: name.to_owned(),
+        backend: backend.to_owned(),
+        transport: transport.to_owned(),
+        concurrency,
+        requests: m.requests,
+        errors: m.errors,
+        seconds: secs,
+        requests_per_second: requests / secs,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        cpu_us_per_request: cpu / requests * 1e6,
+        cpu_of: cpu_label.to_owned(),
+        baseline: None,
+        ratio: None,
+    };
+    eprintln!(
+        "  {:<28} {:<15} {:<22} c={:<4} {:>9.0} req/s  p99 {:>7.3} ms  errors {}",
+        line.name,
+        line.backend,
+        line.transport,
+        line.concurrency,
+        line.requests_per_second,
+        line.p99_ms,
+        line.errors
+    );
+    Ok(line)
+}
+
+fn compare(line: &mut Line, baseline: &Line) {
+    line.baseline = Some(format!(
+        "{} ({}, c={})",
+        baseline.name, baseline.transport, baseline.concurrency
+    ));
+    line.ratio = Some(line.requests_per_second / baseline.requests_per_second);
+}
+
+fn table(lines: &[Line]) -> String {
+    let mut out = format!(
+        "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9} | {:>8} | {:>8} | {:>8} | {:>10} | {:>6} | {:>6} |\n",
+        "call",
+        "backend",
+        "transport",
+        "conc",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "CPU µs/req",
+        "ratio",
+        "errors"
+    );
+    out.push_str(&format!(
+        "|{:-<28}|{:-<16}|{:-<17}|{:->6}|{:->11}|{:->10}|{:->10}|{:->10}|{:->12}|{:->8}|{:->8}|\n",
+        "", "", "", ":", ":", ":", ":", ":", ":", ":", ":"
+    ));
+    for l in lines {
+        let ratio = l
+            .ratio
+            .map_or_else(|| "base".to_owned(), |r| format!("{:.0} %", r * 100.0));
+        let cpu = if l.cpu_of.starts_with("bench") {
+            format!("{:.1}*", l.cpu_us_per_request)
+        } else {
+            format!("{:.1}", l.cpu_us_per_request)
+        };
+        out.push_str(&format!(
+            "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>10} | {:>6} | {:>6} |\n",
+            l.name,
+            l.backend,
+            l.transport,
+            l.concurrency,
+            l.requests_per_second,
+            l.p50_ms,
+            l.p99_ms,
+            l.p999_ms,
+            cpu,
+            ratio,
+            l.errors
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers and clients.
+
+/// A bare tonic server (health service only) on 127.0.0.1:0, in this process.
+async fn start_echo() -> anyhow::Result<SocketAddr> {
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .map_err(|e| anyhow::anyhow!("cannot bind the echo server: {e}"))?
+            .with_nodelay(Some(true));
+    let addr = incoming.local_addr()?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            eprintln!("bench: the echo server stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// A bare axum server (`GET /hello` → `{"hello":"world"}`) on 127.0.0.1:0, in this process.
+async fn start_hello() -> anyhow::Result<SocketAddr> {
+    #[derive(Serialize)]
+    struct Hello {
+        hello: &'static str,
+    }
+    let app = axum::Router::new().route(
+        "/hello",
+        axum::routing::get(|| async { axum::Json(Hello { hello: "world" }) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("bench: the hello server stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// `n` HTTP/2 connections to `addr` (a tonic `Channel` is one connection).
+async fn channels(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?,
+        );
+    }
+    Ok(out)
+}
+
+fn login_request(code: String) -> LoginRequest {
+    LoginRequest {
+        code,
+        device: None,
+        client_ip: String::new(),
+    }
+}
+
+/// Mints `n` login codes at the simulator, each for a new user, `FILL_PARALLEL` at a time.
+async fn mint_codes(sim: &SimProcess, n: usize) -> anyhow::Result<Vec<String>> {
+    let url = sim.url("/sim/login-codes")?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..FILL_PARALLEL {
+        let count = n / FILL_PARALLEL + usize::from(t < n % FILL_PARALLEL);
+        let (client, url) = (sim.client().clone(), url.clone());
+        tasks.spawn(async move {
+            let mut codes = Vec::with_capacity(count);
+            for _ in 0..count {
+                let answer = client
+                    .post(url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body("{}")
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await?;
+                let answer: serde_json::Value = serde_json::from_str(&answer)?;
+                let code = answer["code"]
+                    .as_str()
+                    .with_context(|| format!("no code in {answer}"))?;
+                codes.push(code.to_owned());
+            }
+            anyhow::Ok(codes)
+        });
+    }
+    let mut codes = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        codes.extend(done??);
+    }
+    Ok(codes)
+}
+
+/// Logs a new user in through gRPC; answers the access token.
+async fn login_new_user(sim: &SimProcess, auth: SocketAddr) -> anyhow::Result<String> {
+    let code = mint_codes(sim, 1).await?.pop().context("no code minted")?;
+    let mut client = AuthServiceClient::new(channels(auth, 1).await?.remove(0));
+    let answer = client.login(login_request(code)).await?.into_inner();
+    Ok(answer
+        .tokens
+        .context("Login answered no tokens")?
+        .access_token)
+}
+
+/// Logs `token` out and checks that the very next Verify of it is refused with TOKEN_REVOKED.
+async fn check_revocation(auth: SocketAddr, token: &str) -> anyhow::Result<()> {
+    let mut client = AuthServiceClient::new(channels(auth, 1).await?.remove(0));
+    client
+        .logout(LogoutRequest {
+            access_token: token.to_owned(),
+            all: false,
+        })
+        .await
+        .context("Logout failed")?;
+    match client
+        .verify(VerifyRequest {
+            access_token: token.to_owned(),
+        })
+        .await
+    {
+        Ok(_) => bail!("revocation: a logged-out token was accepted by the next Verify"),
+        Err(status) => {
+            let reason = status.get_details_error_info().map(|i| i.reason);
+            if reason.as_deref() != Some("TOKEN_REVOKED") {
+                bail!("revocation: the next Verify answered {status:?}, not TOKEN_REVOKED");
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+/// The services under test on one backend.
+struct Pair {
+    backend: &'static str,
+    sim: SimProcess,
+    auth: AuthProcess,
+    api: ApiProcess,
+}
+
+fn pid_of(process: &mut tests::harness::Process) -> anyhow::Result<u32> {
+    process.id().context("the process has exited")
+}
+
+async fn start_pair(
+    backend: &'static str,
+    auth_env: &[(&str, &str)],
+    api_env: &[(&str, &str)],
+) -> anyhow::Result<Pair> {
+    let sim = SimProcess::start().await.context("the simulator starts")?;
+    let mut env = vec![("AUTH_LOGIN_RATE", LOGIN_RATE)];
+    env.extend_from_slice(auth_env);
+    let auth = AuthProcess::start(&sim, &env)
+        .await
+        .context("auth-service starts")?;
+    let api = ApiProcess::start(&auth, api_env)
+        .await
+        .context("api-service starts")?;
+    Ok(Pair {
+        backend,
+        sim,
+        auth,
+        api,
+    })
+}
+
+/// The gRPC lines of one connection mode and concurrency: Verify (with its revocation check),
+/// compared with `echo` when given.
+async fn verify_step(
+    pair: &mut Pair,
+    conns: usize,
+    concurrency: usize,
+    seconds: u64,
+    echo: Option<&Line>,
+) -> anyhow::Result<Line> {
+    let addr = pair.auth.addr();
+    let token = login_new_user(&pair.sim, addr).await?;
+    let chans = channels(addr, conns).await?;
+    let workers = (0..concurrency)
+        .map(|w| VerifyWorker {
+            client: AuthServiceClient::new(chans[w % conns].clone()),
+            token: token.clone(),
+        })
+        .collect();
+    let pid = pid_of(pair.auth.process_mut())?;
+    let mut line = step(
+        "Verify",
+        pair.backend,
+        &transport_grpc(conns),
+        workers,
+        seconds,
+        &[Some(pid)],
+        "auth-service",
+    )
+    .await?;
+    if let Some(echo) = echo {
+        compare(&mut line, echo);
+    }
+    check_revocation(addr, &token).await?;
+    Ok(line)
+}
+
+fn transport_grpc(conns: usize) -> String {
+    if conns == 1 {
+        "h2, 1 conn".to_owned()
+    } else {
+        format!("h2, {conns} conns")
+    }
+}
+
+const HTTP1: &str = "h1, conn/worker";
+
+/// `GET path` at the edge with `token`, `concurrency` connections.
+async fn edge_get_step(
+    pair: &mut Pair,
+    path: &'static str,
+    token: &str,
+    concurrency: usize,
+    seconds: u64,
+    hello: Option<&Line>,
+) -> anyhow::Result<Line> {
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        workers.push(
+            HttpWorker::connect(
+                pair.api.addr(),
+                Method::GET,
+                path,
+                Some(token.to_owned()),
+                None,
+                StatusCode::OK,
+            )
+            .await?,
+        );
+    }
+    let pids = [
+        Some(pid_of(pair.api.process_mut())?),
+        Some(pid_of(pair.auth.process_mut())?),
+    ];
+    let mut line = step(
+        &format!("GET {path}"),
+        pair.backend,
+        HTTP1,
+        workers,
+        seconds,
+        &pids,
+        "api-service + auth-service",
+    )
+    .await?;
+    if let Some(hello) = hello {
+        compare(&mut line, hello);
+    }
+    Ok(line)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    tests::harness::sim::install_crypto_provider();
+    let started = Instant::now();
+
+    let nproc = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let machine = format!("{nproc} CPUs ({cpu_model})");
+    println!("machine: {machine}");
+    println!(
+        "the load generator (this process, {nproc} tokio worker threads) shares these \
+         {nproc} cores with the servers: nothing is pinned"
+    );
+    println!(
+        "steps: {} s each, concurrency {:?}; Login and POST /v1/notes at {WRITE_CONCURRENCY}",
+        args.seconds, args.concurrency
+    );
+
+    let mut pair = start_pair("embedded", &[], &[]).await?;
+    let echo_addr = start_echo().await?;
+    let hello_addr = start_hello().await?;
+    let mut lines: Vec<Line> = Vec::new();
+    let seconds = args.seconds;
+
+    // gRPC: bare echo vs Verify, over one connection and over four.
+    eprintln!("gRPC:");
+    let mut echo_lines: Vec<Line> = Vec::new();
+    for conns in [1usize, 4] {
+        for &c in &args.concurrency {
+            let chans = channels(echo_addr, conns).await?;
+            let workers = (0..c)
+                .map(|w| EchoWorker(HealthClient::new(chans[w % conns].clone())))
+                .collect();
+            let echo = step(
+                "bare tonic Health/Check",
+                "baseline",
+                &transport_grpc(conns),
+                workers,
+                seconds,
+                &[None],
+                "bench process (server + load generator)",
+            )
+            .await?;
+            let verify = verify_step(&mut pair, conns, c, seconds, Some(&echo)).await?;
+            lines.push(echo.clone());
+            echo_lines.push(echo);
+            lines.push(verify);
+        }
+    }
+    println!("revocation: ok (checked after each Verify step)");
+
+    // HTTP/1.1 keep-alive: bare axum vs /v1/me and /v1/notes.
+    eprintln!("HTTP/1.1:");
+    let me_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
+    let notes_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
+    let mut poster = HttpWorker::connect(
+        pair.api.addr(),
+        Method::POST,
+        "/v1/notes",
+        Some(notes_token.clone()),
+        Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
+        StatusCode::CREATED,
+    )
+    .await?;
+    for i in 0..NOTES {
+        let status = poster.send().await?;
+        if status != StatusCode::CREATED {
+            bail!("POST /v1/notes #{i} answered {status}");
+        }
+    }
+    let mut hello_lines: Vec<Line> = Vec::new();
+    for &c in &args.concurrency {
+        let mut workers = Vec::with_capacity(c);
+        for _ in 0..c {
+            workers.push(
+                HttpWorker::connect(
+                    hello_addr,
+                    Method::GET,
+                    "/hello",
+                    None,
+                    None,
+                    StatusCode::OK,
+                )
+                .await?,
+            );
+        }
+        let hello = step(
+            "bare axum GET /hello",
+            "baseline",
+            HTTP1,
+            workers,
+            seconds,
+            &[None],
+            "bench process (server + load generator)",
+        )
+        .await?;
+        let me = edge_get_step(&mut pair, "/v1/me", &me_token, c, seconds, Some(&hello)).await?;
+        let notes = edge_get_step(
+            &mut pair,
+            "/v1/notes?limit=20",
+            &notes_token,
+            c,
+            seconds,
+            Some(&hello),
+        )
+        .await?;
+        lines.push(hello.clone());
+        hello_lines.push(hello);
+        lines.push(me);
+        lines.push(notes);
+    }
+
+    // Writes: Login against the simulator, POST /v1/notes.
+    eprintln!("writes:");
+    let echo16 = echo_lines
+        .iter()
+        .find(|l| l.concurrency == WRITE_CONCURRENCY && l.transport == transport_grpc(1));
+    let hello16 = hello_lines
+        .iter()
+        .find(|l| l.concurrency == WRITE_CONCURRENCY);
+    // Enough codes for the step at a generous rate; the step ends early if they run out.
+    let n_codes = usize::try_from(seconds)?.saturating_mul(3000);
+    eprintln!("  minting {n_codes} login codes at the simulator...");
+    let codes = Arc::new(Mutex::new(mint_codes(&pair.sim, n_codes).await?));
+    let chans = channels(pair.auth.addr(), 1).await?;
+    let workers = (0..WRITE_CONCURRENCY)
+        .map(|_| LoginWorker {
+            client: AuthServiceClient::new(chans[0].clone()),
+            codes: codes.clone(),
+        })
+        .collect();
+    let pids = [
+        Some(pid_of(pair.auth.process_mut())?),
+        Some(pid_of(pair.sim.process_mut())?),
+    ];
+    let mut login = step(
+        "Login (simulator)",
+        pair.backend,
+        &transport_grpc(1),
+        workers,
+        seconds,
+        &pids,
+        "auth-service + wechat-sim",
+    )
+    .await?;
+    if let Some(base) = echo16 {
+        compare(&mut login, base);
+    }
+    lines.push(login);
+    let mut workers = Vec::with_capacity(WRITE_CONCURRENCY);
+    for _ in 0..WRITE_CONCURRENCY {
+        workers.push(
+            HttpWorker::connect(
+                pair.api.addr(),
+                Method::POST,
+                "/v1/notes",
+                Some(notes_token.clone()),
+                Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
+                StatusCode::CREATED,
+            )
+            .await?,
+        );
+    }
+    let pids = [
+        Some(pid_of(pair.api.process_mut())?),
+        Some(pid_of(pair.auth.process_mut())?),
+    ];
+    let mut post = step(
+        "POST /v1/notes",
+        pair.backend,
+        HTTP1,
+        workers,
+        seconds,
+        &pids,
+        "api-service + auth-service",
+    )
+    .await?;
+    if let Some(base) = hello16 {
+        compare(&mut post, base);
+    }
+    lines.push(post);
+
+    // PostgreSQL + Redis, when available.
+    let external_note = match external_urls().await? {
+        None => {
+            let why = "WXAUTH_TEST_PG_URL and WXAUTH_TEST_REDIS_URL are not both set \
+                       (scripts/services.sh --print gives them)";
+            println!("postgres+redis: skipped: {why}");
+            format!("skipped: {why}")
+        }
+        Some((auth_db, api_db, redis)) => {
+            eprintln!("PostgreSQL + Redis:");
+            let mut ext = start_pair(
+                "postgres+redis",
+                &[
+                    ("AUTH_DATABASE_URL", auth_db.as_str()),
+                    ("AUTH_REDIS_URL", redis.as_str()),
+                ],
+                &[("API_DATABASE_URL", api_db.as_str())],
+            )
+            .await?;
+            for conns in [1usize, 4] {
+                for &c in &args.concurrency {
+                    let base = echo_lines
+                        .iter()
+                        .find(|l| l.concurrency == c && l.transport == transport_grpc(conns));
+                    lines.push(verify_step(&mut ext, conns, c, seconds, base).await?);
+                }
+            }
+            let token = login_new_user(&ext.sim, ext.auth.addr()).await?;
+            for &c in &args.concurrency {
+                let base = hello_lines.iter().find(|l| l.concurrency == c);
+                lines.push(edge_get_step(&mut ext, "/v1/me", &token, c, seconds, base).await?);
+            }
+            "measured".to_owned()
+        }
+    };
+
+    // Memory after N live sessions.
+    eprintln!("memory: logging in {} new users...", args.sessions);
+    let auth_pid = pid_of(pair.auth.process_mut())?;
+    let api_pid = pid_of(pair.api.process_mut())?;
+    let (auth_before, api_before) = (rss_mib(auth_pid)?, rss_mib(api_pid)?);
+    let fill_start = Instant::now();
+    let fill_retries = fill_sessions(&pair, args.sessions).await?;
+    let fill_secs = fill_start.elapsed().as_secs_f64();
+    let (auth_after, api_after) = (rss_mib(auth_pid)?, rss_mib(api_pid)?);
+
+    let total_errors: u64 = lines.iter().map(|l| l.errors).sum();
+    let printed = table(&lines);
+    println!();
+    println!("{printed}");
+    println!(
+        "ratio: req/s over the baseline on the same transport and concurrency (Verify and \
+         Login: bare tonic; HTTP lines: bare axum). CPU µs/req: utime+stime of the server \
+         processes under test over the step; * = the bench process itself (in-process server \
+         and load generator together)."
+    );
+    println!(
+        "memory (VmRSS) after {} more live sessions (logged in in {fill_secs:.1} s, \
+         {FILL_PARALLEL} in parallel, {fill_retries} UNAVAILABLE answers retried): auth-service {auth_before:.1} -> {auth_after:.1} MiB, \
+         api-service {api_before:.1} -> {api_after:.1} MiB",
+        args.sessions
+    );
+    println!("revocation: ok");
+    println!("errors: {total_errors}");
+
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the tests crate has no parent directory")?;
+    let out_dir = workspace.join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let report = json!({
+        "machine": machine,
+        "nproc": nproc,
+        "cpu_model": cpu_model,
+        "load_generator": "in-process tokio workers with hdrhistogram; shares the cores with the servers, nothing pinned",
+        "seconds_per_step": seconds,
+        "concurrency": args.concurrency,
+        "lines": lines,
+        "revocation": "ok",
+        "postgres_redis": external_note,
+        "memory": {
+            "sessions": args.sessions,
+            "fill_seconds": fill_secs,
+            "fill_unavailable_retried": fill_retries,
+            "auth_service_rss_mib_before": auth_before,
+            "auth_service_rss_mib_after": auth_after,
+            "api_service_rss_mib_before": api_before,
+            "api_service_rss_mib_after": api_after,
+        },
+        "errors": total_errors,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    let path = out_dir.join("latest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("written: {}", path.display());
+    if total_errors > 0 {
+        bail!("{total_errors} requests failed");
+    }
+    Ok(())
+}
+
+/// Fresh databases on `WXAUTH_TEST_PG_URL` for each service, and `WXAUTH_TEST_REDIS_URL`.
+async fn external_urls() -> anyhow::Result<Option<(String, String, String)>> {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty());
+    if !set("WXAUTH_TEST_PG_URL") || !set("WXAUTH_TEST_REDIS_URL") {
+        return Ok(None);
+    }
+    let External::Run(redis) = external::redis("bench") else {
+        return Ok(None);
+    };
+    let External::Run(auth_db) = external::postgres_database("bench-auth").await? else {
+        return Ok(None);
+    };
+    let External::Run(api_db) = external::postgres_database("bench-api").await? else {
+        return Ok(None);
+    };
+    Ok(Some((auth_db, api_db, redis)))
+}
+
+/// Logs in `n` new users through gRPC Login, each with a code minted just before,
+/// `FILL_PARALLEL` at a time.
+async fn fill_sessions(pair: &Pair, n: usize) -> anyhow::Result<u64> {
+    let url = pair.sim.url("/sim/login-codes")?;
+    let chans = channels(pair.auth.addr(), 4).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..FILL_PARALLEL {
+        let count = n / FILL_PARALLEL + usize::from(t < n % FILL_PARALLEL);
+        let (http, url) = (pair.sim.client().clone(), url.clone());
+        let mut client = AuthServiceClient::new(chans[t % chans.len()].clone());
+        tasks.spawn(async move {
+            let mut retries = 0u64;
+            let mut done = 0;
+            while done < count {
+                let answer = http
+                    .post(url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body("{}")
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await?;
+                let answer: serde_json::Value = serde_json::from_str(&answer)?;
+                let code = answer["code"]
+                    .as_str()
+                    .with_context(|| format!("no code in {answer}"))?;
+                match client.login(login_request(code.to_owned())).await {
+                    Ok(_) => done += 1,
+                    // Overloaded for a moment: a new code, at most MAX_FILL_RETRIES times in all.
+                    Err(status)
+                        if status.code() == tonic::Code::Unavailable
+                            && retries < MAX_FILL_RETRIES =>
+                    {
+                        retries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(status) => {
+                        return Err(
+                            anyhow::Error::new(status).context("Login while filling sessions")
+                        );
+                    }
+                }
+            }
+            anyhow::Ok(retries)
+        });
+    }
+    let mut retries = 0;
+    while let Some(done) = tasks.join_next().await {
+        retries += done??;
+    }
+    Ok(retries)
+}
