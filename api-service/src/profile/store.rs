@@ -36,18 +36,33 @@ fn profile((openid, nickname, avatar_url, created_at, updated_at): Row) -> Profi
 #[async_trait]
 impl ProfileStore for SqliteProfiles {
     async fn get_or_create(&self, openid: &str) -> Result<Profile, ApiError> {
-        let now = now_millis();
-        // The no-op update makes RETURNING answer for an existing row too, in one statement.
-        let row: Row = sqlx::query_as(
+        // Every `GET /v1/me` lands here: read first, so that only a user's first sight writes
+        // (a write is a transaction synced to disk); a concurrent first sight is settled by
+        // the primary key and the second read.
+        const SELECT: &str = "SELECT openid, nickname, avatar_url, created_at, updated_at \
+                              FROM profiles WHERE openid = $1";
+        let existing: Option<Row> = sqlx::query_as(SELECT)
+            .bind(openid)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        if let Some(row) = existing {
+            return Ok(profile(row));
+        }
+        sqlx::query(
             "INSERT INTO profiles (openid, created_at, updated_at) VALUES ($1, $2, $2) \
-             ON CONFLICT (openid) DO UPDATE SET openid = excluded.openid \
-             RETURNING openid, nickname, avatar_url, created_at, updated_at",
+             ON CONFLICT (openid) DO NOTHING",
         )
         .bind(openid)
-        .bind(now)
-        .fetch_one(&self.pool)
+        .bind(now_millis())
+        .execute(&self.pool)
         .await
         .map_err(db_error)?;
+        let row: Row = sqlx::query_as(SELECT)
+            .bind(openid)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
         Ok(profile(row))
     }
 
