@@ -94,6 +94,9 @@ pub struct Settings {
     pub drain_delay: Duration,
     /// `AUTH_SHUTDOWN_GRACE`: how long in-flight calls may take to finish after that.
     pub shutdown_grace: Duration,
+    /// `AUTH_VERIFY_CACHE_SIZE`: how many access tokens' facts `Verify` keeps in memory, so
+    /// that a live session costs a mark look-up instead of a database read; 0 turns it off.
+    pub verify_cache_size: usize,
 }
 
 /// Smallest accepted length, in bytes, of `AUTH_TOKEN_KEY` and of each client key.
@@ -173,6 +176,14 @@ impl Settings {
             }
         }
 
+        let verify_cache_size = match get("AUTH_VERIFY_CACHE_SIZE") {
+            None => 100_000,
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| bad("AUTH_VERIFY_CACHE_SIZE", "must be a whole number"))?,
+        };
+
         let settings = Self {
             grpc_addr,
             database,
@@ -190,6 +201,7 @@ impl Settings {
                 .filter(|d| !d.is_zero()),
             drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
+            verify_cache_size,
         };
         if settings.access_ttl.is_zero() {
             return Err(bad("AUTH_ACCESS_TTL", "must be more than 0"));
@@ -315,6 +327,7 @@ mod tests {
         assert_eq!(s.wechat.api_base.as_str(), "https://api.weixin.qq.com/");
         assert_eq!(s.login_rate.count, 600);
         assert!(s.client_keys.is_empty());
+        assert_eq!(s.verify_cache_size, 100_000);
         assert!(
             matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/auth.db"))
         );
@@ -366,6 +379,7 @@ mod tests {
             ),
             ("AUTH_REDIS_URL", "redis//:pw-secret@127.0.0.1"),
             ("AUTH_WECHAT_TIMEOUT", "0s"),
+            ("AUTH_VERIFY_CACHE_SIZE", "lots"),
         ];
         for (name, value) in cases {
             let mut env = base();

@@ -10,15 +10,18 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::cache::{Cache, CacheError, CodeClaim, RateDecision};
-use crate::config::Settings;
+use crate::cache::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
+use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::Keys;
 use crate::domain::{
     Device, EndReason, Invalid, LoginRate, Millis, SessionEvent, SessionInfo, SessionPolicy, Token,
     TokenKind, WechatCode, millis, now_millis,
 };
 use crate::error::{AuthError, WechatErr};
-use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
+use crate::store::{
+    AccessRecord, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError,
+};
+use crate::verified::{Known, Verified};
 use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
 use crate::wechat::crypto::EncryptedData;
 use crate::wechat::{Code2Session, PhoneNumber, SessionKey, WechatCallError, WechatClient};
@@ -29,6 +32,14 @@ const TOUCH_INTERVAL: Millis = 60_000;
 const USED_CODE_TTL: Duration = Duration::from_secs(600);
 /// How often a login waiting on another login's exchange of the same code looks again.
 const CLAIM_POLL: Duration = Duration::from_millis(20);
+/// How long a session's `Alive` mark lasts: after it, one `Verify` reads the database
+/// again. Also the longest an end's mark is retried when the cache did not take it.
+const ALIVE_FOR: Duration = Duration::from_secs(15);
+/// How long an end's mark lasts: far longer than any `Verify` that read the database
+/// before the end committed may still take to write its `Alive` mark.
+const ENDED_FOR: Duration = Duration::from_secs(600);
+/// How often an end's mark that the cache did not take is tried again.
+const MARK_RETRY: Duration = Duration::from_secs(1);
 
 impl From<StoreError> for AuthError {
     fn from(e: StoreError) -> Self {
@@ -147,6 +158,9 @@ pub struct Policy {
     pub login_rate: LoginRate,
     /// Time limit of one WeChat call.
     pub wechat_timeout: Duration,
+    /// How many tokens `Verify` may answer from memory with the session's mark; 0 when
+    /// marks would not reach every replica (PostgreSQL without Redis), or turned off.
+    pub verify_cache: usize,
 }
 
 impl Policy {
@@ -159,6 +173,13 @@ impl Policy {
             refresh_grace: s.refresh_grace,
             login_rate: s.login_rate,
             wechat_timeout: s.wechat.timeout,
+            // SQLite has one replica; with Redis, every replica sees every end's mark.
+            // PostgreSQL alone: another replica's end would go unseen, so every Verify
+            // reads the database.
+            verify_cache: match (&s.database, &s.redis_url) {
+                (DatabaseSettings::Sqlite { .. }, _) | (_, Some(_)) => s.verify_cache_size,
+                (DatabaseSettings::Postgres { .. }, None) => 0,
+            },
         }
     }
 }
@@ -172,6 +193,7 @@ pub struct AuthCore {
     keys: Arc<Keys>,
     policy: Policy,
     app_tokens: Arc<AccessTokens>,
+    verified: Arc<Verified>,
 }
 
 impl AuthCore {
@@ -189,6 +211,7 @@ impl AuthCore {
             keys.clone(),
         ));
         Self {
+            verified: Arc::new(Verified::new(policy.verify_cache)),
             store,
             cache,
             wechat,
@@ -291,6 +314,7 @@ impl AuthCore {
                 now,
             })
             .await?;
+        self.ended_now(outcome.replaced.clone()).await;
         info!(
             openid = %wx.openid,
             session_id = %session_id,
@@ -322,34 +346,85 @@ impl AuthCore {
             return Err(AuthError::TokenMissing);
         }
         let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
+        let hash = self.keys.token_hash(&token);
+        let now = now_millis();
+        if let Some(known) = self.verified.get(&hash, now) {
+            // A cache that fails reads as no mark: the database answers.
+            let mark = self.cache.session_mark(&known.session_id).await;
+            if matches!(mark, Ok(Some(SessionMark::Alive))) {
+                self.touch(&known, now);
+                return Ok(identity(&known));
+            }
+        }
+
         let record = self
             .store
-            .find_access(&self.keys.token_hash(&token))
+            .find_access(&hash)
             .await?
             .ok_or(AuthError::TokenInvalid)?;
         if let Some(reason) = record.ended {
             return Err(ended(reason));
         }
-        let now = now_millis();
         if record.expires_at <= now || record.refresh_expires_at <= now {
             return Err(AuthError::TokenExpired);
         }
-        if now.saturating_sub(record.last_active_at) >= TOUCH_INTERVAL {
-            // Off the request's path: a slow write must not slow Verify down.
-            let store = self.store.clone();
-            let session_id = record.session_id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.touch(&session_id, now, TOUCH_INTERVAL).await {
-                    warn!(error = %e, "could not record session activity");
-                }
-            });
+        let touched_at = record.last_active_at;
+        let known = self.verified.put(&hash, &record, now, touched_at);
+        self.touch(&known, now);
+        if !self.verified.is_off() {
+            // After the read: an end committed since has marked the session `Ended`, and
+            // this `Alive` is then refused (it never replaces a mark).
+            if let Err(e) = self.cache.mark_alive(&record.session_id, ALIVE_FOR).await {
+                warn!(error = %e, "could not mark a session alive");
+            }
         }
-        Ok(Identity {
-            openid: record.openid,
-            unionid: record.unionid,
-            session_id: record.session_id,
-            expires_at: record.expires_at,
-        })
+        Ok(identity_of(record))
+    }
+
+    /// Moves `last_active_at`, at most once a minute, off the request's path (a slow write
+    /// must not slow `Verify` down).
+    fn touch(&self, known: &Known, now: Millis) {
+        if !known.claim_touch(now, TOUCH_INTERVAL) {
+            return;
+        }
+        let store = self.store.clone();
+        let session_id = known.session_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch(&session_id, now, TOUCH_INTERVAL).await {
+                warn!(error = %e, "could not record session activity");
+            }
+        });
+    }
+
+    /// Tells the cache that sessions just ended (their end is committed), so no replica
+    /// answers `Verify` for them from memory. A cache that does not take the marks is
+    /// tried again in the background for as long as an `Alive` mark can live.
+    async fn ended_now(&self, session_ids: Vec<String>) {
+        if session_ids.is_empty() || self.verified.is_off() {
+            return;
+        }
+        let Err(e) = self.cache.mark_ended(&session_ids, ENDED_FOR).await else {
+            return;
+        };
+        warn!(
+            error = %e,
+            sessions = session_ids.len(),
+            "could not mark ended sessions in the cache; retrying"
+        );
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + ALIVE_FOR;
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(MARK_RETRY).await;
+                if cache.mark_ended(&session_ids, ENDED_FOR).await.is_ok() {
+                    info!(
+                        sessions = session_ids.len(),
+                        "ended sessions marked in the cache"
+                    );
+                    return;
+                }
+            }
+        });
     }
 
     /// Exchanges a refresh token for the next pair.
@@ -402,10 +477,12 @@ impl AuthCore {
                         now,
                     )
                     .await?;
+                let revoked = ended.len();
+                self.ended_now(ended).await;
                 warn!(
                     openid = %owner.openid,
                     session_id = %owner.session_id,
-                    revoked = ended,
+                    revoked,
                     "a rotated refresh token was presented again after the grace window; session revoked"
                 );
                 Err(AuthError::RefreshTokenReused)
@@ -443,10 +520,12 @@ impl AuthCore {
         } else {
             (EndTarget::Session(&id.session_id), EndReason::Logout)
         };
-        let n = self
+        let ended = self
             .store
             .end_sessions(target, reason, now_millis())
             .await?;
+        let n = count(&ended);
+        self.ended_now(ended).await;
         info!(openid = %id.openid, session_id = %id.session_id, all, revoked = n, "logout");
         Ok(n)
     }
@@ -470,7 +549,7 @@ impl AuthCore {
         if !self.store.user_exists(openid).await? {
             return Err(AuthError::UserNotFound);
         }
-        let n = self
+        let ended = self
             .store
             .end_sessions(
                 EndTarget::User(openid),
@@ -478,6 +557,8 @@ impl AuthCore {
                 now_millis(),
             )
             .await?;
+        let n = count(&ended);
+        self.ended_now(ended).await;
         warn!(openid = %openid, revoked = n, "user revoked by an operator");
         Ok(n)
     }
@@ -616,6 +697,20 @@ impl AuthCore {
         Ok(phone)
     }
 
+    /// `Verify`, and the user's kept phone number when there is one (one call for the
+    /// edge's `GET /v1/me`).
+    pub async fn verify_with_phone(
+        &self,
+        raw: &str,
+    ) -> Result<(Identity, Option<PhoneNumber>), AuthError> {
+        let id = self.verify(raw).await?;
+        match self.stored_phone(&id.openid).await {
+            Ok(phone) => Ok((id, Some(phone))),
+            Err(AuthError::PhoneNotSet) => Ok((id, None)),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn stored_phone(&self, openid: &str) -> Result<PhoneNumber, AuthError> {
         let sealed = self
             .store
@@ -699,6 +794,29 @@ fn check_openid(openid: &str) -> Result<(), AuthError> {
 }
 
 /// The error a token of an ended session gets.
+fn identity(known: &Known) -> Identity {
+    Identity {
+        openid: known.openid.clone(),
+        unionid: known.unionid.clone(),
+        session_id: known.session_id.clone(),
+        expires_at: known.expires_at,
+    }
+}
+
+fn identity_of(record: AccessRecord) -> Identity {
+    Identity {
+        openid: record.openid,
+        unionid: record.unionid,
+        session_id: record.session_id,
+        expires_at: record.expires_at,
+    }
+}
+
+/// How many sessions ended, for an answer.
+fn count(ended: &[String]) -> u32 {
+    u32::try_from(ended.len()).unwrap_or(u32::MAX)
+}
+
 fn ended(reason: EndReason) -> AuthError {
     match reason {
         EndReason::Replaced => AuthError::SessionReplaced,

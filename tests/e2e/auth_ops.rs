@@ -22,6 +22,7 @@ async fn client_keys_guard_every_rpc_but_health_and_reflection() {
     let w = world(&[("AUTH_CLIENT_KEYS", keys.as_str())]).await;
     let verify = || VerifyRequest {
         access_token: "wxa_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+        include_phone: false,
     };
 
     for key in [

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use proto::v1::{
     DecryptDataRequest, DecryptDataResponse, GetPhoneNumberRequest, GetPhoneNumberResponse,
-    GetWechatAccessTokenRequest,
+    GetWechatAccessTokenRequest, VerifyRequest,
 };
 use serde_json::{Value, json};
 use tests::harness::auth::TOKEN_KEY;
@@ -52,6 +52,22 @@ async fn phone(
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// The phone number Verify answers when asked for it.
+async fn verify_phone(
+    client: &mut AuthClient,
+    access_token: &str,
+) -> Option<GetPhoneNumberResponse> {
+    client
+        .verify(VerifyRequest {
+            access_token: access_token.to_owned(),
+            include_phone: true,
+        })
+        .await
+        .expect("Verify")
+        .into_inner()
+        .phone
 }
 
 /// The decrypted JSON of a DecryptData answer.
@@ -221,6 +237,7 @@ async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() 
         .expect_err("no number yet");
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(reason(&err), "PHONE_NOT_SET");
+    assert_eq!(verify_phone(&mut w.client, &owner_token).await, None);
 
     // The exchange.
     let got = phone(&mut w.client, &owner_token, &code)
@@ -235,6 +252,22 @@ async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() 
         phone(&mut w.client, &owner_token, "").await.expect("kept"),
         got
     );
+    // Verify hands it over only when asked, and only the token owner's.
+    assert_eq!(
+        verify_phone(&mut w.client, &owner_token).await,
+        Some(got.clone())
+    );
+    assert_eq!(verify_phone(&mut w.client, &other_token).await, None);
+    let plain = w
+        .client
+        .verify(VerifyRequest {
+            access_token: owner_token.clone(),
+            include_phone: false,
+        })
+        .await
+        .expect("Verify")
+        .into_inner();
+    assert_eq!(plain.phone, None);
     let err = phone(&mut w.client, &other_token, "")
         .await
         .expect_err("not another user's");

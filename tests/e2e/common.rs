@@ -81,6 +81,7 @@ impl World {
         self.client
             .verify(VerifyRequest {
                 access_token: access_token.to_owned(),
+                include_phone: false,
             })
             .await
             .map(tonic::Response::into_inner)

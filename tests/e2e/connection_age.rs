@@ -25,6 +25,7 @@ async fn connections_over_three_seconds(extra: &[(&str, &str)]) -> (usize, bool)
         let answer = client
             .verify(VerifyRequest {
                 access_token: "wxa_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+                include_phone: false,
             })
             .await;
         // An unknown token is refused by auth-service itself: that is an answer.

@@ -19,3 +19,4 @@ mod redis_down;
 mod replicas;
 mod rollout;
 mod sim;
+mod verify_cache;

@@ -164,6 +164,7 @@ async fn verify(client: &mut AuthClient, access_token: &str) -> Result<String, t
     client
         .verify(VerifyRequest {
             access_token: access_token.to_owned(),
+            include_phone: false,
         })
         .await
         .map(|r| r.into_inner().openid)

@@ -9,8 +9,12 @@
 //! What an outage costs: each replica counts the login rate on its own, and claims codes
 //! on its own. A code raced on two replicas during the outage may then reach WeChat twice;
 //! WeChat spends a code once, so the second exchange gets `40163` and answers
-//! `wechat_code_used`. No answer becomes wrong, only less shared. `Verify` and every token
-//! operation read the database, never this cache, and are unaffected.
+//! `wechat_code_used`. No answer becomes wrong, only less shared.
+//!
+//! Session marks are never answered from memory: a mark this replica kept is not one the
+//! others wrote, and trusting it could accept a token another replica just revoked. While
+//! Redis fails, a mark reads as absent, so `Verify` asks the database; an end's mark that
+//! could not be written is the caller's to retry (see `service`).
 //!
 //! Ends of claims are mirrored into memory as well, so that a code this replica saw spent
 //! stays `Used` here through a later outage.
@@ -26,7 +30,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Cache, CacheError, CodeClaim, MemoryCache, RateDecision, RedisCache};
+use super::{Cache, CacheError, CodeClaim, MemoryCache, RateDecision, RedisCache, SessionMark};
 
 /// At most one warning about Redis failures per this long.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -142,6 +146,40 @@ impl Cache for FallbackCache {
             Err(e) => {
                 self.fell_back("hit", &e);
                 self.local.hit(key, limit, window).await
+            }
+        }
+    }
+
+    async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
+        match self.primary.session_mark(session_id).await {
+            Ok(mark) => {
+                self.answered();
+                Ok(mark)
+            }
+            Err(e) => {
+                self.fell_back("session_mark", &e);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError> {
+        match self.primary.mark_alive(session_id, ttl).await {
+            Ok(()) => self.answered(),
+            Err(e) => self.fell_back("mark_alive", &e),
+        }
+        Ok(())
+    }
+
+    async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError> {
+        match self.primary.mark_ended(session_ids, ttl).await {
+            Ok(()) => {
+                self.answered();
+                Ok(())
+            }
+            Err(e) => {
+                self.fell_back("mark_ended", &e);
+                Err(e)
             }
         }
     }

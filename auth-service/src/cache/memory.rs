@@ -1,17 +1,20 @@
 //! The in-process cache: right for one replica, and the default.
 //!
+//! Session marks live apart from the rest, behind a read-write lock, because every
+//! `Verify` reads one: a hit takes the read side only.
+//!
 //! The rate limit is a fixed-window counter, written here rather than taken from a crate
 //! (governor) so that the Redis backend can implement exactly the same rule with INCR and
 //! PEXPIRE, and one replica or many count alike.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Cache, CacheError, CodeClaim, RateDecision};
+use super::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
 
 #[derive(Debug, Clone, Copy)]
 enum CodeState {
@@ -30,6 +33,8 @@ struct State {
 #[derive(Debug, Default)]
 pub struct MemoryCache {
     state: Mutex<State>,
+    /// Session id → its mark and when the mark lapses.
+    marks: RwLock<HashMap<String, (SessionMark, Instant)>>,
 }
 
 impl MemoryCache {
@@ -42,6 +47,11 @@ impl MemoryCache {
         // A panic while holding this lock leaves only counters behind: keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A mark that has not lapsed.
+fn current(entry: Option<&(SessionMark, Instant)>, now: Instant) -> Option<SessionMark> {
+    entry.and_then(|(mark, until)| (*until > now).then_some(*mark))
 }
 
 #[async_trait]
@@ -107,11 +117,40 @@ impl Cache for MemoryCache {
         Ok(RateDecision::Allowed)
     }
 
+    async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
+        let now = Instant::now();
+        // A writer that panicked left whole entries behind (each is one insert): keep going.
+        let marks = self.marks.read().unwrap_or_else(|p| p.into_inner());
+        Ok(current(marks.get(session_id), now))
+    }
+
+    async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError> {
+        let now = Instant::now();
+        let mut marks = self.marks.write().unwrap_or_else(|p| p.into_inner());
+        if current(marks.get(session_id), now).is_none() {
+            marks.insert(session_id.to_owned(), (SessionMark::Alive, now + ttl));
+        }
+        Ok(())
+    }
+
+    async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError> {
+        let until = Instant::now() + ttl;
+        let mut marks = self.marks.write().unwrap_or_else(|p| p.into_inner());
+        for id in session_ids {
+            marks.insert(id.clone(), (SessionMark::Ended, until));
+        }
+        Ok(())
+    }
+
     async fn sweep(&self) {
         let now = Instant::now();
-        let mut state = self.lock();
-        state.codes.retain(|_, (_, until)| *until > now);
-        state.windows.retain(|_, (ends, _)| *ends > now);
+        {
+            let mut state = self.lock();
+            state.codes.retain(|_, (_, until)| *until > now);
+            state.windows.retain(|_, (ends, _)| *ends > now);
+        }
+        let mut marks = self.marks.write().unwrap_or_else(|p| p.into_inner());
+        marks.retain(|_, (_, until)| *until > now);
     }
 }
 
@@ -176,5 +215,37 @@ mod tests {
         assert!(!state.windows.contains_key("short"));
         assert!(state.windows.contains_key("long"));
         assert!(state.codes.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_end_wins_over_alive_and_alive_never_replaces_a_mark() {
+        let c = MemoryCache::new();
+        let live = Duration::from_secs(30);
+        let ended = Duration::from_secs(600);
+        assert_eq!(c.session_mark("s").await.ok(), Some(None));
+        c.mark_alive("s", live).await.ok();
+        assert_eq!(
+            c.session_mark("s").await.ok(),
+            Some(Some(SessionMark::Alive))
+        );
+        c.mark_ended(&["s".to_owned()], ended).await.ok();
+        assert_eq!(
+            c.session_mark("s").await.ok(),
+            Some(Some(SessionMark::Ended))
+        );
+        // A Verify that read the database before the end committed comes too late.
+        c.mark_alive("s", live).await.ok();
+        assert_eq!(
+            c.session_mark("s").await.ok(),
+            Some(Some(SessionMark::Ended))
+        );
+        // Marks lapse; the sweep forgets them.
+        c.mark_alive("t", live).await.ok();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(c.session_mark("t").await.ok(), Some(None));
+        c.sweep().await;
+        let marks = c.marks.read().unwrap_or_else(|p| p.into_inner());
+        assert!(!marks.contains_key("t"));
+        assert!(marks.contains_key("s"));
     }
 }

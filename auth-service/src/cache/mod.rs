@@ -1,5 +1,5 @@
-//! Short-lived shared state: the single-flight and memory of login codes, and the login
-//! rate limit. One process keeps it in memory ([`MemoryCache`], without `AUTH_REDIS_URL`);
+//! Short-lived shared state: the single-flight and memory of login codes, the login rate
+//! limit, and the liveness marks that let `Verify` skip the database (see [`SessionMark`]). One process keeps it in memory ([`MemoryCache`], without `AUTH_REDIS_URL`);
 //! several replicas share it through Redis ([`RedisCache`]), behind the same trait, with
 //! memory standing in while Redis does not answer ([`FallbackCache`]).
 
@@ -43,6 +43,21 @@ pub enum RateDecision {
     },
 }
 
+/// What the cache knows about a session, for `Verify`.
+///
+/// A mark is a hint with a short life, never the truth: the database is. `Alive` is set
+/// only after the database said so, and never over another mark (`SET NX`); `Ended` is set
+/// after an end is committed, over anything. So a `Verify` that read the database just
+/// before an end committed cannot leave an `Alive` mark behind it: either its mark comes
+/// first and the end replaces it, or the end's mark is there and its own is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionMark {
+    /// The database said the session was live less than a mark's life ago.
+    Alive,
+    /// The session ended.
+    Ended,
+}
+
 /// The shared short-lived state.
 #[async_trait]
 pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
@@ -70,6 +85,15 @@ pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
         window: Duration,
     ) -> Result<RateDecision, CacheError>;
+
+    /// The session's mark, if it has one.
+    async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError>;
+
+    /// Marks a session alive for `ttl`, unless it has a mark already.
+    async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError>;
+
+    /// Marks sessions ended for `ttl`, replacing whatever mark they had.
+    async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError>;
 
     /// Drops expired entries (called periodically).
     async fn sweep(&self);

@@ -4,7 +4,9 @@
 //! share one Redis:
 //! - `wxauth:<appid>:code:<hash>`: a login code's state, `inflight` or `used`, keyed by the
 //!   code's keyed hash (never the code itself), expiring with its TTL;
-//! - `wxauth:<appid>:rate:<key>`: a fixed-window counter, expiring when its window ends.
+//! - `wxauth:<appid>:rate:<key>`: a fixed-window counter, expiring when its window ends;
+//! - `wxauth:<appid>:session:<id>`: a session's mark for `Verify`, `alive` (set `NX`, so
+//!   never over an `ended`) or `ended` (set over anything), expiring with its TTL.
 //!
 //! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
 //! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
@@ -27,7 +29,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{Cache, CacheError, CodeClaim, RateDecision};
+use super::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
 
 /// Time limit of one connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -137,6 +139,10 @@ impl RedisCache {
 
     fn rate_key(&self, key: &str) -> String {
         format!("{}rate:{key}", self.prefix)
+    }
+
+    fn session_key(&self, session_id: &str) -> String {
+        format!("{}session:{session_id}", self.prefix)
     }
 
     /// The connection, made on first use; a failed attempt is retried by a later call
@@ -283,6 +289,63 @@ impl Cache for RedisCache {
         .await
     }
 
+    async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
+        within("session mark", async {
+            let mut conn = self.connection().await?;
+            let mark: Option<String> = redis::cmd("GET")
+                .arg(self.session_key(session_id))
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("session mark"))?;
+            match mark.as_deref() {
+                None => Ok(None),
+                Some("alive") => Ok(Some(SessionMark::Alive)),
+                Some("ended") => Ok(Some(SessionMark::Ended)),
+                Some(other) => Err(CacheError(anyhow!("unexpected session mark {other:?}"))),
+            }
+        })
+        .await
+    }
+
+    async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError> {
+        within("mark alive", async {
+            let mut conn = self.connection().await?;
+            redis::cmd("SET")
+                .arg(self.session_key(session_id))
+                .arg("alive")
+                .arg("NX")
+                .arg("PX")
+                .arg(ms(ttl))
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(failed("mark alive"))
+        })
+        .await
+    }
+
+    async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError> {
+        if session_ids.is_empty() {
+            return Ok(());
+        }
+        within("mark ended", async {
+            let mut conn = self.connection().await?;
+            let mut pipe = redis::pipe();
+            for id in session_ids {
+                pipe.cmd("SET")
+                    .arg(self.session_key(id))
+                    .arg("ended")
+                    .arg("PX")
+                    .arg(ms(ttl))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(failed("mark ended"))
+        })
+        .await
+    }
+
     async fn sweep(&self) {
         // Redis expires the keys itself.
     }
@@ -298,6 +361,7 @@ mod tests {
             .expect("a valid URL");
         assert_eq!(c.code_key("abc"), "wxauth:wxapp:code:abc");
         assert_eq!(c.rate_key("login-ip:::1"), "wxauth:wxapp:rate:login-ip:::1");
+        assert_eq!(c.session_key("s-1"), "wxauth:wxapp:session:s-1");
     }
 
     #[test]

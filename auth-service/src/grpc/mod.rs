@@ -16,6 +16,7 @@ use crate::domain::{Device, Invalid, Millis, WechatCode, now_millis};
 use crate::error::AuthError;
 use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, IssuedPair};
+use crate::wechat::PhoneNumber;
 
 pub use layer::CallContextLayer;
 pub use proto::v1::auth_service_server::AuthServiceServer;
@@ -113,6 +114,14 @@ fn outcome<T>(result: &Result<T, AuthError>) -> &'static str {
     }
 }
 
+fn phone_response(phone: PhoneNumber) -> pb::GetPhoneNumberResponse {
+    pb::GetPhoneNumberResponse {
+        phone_number: phone.phone_number,
+        pure_phone_number: phone.pure_phone_number,
+        country_code: phone.country_code,
+    }
+}
+
 impl GrpcAuth {
     /// Runs one RPC, counts it by method and outcome with its latency, and answers it.
     async fn observed<T>(
@@ -152,12 +161,17 @@ impl GrpcAuth {
     }
 
     async fn verify_call(&self, r: &pb::VerifyRequest) -> Result<pb::VerifyResponse, AuthError> {
-        let id = self.core.verify(&r.access_token).await?;
+        let (id, phone) = if r.include_phone {
+            self.core.verify_with_phone(&r.access_token).await?
+        } else {
+            (self.core.verify(&r.access_token).await?, None)
+        };
         Ok(pb::VerifyResponse {
             openid: id.openid,
             unionid: id.unionid,
             session_id: id.session_id,
             expires_at: Some(timestamp(id.expires_at)),
+            phone: phone.map(phone_response),
         })
     }
 
@@ -223,11 +237,7 @@ impl GrpcAuth {
         r: &pb::GetPhoneNumberRequest,
     ) -> Result<pb::GetPhoneNumberResponse, AuthError> {
         let phone = self.core.phone_number(&r.access_token, &r.code).await?;
-        Ok(pb::GetPhoneNumberResponse {
-            phone_number: phone.phone_number,
-            pure_phone_number: phone.pure_phone_number,
-            country_code: phone.country_code,
-        })
+        Ok(phone_response(phone))
     }
 
     async fn get_wechat_access_token_call(

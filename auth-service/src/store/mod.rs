@@ -200,13 +200,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Exchanges a refresh token, once.
     async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, StoreError>;
 
-    /// Ends live sessions with `reason`; returns how many it ended.
+    /// Ends live sessions with `reason`; returns the ids of those it ended.
     async fn end_sessions(
         &self,
         target: EndTarget<'_>,
         reason: EndReason,
         now: Millis,
-    ) -> Result<u32, StoreError>;
+    ) -> Result<Vec<String>, StoreError>;
 
     /// The user's live sessions, newest first.
     async fn list_sessions(

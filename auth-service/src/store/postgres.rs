@@ -609,7 +609,7 @@ impl PostgresStore {
         target: EndTarget<'_>,
         reason: EndReason,
         now: Millis,
-    ) -> Result<u32, TxError> {
+    ) -> Result<Vec<String>, TxError> {
         let mut tx = self.pool.begin().await?;
         let ended = match target {
             EndTarget::Session(id) => {
@@ -621,7 +621,7 @@ impl PostgresStore {
             }
         };
         tx.commit().await?;
-        Ok(u32::try_from(ended.len()).unwrap_or(u32::MAX))
+        Ok(ended)
     }
 
     async fn expire_sessions_once(
@@ -837,7 +837,7 @@ impl Store for PostgresStore {
         target: EndTarget<'_>,
         reason: EndReason,
         now: Millis,
-    ) -> Result<u32, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         self.transaction("end_sessions", || {
             self.end_sessions_once(target, reason, now)
         })

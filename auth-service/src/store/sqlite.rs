@@ -515,7 +515,7 @@ impl Store for SqliteStore {
         target: EndTarget<'_>,
         reason: EndReason,
         now: Millis,
-    ) -> Result<u32, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let mut tx = self.begin_write().await?;
         let ids: Vec<String> = match target {
             EndTarget::Session(id) => vec![id.to_owned()],
@@ -530,14 +530,14 @@ impl Store for SqliteStore {
             .map(|(id,)| id)
             .collect(),
         };
-        let mut n = 0;
+        let mut ended = Vec::with_capacity(ids.len());
         for id in ids {
             if end_one(&mut tx, &id, reason, None, now).await? {
-                n += 1;
+                ended.push(id);
             }
         }
         tx.commit().await.map_err(map_err)?;
-        Ok(n)
+        Ok(ended)
     }
 
     async fn list_sessions(

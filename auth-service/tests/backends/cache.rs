@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_service::cache::{Cache, CodeClaim, FallbackCache, MemoryCache, RateDecision, RedisCache};
+use auth_service::cache::{
+    Cache, CodeClaim, FallbackCache, MemoryCache, RateDecision, RedisCache, SessionMark,
+};
 use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -160,6 +162,39 @@ async fn a_short_window_resets(c: &dyn Cache) {
     assert_eq!(hit(c, &key, 1, window).await, RateDecision::Allowed);
 }
 
+async fn mark(c: &dyn Cache, session_id: &str) -> Option<SessionMark> {
+    c.session_mark(session_id)
+        .await
+        .expect("session_mark answers")
+}
+
+async fn an_end_mark_wins_over_alive_and_alive_never_replaces_one(c: &dyn Cache) {
+    let (s, t) = (code(), code());
+    let live = Duration::from_secs(30);
+    assert_eq!(mark(c, &s).await, None);
+    c.mark_alive(&s, live).await.expect("mark_alive");
+    assert_eq!(mark(c, &s).await, Some(SessionMark::Alive));
+    c.mark_ended(&[s.clone(), t.clone()], Duration::from_secs(60))
+        .await
+        .expect("mark_ended");
+    assert_eq!(mark(c, &s).await, Some(SessionMark::Ended));
+    assert_eq!(mark(c, &t).await, Some(SessionMark::Ended));
+    // A Verify that read the database before the end committed writes its mark too late.
+    c.mark_alive(&s, live).await.expect("mark_alive");
+    assert_eq!(mark(c, &s).await, Some(SessionMark::Ended));
+    c.mark_ended(&[], live).await.expect("nothing to mark");
+}
+
+async fn a_mark_lapses(c: &dyn Cache) {
+    let s = code();
+    c.mark_alive(&s, Duration::from_millis(200))
+        .await
+        .expect("mark_alive");
+    assert_eq!(mark(c, &s).await, Some(SessionMark::Alive));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mark(c, &s).await, None);
+}
+
 /// Runs each contract test against the in-process cache and against Redis.
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {$(
@@ -187,6 +222,8 @@ for_each_backend!(
     an_in_flight_claim_lapses_after_its_ttl,
     the_window_allows_limit_then_refuses_then_resets,
     a_short_window_resets,
+    an_end_mark_wins_over_alive_and_alive_never_replaces_one,
+    a_mark_lapses,
 );
 
 // ---- one code, many logins at once ----
@@ -351,6 +388,32 @@ async fn the_fallback_answers_from_memory_while_redis_is_away() {
     assert_eq!(counts[..2], [RateDecision::Allowed; 2]);
     assert!(matches!(counts[2], RateDecision::Limited { .. }));
     assert!(!cache.redis_ok().await);
+}
+
+#[tokio::test]
+async fn the_fallback_never_answers_a_session_mark_from_memory() {
+    let cache = FallbackCache::new(
+        redis_at(&dead_redis_url(), &new_appid()),
+        MemoryCache::new(),
+    );
+    let s = code();
+    // Marks are not kept in memory while Redis is away: another replica could not see them.
+    cache
+        .mark_alive(&s, Duration::from_secs(30))
+        .await
+        .expect("mark_alive is best effort");
+    assert_eq!(
+        mark(&cache, &s).await,
+        None,
+        "no mark: Verify asks the database"
+    );
+    assert!(
+        cache
+            .mark_ended(&[s.clone()], Duration::from_secs(60))
+            .await
+            .is_err(),
+        "an end's mark that Redis did not take is reported, to be retried"
+    );
 }
 
 #[tokio::test]

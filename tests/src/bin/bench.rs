@@ -190,6 +190,7 @@ impl Worker for VerifyWorker {
     async fn call(&mut self) -> Outcome {
         let request = VerifyRequest {
             access_token: self.token.clone(),
+            include_phone: false,
         };
         match self.client.verify(request).await {
             Ok(_) => Outcome::Ok,
@@ -609,6 +610,7 @@ async fn check_revocation(auth: SocketAddr, token: &str) -> anyhow::Result<()> {
     match client
         .verify(VerifyRequest {
             access_token: token.to_owned(),
+            include_phone: false,
         })
         .await
     {

@@ -85,6 +85,7 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                 .await?
                 .verify(pb::VerifyRequest {
                     access_token: arg(1, "an access token")?,
+                    include_phone: false,
                 })
                 .await?
                 .into_inner();

@@ -1,0 +1,203 @@
+//! `Verify` answers a live session from memory (the token's facts, and the session's mark in
+//! Redis), so every way a session ends must reach the other replicas at once: two real
+//! auth-service processes on one PostgreSQL, with Redis (marks shared) and without it
+//! (the in-memory path is off, every `Verify` reads the database). Each case warms replica
+//! B's memory with `Verify` calls, ends the session on replica A, and expects B to refuse
+//! the token on the very next call, with the end's own reason.
+
+use proto::v1::{LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest, VerifyRequest};
+use tests::harness::external::{External, postgres_database, redis};
+use tests::harness::sim::{MintCode, MintedCode};
+use tests::harness::{AuthClient, AuthProcess, SimProcess};
+use tonic::Code;
+
+use crate::common::{login_request, reason, tokens};
+
+struct Pair {
+    sim: SimProcess,
+    _auth: [AuthProcess; 2],
+    a: AuthClient,
+    b: AuthClient,
+}
+
+/// Two replicas on a database of their own, sharing Redis when `with_redis`; `None` when
+/// skipping was asked.
+async fn pair(test: &str, with_redis: bool, extra: &[(&str, &str)]) -> Option<Pair> {
+    let redis_url = if with_redis {
+        match redis(test) {
+            External::Run(url) => Some(url),
+            External::Skip => return None,
+        }
+    } else {
+        None
+    };
+    let External::Run(db) = postgres_database(test).await.expect("a database") else {
+        return None;
+    };
+    let sim = SimProcess::start().await.expect("simulator");
+    let mut env: Vec<(&str, &str)> = vec![
+        ("AUTH_DATABASE_URL", db.as_str()),
+        ("AUTH_REFRESH_GRACE", "1ms"),
+    ];
+    if let Some(url) = &redis_url {
+        env.push(("AUTH_REDIS_URL", url.as_str()));
+    }
+    env.extend_from_slice(extra);
+    let auth_a = AuthProcess::start(&sim, &env).await.expect("auth A");
+    let auth_b = AuthProcess::start(&sim, &env).await.expect("auth B");
+    let a = auth_a.client().await.expect("client A");
+    let b = auth_b.client().await.expect("client B");
+    Some(Pair {
+        sim,
+        _auth: [auth_a, auth_b],
+        a,
+        b,
+    })
+}
+
+async fn verify(client: &mut AuthClient, access_token: &str) -> Result<String, tonic::Status> {
+    client
+        .verify(VerifyRequest {
+            access_token: access_token.to_owned(),
+            include_phone: false,
+        })
+        .await
+        .map(|r| r.into_inner().openid)
+}
+
+impl Pair {
+    /// Logs `openid` (a new user when None) in on replica A.
+    async fn login(&mut self, openid: Option<&str>) -> (MintedCode, LoginResponse) {
+        let mint = openid.map_or_else(MintCode::default, MintCode::for_openid);
+        let minted = self.sim.mint_code(&mint).await.expect("mint");
+        let answer = self
+            .a
+            .login(login_request(&minted.code, None, "203.0.113.9"))
+            .await
+            .expect("login")
+            .into_inner();
+        (minted, answer)
+    }
+
+    /// Verifies on B until its memory holds the token (the second call is a hit when the
+    /// in-memory path is on), and on A.
+    async fn warm(&mut self, access: &str, openid: &str) {
+        for _ in 0..3 {
+            assert_eq!(
+                verify(&mut self.b, access).await.expect("live on B"),
+                openid
+            );
+        }
+        assert_eq!(
+            verify(&mut self.a, access).await.expect("live on A"),
+            openid
+        );
+    }
+
+    /// B's very next answer for `access`: the refusal's reason.
+    async fn refused_on_b(&mut self, access: &str) -> String {
+        let err = verify(&mut self.b, access)
+            .await
+            .expect_err("B must refuse the token on the very next call");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        reason(&err)
+    }
+}
+
+/// Logout, logout of all sessions, an operator's revocation and a reused refresh token,
+/// each done on A, each refused on B at once.
+async fn every_end_reaches_the_other_replica(test: &str, with_redis: bool) {
+    let Some(mut p) = pair(test, with_redis, &[]).await else {
+        return;
+    };
+
+    // Logout of one session.
+    let (m, login) = p.login(None).await;
+    let (access, _) = tokens(login.tokens.as_ref());
+    p.warm(&access, &m.openid).await;
+    p.a.logout(LogoutRequest {
+        access_token: access.clone(),
+        all: false,
+    })
+    .await
+    .expect("logout");
+    assert_eq!(p.refused_on_b(&access).await, "TOKEN_REVOKED");
+
+    // Logout of every session: the other session's token too.
+    let (m, first) = p.login(None).await;
+    let (_, second) = p.login(Some(&m.openid)).await;
+    let (first_access, _) = tokens(first.tokens.as_ref());
+    let (second_access, _) = tokens(second.tokens.as_ref());
+    p.warm(&first_access, &m.openid).await;
+    p.warm(&second_access, &m.openid).await;
+    p.a.logout(LogoutRequest {
+        access_token: second_access.clone(),
+        all: true,
+    })
+    .await
+    .expect("logout all");
+    assert_eq!(p.refused_on_b(&first_access).await, "TOKEN_REVOKED");
+    assert_eq!(p.refused_on_b(&second_access).await, "TOKEN_REVOKED");
+
+    // An operator's revocation.
+    let (m, login) = p.login(None).await;
+    let (access, _) = tokens(login.tokens.as_ref());
+    p.warm(&access, &m.openid).await;
+    p.a.revoke_user(RevokeUserRequest {
+        openid: m.openid.clone(),
+    })
+    .await
+    .expect("revoke");
+    assert_eq!(p.refused_on_b(&access).await, "TOKEN_REVOKED");
+
+    // A refresh token presented again after the grace window revokes its session, the
+    // earlier access token included.
+    let (m, login) = p.login(None).await;
+    let (access, refresh) = tokens(login.tokens.as_ref());
+    p.warm(&access, &m.openid).await;
+    let request = || RefreshRequest {
+        refresh_token: refresh.clone(),
+    };
+    p.a.refresh(request()).await.expect("refresh");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let err = p.a.refresh(request()).await.expect_err("reuse");
+    assert_eq!(reason(&err), "REFRESH_TOKEN_REUSED");
+    assert_eq!(p.refused_on_b(&access).await, "TOKEN_REVOKED");
+}
+
+#[tokio::test]
+async fn every_end_reaches_the_other_replica_through_redis_marks() {
+    every_end_reaches_the_other_replica("verify_cache::every_end_with_redis", true).await;
+}
+
+#[tokio::test]
+async fn every_end_reaches_the_other_replica_through_the_database_without_redis() {
+    every_end_reaches_the_other_replica("verify_cache::every_end_without_redis", false).await;
+}
+
+#[tokio::test]
+async fn a_session_pushed_out_by_a_login_on_one_replica_is_refused_on_the_other() {
+    let Some(mut p) = pair(
+        "verify_cache::replaced",
+        true,
+        &[("AUTH_SESSION_POLICY", "single")],
+    )
+    .await
+    else {
+        return;
+    };
+    let (m, old) = p.login(None).await;
+    let (old_access, _) = tokens(old.tokens.as_ref());
+    p.warm(&old_access, &m.openid).await;
+
+    let (_, new) = p.login(Some(&m.openid)).await;
+    let (new_access, _) = tokens(new.tokens.as_ref());
+
+    assert_eq!(p.refused_on_b(&old_access).await, "SESSION_REPLACED");
+    assert_eq!(
+        verify(&mut p.b, &new_access)
+            .await
+            .expect("the new session"),
+        m.openid
+    );
+}
