@@ -409,7 +409,7 @@ async fn the_fallback_never_answers_a_session_mark_from_memory() {
     );
     assert!(
         cache
-            .mark_ended(&[s.clone()], Duration::from_secs(60))
+            .mark_ended(std::slice::from_ref(&s), Duration::from_secs(60))
             .await
             .is_err(),
         "an end's mark that Redis did not take is reported, to be retried"
