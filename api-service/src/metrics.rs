@@ -4,20 +4,61 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use axum::http::Method;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+/// Labels of a request count. Built without allocating but for the route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    route: String,
+    status: u16,
+}
+
+/// Labels of a request latency.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LatencyLabels {
+    method: &'static str,
+    route: String,
+}
+
+/// What a `Verify` call came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    /// The token is good.
+    Ok,
+    /// auth-service refused it (401 and the like).
+    Refused,
+    /// auth-service could not be asked (503 `auth_unavailable`).
+    Unavailable,
+}
+
+impl VerifyOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VerifyLabels {
+    outcome: &'static str,
+}
 
 /// The service's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
-    requests: Family<Labels, Counter>,
-    latency: Family<Labels, Histogram, fn() -> Histogram>,
-    verify: Family<Labels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    verify: Family<VerifyLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -31,6 +72,23 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// The method as a label: the standard ones by name, anything else as `OTHER`, so that a
+/// client inventing methods cannot grow the metrics without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -41,10 +99,11 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("wxauth_api");
-        let requests = Family::<Labels, Counter>::default();
-        let latency =
-            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
-        let verify = Family::<Labels, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let verify = Family::<VerifyLabels, Counter>::default();
         registry.register(
             "http_requests",
             "HTTP requests by method, route and status",
@@ -69,26 +128,29 @@ impl Metrics {
     }
 
     /// Counts one answered request. `route` is the matched route template (low cardinality).
-    pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("route", route.to_owned()),
-                ("status", status.to_string()),
-            ])
-            .inc();
+    pub fn observe_http(&self, method: &Method, route: &str, status: u16, elapsed: Duration) {
+        let method = method_label(method);
         self.latency
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("route", route.to_owned()),
-            ])
+            .get_or_create(&LatencyLabels {
+                method,
+                route: route.to_owned(),
+            })
             .observe(elapsed.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
     }
 
     /// Counts one `Verify` outcome.
-    pub fn verify_outcome(&self, outcome: &'static str) {
+    pub fn verify_outcome(&self, outcome: VerifyOutcome) {
         self.verify
-            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .get_or_create(&VerifyLabels {
+                outcome: outcome.label(),
+            })
             .inc();
     }
 
@@ -109,8 +171,15 @@ mod tests {
     #[test]
     fn renders_what_was_observed() {
         let m = Metrics::new();
-        m.observe_http("GET", "/v1/me", 200, Duration::from_millis(3));
-        m.verify_outcome("ok");
+        m.observe_http(&Method::GET, "/v1/me", 200, Duration::from_millis(3));
+        m.observe_http(
+            &Method::from_bytes(b"BREW").expect("a method"),
+            "unmatched",
+            405,
+            Duration::from_millis(1),
+        );
+        m.verify_outcome(VerifyOutcome::Ok);
+        m.verify_outcome(VerifyOutcome::Unavailable);
         let text = m.render();
         assert!(
             text.contains(
@@ -119,7 +188,17 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains(
+                r#"wxauth_api_http_requests_total{method="OTHER",route="unmatched",status="405"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
             text.contains(r#"wxauth_api_verify_total{outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"wxauth_api_verify_total{outcome="unavailable"} 1"#),
             "{text}"
         );
         assert!(text.contains("wxauth_api_http_request_duration_seconds_bucket"));

@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 
 use super::{CallContext, Identity};
 use crate::error::ApiError;
+use crate::metrics::VerifyOutcome;
 use crate::middleware::RequestId;
 use crate::state::AppState;
 
@@ -45,10 +46,37 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
 /// A request whose token auth-service has just vouched for.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
-    /// Who the caller is.
+    /// Who the caller is (`phone` is `None`: not asked for).
     pub identity: Identity,
     /// The token it presented.
     pub token: String,
+}
+
+/// [`Authenticated`], with the user's kept phone number in `identity.phone`, from the same
+/// single `Verify` call (`include_phone`): for the routes that show the number.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedWithPhone(pub Authenticated);
+
+/// Reads the bearer token and has auth-service verify it, counting the outcome.
+async fn authenticate(
+    parts: &mut Parts,
+    state: &AppState,
+    include_phone: bool,
+) -> Result<Authenticated, ApiError> {
+    let BearerToken(token) = BearerToken::from_request_parts(parts, state).await?;
+    let ctx = CallContext {
+        request_id: RequestId::of(parts),
+    };
+    let verdict = state.auth.verify(&ctx, &token, include_phone).await;
+    state.metrics.verify_outcome(match &verdict {
+        Ok(_) => VerifyOutcome::Ok,
+        Err(e) if e.status().is_server_error() => VerifyOutcome::Unavailable,
+        Err(_) => VerifyOutcome::Refused,
+    });
+    Ok(Authenticated {
+        identity: verdict?,
+        token,
+    })
 }
 
 impl FromRequestParts<AppState> for Authenticated {
@@ -58,19 +86,17 @@ impl FromRequestParts<AppState> for Authenticated {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let BearerToken(token) = BearerToken::from_request_parts(parts, state).await?;
-        let ctx = CallContext {
-            request_id: RequestId::of(parts),
-        };
-        let verdict = state.auth.verify(&ctx, &token).await;
-        state.metrics.verify_outcome(match &verdict {
-            Ok(_) => "ok",
-            Err(e) if e.status().is_server_error() => "unavailable",
-            Err(_) => "refused",
-        });
-        Ok(Self {
-            identity: verdict?,
-            token,
-        })
+        authenticate(parts, state, false).await
+    }
+}
+
+impl FromRequestParts<AppState> for AuthenticatedWithPhone {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(parts, state, true).await.map(Self)
     }
 }

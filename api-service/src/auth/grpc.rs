@@ -100,23 +100,26 @@ impl GrpcAuth {
 /// Runs one call under `deadline` on this side too: a hung connection must not hang the
 /// request (the grpc-timeout header alone relies on the server).
 async fn within<T>(
+    ctx: &CallContext,
     deadline: Duration,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> AuthResult<T> {
     match tokio::time::timeout(deadline, call).await {
         Ok(answer) => answer
             .map(tonic::Response::into_inner)
-            .map_err(to_api_error),
-        Err(_) => Err(to_api_error(Status::deadline_exceeded(
-            "auth-service did not answer in time",
-        ))),
+            .map_err(|status| to_api_error(status, ctx)),
+        Err(_) => Err(to_api_error(
+            Status::deadline_exceeded("auth-service did not answer in time"),
+            ctx,
+        )),
     }
 }
 
 /// Turns a failed call into the contract's answer: auth-service's verdicts by their reason,
 /// everything else (no connection, deadline, an unknown or internal reason) as 503
 /// `auth_unavailable`, so that a failure of auth-service never becomes an allow or a 500.
-fn to_api_error(status: Status) -> ApiError {
+/// A failure is logged with the request's id.
+fn to_api_error(status: Status, ctx: &CallContext) -> ApiError {
     let info = status.get_details_error_info();
     let mapped = info
         .as_ref()
@@ -125,6 +128,7 @@ fn to_api_error(status: Status) -> ApiError {
         match info.as_ref().map(|i| i.reason.as_str()) {
             Some("CLIENT_KEY_INVALID") => {
                 error!(
+                    request_id = ctx.request_id,
                     "auth-service refuses our client key: check API_AUTH_CLIENT_KEY against AUTH_CLIENT_KEYS"
                 );
             }
@@ -133,10 +137,12 @@ fn to_api_error(status: Status) -> ApiError {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
             ) =>
             {
-                warn!(grpc_code = ?status.code(), "auth-service unreachable or too slow");
+                warn!(request_id = ctx.request_id, grpc_code = ?status.code(),
+                    "auth-service unreachable or too slow");
             }
             _ => {
-                error!(grpc_code = ?status.code(), message = %status.message(), "auth-service failed")
+                error!(request_id = ctx.request_id, grpc_code = ?status.code(),
+                    message = %status.message(), "auth-service failed")
             }
         }
         return ApiError::auth_unavailable(anyhow::anyhow!(
@@ -195,24 +201,40 @@ fn pair(p: Option<pb::TokenPair>, openid: String, is_new_user: bool) -> AuthResu
     })
 }
 
+fn phone_number(p: pb::GetPhoneNumberResponse) -> PhoneNumber {
+    PhoneNumber {
+        phone_number: p.phone_number,
+        pure_phone_number: p.pure_phone_number,
+        country_code: p.country_code,
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
 #[async_trait]
 impl AuthApi for GrpcAuth {
-    async fn verify(&self, ctx: &CallContext, access_token: &str) -> AuthResult<Identity> {
+    async fn verify(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        include_phone: bool,
+    ) -> AuthResult<Identity> {
         let req = self.request(
             ctx,
             pb::VerifyRequest {
                 access_token: access_token.to_owned(),
+                include_phone,
             },
         );
-        let r = within(self.timeout, self.client.clone().verify(req)).await?;
+        let r = within(ctx, self.timeout, self.client.clone().verify(req)).await?;
         Ok(Identity {
             openid: r.openid,
             unionid: r.unionid,
             session_id: r.session_id,
+            // Only what was asked for: an answer never widens what a route shows.
+            phone: r.phone.filter(|_| include_phone).map(phone_number),
         })
     }
 
@@ -236,7 +258,7 @@ impl AuthApi for GrpcAuth {
             },
             self.wechat_timeout,
         );
-        let r = within(self.wechat_timeout, self.client.clone().login(req)).await?;
+        let r = within(ctx, self.wechat_timeout, self.client.clone().login(req)).await?;
         pair(r.tokens, r.openid, r.is_new_user)
     }
 
@@ -247,7 +269,7 @@ impl AuthApi for GrpcAuth {
                 refresh_token: refresh_token.to_owned(),
             },
         );
-        let r = within(self.timeout, self.client.clone().refresh(req)).await?;
+        let r = within(ctx, self.timeout, self.client.clone().refresh(req)).await?;
         pair(r.tokens, r.openid, false)
     }
 
@@ -259,7 +281,7 @@ impl AuthApi for GrpcAuth {
                 all,
             },
         );
-        let r = within(self.timeout, self.client.clone().logout(req)).await?;
+        let r = within(ctx, self.timeout, self.client.clone().logout(req)).await?;
         Ok(r.revoked_sessions)
     }
 
@@ -274,7 +296,7 @@ impl AuthApi for GrpcAuth {
                 access_token: access_token.to_owned(),
             },
         );
-        let r = within(self.timeout, self.client.clone().list_sessions(req)).await?;
+        let r = within(ctx, self.timeout, self.client.clone().list_sessions(req)).await?;
         Ok(r.sessions
             .into_iter()
             .map(|s| {
@@ -309,7 +331,7 @@ impl AuthApi for GrpcAuth {
                 iv: iv.to_owned(),
             },
         );
-        let r = within(self.timeout, self.client.clone().decrypt_data(req)).await?;
+        let r = within(ctx, self.timeout, self.client.clone().decrypt_data(req)).await?;
         serde_json::from_str(&r.data_json).map_err(|e| {
             ApiError::auth_unavailable(anyhow::anyhow!("DecryptData gave no JSON: {e}"))
         })
@@ -343,14 +365,7 @@ impl AuthApi for GrpcAuth {
                 ))
             });
         match answer {
-            Ok(r) => {
-                let r = r.into_inner();
-                Ok(Some(PhoneNumber {
-                    phone_number: r.phone_number,
-                    pure_phone_number: r.pure_phone_number,
-                    country_code: r.country_code,
-                }))
-            }
+            Ok(r) => Ok(Some(phone_number(r.into_inner()))),
             Err(status)
                 if status
                     .get_details_error_info()
@@ -358,7 +373,7 @@ impl AuthApi for GrpcAuth {
             {
                 Ok(None)
             }
-            Err(status) => Err(to_api_error(status)),
+            Err(status) => Err(to_api_error(status, ctx)),
         }
     }
 
@@ -397,18 +412,25 @@ mod tests {
 
     #[test]
     fn wechat_details_and_retry_after_are_carried() {
-        let e = to_api_error(status(
-            Code::ResourceExhausted,
-            "WECHAT_RATE_LIMITED",
-            &[("wechat_errcode", "45011"), ("wechat_errmsg", "slow down")],
-        ));
+        let ctx = CallContext::default();
+        let e = to_api_error(
+            status(
+                Code::ResourceExhausted,
+                "WECHAT_RATE_LIMITED",
+                &[("wechat_errcode", "45011"), ("wechat_errmsg", "slow down")],
+            ),
+            &ctx,
+        );
         assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(e.code(), "wechat_rate_limited");
-        let e = to_api_error(status(
-            Code::ResourceExhausted,
-            "RATE_LIMITED",
-            &[("retry_after_secs", "7")],
-        ));
+        let e = to_api_error(
+            status(
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+                &[("retry_after_secs", "7")],
+            ),
+            &ctx,
+        );
         assert_eq!(e.code(), "rate_limited");
     }
 
@@ -422,7 +444,7 @@ mod tests {
             status(Code::Unauthenticated, "CLIENT_KEY_INVALID", &[]),
             Status::unknown("no details at all"),
         ] {
-            let e = to_api_error(s);
+            let e = to_api_error(s, &CallContext::default());
             assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(e.code(), "auth_unavailable");
         }

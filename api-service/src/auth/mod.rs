@@ -1,15 +1,17 @@
 //! auth-service, as api-service sees it: a trait ([`AuthApi`]) with a gRPC implementation
-//! ([`GrpcAuth`]), and the [`Authenticated`] extractor that calls `Verify` on every business
+//! ([`GrpcAuth`]), and the [`Authenticated`] extractors that call `Verify` on every business
 //! request. No verdict is cached: a revoked session is refused on its next request.
 
 mod extract;
+#[cfg(test)]
+pub(crate) mod fake;
 mod grpc;
 
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use serde::Serialize;
 
-pub use extract::{Authenticated, BearerToken};
+pub use extract::{Authenticated, AuthenticatedWithPhone, BearerToken};
 
 /// auth-service's reason when a user has no phone number stored.
 pub(crate) const PHONE_NOT_SET: &str = "PHONE_NOT_SET";
@@ -26,6 +28,9 @@ pub struct Identity {
     pub unionid: Option<String>,
     /// The session of the token.
     pub session_id: String,
+    /// The user's kept phone number. Only a `Verify` with `include_phone` asks for it
+    /// ([`AuthenticatedWithPhone`]); otherwise it is always `None`.
+    pub phone: Option<PhoneNumber>,
 }
 
 /// The device a login comes from.
@@ -100,8 +105,14 @@ pub type AuthResult<T> = Result<T, ApiError>;
 /// auth-service's RPCs that the edge uses.
 #[async_trait]
 pub trait AuthApi: Send + Sync + std::fmt::Debug + 'static {
-    /// `Verify`.
-    async fn verify(&self, ctx: &CallContext, access_token: &str) -> AuthResult<Identity>;
+    /// `Verify`; with `include_phone`, the same call also answers the user's kept phone number
+    /// (in [`Identity::phone`]), so that showing it needs no second call.
+    async fn verify(
+        &self,
+        ctx: &CallContext,
+        access_token: &str,
+        include_phone: bool,
+    ) -> AuthResult<Identity>;
     /// `Login`.
     async fn login(
         &self,

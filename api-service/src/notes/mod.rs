@@ -98,6 +98,11 @@ impl NoteTitle {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The title, as a `String`.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// A checked body: at most 10,000 characters, possibly empty; line breaks and tabs are kept,
@@ -127,6 +132,11 @@ impl NoteBody {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The body, as a `String`.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// A note's id: a random UUID (v4), lower-case and hyphenated; never sequential, so ids
@@ -151,6 +161,11 @@ impl NoteId {
     /// The id.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id, as a `String`.
+    pub fn into_string(self) -> String {
+        self.0
     }
 }
 

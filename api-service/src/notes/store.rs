@@ -162,9 +162,12 @@ impl NotesStore for SqliteNotes {
         let below = cursor.map_or(i64::MAX, Cursor::seq);
         let limit = i64::from(size.get());
         // One more than asked: whether it exists says whether there is a next page.
+        // `CAST($3 …)`, not a bare `LIMIT $3`: SQLite marks a statement whose LIMIT is a bare
+        // parameter for re-preparation whenever that parameter is bound, so the cached
+        // statement would be parsed and planned again on every page. The plan is the same.
         let mut rows: Vec<Row> = sqlx::query_as(
             "SELECT seq, id, title, body, created_at, updated_at FROM notes \
-             WHERE openid = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+             WHERE openid = $1 AND seq < $2 ORDER BY seq DESC LIMIT CAST($3 AS INTEGER)",
         )
         .bind(openid)
         .bind(below)

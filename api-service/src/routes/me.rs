@@ -5,13 +5,13 @@ use axum::extract::State;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{Authenticated, CallContext, PhoneNumber};
+use crate::auth::{Authenticated, AuthenticatedWithPhone, CallContext, Identity, PhoneNumber};
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::json::Json;
 use crate::middleware::RequestId;
 use crate::profile::{AvatarUrl, Nickname, Profile, ProfilePatch};
 use crate::state::AppState;
-use crate::time::rfc3339;
+use crate::time::Rfc3339;
 
 /// The caller's profile.
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,9 +27,11 @@ pub struct Me {
     /// The phone number, or null until set through `POST /v1/me/phone`.
     pub phone_number: Option<String>,
     /// When the profile was first seen (RFC 3339, UTC).
-    pub created_at: String,
+    #[schema(value_type = String)]
+    pub created_at: Rfc3339,
     /// When it last changed (RFC 3339, UTC).
-    pub updated_at: String,
+    #[schema(value_type = String)]
+    pub updated_at: Rfc3339,
 }
 
 /// `PATCH /v1/me`'s body: a field left out is unchanged, a `null` clears it.
@@ -51,15 +53,16 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-fn me(identity_unionid: Option<String>, p: Profile, phone: Option<PhoneNumber>) -> Me {
+/// The answer: the profile, with what `Verify` said of the user (unionid, phone number).
+fn me(identity: Identity, p: Profile) -> Me {
     Me {
         openid: p.openid,
-        unionid: identity_unionid,
+        unionid: identity.unionid,
         nickname: p.nickname,
         avatar_url: p.avatar_url,
-        phone_number: phone.map(|p| p.phone_number),
-        created_at: rfc3339(p.created_at),
-        updated_at: rfc3339(p.updated_at),
+        phone_number: identity.phone.map(|p| p.phone_number),
+        created_at: Rfc3339(p.created_at),
+        updated_at: Rfc3339(p.updated_at),
     }
 }
 
@@ -75,16 +78,11 @@ fn me(identity_unionid: Option<String>, p: Profile, phone: Option<PhoneNumber>) 
 )]
 pub async fn get_me(
     State(state): State<AppState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    auth: Authenticated,
+    AuthenticatedWithPhone(auth): AuthenticatedWithPhone,
 ) -> Result<axum::Json<Me>, ApiError> {
-    // The number is only ever read inside auth-service: ask it, beside the profile read.
-    let ctx = CallContext { request_id };
-    let (profile, phone) = tokio::join!(
-        state.profiles.get_or_create(&auth.identity.openid),
-        state.auth.phone_number(&ctx, &auth.token, "")
-    );
-    Ok(axum::Json(me(auth.identity.unionid, profile?, phone?)))
+    // The number is only ever read inside auth-service: the one `Verify` call answered it.
+    let profile = state.profiles.get_or_create(&auth.identity.openid).await?;
+    Ok(axum::Json(me(auth.identity, profile)))
 }
 
 /// Change the caller's nickname or avatar.
@@ -102,8 +100,7 @@ pub async fn get_me(
 )]
 pub async fn patch_me(
     State(state): State<AppState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
-    auth: Authenticated,
+    AuthenticatedWithPhone(auth): AuthenticatedWithPhone,
     Json(body): Json<MePatch>,
 ) -> Result<axum::Json<Me>, ApiError> {
     let patch = ProfilePatch {
@@ -116,12 +113,8 @@ pub async fn patch_me(
             .map(|a| a.as_deref().map(AvatarUrl::parse).transpose())
             .transpose()?,
     };
-    let ctx = CallContext { request_id };
-    let (profile, phone) = tokio::join!(
-        state.profiles.update(&auth.identity.openid, patch),
-        state.auth.phone_number(&ctx, &auth.token, "")
-    );
-    Ok(axum::Json(me(auth.identity.unionid, profile?, phone?)))
+    let profile = state.profiles.update(&auth.identity.openid, patch).await?;
+    Ok(axum::Json(me(auth.identity, profile)))
 }
 
 /// `POST /v1/me/phone`'s body.

@@ -140,6 +140,8 @@ fn with_layers(routes: Router<AppState>, state: AppState, limits: Limits) -> Rou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::AuthApi;
+    use crate::auth::fake::{Call, FakeAuth};
 
     /// The contract's endpoints (CONTRACT.md, HTTP API) that this build serves.
     const CONTRACT: &[(&str, &str)] = &[
@@ -180,31 +182,43 @@ mod tests {
     async fn test_state() -> AppState {
         let path =
             std::env::temp_dir().join(format!("wxauth-api-unit-{}.db", uuid::Uuid::new_v4()));
-        let db = crate::db::Db::open_sqlite(&path).await.expect("database");
+        sqlite_state(unreachable_auth(), &path).await
+    }
+
+    /// A state on `auth` and a fresh SQLite database at `path`.
+    async fn sqlite_state(auth: Arc<dyn AuthApi>, path: &std::path::Path) -> AppState {
+        let db = crate::db::Db::open_sqlite(path).await.expect("database");
         let crate::db::Db::Sqlite(pool) = &db else {
             panic!("an SQLite path opens SQLite");
         };
         let profiles = Arc::new(crate::profile::SqliteProfiles::new(pool.clone()));
         let notes = Arc::new(crate::notes::SqliteNotes::new(pool.clone()));
-        state_with(db, profiles, notes)
+        state_with(auth, db, profiles, notes)
+    }
+
+    /// A gRPC client of an auth-service that is not there.
+    fn unreachable_auth() -> Arc<dyn AuthApi> {
+        Arc::new(
+            crate::auth::GrpcAuth::new(
+                "http://127.0.0.1:9",
+                Duration::from_millis(100),
+                Duration::from_millis(100),
+                None,
+            )
+            .expect("client"),
+        )
     }
 
     fn state_with(
+        auth: Arc<dyn AuthApi>,
         db: crate::db::Db,
         profiles: Arc<dyn crate::profile::ProfileStore>,
         notes: Arc<dyn crate::notes::NotesStore>,
     ) -> AppState {
         use std::sync::atomic::AtomicBool;
 
-        let auth = crate::auth::GrpcAuth::new(
-            "http://127.0.0.1:9",
-            Duration::from_millis(100),
-            Duration::from_millis(100),
-            None,
-        )
-        .expect("client");
         AppState {
-            auth: Arc::new(auth),
+            auth,
             profiles,
             notes,
             db,
@@ -292,7 +306,7 @@ mod tests {
         let profiles = Arc::new(crate::profile::PgProfiles::new(pg.clone()));
         let notes = Arc::new(crate::notes::PgNotes::new(pg.clone()));
         let app = router(
-            state_with(db, profiles, notes),
+            state_with(unreachable_auth(), db, profiles, notes),
             Limits {
                 body: 1024,
                 timeout: Duration::from_secs(30),
@@ -306,5 +320,126 @@ mod tests {
 
         let (status, _, body) = call(app, "/healthz").await;
         assert_eq!((status, &body["status"]), (StatusCode::OK, &"ok".into()));
+    }
+
+    /// Sends `method path` with `token` as the bearer and `body` as JSON.
+    async fn send(
+        app: Router,
+        method: axum::http::Method,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        use tower::ServiceExt as _;
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json");
+        let request = match body {
+            Some(b) => request.body(axum::body::Body::from(b.to_string())),
+            None => request.body(axum::body::Body::empty()),
+        }
+        .expect("request");
+        let response = app.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&bytes).expect("JSON body"))
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            body: 1024,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_profile_takes_one_verify_call_that_answers_the_phone_too() {
+        use axum::http::Method;
+
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::with_phone("13800138000"));
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+        let app = router(state, limits());
+
+        // Act
+        let (status, me) = send(app.clone(), Method::GET, "/v1/me", "alice", None).await;
+
+        // Assert: one Verify asking for the number, no GetPhoneNumber.
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!(me["openid"], "openid-alice");
+        assert_eq!(me["phone_number"], "13800138000");
+        assert_eq!(
+            auth.take_calls(),
+            [Call::Verify {
+                include_phone: true
+            }]
+        );
+
+        // Act: the change of a profile answers the profile, number included, the same way.
+        let nickname = serde_json::json!({"nickname": "Zoë"});
+        let (status, me) = send(
+            app.clone(),
+            Method::PATCH,
+            "/v1/me",
+            "alice",
+            Some(nickname),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!(
+            (&me["nickname"], &me["phone_number"]),
+            (&"Zoë".into(), &"13800138000".into())
+        );
+        assert_eq!(
+            auth.take_calls(),
+            [Call::Verify {
+                include_phone: true
+            }]
+        );
+
+        // Act: other business routes do not ask for the number.
+        let (status, page) = send(app, Method::GET, "/v1/notes", "alice", None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["items"], serde_json::json!([]));
+        assert_eq!(
+            auth.take_calls(),
+            [Call::Verify {
+                include_phone: false
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_without_a_phone_number_sees_null() {
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::default());
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+
+        // Act
+        let (status, me) = send(
+            router(state, limits()),
+            axum::http::Method::GET,
+            "/v1/me",
+            "bob",
+            None,
+        )
+        .await;
+
+        // Assert
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert!(me["phone_number"].is_null(), "{me}");
+        assert_eq!(me["openid"], "openid-bob");
+        assert_eq!(
+            auth.take_calls(),
+            [Call::Verify {
+                include_phone: true
+            }]
+        );
     }
 }

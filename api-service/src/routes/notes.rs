@@ -18,7 +18,7 @@ use crate::notes::{
     NotePatch, NoteTitle, PageSize, RequestFingerprint, StoredAnswer,
 };
 use crate::state::AppState;
-use crate::time::{now_millis, rfc3339};
+use crate::time::{Rfc3339, now_millis};
 
 /// `Idempotent-Replayed: true` marks an answer replayed for an `Idempotency-Key`.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -34,9 +34,11 @@ pub struct NoteJson {
     /// At most 10,000 characters; may be empty.
     pub body: String,
     /// When it was made (RFC 3339, UTC).
-    pub created_at: String,
+    #[schema(value_type = String)]
+    pub created_at: Rfc3339,
     /// When it last changed (RFC 3339, UTC).
-    pub updated_at: String,
+    #[schema(value_type = String)]
+    pub updated_at: Rfc3339,
 }
 
 /// A page of notes, newest first.
@@ -93,13 +95,14 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-fn json(note: &Note) -> NoteJson {
+/// A note as the API shows it (its strings moved, not copied).
+fn json(note: Note) -> NoteJson {
     NoteJson {
-        id: note.id.as_str().to_owned(),
-        title: note.title.as_str().to_owned(),
-        body: note.body.as_str().to_owned(),
-        created_at: rfc3339(note.created_at),
-        updated_at: rfc3339(note.updated_at),
+        id: note.id.into_string(),
+        title: note.title.into_string(),
+        body: note.body.into_string(),
+        created_at: Rfc3339(note.created_at),
+        updated_at: Rfc3339(note.updated_at),
     }
 }
 
@@ -192,7 +195,7 @@ pub async fn create_note(
     let answer = StoredAnswer {
         status: StatusCode::CREATED.as_u16(),
         note_id: note.id.as_str().to_owned(),
-        body: serde_json::to_vec(&json(&note)).map_err(ApiError::internal)?,
+        body: serde_json::to_vec(&json(note.clone())).map_err(ApiError::internal)?,
     };
     let idempotent = key.map(|key| Idempotent {
         key,
@@ -240,7 +243,7 @@ pub async fn list_notes(
         .list(&auth.identity.openid, size, cursor)
         .await?;
     Ok(axum::Json(NoteList {
-        items: page.items.iter().map(json).collect(),
+        items: page.items.into_iter().map(json).collect(),
         next_cursor: page.next.map(Cursor::encode),
     }))
 }
@@ -264,7 +267,7 @@ pub async fn get_note(
 ) -> Result<axum::Json<NoteJson>, ApiError> {
     let id = note_id(id)?;
     let note = state.notes.get(&auth.identity.openid, &id).await?;
-    Ok(axum::Json(json(&note)))
+    Ok(axum::Json(json(note)))
 }
 
 /// Change a note's title or body.
@@ -300,7 +303,7 @@ pub async fn patch_note(
         .notes
         .update(&auth.identity.openid, &id, patch, now_millis())
         .await?;
-    Ok(axum::Json(json(&note)))
+    Ok(axum::Json(json(note)))
 }
 
 /// Delete a note.
@@ -336,7 +339,7 @@ mod tests {
             NoteBody::parse("b\nc").expect("body"),
             1_795_564_265_123,
         );
-        let v = serde_json::to_value(json(&note)).expect("json");
+        let v = serde_json::to_value(json(note.clone())).expect("json");
         assert_eq!(v["id"], note.id.as_str());
         assert_eq!(v["title"], "t");
         assert_eq!(v["body"], "b\nc");
