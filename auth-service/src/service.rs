@@ -18,9 +18,7 @@ use crate::domain::{
     TokenKind, WechatCode, millis, now_millis,
 };
 use crate::error::{AuthError, WechatErr};
-use crate::store::{
-    AccessRecord, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError,
-};
+use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
 use crate::verified::{Known, Verified};
 use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
 use crate::wechat::crypto::EncryptedData;
@@ -368,8 +366,9 @@ impl AuthCore {
         if record.expires_at <= now || record.refresh_expires_at <= now {
             return Err(AuthError::TokenExpired);
         }
-        let touched_at = record.last_active_at;
-        let known = self.verified.put(&hash, &record, now, touched_at);
+        let known = self
+            .verified
+            .put(&hash, &record, now, record.last_active_at);
         self.touch(&known, now);
         if !self.verified.is_off() {
             // After the read: an end committed since has marked the session `Ended`, and
@@ -378,7 +377,7 @@ impl AuthCore {
                 warn!(error = %e, "could not mark a session alive");
             }
         }
-        Ok(identity_of(record))
+        Ok(identity(&known))
     }
 
     /// Moves `last_active_at`, at most once a minute, off the request's path (a slow write
@@ -800,15 +799,6 @@ fn identity(known: &Known) -> Identity {
         unionid: known.unionid.clone(),
         session_id: known.session_id.clone(),
         expires_at: known.expires_at,
-    }
-}
-
-fn identity_of(record: AccessRecord) -> Identity {
-    Identity {
-        openid: record.openid,
-        unionid: record.unionid,
-        session_id: record.session_id,
-        expires_at: record.expires_at,
     }
 }
 
