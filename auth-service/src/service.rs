@@ -18,6 +18,7 @@ use crate::domain::{
     TokenKind, WechatCode, millis, now_millis,
 };
 use crate::error::{AuthError, WechatErr};
+use crate::phones::KeptPhones;
 use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
 use crate::verified::{Known, Verified};
 use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
@@ -159,6 +160,9 @@ pub struct Policy {
     /// How many tokens `Verify` may answer from memory with the session's mark; 0 when
     /// marks would not reach every replica (PostgreSQL without Redis), or turned off.
     pub verify_cache: usize,
+    /// How many users' phone numbers this process keeps in memory ([`KeptPhones`]); 0
+    /// unless the store is SQLite, whose one replica is the only writer of the numbers.
+    pub kept_phones: usize,
 }
 
 impl Policy {
@@ -178,6 +182,10 @@ impl Policy {
                 (DatabaseSettings::Sqlite { .. }, _) | (_, Some(_)) => s.verify_cache_size,
                 (DatabaseSettings::Postgres { .. }, None) => 0,
             },
+            kept_phones: match s.database {
+                DatabaseSettings::Sqlite { .. } => s.verify_cache_size,
+                DatabaseSettings::Postgres { .. } => 0,
+            },
         }
     }
 }
@@ -192,6 +200,7 @@ pub struct AuthCore {
     policy: Policy,
     app_tokens: Arc<AccessTokens>,
     verified: Arc<Verified>,
+    phones: Arc<KeptPhones>,
 }
 
 impl AuthCore {
@@ -210,6 +219,7 @@ impl AuthCore {
         ));
         Self {
             verified: Arc::new(Verified::new(policy.verify_cache)),
+            phones: Arc::new(KeptPhones::new(policy.kept_phones)),
             store,
             cache,
             wechat,
@@ -659,7 +669,10 @@ impl AuthCore {
     ) -> Result<PhoneNumber, AuthError> {
         let id = self.verify(raw_token).await?;
         if code.is_empty() {
-            return self.stored_phone(&id.openid).await;
+            return self
+                .kept_phone(&id.openid)
+                .await?
+                .ok_or(AuthError::PhoneNotSet);
         }
         let code = WechatCode::parse(code).map_err(AuthError::InvalidCode)?;
         // Namespaced apart from login codes, claimed exactly like them: across replicas
@@ -683,11 +696,13 @@ impl AuthCore {
             .keys
             .seal(&plain, id.openid.as_bytes())
             .map_err(AuthError::internal)?;
-        if !self
+        let write = self.phones.write_started(&id.openid);
+        let stored = self
             .store
             .set_phone(&id.openid, &sealed, now_millis())
-            .await?
-        {
+            .await;
+        drop(write);
+        if !stored? {
             return Err(AuthError::internal(anyhow::anyhow!(
                 "the user of a verified token is not in the store"
             )));
@@ -703,24 +718,29 @@ impl AuthCore {
         raw: &str,
     ) -> Result<(Identity, Option<PhoneNumber>), AuthError> {
         let id = self.verify(raw).await?;
-        match self.stored_phone(&id.openid).await {
-            Ok(phone) => Ok((id, Some(phone))),
-            Err(AuthError::PhoneNotSet) => Ok((id, None)),
-            Err(e) => Err(e),
-        }
+        let phone = self.kept_phone(&id.openid).await?;
+        Ok((id, phone))
     }
 
-    async fn stored_phone(&self, openid: &str) -> Result<PhoneNumber, AuthError> {
-        let sealed = self
-            .store
-            .phone(openid)
-            .await?
-            .ok_or(AuthError::PhoneNotSet)?;
-        let plain = self
-            .keys
-            .open(&sealed, openid.as_bytes())
-            .map_err(AuthError::internal)?;
-        serde_json::from_slice(&plain).map_err(AuthError::internal)
+    /// The user's kept phone number, `None` when none is kept: from memory when this
+    /// process keeps numbers ([`KeptPhones`]), otherwise from the database.
+    async fn kept_phone(&self, openid: &str) -> Result<Option<PhoneNumber>, AuthError> {
+        if let Some(phone) = self.phones.get(openid) {
+            return Ok(phone);
+        }
+        let read = self.phones.read_started();
+        let phone = match self.store.phone(openid).await? {
+            None => None,
+            Some(sealed) => {
+                let plain = self
+                    .keys
+                    .open(&sealed, openid.as_bytes())
+                    .map_err(AuthError::internal)?;
+                Some(serde_json::from_slice(&plain).map_err(AuthError::internal)?)
+            }
+        };
+        self.phones.read_done(read, openid, &phone);
+        Ok(phone)
     }
 
     /// getuserphonenumber: WeChat's "busy" (-1) retried once; an access_token WeChat

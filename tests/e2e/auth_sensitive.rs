@@ -311,6 +311,12 @@ async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() 
         phone(&mut w.client, &other_token, "").await.expect("kept"),
         got_hk
     );
+    // Verify shows the new number at once, though it answered "none" for this user before
+    // (auth-service on SQLite keeps the numbers in memory: a write must drop what it kept).
+    assert_eq!(
+        verify_phone(&mut w.client, &other_token).await,
+        Some(got_hk.clone())
+    );
     // One access_token served both exchanges.
     assert_eq!(
         w.sim.endpoint_calls("stable_token").await.expect("calls"),

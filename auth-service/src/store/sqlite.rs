@@ -4,7 +4,9 @@
 //! upgrading a read lock: SQLite serializes them, which is what makes a login's policy
 //! decision and a refresh-token exchange atomic here (PostgreSQL will lock rows instead).
 
-use std::path::Path;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -25,6 +27,45 @@ use crate::domain::{
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    _one_process: Arc<OneProcess>,
+}
+
+/// This process's hold on the SQLite database: an exclusive lock on `<file>.lock`, kept
+/// while the process runs (the system releases it when the process ends, however it ends).
+///
+/// SQLite is for one replica, and the service relies on it: with SQLite, `Verify`'s session
+/// marks live in this process's memory and so do the users' phone numbers it has read
+/// ([`crate::phones::KeptPhones`]); a second process on the same file would neither see this
+/// one's marks nor keep its numbers current. It stops at start-up instead, saying so.
+#[derive(Debug)]
+struct OneProcess {
+    _file: File,
+}
+
+impl OneProcess {
+    fn take(path: &Path) -> anyhow::Result<Self> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .with_context(|| format!("cannot open the lock file {}", lock.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+                "another process has the SQLite database {} open ({} is locked): SQLite is \
+                 for one replica; use PostgreSQL for more",
+                path.display(),
+                lock.display()
+            )),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", lock.display()))
+            }
+        }
+    }
 }
 
 impl SqliteStore {
@@ -36,6 +77,7 @@ impl SqliteStore {
                 format!("cannot create the database directory {}", dir.display())
             })?;
         }
+        let one_process = OneProcess::take(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -48,6 +90,10 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
+            // An SQLite connection is a file handle in this process: it cannot go stale the
+            // way a network connection can, and sqlx's default ping before every acquire is
+            // one more round trip to the connection's thread per statement.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
@@ -55,7 +101,10 @@ impl SqliteStore {
             .run(&pool)
             .await
             .context("cannot apply the SQLite migrations")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            _one_process: Arc::new(one_process),
+        })
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {

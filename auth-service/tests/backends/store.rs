@@ -1,6 +1,7 @@
 //! The `Store` contract: every test is written once, over `Arc<dyn Store>`, and run against
 //! SQLite (a temporary file) and PostgreSQL (a fresh database). The concurrency tests use
-//! two stores on one database, as two replicas would.
+//! two stores on one database, as two replicas would (on SQLite, which is one process, two
+//! handles on one store).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -62,11 +63,13 @@ impl Fixture {
         let mut stores: Vec<Arc<dyn Store>> = Vec::new();
         match &self.backend {
             Backend::Sqlite(dir) => {
+                // SQLite is one process (a second opening of the file is refused), so the
+                // "replicas" are handles on one store, racing on its connections.
+                let store = SqliteStore::open(&dir.path().join("auth.db"))
+                    .await
+                    .expect("SQLite store");
                 for _ in 0..n {
-                    let store = SqliteStore::open(&dir.path().join("auth.db"))
-                        .await
-                        .expect("SQLite store");
-                    stores.push(Arc::new(store));
+                    stores.push(Arc::new(store.clone()));
                 }
             }
             Backend::Postgres(url) => {
@@ -1347,4 +1350,29 @@ async fn renewals_racing_on_two_replicas_recheck_and_renew_once(replicas: Vec<Ar
         assert_eq!(stored.generation, round as i64 + 1);
         assert_eq!(stored.sealed, format!("sealed-{}", renewed[0]).into_bytes());
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// SQLite alone.
+
+#[tokio::test]
+async fn a_second_opening_of_one_sqlite_file_is_refused_while_the_first_is_open() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("auth.db");
+    let first = SqliteStore::open(&path).await.expect("the first opening");
+
+    let second = SqliteStore::open(&path)
+        .await
+        .expect_err("a second process on the file");
+
+    let why = format!("{second:#}");
+    assert!(
+        why.contains("another process has the SQLite database"),
+        "{why}"
+    );
+    assert!(why.contains("use PostgreSQL for more"), "{why}");
+    drop(first);
+    SqliteStore::open(&path)
+        .await
+        .expect("opens once the first is closed");
 }
