@@ -8,9 +8,11 @@
 //! succeed (sqlx takes an advisory lock around them, so replicas starting together are safe).
 //! Until then /readyz answers 503 and every store call 503 `unavailable` with `Retry-After`.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,8 +48,8 @@ const PG_MIGRATION_RETRY: (Duration, Duration) =
 /// The business database: one of the two backends, chosen at start-up.
 #[derive(Debug, Clone)]
 pub enum Db {
-    /// An SQLite file, migrated before start.
-    Sqlite(SqlitePool),
+    /// An SQLite file, migrated before start, and this process's lock on it.
+    Sqlite(SqlitePool, Arc<OneProcess>),
     /// PostgreSQL, migrated in the background.
     Postgres(PgDb),
 }
@@ -69,6 +71,7 @@ impl Db {
                 format!("cannot create the database directory {}", dir.display())
             })?;
         }
+        let lock = OneProcess::take(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -91,13 +94,13 @@ impl Db {
             .run(&pool)
             .await
             .context("cannot apply the SQLite migrations")?;
-        Ok(Self::Sqlite(pool))
+        Ok(Self::Sqlite(pool, Arc::new(lock)))
     }
 
     /// Which backend, for logs.
     pub fn backend(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "sqlite",
+            Self::Sqlite(..) => "sqlite",
             Self::Postgres(_) => "postgres",
         }
     }
@@ -105,9 +108,47 @@ impl Db {
     /// A cheap round trip, for readiness; PostgreSQL is ready only once migrated.
     pub async fn ping(&self) -> bool {
         match self {
-            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+            Self::Sqlite(pool, _) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
             Self::Postgres(pg) => {
                 pg.is_migrated() && sqlx::query("SELECT 1").execute(&pg.pool).await.is_ok()
+            }
+        }
+    }
+}
+
+/// This process's hold on an SQLite database: an exclusive lock on `<file>.lock`, kept while
+/// the process runs (the system releases it when the process ends, however it ends).
+///
+/// SQLite is for one replica, and the edge relies on it: it keeps the profiles it reads in
+/// memory ([`crate::profile::KeptProfiles`]), which another process writing the same file
+/// would make stale. A second process on the same file stops at start-up, saying so.
+#[derive(Debug)]
+pub struct OneProcess {
+    _file: File,
+}
+
+impl OneProcess {
+    /// Takes the lock of the database at `path`, or says why not.
+    pub fn take(path: &Path) -> anyhow::Result<Self> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .with_context(|| format!("cannot open the lock file {}", lock.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+                "another process has the SQLite database {} open ({} is locked): SQLite is \
+                 for one replica; use PostgreSQL for more",
+                path.display(),
+                lock.display()
+            )),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", lock.display()))
             }
         }
     }
@@ -310,6 +351,27 @@ mod tests {
     use axum::http::StatusCode;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_second_opening_of_one_sqlite_file_stops_saying_why() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("api.db");
+        let first = Db::open_sqlite(&path).await.expect("the first opening");
+
+        let second = Db::open_sqlite(&path).await.expect_err("a second process");
+
+        let why = format!("{second:#}");
+        assert!(
+            why.contains("another process has the SQLite database"),
+            "{why}"
+        );
+        assert!(why.contains("use PostgreSQL for more"), "{why}");
+        // Once the first is gone (its process ended), the file opens again.
+        drop(first);
+        Db::open_sqlite(&path)
+            .await
+            .expect("opens after the first closed");
+    }
 
     #[test]
     fn unreachable_or_exhausted_is_503_and_the_rest_500() {

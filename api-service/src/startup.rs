@@ -20,7 +20,7 @@ use crate::config::{Settings, TlsSettings};
 use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::notes::{NotesStore, PgNotes, SqliteNotes};
-use crate::profile::{PgProfiles, ProfileStore, SqliteProfiles};
+use crate::profile::{KEPT_PROFILES, KeptProfiles, PgProfiles, ProfileStore, SqliteProfiles};
 use crate::routes::{Limits, router};
 use crate::state::AppState;
 
@@ -71,8 +71,9 @@ impl Application {
         let _already = rustls::crypto::ring::default_provider().install_default();
         if settings.redis_url_set {
             info!(
-                "API_REDIS_URL is set but not needed: api-service keeps no per-process state \
-                 (idempotency keys are in the database, in each note's transaction)"
+                "API_REDIS_URL is set but not needed: api-service shares no state between \
+                 replicas outside the database (idempotency keys are in the database, in \
+                 each note's transaction)"
             );
         }
 
@@ -83,8 +84,13 @@ impl Application {
         let db = Db::open(&settings.database).await?;
         info!(backend = db.backend(), "business database");
         let (profiles, notes): (Arc<dyn ProfileStore>, Arc<dyn NotesStore>) = match &db {
-            Db::Sqlite(pool) => (
-                Arc::new(SqliteProfiles::new(pool.clone())),
+            // SQLite: this process is the file's one writer (it holds the file's lock), so
+            // the profiles it reads can be kept in memory.
+            Db::Sqlite(pool, _) => (
+                Arc::new(KeptProfiles::new(
+                    SqliteProfiles::new(pool.clone()),
+                    KEPT_PROFILES,
+                )),
                 Arc::new(SqliteNotes::new(pool.clone())),
             ),
             Db::Postgres(pg) => (

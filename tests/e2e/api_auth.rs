@@ -177,6 +177,10 @@ async fn the_whole_walkthrough_login_me_sessions_refresh_logout() {
         .await;
     assert!(cleared.body["avatar_url"].is_null());
     assert_eq!(cleared.body["nickname"], "小明 🌸");
+    // A read after each change shows it (the edge on SQLite keeps profiles in memory).
+    let read_back = e.send(Method::GET, "/v1/me", Some(&access), None).await;
+    assert!(read_back.body["avatar_url"].is_null(), "{}", read_back.body);
+    assert_eq!(read_back.body["nickname"], "小明 🌸");
 
     // The device of the login reached auth-service.
     let sessions = e

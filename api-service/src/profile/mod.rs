@@ -1,11 +1,13 @@
 //! Users' profiles: nickname and avatar, as the mini-program collects them (`chooseAvatar`
 //! and `<input type="nickname">`, WECHAT.md §6), scoped to the openid `Verify` returned.
 
+mod kept;
 mod postgres;
 mod store;
 
 use async_trait::async_trait;
 
+pub use kept::{KEPT_PROFILES, KeptProfiles};
 pub use postgres::PgProfiles;
 pub use store::SqliteProfiles;
 

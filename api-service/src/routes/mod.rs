@@ -188,7 +188,7 @@ mod tests {
     /// A state on `auth` and a fresh SQLite database at `path`.
     async fn sqlite_state(auth: Arc<dyn AuthApi>, path: &std::path::Path) -> AppState {
         let db = crate::db::Db::open_sqlite(path).await.expect("database");
-        let crate::db::Db::Sqlite(pool) = &db else {
+        let crate::db::Db::Sqlite(pool, _) = &db else {
             panic!("an SQLite path opens SQLite");
         };
         let profiles = Arc::new(crate::profile::SqliteProfiles::new(pool.clone()));

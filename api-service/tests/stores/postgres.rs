@@ -21,7 +21,7 @@ use crate::support::{
 fn pg(db: &Db) -> &PgDb {
     match db {
         Db::Postgres(pg) => pg,
-        Db::Sqlite(_) => panic!("a postgres:// URL must open PostgreSQL"),
+        Db::Sqlite(..) => panic!("a postgres:// URL must open PostgreSQL"),
     }
 }
 

@@ -29,7 +29,7 @@ pub(crate) struct Backend {
 impl Backend {
     fn new(db: Db, dir: Option<tempfile::TempDir>) -> Self {
         let (profiles, notes): (Arc<dyn ProfileStore>, Arc<dyn NotesStore>) = match &db {
-            Db::Sqlite(pool) => (
+            Db::Sqlite(pool, _) => (
                 Arc::new(SqliteProfiles::new(pool.clone())),
                 Arc::new(SqliteNotes::new(pool.clone())),
             ),
@@ -50,7 +50,7 @@ impl Backend {
     pub(crate) async fn idempotency_rows(&self) -> i64 {
         const COUNT: &str = "SELECT COUNT(*) FROM note_idempotency";
         let (n,): (i64,) = match &self.db {
-            Db::Sqlite(pool) => sqlx::query_as(COUNT).fetch_one(pool).await,
+            Db::Sqlite(pool, _) => sqlx::query_as(COUNT).fetch_one(pool).await,
             Db::Postgres(pg) => sqlx::query_as(COUNT).fetch_one(pg.pool()).await,
         }
         .expect("count the idempotency records");
