@@ -7,6 +7,12 @@ use api_service::config::Settings;
 use api_service::startup::{Application, shutdown_signal};
 use api_service::telemetry;
 
+/// mimalloc instead of glibc's malloc: the services allocate and free many small buffers
+/// per request across threads, and glibc's allocator was about a tenth of their CPU under
+/// load (its free lists, `malloc_consolidate`); see the README's benchmarks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     telemetry::init(std::io::stdout);

@@ -89,6 +89,11 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
+/// The allocator the services use (their `main.rs`), so that the in-process baselines are
+/// measured on the same footing.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run().await {
