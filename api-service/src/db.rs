@@ -301,7 +301,17 @@ where
 /// unreachable, timed out, closed, busy, shutting down or overloaded is 503 `unavailable`
 /// (retry), anything else 500 with the cause logged.
 pub fn db_error(e: sqlx::Error) -> ApiError {
-    let transient = match &e {
+    if transient(&e) {
+        ApiError::unavailable(e)
+    } else {
+        ApiError::internal(e)
+    }
+}
+
+/// True for the errors after which the same request may well succeed a moment later (503
+/// `unavailable`); the others are 500 `internal`.
+pub fn transient(e: &sqlx::Error) -> bool {
+    match e {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
@@ -320,11 +330,6 @@ pub fn db_error(e: sqlx::Error) -> ApiError {
             }
         }
         _ => false,
-    };
-    if transient {
-        ApiError::unavailable(e)
-    } else {
-        ApiError::internal(e)
     }
 }
 

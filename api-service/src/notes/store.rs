@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
     NoteTitle, NotesStore, Page, PageSize, PurgeClock, RequestFingerprint, StoredAnswer,
     key_reused,
 };
-use crate::db::db_error;
+use crate::db::{db_error, transient};
 use crate::error::ApiError;
 use crate::time::Millis;
 
@@ -18,19 +19,140 @@ use crate::time::Millis;
 #[derive(Debug, Clone)]
 pub struct SqliteNotes {
     pool: SqlitePool,
-    /// When expired idempotency keys were last purged; the purge runs inside a creation's
-    /// own transaction.
-    purges: Arc<PurgeClock>,
+    /// The creations' queue, to the one task that writes them ([`write_notes`]).
+    writer: mpsc::Sender<Job>,
 }
 
 impl SqliteNotes {
-    /// Notes on `pool`.
+    /// Notes on `pool`, with the task that writes creations (call from within a Tokio
+    /// runtime; the task ends when the last clone of this store is dropped).
     pub fn new(pool: SqlitePool) -> Self {
-        Self {
-            pool,
-            purges: Arc::default(),
+        Self::with_purges(pool, Arc::default())
+    }
+
+    /// [`Self::new`], with the clock of the idempotency keys' purges given.
+    fn with_purges(pool: SqlitePool, purges: Arc<PurgeClock>) -> Self {
+        let (writer, jobs) = mpsc::channel(QUEUED_CREATIONS);
+        tokio::spawn(write_notes(pool.clone(), purges, jobs));
+        Self { pool, writer }
+    }
+}
+
+/// Most creations committed together.
+const BATCH: usize = 64;
+/// Most creations waiting for the writer; a request past them waits for room.
+const QUEUED_CREATIONS: usize = 1024;
+
+/// One creation, waiting for its commit.
+struct Job {
+    openid: String,
+    note: Note,
+    idempotent: Option<Idempotent>,
+    reply: oneshot::Sender<Result<Created, ApiError>>,
+}
+
+fn writer_gone() -> ApiError {
+    ApiError::internal(anyhow::anyhow!("the SQLite notes writer has stopped"))
+}
+
+/// `e`'s answer, for one of the several creations it failed.
+fn shared_error(e: &sqlx::Error) -> ApiError {
+    let cause = anyhow::anyhow!("{e}");
+    if transient(e) {
+        ApiError::unavailable(cause)
+    } else {
+        ApiError::internal(cause)
+    }
+}
+
+/// Group commit: the creations waiting when a transaction starts are written in it, and
+/// each is answered once it is committed (`synchronous=FULL`: on disk), so one fsync serves
+/// them all instead of one each, and writers no longer queue on SQLite's lock one by one.
+///
+/// A creation's own refusal (its key reused with another request) is an answer, not a
+/// failure of the batch. If a statement fails, the transaction is rolled back and each
+/// creation of the batch is written again in a transaction of its own, so that one bad
+/// creation does not fail the others; if beginning or committing fails, every creation of
+/// the batch gets that error (none of them was written).
+async fn write_notes(pool: SqlitePool, purges: Arc<PurgeClock>, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        match write_batch(&pool, &purges, &batch).await {
+            Ok(answers) => {
+                for (job, answer) in batch.drain(..).zip(answers) {
+                    // The request may have gone (timed out, disconnected): its note stays.
+                    let _gone = job.reply.send(answer);
+                }
+            }
+            Err(Failed::Statement(e)) if batch.len() > 1 => {
+                tracing::debug!(error = %e, size = batch.len(), "a batch of notes failed; writing each alone");
+                for job in batch.drain(..) {
+                    let answer = match write_batch(&pool, &purges, std::slice::from_ref(&job)).await
+                    {
+                        Ok(mut answers) => answers.pop().unwrap_or_else(|| Err(writer_gone())),
+                        Err(Failed::Statement(e) | Failed::Transaction(e)) => Err(db_error(e)),
+                    };
+                    let _gone = job.reply.send(answer);
+                }
+            }
+            Err(Failed::Statement(e) | Failed::Transaction(e)) => {
+                for job in batch.drain(..) {
+                    let _gone = job.reply.send(Err(shared_error(&e)));
+                }
+            }
         }
     }
+}
+
+/// Why a batch was not written.
+enum Failed {
+    /// A creation's statement failed.
+    Statement(sqlx::Error),
+    /// Beginning or committing the transaction failed.
+    Transaction(sqlx::Error),
+}
+
+/// Writes `batch` in one transaction: each creation's answer, once committed.
+async fn write_batch(
+    pool: &SqlitePool,
+    purges: &PurgeClock,
+    batch: &[Job],
+) -> Result<Vec<Result<Created, ApiError>>, Failed> {
+    // One writer from here to the commit: a key's lookup, its note and its record are one
+    // atomic step, and retries of one key (even in one batch) are serialized.
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(Failed::Transaction)?;
+    if let Some(first) = batch.first() {
+        purge_if_due(&mut tx, purges, first.note.created_at)
+            .await
+            .map_err(Failed::Statement)?;
+    }
+    // Creations without a key go in one statement per run of them (in their order); one
+    // with a key is its own lookup and writes.
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut plain: Vec<&Job> = Vec::new();
+    for job in batch {
+        let Some(idem) = &job.idempotent else {
+            plain.push(job);
+            answers.push(Ok(Created::New));
+            continue;
+        };
+        insert_plain(&mut tx, &plain)
+            .await
+            .map_err(Failed::Statement)?;
+        plain.clear();
+        let answer = create_keyed(&mut tx, &job.openid, &job.note, idem)
+            .await
+            .map_err(Failed::Statement)?;
+        answers.push(answer);
+    }
+    insert_plain(&mut tx, &plain)
+        .await
+        .map_err(Failed::Statement)?;
+    tx.commit().await.map_err(Failed::Transaction)?;
+    Ok(answers)
 }
 
 type Row = (i64, String, String, String, Millis, Millis);
@@ -48,6 +170,118 @@ fn note((_seq, id, title, body, created_at, updated_at): Row) -> Note {
 
 type AnswerRow = (Vec<u8>, String, i64, Vec<u8>);
 
+/// Purges the idempotency keys expired at `now`, once per period.
+async fn purge_if_due(
+    conn: &mut SqliteConnection,
+    purges: &PurgeClock,
+    now: Millis,
+) -> Result<(), sqlx::Error> {
+    if purges.due(now) {
+        let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
+            .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        tracing::debug!(purged, "expired idempotency keys purged");
+    }
+    Ok(())
+}
+
+/// Writes creations without a key, in one statement.
+async fn insert_plain(conn: &mut SqliteConnection, jobs: &[&Job]) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) ",
+    );
+    insert.push_values(jobs, |mut row, job| {
+        row.push_bind(job.note.id.as_str())
+            .push_bind(job.openid.as_str())
+            .push_bind(job.note.title.as_str())
+            .push_bind(job.note.body.as_str())
+            .push_bind(job.note.created_at)
+            .push_bind(job.note.updated_at);
+    });
+    insert.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// One creation with an `Idempotency-Key`, inside the writer's transaction: `Err` when a
+/// statement failed, otherwise the creation's answer (a refusal included).
+async fn create_keyed(
+    conn: &mut SqliteConnection,
+    openid: &str,
+    note: &Note,
+    idem: &Idempotent,
+) -> Result<Result<Created, ApiError>, sqlx::Error> {
+    let now = note.created_at;
+    let expired_before = now.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
+    // A key past its time is forgotten, purged or not.
+    sqlx::query(
+        "DELETE FROM note_idempotency \
+         WHERE openid = $1 AND key = $2 AND created_at < $3",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .bind(expired_before)
+    .execute(&mut *conn)
+    .await?;
+    let first: Option<AnswerRow> = sqlx::query_as(
+        "SELECT fingerprint, note_id, status, response FROM note_idempotency \
+         WHERE openid = $1 AND key = $2",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((fingerprint, note_id, status, body)) = first {
+        let same = <[u8; 32]>::try_from(fingerprint.as_slice())
+            .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
+        if !same {
+            return Ok(Err(key_reused()));
+        }
+        let Ok(status) = u16::try_from(status) else {
+            return Ok(Err(ApiError::internal(anyhow::anyhow!(
+                "stored idempotent answer has status {status}"
+            ))));
+        };
+        return Ok(Ok(Created::Replayed(StoredAnswer {
+            status,
+            note_id,
+            body,
+        })));
+    }
+
+    sqlx::query(
+        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(note.id.as_str())
+    .bind(openid)
+    .bind(note.title.as_str())
+    .bind(note.body.as_str())
+    .bind(note.created_at)
+    .bind(note.updated_at)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO note_idempotency \
+         (openid, key, fingerprint, note_id, status, response, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .bind(idem.fingerprint.as_bytes().as_slice())
+    .bind(&idem.answer.note_id)
+    .bind(i64::from(idem.answer.status))
+    .bind(&idem.answer.body)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(Created::New))
+}
+
 #[async_trait]
 impl NotesStore for SqliteNotes {
     async fn create(
@@ -56,101 +290,17 @@ impl NotesStore for SqliteNotes {
         note: &Note,
         idempotent: Option<Idempotent>,
     ) -> Result<Created, ApiError> {
-        let now = note.created_at;
-        let expired_before = now.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
-        // One writer from here to the commit: the key's lookup, the note and the key's record
-        // are one atomic step, and concurrent retries of one key are serialized.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error)?;
-
-        if self.purges.due(now) {
-            let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
-                .bind(expired_before)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?
-                .rows_affected();
-            tracing::debug!(purged, "expired idempotency keys purged");
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            openid: openid.to_owned(),
+            note: note.clone(),
+            idempotent,
+            reply,
+        };
+        if self.writer.send(job).await.is_err() {
+            return Err(writer_gone());
         }
-
-        if let Some(idem) = &idempotent {
-            // A key past its time is forgotten, purged or not.
-            sqlx::query(
-                "DELETE FROM note_idempotency \
-                 WHERE openid = $1 AND key = $2 AND created_at < $3",
-            )
-            .bind(openid)
-            .bind(idem.key.as_str())
-            .bind(expired_before)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            let first: Option<AnswerRow> = sqlx::query_as(
-                "SELECT fingerprint, note_id, status, response FROM note_idempotency \
-                 WHERE openid = $1 AND key = $2",
-            )
-            .bind(openid)
-            .bind(idem.key.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if let Some((fingerprint, note_id, status, body)) = first {
-                tx.commit().await.map_err(db_error)?;
-                let same = <[u8; 32]>::try_from(fingerprint.as_slice())
-                    .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
-                if !same {
-                    return Err(key_reused());
-                }
-                let status = u16::try_from(status).map_err(|_| {
-                    ApiError::internal(anyhow::anyhow!(
-                        "stored idempotent answer has status {status}"
-                    ))
-                })?;
-                return Ok(Created::Replayed(StoredAnswer {
-                    status,
-                    note_id,
-                    body,
-                }));
-            }
-        }
-
-        sqlx::query(
-            "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(note.id.as_str())
-        .bind(openid)
-        .bind(note.title.as_str())
-        .bind(note.body.as_str())
-        .bind(note.created_at)
-        .bind(note.updated_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-
-        if let Some(idem) = idempotent {
-            sqlx::query(
-                "INSERT INTO note_idempotency \
-                 (openid, key, fingerprint, note_id, status, response, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(openid)
-            .bind(idem.key.as_str())
-            .bind(idem.fingerprint.as_bytes().as_slice())
-            .bind(&idem.answer.note_id)
-            .bind(i64::from(idem.answer.status))
-            .bind(&idem.answer.body)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        }
-
-        tx.commit().await.map_err(db_error)?;
-        Ok(Created::New)
+        answer.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 
     async fn list(
@@ -344,6 +494,116 @@ mod tests {
         assert_eq!(titles, ["n4", "n3", "n2", "n1", "n0"]);
     }
 
+    /// Starts every creation before any is written: on the test's one thread, the writer
+    /// runs only once all of them wait, so they are one batch.
+    async fn create_together(
+        s: &SqliteNotes,
+        creations: Vec<(&'static str, Note, Option<Idempotent>)>,
+    ) -> Vec<Result<Created, ApiError>> {
+        let tasks: Vec<_> = creations
+            .into_iter()
+            .map(|(openid, note, idem)| {
+                let s = s.clone();
+                tokio::spawn(async move { s.create(openid, &note, idem).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("joined"));
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn creations_written_together_each_get_their_own_answer() {
+        // Arrange: a key already used by alice.
+        let s = store().await;
+        let first = new_note("first", 1_000);
+        s.create("alice", &first, Some(idempotent("k", &first)))
+            .await
+            .expect("create");
+        let reuse = new_note("another request", 2_000);
+        let twice = new_note("twice", 2_000);
+        let twice_again = Note::new(twice.title.clone(), twice.body.clone(), 2_001);
+
+        // Act: one batch with new notes, a reused key, and one key sent twice.
+        let answers = create_together(
+            &s,
+            vec![
+                ("alice", new_note("a", 2_000), None),
+                ("alice", reuse.clone(), Some(idempotent("k", &reuse))),
+                ("bob", twice.clone(), Some(idempotent("t", &twice))),
+                (
+                    "bob",
+                    twice_again.clone(),
+                    Some(idempotent("t", &twice_again)),
+                ),
+                ("bob", new_note("b", 2_000), None),
+            ],
+        )
+        .await;
+
+        // Assert: the refusal is its own; the second use of a key replays the first, which
+        // was written in the same transaction.
+        assert_eq!(answers[0].as_ref().expect("a"), &Created::New);
+        assert_eq!(
+            answers[1].as_ref().expect_err("reused").code(),
+            "idempotency_key_reused"
+        );
+        assert_eq!(answers[2].as_ref().expect("twice"), &Created::New);
+        let Ok(Created::Replayed(replayed)) = &answers[3] else {
+            panic!("the second use of a key must replay: {:?}", answers[3]);
+        };
+        assert_eq!(replayed.note_id, twice.id.as_str());
+        assert_eq!(answers[4].as_ref().expect("b"), &Created::New);
+        let size = PageSize::parse(None).expect("size");
+        assert_eq!(
+            s.list("alice", size, None).await.expect("list").items.len(),
+            2
+        );
+        assert_eq!(
+            s.list("bob", size, None).await.expect("list").items.len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_creation_whose_statement_fails_does_not_fail_the_others_of_its_batch() {
+        // Arrange: two creations with one note id, which the primary key refuses.
+        let s = store().await;
+        let one = new_note("one", 1_000);
+        let mut clash = new_note("clash", 1_000);
+        clash.id = one.id.clone();
+
+        // Act
+        let answers = create_together(
+            &s,
+            vec![
+                ("alice", one.clone(), None),
+                ("alice", clash, None),
+                ("bob", new_note("b", 1_000), None),
+            ],
+        )
+        .await;
+
+        // Assert: written again one by one, only the clash fails.
+        assert_eq!(answers[0].as_ref().expect("one"), &Created::New);
+        assert_eq!(
+            answers[1].as_ref().expect_err("the clash").code(),
+            "internal"
+        );
+        assert_eq!(answers[2].as_ref().expect("b"), &Created::New);
+        assert_eq!(
+            s.get("alice", &one.id).await.expect("kept").title,
+            one.title
+        );
+        let size = PageSize::parse(None).expect("size");
+        assert_eq!(
+            s.list("bob", size, None).await.expect("list").items.len(),
+            1
+        );
+    }
+
     #[tokio::test]
     async fn a_key_replays_its_first_answer_refuses_another_request_and_expires() {
         let s = store().await;
@@ -413,13 +673,14 @@ mod tests {
 
     #[tokio::test]
     async fn expired_keys_are_purged() {
-        let s = store().await;
+        let purges = Arc::new(PurgeClock::default());
+        let s = SqliteNotes::with_purges(store().await.pool, purges.clone());
         let old = new_note("old", 1_000);
         s.create("alice", &old, Some(idempotent("old", &old)))
             .await
             .expect("old");
         // Let the next creation purge, as the first one after a restart would.
-        s.purges.last.store(0, Ordering::Relaxed);
+        purges.last.store(0, Ordering::Relaxed);
         let now = 1_000 + IDEMPOTENCY_TTL_MILLIS + PURGE_EVERY_MILLIS;
         s.create("bob", &new_note("new", now), None)
             .await
