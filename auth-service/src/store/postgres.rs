@@ -365,24 +365,36 @@ async fn expire_in(
 ) -> Result<u32, sqlx::Error> {
     // The outer conditions are checked again on rows another transaction changed
     // meanwhile: a session ended or extended concurrently is left alone.
-    let ended: Vec<(String,)> = sqlx::query_as(
-        "WITH ended AS (\
-         UPDATE sessions SET ended_at = refresh_expires_at, end_reason = $3 \
-         WHERE id IN (SELECT id FROM sessions WHERE ended_at IS NULL \
-         AND refresh_expires_at <= $1 AND ($2::TEXT IS NULL OR openid = $2) \
-         ORDER BY id LIMIT 1000) \
-         AND ended_at IS NULL AND refresh_expires_at <= $1 \
-         RETURNING id, openid, ended_at, created_at) \
-         INSERT INTO session_events (openid, session_id, kind, reason, at) \
-         SELECT openid, id, $4, $3, ended_at FROM ended ORDER BY created_at, id \
-         RETURNING session_id",
-    )
-    .bind(now)
-    .bind(openid)
-    .bind(EndReason::Expired.as_str())
-    .bind(EventKind::End.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    macro_rules! expire {
+        ($whose:literal) => {
+            concat!(
+                "WITH ended AS (\
+                 UPDATE sessions SET ended_at = refresh_expires_at, end_reason = $3 \
+                 WHERE id IN (SELECT id FROM sessions WHERE ended_at IS NULL \
+                 AND refresh_expires_at <= $1 ",
+                $whose,
+                " ORDER BY id LIMIT 1000) \
+                 AND ended_at IS NULL AND refresh_expires_at <= $1 \
+                 RETURNING id, openid, ended_at, created_at) \
+                 INSERT INTO session_events (openid, session_id, kind, reason, at) \
+                 SELECT openid, id, $4, $3, ended_at FROM ended ORDER BY created_at, id \
+                 RETURNING session_id"
+            )
+        };
+    }
+    // Two statements, not one with `($2 IS NULL OR openid = $2)`: a generic plan cannot use
+    // the user's index through that OR, so a login could scan every live session.
+    let statement = match openid {
+        Some(_) => expire!("AND openid = $2"),
+        None => expire!("AND $2::TEXT IS NULL"),
+    };
+    let ended: Vec<(String,)> = sqlx::query_as(statement)
+        .bind(now)
+        .bind(openid)
+        .bind(EndReason::Expired.as_str())
+        .bind(EventKind::End.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(u32::try_from(ended.len()).unwrap_or(u32::MAX))
 }
 

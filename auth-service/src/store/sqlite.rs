@@ -196,15 +196,30 @@ async fn expire_in(
     openid: Option<&str>,
     now: Millis,
 ) -> Result<u32, StoreError> {
-    let due: Vec<(String, Millis)> = sqlx::query_as(
-        "SELECT id, refresh_expires_at FROM sessions \
-         WHERE ended_at IS NULL AND refresh_expires_at <= $1 AND ($2 IS NULL OR openid = $2) \
-         LIMIT 1000",
-    )
-    .bind(now)
-    .bind(openid)
-    .fetch_all(&mut *conn)
-    .await
+    // Two statements, not one with `($2 IS NULL OR openid = $2)`: SQLite cannot use the
+    // user's index through that OR, and every login scanned all live sessions.
+    let due: Vec<(String, Millis)> = match openid {
+        Some(openid) => {
+            sqlx::query_as(
+                "SELECT id, refresh_expires_at FROM sessions \
+                 WHERE openid = $2 AND ended_at IS NULL AND refresh_expires_at <= $1 \
+                 LIMIT 1000",
+            )
+            .bind(now)
+            .bind(openid)
+            .fetch_all(&mut *conn)
+            .await
+        }
+        None => {
+            sqlx::query_as(
+                "SELECT id, refresh_expires_at FROM sessions \
+                 WHERE ended_at IS NULL AND refresh_expires_at <= $1 LIMIT 1000",
+            )
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await
+        }
+    }
     .map_err(map_err)?;
     let mut n = 0;
     for (id, at) in due {
