@@ -60,7 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         seconds: 2,
         concurrency: vec![1, 16, 64, 256],
-        sessions: 20_000,
+        sessions: 100_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -76,7 +76,7 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "bench [--seconds N (2)] [--concurrency 1,16,64,256] [--sessions N (20000)]"
+                    "bench [--seconds N (2)] [--concurrency 1,16,64,256] [--sessions N (100000)]"
                 );
                 std::process::exit(0);
             }
