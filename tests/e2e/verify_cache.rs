@@ -3,12 +3,17 @@
 //! auth-service processes on one PostgreSQL, with Redis (marks shared) and without it
 //! (the in-memory path is off, every `Verify` reads the database). Each case warms replica
 //! B's memory with `Verify` calls, ends the session on replica A, and expects B to refuse
-//! the token on the very next call, with the end's own reason.
+//! the token on the very next call, with the end's own reason. One case cuts A alone off
+//! from Redis while it ends a session, and checks that A's mark lands once Redis is back.
+
+use std::time::{Duration, Instant};
 
 use proto::v1::{LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest, VerifyRequest};
 use tests::harness::external::{External, postgres_database, redis};
-use tests::harness::sim::{MintCode, MintedCode};
+use tests::harness::proxy::{Proxy, reroute};
+use tests::harness::sim::{APPID, MintCode, MintedCode};
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 
 use crate::common::{login_request, reason, tokens};
@@ -200,4 +205,104 @@ async fn a_session_pushed_out_by_a_login_on_one_replica_is_refused_on_the_other(
             .expect("the new session"),
         m.openid
     );
+}
+
+/// Two replicas on PostgreSQL and Redis, A reaching Redis through a proxy the test can cut;
+/// also Redis's own URL. `None` when skipping was asked.
+async fn pair_with_a_cuttable(test: &str) -> Option<(Pair, Proxy, String)> {
+    let External::Run(redis_url) = redis(test) else {
+        return None;
+    };
+    let External::Run(db) = postgres_database(test).await.expect("a database") else {
+        return None;
+    };
+    let (target, _) = reroute(&redis_url, "127.0.0.1:1".parse().expect("addr")).expect("url");
+    let proxy = Proxy::start(target).await.expect("proxy");
+    let (_, redis_for_a) = reroute(&redis_url, proxy.addr()).expect("url");
+    let sim = SimProcess::start().await.expect("simulator");
+    let auth_a = AuthProcess::start(
+        &sim,
+        &[
+            ("AUTH_DATABASE_URL", db.as_str()),
+            ("AUTH_REDIS_URL", redis_for_a.as_str()),
+        ],
+    )
+    .await
+    .expect("auth A");
+    let auth_b = AuthProcess::start(
+        &sim,
+        &[
+            ("AUTH_DATABASE_URL", db.as_str()),
+            ("AUTH_REDIS_URL", redis_url.as_str()),
+        ],
+    )
+    .await
+    .expect("auth B");
+    let a = auth_a.client().await.expect("client A");
+    let b = auth_b.client().await.expect("client B");
+    let pair = Pair {
+        sim,
+        _auth: [auth_a, auth_b],
+        a,
+        b,
+    };
+    Some((pair, proxy, redis_url))
+}
+
+/// The session's mark as Redis holds it (`alive`, `ended`, or `None`), read with an inline
+/// `GET` on a connection of its own.
+async fn mark_in_redis(redis_url: &str, session_id: &str) -> Option<String> {
+    let (addr, _) = reroute(redis_url, "127.0.0.1:1".parse().expect("addr")).expect("url");
+    let mut redis = tokio::net::TcpStream::connect(addr).await.expect("Redis");
+    redis
+        .write_all(format!("GET wxauth:{APPID}:session:{session_id}\r\n").as_bytes())
+        .await
+        .expect("GET");
+    let mut reply = vec![0; 128];
+    let n = redis.read(&mut reply).await.expect("the reply");
+    let reply = String::from_utf8_lossy(&reply[..n]).into_owned();
+    match reply.split("\r\n").collect::<Vec<_>>().as_slice() {
+        ["$-1", ..] => None,
+        [len, value, ..] if len.starts_with('$') => Some((*value).to_owned()),
+        _ => panic!("Redis answered {reply:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then_refuses() {
+    // Arrange: a session live in B's memory, its mark `alive` in Redis.
+    let test = "verify_cache::cut_off_from_redis";
+    let Some((mut p, proxy, redis_url)) = pair_with_a_cuttable(test).await else {
+        return;
+    };
+    let (m, login) = p.login(None).await;
+    let (access, _) = tokens(login.tokens.as_ref());
+    p.warm(&access, &m.openid).await;
+    let mark = || mark_in_redis(&redis_url, &login.session_id);
+    assert_eq!(mark().await.as_deref(), Some("alive"));
+
+    // Act: A loses Redis and ends the session. The end is committed; its mark cannot be
+    // written (the README's limit: meanwhile B may accept the token, for at most the 15 s
+    // an `alive` mark lives).
+    proxy.cut();
+    p.a.logout(LogoutRequest {
+        access_token: access.clone(),
+        all: false,
+    })
+    .await
+    .expect("a logout does not wait for Redis");
+    assert_eq!(mark().await.as_deref(), Some("alive"), "A reached Redis");
+    proxy.restore();
+
+    // Assert: A's retries (every second, for 15 s after the end) write the mark once Redis
+    // answers again, and B refuses at the very next call.
+    let retries_end = Instant::now() + Duration::from_secs(14);
+    while mark().await.as_deref() != Some("ended") {
+        assert!(
+            Instant::now() < retries_end,
+            "A's `ended` mark never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(p.refused_on_b(&access).await, "TOKEN_REVOKED");
 }
