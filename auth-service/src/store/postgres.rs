@@ -53,6 +53,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 const MAX_CONNECTIONS: u32 = 10;
 /// How long a call waits for a connection (or for PostgreSQL to accept one).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A pooled connection idle longer than this is pinged before use (a server restart or a
+/// dropped idle connection is then noticed before a call's statement).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 /// Longest statement, lock waits included; past it the call answers `Unavailable`.
 const STATEMENT_TIMEOUT: &str = "5s";
 /// A transaction left idle this long (a stalled replica) is ended, releasing its row locks.
@@ -111,6 +114,18 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // sqlx pings every connection it hands out by default: one more network round
+            // trip per statement. Only a connection that sat idle for a while is pinged (a
+            // failed ping closes it and the pool hands out another), as in api-service.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options.clone().options([
                 ("statement_timeout", STATEMENT_TIMEOUT),
                 (
