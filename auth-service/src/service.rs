@@ -928,4 +928,35 @@ mod tests {
             AuthError::TokenRevoked
         ));
     }
+
+    #[test]
+    fn memory_is_used_only_where_every_write_is_seen() {
+        let policy = |database: &str, redis: Option<&str>, size: Option<&str>| {
+            let env: std::collections::HashMap<&str, String> = [
+                ("WECHAT_APPID", Some("wx1234567890abcdef")),
+                ("WECHAT_SECRET", Some("s3cr3t-value")),
+                ("AUTH_TOKEN_KEY", Some("k".repeat(32)).as_deref()),
+                ("AUTH_DATABASE_URL", Some(database)),
+                ("AUTH_REDIS_URL", redis),
+                ("AUTH_VERIFY_CACHE_SIZE", size),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v.to_owned())))
+            .collect();
+            let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("settings");
+            let p = Policy::from_settings(&settings);
+            (p.verify_cache, p.kept_phones)
+        };
+        let pg = "postgres://u@127.0.0.1:5432/db";
+        let redis = Some("redis://127.0.0.1:6379");
+
+        // SQLite is one process: tokens' facts and phone numbers both.
+        assert_eq!(policy("sqlite://a.db", None, None), (100_000, 100_000));
+        // Several replicas with Redis: the marks are shared, the numbers are not.
+        assert_eq!(policy(pg, redis, None), (100_000, 0));
+        // PostgreSQL alone: neither.
+        assert_eq!(policy(pg, None, None), (0, 0));
+        // 0 turns both off.
+        assert_eq!(policy("sqlite://a.db", None, Some("0")), (0, 0));
+    }
 }
