@@ -812,7 +812,7 @@ fn check_openid(openid: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// The error a token of an ended session gets.
+/// The identity `Verify` answers, from the token's facts.
 fn identity(known: &Known) -> Identity {
     Identity {
         openid: known.openid.clone(),
@@ -827,6 +827,7 @@ fn count(ended: &[String]) -> u32 {
     u32::try_from(ended.len()).unwrap_or(u32::MAX)
 }
 
+/// The error a token of an ended session gets.
 fn ended(reason: EndReason) -> AuthError {
     match reason {
         EndReason::Replaced => AuthError::SessionReplaced,
