@@ -10,6 +10,20 @@ use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tonic::Status;
 use tonic_types::StatusExt;
 
+/// `Verify` of `access_token` on `client`: the token's openid, or the refusal.
+pub(crate) async fn verify_openid(
+    client: &mut AuthClient,
+    access_token: &str,
+) -> Result<String, Status> {
+    client
+        .verify(VerifyRequest {
+            access_token: access_token.to_owned(),
+            include_phone: false,
+        })
+        .await
+        .map(|r| r.into_inner().openid)
+}
+
 /// One test's world: its own simulator and its own auth-service.
 pub(crate) struct World {
     pub(crate) sim: SimProcess,

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use proto::v1::{LoginResponse, LogoutRequest, VerifyRequest};
+use proto::v1::{LoginResponse, LogoutRequest};
 use tests::harness::sim::MintCode;
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, tokens};
+use crate::common::{login_request, reason, tokens, verify_openid};
 
 /// The health service name auth-service reports Redis under.
 const REDIS_HEALTH: &str = "wxauth.redis";
@@ -160,16 +160,6 @@ async fn assert_shared_count(sim: &SimProcess, a: &mut AuthClient, b: &mut AuthC
     assert_eq!(reason(&err), "RATE_LIMITED");
 }
 
-async fn verify(client: &mut AuthClient, access_token: &str) -> Result<String, tonic::Status> {
-    client
-        .verify(VerifyRequest {
-            access_token: access_token.to_owned(),
-            include_phone: false,
-        })
-        .await
-        .map(|r| r.into_inner().openid)
-}
-
 #[tokio::test]
 async fn auth_service_shares_state_through_redis_and_keeps_answering_while_redis_is_down() {
     const TEST: &str = "redis_down::auth_service_shares_state_through_redis_and_keeps_answering_while_redis_is_down";
@@ -239,18 +229,18 @@ async fn auth_service_shares_state_through_redis_and_keeps_answering_while_redis
     assert_eq!(reason(&replay), "CODE_USED");
     let (during_access, _) = tokens(during.tokens.as_ref());
     assert_eq!(
-        verify(&mut a, &during_access)
+        verify_openid(&mut a, &during_access)
             .await
             .expect("Verify of a login during the outage"),
         during.openid
     );
     assert_eq!(
-        verify(&mut a, &kept)
+        verify_openid(&mut a, &kept)
             .await
             .expect("Verify of a login from before"),
         before.openid
     );
-    let refused = verify(&mut a, &logged_out)
+    let refused = verify_openid(&mut a, &logged_out)
         .await
         .expect_err("a logged-out token");
     assert_eq!(reason(&refused), "TOKEN_REVOKED");
@@ -261,7 +251,7 @@ async fn auth_service_shares_state_through_redis_and_keeps_answering_while_redis
     wait_for_redis_health(&auth_b, ServingStatus::Serving).await;
 
     assert_shared_count(&sim, &mut a, &mut b, "198.51.100.24").await;
-    let refused = verify(&mut a, &logged_out)
+    let refused = verify_openid(&mut a, &logged_out)
         .await
         .expect_err("a logged-out token");
     assert_eq!(reason(&refused), "TOKEN_REVOKED");

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use proto::v1::{LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest, VerifyRequest};
+use proto::v1::{LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest};
 use tests::harness::external::{External, postgres_database, redis};
 use tests::harness::proxy::{Proxy, reroute};
 use tests::harness::sim::{APPID, MintCode, MintedCode};
@@ -16,7 +16,7 @@ use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 
-use crate::common::{login_request, reason, tokens};
+use crate::common::{login_request, reason, tokens, verify_openid};
 
 struct Pair {
     sim: SimProcess,
@@ -60,16 +60,6 @@ async fn pair(test: &str, with_redis: bool, extra: &[(&str, &str)]) -> Option<Pa
     })
 }
 
-async fn verify(client: &mut AuthClient, access_token: &str) -> Result<String, tonic::Status> {
-    client
-        .verify(VerifyRequest {
-            access_token: access_token.to_owned(),
-            include_phone: false,
-        })
-        .await
-        .map(|r| r.into_inner().openid)
-}
-
 impl Pair {
     /// Logs `openid` (a new user when None) in on replica A.
     async fn login(&mut self, openid: Option<&str>) -> (MintedCode, LoginResponse) {
@@ -89,19 +79,19 @@ impl Pair {
     async fn warm(&mut self, access: &str, openid: &str) {
         for _ in 0..3 {
             assert_eq!(
-                verify(&mut self.b, access).await.expect("live on B"),
+                verify_openid(&mut self.b, access).await.expect("live on B"),
                 openid
             );
         }
         assert_eq!(
-            verify(&mut self.a, access).await.expect("live on A"),
+            verify_openid(&mut self.a, access).await.expect("live on A"),
             openid
         );
     }
 
     /// B's very next answer for `access`: the refusal's reason.
     async fn refused_on_b(&mut self, access: &str) -> String {
-        let err = verify(&mut self.b, access)
+        let err = verify_openid(&mut self.b, access)
             .await
             .expect_err("B must refuse the token on the very next call");
         assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
@@ -200,7 +190,7 @@ async fn a_session_pushed_out_by_a_login_on_one_replica_is_refused_on_the_other(
 
     assert_eq!(p.refused_on_b(&old_access).await, "SESSION_REPLACED");
     assert_eq!(
-        verify(&mut p.b, &new_access)
+        verify_openid(&mut p.b, &new_access)
             .await
             .expect("the new session"),
         m.openid
