@@ -713,10 +713,40 @@ fn transport_grpc(conns: usize) -> String {
 
 const HTTP1: &str = "h1, conn/worker";
 
-/// `GET path` at the edge with `token`, `concurrency` connections.
-async fn edge_get_step(
-    pair: &mut Pair,
+/// One kind of request at the edge: method, path, body, and the status it must get.
+struct EdgeRequest {
+    method: Method,
     path: &'static str,
+    body: Option<String>,
+    expect: StatusCode,
+}
+
+impl EdgeRequest {
+    /// `GET path`, answered 200.
+    fn get(path: &'static str) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            body: None,
+            expect: StatusCode::OK,
+        }
+    }
+
+    /// `POST /v1/notes` with a small note, answered 201.
+    fn create_note() -> Self {
+        Self {
+            method: Method::POST,
+            path: "/v1/notes",
+            body: Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
+            expect: StatusCode::CREATED,
+        }
+    }
+}
+
+/// `request` at the edge with `token`, `concurrency` connections.
+async fn edge_step(
+    pair: &mut Pair,
+    request: &EdgeRequest,
     token: &str,
     concurrency: usize,
     seconds: u64,
@@ -727,11 +757,11 @@ async fn edge_get_step(
         workers.push(
             HttpWorker::connect(
                 pair.api.addr(),
-                Method::GET,
-                path,
+                request.method.clone(),
+                request.path,
                 Some(token.to_owned()),
-                None,
-                StatusCode::OK,
+                request.body.clone(),
+                request.expect,
             )
             .await?,
         );
@@ -741,7 +771,7 @@ async fn edge_get_step(
         Some(pid_of(pair.auth.process_mut())?),
     ];
     let mut line = step(
-        &format!("GET {path}"),
+        &format!("{} {}", request.method, request.path),
         pair.backend,
         HTTP1,
         workers,
@@ -818,18 +848,19 @@ async fn run() -> anyhow::Result<()> {
     eprintln!("HTTP/1.1:");
     let me_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
     let notes_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
+    let create = EdgeRequest::create_note();
     let mut poster = HttpWorker::connect(
         pair.api.addr(),
-        Method::POST,
-        "/v1/notes",
+        create.method.clone(),
+        create.path,
         Some(notes_token.clone()),
-        Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
-        StatusCode::CREATED,
+        create.body.clone(),
+        create.expect,
     )
     .await?;
     for i in 0..NOTES {
         let status = poster.send().await?;
-        if status != StatusCode::CREATED {
+        if status != create.expect {
             bail!("POST /v1/notes #{i} answered {status}");
         }
     }
@@ -859,10 +890,18 @@ async fn run() -> anyhow::Result<()> {
             "bench process (server + load generator)",
         )
         .await?;
-        let me = edge_get_step(&mut pair, "/v1/me", &me_token, c, seconds, Some(&hello)).await?;
-        let notes = edge_get_step(
+        let me = edge_step(
             &mut pair,
-            "/v1/notes?limit=20",
+            &EdgeRequest::get("/v1/me"),
+            &me_token,
+            c,
+            seconds,
+            Some(&hello),
+        )
+        .await?;
+        let notes = edge_step(
+            &mut pair,
+            &EdgeRequest::get("/v1/notes?limit=20"),
             &notes_token,
             c,
             seconds,
@@ -912,37 +951,16 @@ async fn run() -> anyhow::Result<()> {
     // Note creations at each concurrency step: on SQLite they are committed in groups, so
     // how many wait together is what their speed depends on.
     for hello in &hello_lines {
-        let c = hello.concurrency;
-        let mut workers = Vec::with_capacity(c);
-        for _ in 0..c {
-            workers.push(
-                HttpWorker::connect(
-                    pair.api.addr(),
-                    Method::POST,
-                    "/v1/notes",
-                    Some(notes_token.clone()),
-                    Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
-                    StatusCode::CREATED,
-                )
-                .await?,
-            );
-        }
-        let pids = [
-            Some(pid_of(pair.api.process_mut())?),
-            Some(pid_of(pair.auth.process_mut())?),
-        ];
-        let mut post = step(
-            "POST /v1/notes",
-            pair.backend,
-            HTTP1,
-            workers,
+        let line = edge_step(
+            &mut pair,
+            &create,
+            &notes_token,
+            hello.concurrency,
             seconds,
-            &pids,
-            "api-service + auth-service",
+            Some(hello),
         )
         .await?;
-        compare(&mut post, hello);
-        lines.push(post);
+        lines.push(line);
     }
 
     // PostgreSQL + Redis, when available.
@@ -975,7 +993,17 @@ async fn run() -> anyhow::Result<()> {
             let token = login_new_user(&ext.sim, ext.auth.addr()).await?;
             for &c in &args.concurrency {
                 let base = hello_lines.iter().find(|l| l.concurrency == c);
-                lines.push(edge_get_step(&mut ext, "/v1/me", &token, c, seconds, base).await?);
+                lines.push(
+                    edge_step(
+                        &mut ext,
+                        &EdgeRequest::get("/v1/me"),
+                        &token,
+                        c,
+                        seconds,
+                        base,
+                    )
+                    .await?,
+                );
             }
             "measured".to_owned()
         }
