@@ -3,6 +3,7 @@
 //! names it; secrets are `SecretString`s and never printed.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -85,6 +86,10 @@ pub struct Settings {
     pub drain_delay: Duration,
     /// `API_SHUTDOWN_GRACE`: then, how long in-flight requests may take.
     pub shutdown_grace: Duration,
+    /// `API_WORKER_THREADS`: the async runtime's worker threads; `None` (unset): one per CPU
+    /// the process may use. Lower it when the process shares its cores with others (the
+    /// whole pair on one machine; see the README's benchmarks).
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 impl Settings {
@@ -195,6 +200,7 @@ impl Settings {
             redis_url_set,
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
+            worker_threads: worker_threads(get("API_WORKER_THREADS"), "API_WORKER_THREADS")?,
         };
         let mut settings = settings;
         if get("API_AUTH_WECHAT_TIMEOUT").is_none() {
@@ -215,6 +221,25 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// The most worker threads a setting may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// `API_WORKER_THREADS`: unset, or a whole number from 1 to [`MAX_WORKER_THREADS`].
+fn worker_threads(
+    value: Option<String>,
+    name: &'static str,
+) -> Result<Option<NonZeroUsize>, ConfigError> {
+    value
+        .map(|v| {
+            v.trim()
+                .parse::<NonZeroUsize>()
+                .ok()
+                .filter(|n| n.get() <= MAX_WORKER_THREADS)
+                .ok_or_else(|| bad(name, "must be a whole number from 1 to 1024"))
+        })
+        .transpose()
 }
 
 fn addr(
@@ -291,11 +316,16 @@ mod tests {
             matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/api.db"))
         );
         assert_eq!(s.body_limit, 65536);
+        assert_eq!(s.worker_threads, None);
+        let s = load(&[("API_WORKER_THREADS", "3")]).expect("valid");
+        assert_eq!(s.worker_threads.map(NonZeroUsize::get), Some(3));
+        let err = load(&[("API_WORKER_THREADS", "0")]).expect_err("zero");
+        assert_eq!(err.name, "API_WORKER_THREADS");
     }
 
     #[test]
     fn malformed_settings_are_named_without_their_value() {
-        let cases: [(&'static str, &str); 11] = [
+        let cases: [(&'static str, &str); 14] = [
             ("API_HTTP_ADDR", "localhost:80"),
             ("API_AUTH_URL", "grpc-server"),
             ("API_AUTH_CLIENT_KEY", "short-key-value"),
@@ -309,6 +339,9 @@ mod tests {
             ("API_REDIS_URL", "memcached://127.0.0.1"),
             ("API_BODY_LIMIT", "12"),
             ("API_TRUSTED_PROXY_HOPS", "many"),
+            ("API_WORKER_THREADS", "-3"),
+            ("API_WORKER_THREADS", "5000"),
+            ("API_WORKER_THREADS", "all"),
             ("API_TLS_CERT", "/tmp/cert.pem"),
         ];
         for (name, value) in cases {

@@ -5,6 +5,7 @@
 //! redacted, so logging the settings never shows them.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -97,6 +98,10 @@ pub struct Settings {
     /// `AUTH_VERIFY_CACHE_SIZE`: how many access tokens' facts `Verify` keeps in memory, so
     /// that a live session costs a mark look-up instead of a database read; 0 turns it off.
     pub verify_cache_size: usize,
+    /// `AUTH_WORKER_THREADS`: the async runtime's worker threads; `None` (unset): one per CPU
+    /// the process may use. Lower it when the process shares its cores with others (the
+    /// whole pair on one machine; see the README's benchmarks).
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 /// Smallest accepted length, in bytes, of `AUTH_TOKEN_KEY` and of each client key.
@@ -184,6 +189,8 @@ impl Settings {
                 .map_err(|_| bad("AUTH_VERIFY_CACHE_SIZE", "must be a whole number"))?,
         };
 
+        let worker_threads = worker_threads(get("AUTH_WORKER_THREADS"), "AUTH_WORKER_THREADS")?;
+
         let settings = Self {
             grpc_addr,
             database,
@@ -202,6 +209,7 @@ impl Settings {
             drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
             verify_cache_size,
+            worker_threads,
         };
         if settings.access_ttl.is_zero() {
             return Err(bad("AUTH_ACCESS_TTL", "must be more than 0"));
@@ -243,6 +251,25 @@ fn duration(
 
 /// Checks `AUTH_REDIS_URL` as redis-rs will read it, without echoing it (it may hold a
 /// password).
+/// The most worker threads a setting may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// `*_WORKER_THREADS`: unset, or a whole number from 1 to [`MAX_WORKER_THREADS`].
+fn worker_threads(
+    value: Option<String>,
+    name: &'static str,
+) -> Result<Option<NonZeroUsize>, ConfigError> {
+    value
+        .map(|v| {
+            v.trim()
+                .parse::<NonZeroUsize>()
+                .ok()
+                .filter(|n| n.get() <= MAX_WORKER_THREADS)
+                .ok_or_else(|| bad(name, "must be a whole number from 1 to 1024"))
+        })
+        .transpose()
+}
+
 fn redis_url(url: String) -> Result<SecretString, ConfigError> {
     const NAME: &str = "AUTH_REDIS_URL";
     let url = SecretString::from(url.trim().to_owned());
@@ -334,6 +361,20 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_are_one_per_cpu_unless_set() {
+        assert_eq!(load(&base()).expect("valid").worker_threads, None);
+        let mut env = base();
+        env.insert("AUTH_WORKER_THREADS", " 1 ".into());
+        assert_eq!(
+            load(&env)
+                .expect("valid")
+                .worker_threads
+                .map(NonZeroUsize::get),
+            Some(1)
+        );
+    }
+
+    #[test]
     fn max_connection_age_is_off_unless_set() {
         assert_eq!(load(&base()).expect("valid").max_connection_age, None);
         let mut env = base();
@@ -380,6 +421,9 @@ mod tests {
             ("AUTH_REDIS_URL", "redis//:pw-secret@127.0.0.1"),
             ("AUTH_WECHAT_TIMEOUT", "0s"),
             ("AUTH_VERIFY_CACHE_SIZE", "lots"),
+            ("AUTH_WORKER_THREADS", "-3"),
+            ("AUTH_WORKER_THREADS", "5000"),
+            ("AUTH_WORKER_THREADS", "two"),
         ];
         for (name, value) in cases {
             let mut env = base();

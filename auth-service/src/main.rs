@@ -1,6 +1,7 @@
 //! The auth-service binary: settings from the environment, JSON logs to stdout, serve until
 //! SIGTERM.
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use auth_service::config::Settings;
@@ -13,8 +14,7 @@ use auth_service::telemetry;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     telemetry::init(std::io::stdout);
     let settings = match Settings::from_env() {
         Ok(s) => s,
@@ -24,6 +24,31 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match runtime(settings.worker_threads) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "no async runtime");
+            eprintln!("auth-service: no async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(settings))
+}
+
+/// tokio's multi-threaded runtime with `threads` workers, or one per CPU the process may use
+/// (set here rather than left to tokio, which would read `TOKIO_WORKER_THREADS` and panic on
+/// a malformed value).
+fn runtime(threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
+async fn serve(settings: Settings) -> ExitCode {
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(e) => {

@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! cargo run --release -p tests --bin bench [-- --seconds N] [--concurrency 1,16,64,256]
-//!                                             [--sessions N]
+//!                                             [--sessions N] [--service-workers N]
 //! ```
 //! It starts the real binaries (simulator, auth-service, api-service) on embedded defaults, and
 //! again on PostgreSQL + Redis when `WXAUTH_TEST_PG_URL` and `WXAUTH_TEST_REDIS_URL` are set.
 //! The load generator is its own: tokio tasks, a fixed number of workers for a fixed time per
-//! step, latency into an hdrhistogram. It shares the cores with the servers. The table it
+//! step, latency into an hdrhistogram. It shares the cores with the servers, and each service
+//! runs `--service-workers` tokio workers (1 by default: three busy processes on a machine's
+//! few cores did better with one each than with one per core each). The table it
 //! prints is also written as JSON to `target/bench/latest.json`. It fails (exit 1) on any
 //! error answer or when a revoked token is not refused on the very next call.
 
@@ -54,6 +56,8 @@ struct Args {
     seconds: u64,
     concurrency: Vec<usize>,
     sessions: usize,
+    /// Tokio worker threads of each service (`AUTH_WORKER_THREADS`, `API_WORKER_THREADS`).
+    service_workers: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -61,6 +65,7 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 2,
         concurrency: vec![1, 16, 64, 256],
         sessions: 100_000,
+        service_workers: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -68,6 +73,9 @@ fn parse_args() -> anyhow::Result<Args> {
         match arg.as_str() {
             "--seconds" => args.seconds = value("--seconds")?.parse()?,
             "--sessions" => args.sessions = value("--sessions")?.parse()?,
+            "--service-workers" => {
+                args.service_workers = value("--service-workers")?.parse()?;
+            }
             "--concurrency" => {
                 args.concurrency = value("--concurrency")?
                     .split(',')
@@ -76,15 +84,16 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "bench [--seconds N (2)] [--concurrency 1,16,64,256] [--sessions N (100000)]"
+                    "bench [--seconds N (2)] [--concurrency 1,16,64,256] [--sessions N (100000)] \
+                     [--service-workers N (1)]"
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if args.seconds == 0 || args.concurrency.contains(&0) {
-        bail!("--seconds and every --concurrency must be at least 1");
+    if args.seconds == 0 || args.service_workers == 0 || args.concurrency.contains(&0) {
+        bail!("--seconds, --service-workers and every --concurrency must be at least 1");
     }
     Ok(args)
 }
@@ -647,12 +656,20 @@ fn pid_of(process: &mut tests::harness::Process) -> anyhow::Result<u32> {
 
 async fn start_pair(
     backend: &'static str,
+    workers: usize,
     auth_env: &[(&str, &str)],
     api_env: &[(&str, &str)],
 ) -> anyhow::Result<Pair> {
     let sim = SimProcess::start().await.context("the simulator starts")?;
-    let mut env = vec![("AUTH_LOGIN_RATE", LOGIN_RATE)];
+    let workers = workers.to_string();
+    let mut env = vec![
+        ("AUTH_LOGIN_RATE", LOGIN_RATE),
+        ("AUTH_WORKER_THREADS", workers.as_str()),
+    ];
     env.extend_from_slice(auth_env);
+    let mut api_env = api_env.to_vec();
+    api_env.push(("API_WORKER_THREADS", workers.as_str()));
+    let api_env = &api_env[..];
     let auth = AuthProcess::start(&sim, &env)
         .await
         .context("auth-service starts")?;
@@ -803,15 +820,17 @@ async fn run() -> anyhow::Result<()> {
     let machine = format!("{nproc} CPUs ({cpu_model})");
     println!("machine: {machine}");
     println!(
-        "the load generator (this process, {nproc} tokio worker threads) shares these \
-         {nproc} cores with the servers: nothing is pinned"
+        "cores: the load generator and the baselines (this process, {nproc} tokio worker \
+         threads) share these {nproc} cores with auth-service and api-service ({} worker \
+         thread(s) each: AUTH_WORKER_THREADS, API_WORKER_THREADS); nothing is pinned",
+        args.service_workers
     );
     println!(
         "steps: {} s each, concurrency {:?}; Login at {WRITE_CONCURRENCY}",
         args.seconds, args.concurrency
     );
 
-    let mut pair = start_pair("embedded", &[], &[]).await?;
+    let mut pair = start_pair("embedded", args.service_workers, &[], &[]).await?;
     let echo_addr = start_echo().await?;
     let hello_addr = start_hello().await?;
     let mut lines: Vec<Line> = Vec::new();
@@ -975,6 +994,7 @@ async fn run() -> anyhow::Result<()> {
             eprintln!("PostgreSQL + Redis:");
             let mut ext = start_pair(
                 "postgres+redis",
+                args.service_workers,
                 &[
                     ("AUTH_DATABASE_URL", auth_db.as_str()),
                     ("AUTH_REDIS_URL", redis.as_str()),
@@ -1049,6 +1069,7 @@ async fn run() -> anyhow::Result<()> {
         "nproc": nproc,
         "cpu_model": cpu_model,
         "load_generator": "in-process tokio workers with hdrhistogram; shares the cores with the servers, nothing pinned",
+        "service_worker_threads": args.service_workers,
         "seconds_per_step": seconds,
         "concurrency": args.concurrency,
         "lines": lines,
