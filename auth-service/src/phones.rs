@@ -2,10 +2,14 @@
 //! `Verify` with `include_phone` (every `GET /v1/me`) costs no database read and no
 //! decryption.
 //!
-//! Only for SQLite, where this process is the database's only writer (one replica): with
-//! PostgreSQL another replica may change a number, and every read goes to the database.
+//! With SQLite this process is the database's only writer (one replica). With PostgreSQL
+//! another replica may change a number, so an entry is kept with the stamp Redis gave the
+//! number when it was read ([`PhoneStamp`]), and used only while Redis gives that same
+//! stamp: a write anywhere replaces it first. PostgreSQL without Redis keeps nothing: every
+//! read goes to the database.
 //!
-//! An entry is what the database answered, kept only when no write of a number overlapped
+//! Within the process, an entry is what the database answered, kept only when no write of
+//! a number overlapped
 //! the read: every write counts itself in while it runs and bumps a version when it starts
 //! and when it ends, and a read is kept only if it began with no write running and the
 //! version is still the one it began with. A write also drops its user's entry once it has
@@ -20,13 +24,21 @@ use std::sync::{Mutex, PoisonError};
 
 use quick_cache::sync::Cache;
 
+use crate::cache::PhoneStamp;
 use crate::wechat::PhoneNumber;
 
-/// The bounded map of openid → kept number (`None`: the user has none); with a capacity of
-/// 0 it keeps nothing.
+/// The bounded map of openid → kept number; with a capacity of 0 it keeps nothing.
 pub struct KeptPhones {
-    phones: Option<Cache<String, Option<PhoneNumber>>>,
+    phones: Option<Cache<String, Kept>>,
     writes: Mutex<Writes>,
+}
+
+/// One user's kept number (`None`: the user has none), with the stamp it was read under
+/// (`None`: [`PhoneStamp::Local`]).
+#[derive(Clone)]
+struct Kept {
+    stamp: Option<String>,
+    phone: Option<PhoneNumber>,
 }
 
 /// The writes of numbers: how many run now, and a count of their starts and ends.
@@ -71,9 +83,16 @@ impl KeptPhones {
         self.writes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The user's number as kept (`Some(None)`: kept as "none"); `None`: ask the database.
-    pub fn get(&self, openid: &str) -> Option<Option<PhoneNumber>> {
-        self.phones.as_ref()?.get(openid)
+    /// The user's number as kept under `stamp` (`Some(None)`: kept as "none"); `None`: ask
+    /// the database.
+    pub fn get(&self, openid: &str, stamp: &PhoneStamp) -> Option<Option<PhoneNumber>> {
+        let kept = self.phones.as_ref()?.get(openid)?;
+        let current = match stamp {
+            PhoneStamp::Local => kept.stamp.is_none(),
+            PhoneStamp::Current(now) => kept.stamp.as_deref() == Some(now.as_str()),
+            PhoneStamp::Missing | PhoneStamp::Unusable => false,
+        };
+        current.then_some(kept.phone)
     }
 
     /// Call before reading a user's number from the database; hand the answer to
@@ -86,15 +105,28 @@ impl KeptPhones {
         Read((writes.running == 0).then_some(writes.version))
     }
 
-    /// Keeps what the database answered for `openid`, unless a write of a number started
-    /// or ran since `read` began.
-    pub fn read_done(&self, read: Read, openid: &str, phone: &Option<PhoneNumber>) {
+    /// Keeps what the database answered for `openid`, under `stamp` (the stamp the number
+    /// had before it was read; `None`: [`PhoneStamp::Local`]), unless a write of a number in
+    /// this process started or ran since `read` began.
+    pub fn read_done(
+        &self,
+        read: Read,
+        openid: &str,
+        stamp: Option<String>,
+        phone: &Option<PhoneNumber>,
+    ) {
         let (Some(phones), Read(Some(version))) = (&self.phones, read) else {
             return;
         };
         let writes = self.writes();
         if writes.running == 0 && writes.version == version {
-            phones.insert(openid.to_owned(), phone.clone());
+            phones.insert(
+                openid.to_owned(),
+                Kept {
+                    stamp,
+                    phone: phone.clone(),
+                },
+            );
         }
     }
 
@@ -113,6 +145,11 @@ impl KeptPhones {
     /// How many users' numbers are kept.
     pub fn len(&self) -> usize {
         self.phones.as_ref().map_or(0, Cache::len)
+    }
+
+    /// True when this keeps nothing (a capacity of 0).
+    pub fn is_off(&self) -> bool {
+        self.phones.is_none()
     }
 
     /// True when nothing is kept.
@@ -147,15 +184,19 @@ mod tests {
     #[test]
     fn a_read_with_no_write_around_it_is_kept() {
         let kept = KeptPhones::new(10);
-        assert_eq!(kept.get("o"), None);
+        assert_eq!(kept.get("o", &PhoneStamp::Local), None);
 
         let read = kept.read_started();
-        kept.read_done(read, "o", &number("1"));
+        kept.read_done(read, "o", None, &number("1"));
         let none = kept.read_started();
-        kept.read_done(none, "p", &None);
+        kept.read_done(none, "p", None, &None);
 
-        assert_eq!(kept.get("o"), Some(number("1")));
-        assert_eq!(kept.get("p"), Some(None), "\"no number\" is kept too");
+        assert_eq!(kept.get("o", &PhoneStamp::Local), Some(number("1")));
+        assert_eq!(
+            kept.get("p", &PhoneStamp::Local),
+            Some(None),
+            "\"no number\" is kept too"
+        );
     }
 
     #[test]
@@ -165,21 +206,55 @@ mod tests {
         // A write starts, then a read (which may see the old number or the new one).
         let write = kept.write_started("o");
         let during = kept.read_started();
-        kept.read_done(during, "o", &number("old"));
-        assert_eq!(kept.get("o"), None, "read while a write ran");
+        kept.read_done(during, "o", None, &number("old"));
+        assert_eq!(
+            kept.get("o", &PhoneStamp::Local),
+            None,
+            "read while a write ran"
+        );
 
         // A read starts, then a write starts and ends before the read is done.
         let before = kept.read_started();
         drop(write);
         let other = kept.write_started("someone else");
         drop(other);
-        kept.read_done(before, "o", &number("old"));
-        assert_eq!(kept.get("o"), None, "a write ran during the read");
+        kept.read_done(before, "o", None, &number("old"));
+        assert_eq!(
+            kept.get("o", &PhoneStamp::Local),
+            None,
+            "a write ran during the read"
+        );
 
         // Nothing overlaps: kept.
         let after = kept.read_started();
-        kept.read_done(after, "o", &number("new"));
-        assert_eq!(kept.get("o"), Some(number("new")));
+        kept.read_done(after, "o", None, &number("new"));
+        assert_eq!(kept.get("o", &PhoneStamp::Local), Some(number("new")));
+    }
+
+    #[test]
+    fn a_stamped_entry_is_used_only_under_its_own_stamp() {
+        let kept = KeptPhones::new(10);
+        let stamp = |s: &str| PhoneStamp::Current(s.into());
+        let read = kept.read_started();
+        kept.read_done(read, "o", Some("s1".into()), &number("1"));
+
+        assert_eq!(kept.get("o", &stamp("s1")), Some(number("1")));
+        assert_eq!(kept.get("o", &stamp("s2")), None, "another replica wrote");
+        assert_eq!(kept.get("o", &PhoneStamp::Unusable), None, "a write runs");
+        assert_eq!(
+            kept.get("o", &PhoneStamp::Missing),
+            None,
+            "the stamp lapsed"
+        );
+        assert_eq!(kept.get("o", &PhoneStamp::Local), None);
+
+        let read = kept.read_started();
+        kept.read_done(read, "o", None, &number("2"));
+        assert_eq!(
+            kept.get("o", &stamp("s1")),
+            None,
+            "a local entry has no stamp"
+        );
     }
 
     #[test]
@@ -187,27 +262,35 @@ mod tests {
         let kept = KeptPhones::new(10);
         for openid in ["o", "p"] {
             let read = kept.read_started();
-            kept.read_done(read, openid, &None);
+            kept.read_done(read, openid, None, &None);
         }
 
         drop(kept.write_started("o"));
 
-        assert_eq!(kept.get("o"), None, "the writer's user is read again");
-        assert_eq!(kept.get("p"), Some(None), "another user's entry stays");
+        assert_eq!(
+            kept.get("o", &PhoneStamp::Local),
+            None,
+            "the writer's user is read again"
+        );
+        assert_eq!(
+            kept.get("p", &PhoneStamp::Local),
+            Some(None),
+            "another user's entry stays"
+        );
     }
 
     #[test]
     fn a_capacity_of_zero_keeps_nothing_and_the_map_is_bounded() {
         let off = KeptPhones::new(0);
         let read = off.read_started();
-        off.read_done(read, "o", &number("1"));
-        assert_eq!(off.get("o"), None);
+        off.read_done(read, "o", None, &number("1"));
+        assert_eq!(off.get("o", &PhoneStamp::Local), None);
         drop(off.write_started("o"));
 
         let kept = KeptPhones::new(100);
         for i in 0..1_000 {
             let read = kept.read_started();
-            kept.read_done(read, &format!("o{i}"), &None);
+            kept.read_done(read, &format!("o{i}"), None, &None);
         }
         assert!(kept.len() <= 100, "{} entries kept", kept.len());
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::cache::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
+use crate::cache::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
 use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::Keys;
 use crate::domain::{
@@ -37,6 +37,10 @@ const ALIVE_FOR: Duration = Duration::from_secs(15);
 /// How long an end's mark lasts: far longer than any `Verify` that read the database
 /// before the end committed may still take to write its `Alive` mark.
 const ENDED_FOR: Duration = Duration::from_secs(600);
+/// The longest a write of a phone number keeps its stamp at `writing` if it cannot clear
+/// it (far above one database write; until then that user's number is read from the
+/// database on every call).
+const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
 
@@ -182,9 +186,12 @@ impl Policy {
                 (DatabaseSettings::Sqlite { .. }, _) | (_, Some(_)) => s.verify_cache_size,
                 (DatabaseSettings::Postgres { .. }, None) => 0,
             },
-            kept_phones: match s.database {
-                DatabaseSettings::Sqlite { .. } => s.verify_cache_size,
-                DatabaseSettings::Postgres { .. } => 0,
+            // SQLite: this process writes every number. With Redis, each number's stamp
+            // tells every replica when a copy is stale. PostgreSQL alone: no replica would
+            // see another's write, so nothing is kept.
+            kept_phones: match (&s.database, &s.redis_url) {
+                (DatabaseSettings::Sqlite { .. }, _) | (_, Some(_)) => s.verify_cache_size,
+                (DatabaseSettings::Postgres { .. }, None) => 0,
             },
         }
     }
@@ -350,18 +357,39 @@ impl AuthCore {
 
     /// The identity behind an access token; every end of a session counts at once.
     pub async fn verify(&self, raw: &str) -> Result<Identity, AuthError> {
+        self.verify_and_stamp(raw, false).await.map(|(id, _)| id)
+    }
+
+    /// [`Self::verify`], and with `phone_stamp` the stamp of the user's phone number when
+    /// the session's mark was read (in the same round trip).
+    async fn verify_and_stamp(
+        &self,
+        raw: &str,
+        phone_stamp: bool,
+    ) -> Result<(Identity, Option<PhoneStamp>), AuthError> {
         if raw.is_empty() {
             return Err(AuthError::TokenMissing);
         }
         let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
         let hash = self.keys.token_hash(&token);
         let now = now_millis();
+        let mut stamp = None;
         if let Some(known) = self.verified.get(&hash, now) {
             // A cache that fails reads as no mark: the database answers.
-            let mark = self.cache.session_mark(&known.session_id).await;
+            let mark = if phone_stamp {
+                self.cache
+                    .session_mark_and_phone_stamp(&known.session_id, &known.openid)
+                    .await
+                    .map(|(mark, phone)| {
+                        stamp = Some(phone);
+                        mark
+                    })
+            } else {
+                self.cache.session_mark(&known.session_id).await
+            };
             if matches!(mark, Ok(Some(SessionMark::Alive))) {
                 self.touch(&known, now);
-                return Ok(identity(&known));
+                return Ok((identity(&known), stamp));
             }
         }
 
@@ -387,7 +415,7 @@ impl AuthCore {
                 warn!(error = %e, "could not mark a session alive");
             }
         }
-        Ok(identity(&known))
+        Ok((identity(&known), stamp))
     }
 
     /// Moves `last_active_at`, at most once a minute, off the request's path (a slow write
@@ -670,7 +698,7 @@ impl AuthCore {
         let id = self.verify(raw_token).await?;
         if code.is_empty() {
             return self
-                .kept_phone(&id.openid)
+                .kept_phone(&id.openid, None)
                 .await?
                 .ok_or(AuthError::PhoneNotSet);
         }
@@ -696,12 +724,19 @@ impl AuthCore {
             .keys
             .seal(&plain, id.openid.as_bytes())
             .map_err(AuthError::internal)?;
+        // Every replica's kept copy stops counting before the write starts (see KeptPhones).
+        self.cache
+            .phone_write_started(&id.openid, PHONE_WRITE_FOR)
+            .await?;
         let write = self.phones.write_started(&id.openid);
         let stored = self
             .store
             .set_phone(&id.openid, &sealed, now_millis())
             .await;
         drop(write);
+        if let Err(e) = self.cache.phone_write_ended(&id.openid).await {
+            warn!(error = %e, "could not clear a phone number's stamp (it lapses by itself)");
+        }
         if !stored? {
             return Err(AuthError::internal(anyhow::anyhow!(
                 "the user of a verified token is not in the store"
@@ -717,18 +752,57 @@ impl AuthCore {
         &self,
         raw: &str,
     ) -> Result<(Identity, Option<PhoneNumber>), AuthError> {
-        let id = self.verify(raw).await?;
-        let phone = self.kept_phone(&id.openid).await?;
+        let (id, stamp) = self.verify_and_stamp(raw, true).await?;
+        let phone = self.kept_phone(&id.openid, stamp).await?;
         Ok((id, phone))
     }
 
     /// The user's kept phone number, `None` when none is kept: from memory when this
-    /// process keeps numbers ([`KeptPhones`]), otherwise from the database.
-    async fn kept_phone(&self, openid: &str) -> Result<Option<PhoneNumber>, AuthError> {
-        if let Some(phone) = self.phones.get(openid) {
+    /// process keeps numbers ([`KeptPhones`]) and `stamp` (read now, or else asked for
+    /// here) says its copy is current, otherwise from the database.
+    async fn kept_phone(
+        &self,
+        openid: &str,
+        stamp: Option<PhoneStamp>,
+    ) -> Result<Option<PhoneNumber>, AuthError> {
+        if self.phones.is_off() {
+            return self.stored_phone(openid).await;
+        }
+        let stamp = match stamp {
+            Some(stamp) => stamp,
+            // A cache that fails (FallbackCache answers `Unusable`) leaves the database.
+            None => self
+                .cache
+                .phone_stamp(openid)
+                .await
+                .unwrap_or(PhoneStamp::Unusable),
+        };
+        if let Some(phone) = self.phones.get(openid, &stamp) {
             return Ok(phone);
         }
+        // The stamp the read is kept under, taken before the read.
+        let keep_under = match stamp {
+            PhoneStamp::Local => Some(None),
+            PhoneStamp::Current(s) => Some(Some(s)),
+            PhoneStamp::Missing => self
+                .cache
+                .new_phone_stamp(openid)
+                .await
+                .ok()
+                .flatten()
+                .map(Some),
+            PhoneStamp::Unusable => None,
+        };
         let read = self.phones.read_started();
+        let phone = self.stored_phone(openid).await?;
+        if let Some(stamp) = keep_under {
+            self.phones.read_done(read, openid, stamp, &phone);
+        }
+        Ok(phone)
+    }
+
+    /// The user's phone number as the database has it.
+    async fn stored_phone(&self, openid: &str) -> Result<Option<PhoneNumber>, AuthError> {
         let phone = match self.store.phone(openid).await? {
             None => None,
             Some(sealed) => {
@@ -739,7 +813,6 @@ impl AuthCore {
                 Some(serde_json::from_slice(&plain).map_err(AuthError::internal)?)
             }
         };
-        self.phones.read_done(read, openid, &phone);
         Ok(phone)
     }
 
@@ -953,11 +1026,12 @@ mod tests {
 
         // SQLite is one process: tokens' facts and phone numbers both.
         assert_eq!(policy("sqlite://a.db", None, None), (100_000, 100_000));
-        // Several replicas with Redis: the marks are shared, the numbers are not.
-        assert_eq!(policy(pg, redis, None), (100_000, 0));
+        // Several replicas with Redis: the marks are shared, and so are the numbers' stamps.
+        assert_eq!(policy(pg, redis, None), (100_000, 100_000));
         // PostgreSQL alone: neither.
         assert_eq!(policy(pg, None, None), (0, 0));
         // 0 turns both off.
         assert_eq!(policy("sqlite://a.db", None, Some("0")), (0, 0));
+        assert_eq!(policy(pg, redis, Some("0")), (0, 0));
     }
 }

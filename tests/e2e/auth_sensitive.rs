@@ -622,6 +622,49 @@ async fn exchange_all(requests: Vec<(AuthClient, String, String, String)>) {
 }
 
 #[tokio::test]
+async fn auth_a_number_written_on_one_replica_is_what_the_other_answers_next() {
+    let Some((sim, [a, b])) = two_replicas(
+        "auth_sensitive::auth_a_number_written_on_one_replica_is_what_the_other_answers_next",
+    )
+    .await
+    else {
+        return;
+    };
+    let (mut on_a, mut on_b) = (
+        a.client().await.expect("client A"),
+        b.client().await.expect("client B"),
+    );
+    let (openid, token) = new_user(&sim, &mut on_a).await;
+
+    // A answers "no number" several times: from then on it answers from memory, under the
+    // number's stamp in Redis.
+    for _ in 0..3 {
+        assert_eq!(verify_phone(&mut on_a, &token).await, None);
+    }
+
+    // B keeps a number, then another: A's very next answer is each one.
+    for number in ["13800138001", "13800138002"] {
+        let code = sim
+            .mint_phone_code(&MintPhoneCode::new(number).for_openid(&openid))
+            .await
+            .expect("mint");
+        let got = phone(&mut on_b, &token, &code).await.expect("the exchange");
+        assert_eq!(got.pure_phone_number, number);
+        for _ in 0..3 {
+            let seen = verify_phone(&mut on_a, &token).await.expect("a number");
+            assert_eq!(seen.pure_phone_number, number, "A answered a stale number");
+        }
+        assert_eq!(
+            phone(&mut on_a, &token, "")
+                .await
+                .expect("kept")
+                .pure_phone_number,
+            number
+        );
+    }
+}
+
+#[tokio::test]
 async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
     let Some((sim, [a, b])) =
         two_replicas("auth_sensitive::auth_replicas_share_one_access_token_and_one_forced_refresh")

@@ -16,6 +16,10 @@
 //! Redis fails, a mark reads as absent, so `Verify` asks the database; an end's mark that
 //! could not be written is the caller's to retry (see `service`).
 //!
+//! Phone stamps are never answered from memory either: while Redis fails, a stamp reads as
+//! unusable (every read of a number goes to the database), and a write of a number is
+//! refused, since the other replicas could not be told.
+//!
 //! Ends of claims are mirrored into memory as well, so that a code this replica saw spent
 //! stays `Used` here through a later outage.
 //!
@@ -30,7 +34,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Cache, CacheError, CodeClaim, MemoryCache, RateDecision, RedisCache, SessionMark};
+use super::{
+    Cache, CacheError, CodeClaim, MemoryCache, PhoneStamp, RateDecision, RedisCache, SessionMark,
+};
 
 /// At most one warning about Redis failures per this long.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -182,6 +188,75 @@ impl Cache for FallbackCache {
                 Err(e)
             }
         }
+    }
+
+    async fn session_mark_and_phone_stamp(
+        &self,
+        session_id: &str,
+        openid: &str,
+    ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
+        match self
+            .primary
+            .session_mark_and_phone_stamp(session_id, openid)
+            .await
+        {
+            Ok(both) => {
+                self.answered();
+                Ok(both)
+            }
+            Err(e) => {
+                self.fell_back("session_mark_and_phone_stamp", &e);
+                Ok((None, PhoneStamp::Unusable))
+            }
+        }
+    }
+
+    async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {
+        match self.primary.phone_stamp(openid).await {
+            Ok(stamp) => {
+                self.answered();
+                Ok(stamp)
+            }
+            Err(e) => {
+                self.fell_back("phone_stamp", &e);
+                Ok(PhoneStamp::Unusable)
+            }
+        }
+    }
+
+    async fn new_phone_stamp(&self, openid: &str) -> Result<Option<String>, CacheError> {
+        match self.primary.new_phone_stamp(openid).await {
+            Ok(stamp) => {
+                self.answered();
+                Ok(stamp)
+            }
+            Err(e) => {
+                self.fell_back("new_phone_stamp", &e);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError> {
+        // Not answered from memory: the other replicas would go on using their copies.
+        match self.primary.phone_write_started(openid, ttl).await {
+            Ok(()) => {
+                self.answered();
+                Ok(())
+            }
+            Err(e) => {
+                self.fell_back("phone_write_started", &e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
+        match self.primary.phone_write_ended(openid).await {
+            Ok(()) => self.answered(),
+            Err(e) => self.fell_back("phone_write_ended", &e),
+        }
+        Ok(())
     }
 
     async fn sweep(&self) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
+use super::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
 
 #[derive(Debug, Clone, Copy)]
 enum CodeState {
@@ -139,6 +139,30 @@ impl Cache for MemoryCache {
         for id in session_ids {
             marks.insert(id.clone(), (SessionMark::Ended, until));
         }
+        Ok(())
+    }
+
+    async fn session_mark_and_phone_stamp(
+        &self,
+        session_id: &str,
+        _openid: &str,
+    ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
+        Ok((self.session_mark(session_id).await?, PhoneStamp::Local))
+    }
+
+    async fn phone_stamp(&self, _openid: &str) -> Result<PhoneStamp, CacheError> {
+        Ok(PhoneStamp::Local)
+    }
+
+    async fn new_phone_stamp(&self, _openid: &str) -> Result<Option<String>, CacheError> {
+        Ok(None)
+    }
+
+    async fn phone_write_started(&self, _openid: &str, _ttl: Duration) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    async fn phone_write_ended(&self, _openid: &str) -> Result<(), CacheError> {
         Ok(())
     }
 

@@ -58,6 +58,26 @@ pub enum SessionMark {
     Ended,
 }
 
+/// What the cache says of a user's phone number, so that a replica may keep the number in
+/// memory ([`crate::phones::KeptPhones`]) and still see a write made by another replica.
+///
+/// With Redis, each user's number has a stamp: a random value that a write replaces (with
+/// `writing` while it runs, then with nothing, so that the next read makes a new one). A
+/// number read from the database under one stamp is current for as long as the stamp is:
+/// a write that began later has replaced it, and a random stamp never comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PhoneStamp {
+    /// The cache is this process's own (no Redis): the process's own rule applies.
+    Local,
+    /// The number's stamp now.
+    Current(String),
+    /// No stamp (none yet, or it expired): [`Cache::new_phone_stamp`] makes one.
+    Missing,
+    /// A write of the number runs (or ended without clearing its mark), or the stamp could
+    /// not be read: nothing may be kept, and nothing kept may be used.
+    Unusable,
+}
+
 /// The shared short-lived state.
 #[async_trait]
 pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
@@ -94,6 +114,28 @@ pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
 
     /// Marks sessions ended for `ttl`, replacing whatever mark they had.
     async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError>;
+
+    /// The session's mark, and the stamp of `openid`'s phone number, in one round trip.
+    async fn session_mark_and_phone_stamp(
+        &self,
+        session_id: &str,
+        openid: &str,
+    ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError>;
+
+    /// The stamp of `openid`'s phone number.
+    async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError>;
+
+    /// Gives `openid`'s number a new stamp, unless it has one (`Ok(None)`: it had one, or
+    /// a write began; the read that asked keeps nothing).
+    async fn new_phone_stamp(&self, openid: &str) -> Result<Option<String>, CacheError>;
+
+    /// A write of `openid`'s number begins: its stamp becomes `writing`, for at most `ttl`.
+    /// An error means the write must not go on (other replicas would not see it).
+    async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError>;
+
+    /// That write ended (committed or not): the stamp goes, and the next read makes one.
+    /// If this fails, the `writing` stamp lapses by itself.
+    async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError>;
 
     /// Drops expired entries (called periodically).
     async fn sweep(&self);

@@ -6,7 +6,10 @@
 //!   code's keyed hash (never the code itself), expiring with its TTL;
 //! - `wxauth:<appid>:rate:<key>`: a fixed-window counter, expiring when its window ends;
 //! - `wxauth:<appid>:session:<id>`: a session's mark for `Verify`, `alive` (set `NX`, so
-//!   never over an `ended`) or `ended` (set over anything), expiring with its TTL.
+//!   never over an `ended`) or `ended` (set over anything), expiring with its TTL;
+//! - `wxauth:<appid>:phone:<openid>`: the stamp of a user's phone number (see
+//!   [`super::PhoneStamp`]): random hex made by a read (`SET NX`, for [`PHONE_STAMP_FOR`]),
+//!   or `writing` while a write of the number runs.
 //!
 //! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
 //! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
@@ -29,7 +32,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{Cache, CacheError, CodeClaim, RateDecision, SessionMark};
+use super::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
 
 /// Time limit of one connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -43,6 +46,12 @@ const FIRST_CONNECT_DEADLINE: Duration = Duration::from_millis(1500);
 /// After a failed first connection, calls fail at once for this long rather than each
 /// waiting for a connect timeout of its own.
 const RECONNECT_GAP: Duration = Duration::from_millis(500);
+
+/// How long a phone number's stamp lives: when it lapses, the next read makes another, and
+/// the numbers kept under the old one are read again once.
+const PHONE_STAMP_FOR: Duration = Duration::from_secs(24 * 3600);
+/// The stamp of a number being written.
+const WRITING: &str = "writing";
 
 /// Claims a code: `SET NX` when free, else tells what holds it.
 /// KEYS[1] the code's key; ARGV[1] the in-flight TTL (ms). Returns 0 acquired, 1 in
@@ -145,6 +154,10 @@ impl RedisCache {
         format!("{}session:{session_id}", self.prefix)
     }
 
+    fn phone_key(&self, openid: &str) -> String {
+        format!("{}phone:{openid}", self.prefix)
+    }
+
     /// The connection, made on first use; a failed attempt is retried by a later call
     /// (at most once per [`RECONNECT_GAP`]).
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
@@ -192,6 +205,23 @@ fn ms(d: Duration) -> u64 {
 
 fn failed(what: &'static str) -> impl FnOnce(RedisError) -> CacheError {
     move |e| CacheError(anyhow::Error::new(e).context(format!("Redis {what} failed")))
+}
+
+fn session_mark(mark: Option<&str>) -> Result<Option<SessionMark>, CacheError> {
+    match mark {
+        None => Ok(None),
+        Some("alive") => Ok(Some(SessionMark::Alive)),
+        Some("ended") => Ok(Some(SessionMark::Ended)),
+        Some(other) => Err(CacheError(anyhow!("unexpected session mark {other:?}"))),
+    }
+}
+
+fn phone_stamp(stamp: Option<String>) -> PhoneStamp {
+    match stamp {
+        None => PhoneStamp::Missing,
+        Some(s) if s == WRITING => PhoneStamp::Unusable,
+        Some(s) => PhoneStamp::Current(s),
+    }
 }
 
 /// Runs one cache call under [`CALL_DEADLINE`].
@@ -297,12 +327,86 @@ impl Cache for RedisCache {
                 .query_async(&mut conn)
                 .await
                 .map_err(failed("session mark"))?;
-            match mark.as_deref() {
-                None => Ok(None),
-                Some("alive") => Ok(Some(SessionMark::Alive)),
-                Some("ended") => Ok(Some(SessionMark::Ended)),
-                Some(other) => Err(CacheError(anyhow!("unexpected session mark {other:?}"))),
-            }
+            session_mark(mark.as_deref())
+        })
+        .await
+    }
+
+    async fn session_mark_and_phone_stamp(
+        &self,
+        session_id: &str,
+        openid: &str,
+    ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
+        within("session mark and phone stamp", async {
+            let mut conn = self.connection().await?;
+            let (mark, stamp): (Option<String>, Option<String>) = redis::cmd("MGET")
+                .arg(self.session_key(session_id))
+                .arg(self.phone_key(openid))
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("session mark and phone stamp"))?;
+            Ok((session_mark(mark.as_deref())?, phone_stamp(stamp)))
+        })
+        .await
+    }
+
+    async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {
+        within("phone stamp", async {
+            let mut conn = self.connection().await?;
+            let stamp: Option<String> = redis::cmd("GET")
+                .arg(self.phone_key(openid))
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("phone stamp"))?;
+            Ok(phone_stamp(stamp))
+        })
+        .await
+    }
+
+    async fn new_phone_stamp(&self, openid: &str) -> Result<Option<String>, CacheError> {
+        let mut random = [0u8; 16];
+        getrandom::fill(&mut random)
+            .map_err(|e| CacheError(anyhow!("no randomness for a phone stamp: {e}")))?;
+        let stamp = hex::encode(random);
+        within("new phone stamp", async {
+            let mut conn = self.connection().await?;
+            let set: Option<String> = redis::cmd("SET")
+                .arg(self.phone_key(openid))
+                .arg(&stamp)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms(PHONE_STAMP_FOR))
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("new phone stamp"))?;
+            Ok(set.map(|_| stamp))
+        })
+        .await
+    }
+
+    async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError> {
+        within("phone write started", async {
+            let mut conn = self.connection().await?;
+            redis::cmd("SET")
+                .arg(self.phone_key(openid))
+                .arg(WRITING)
+                .arg("PX")
+                .arg(ms(ttl))
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(failed("phone write started"))
+        })
+        .await
+    }
+
+    async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
+        within("phone write ended", async {
+            let mut conn = self.connection().await?;
+            redis::cmd("DEL")
+                .arg(self.phone_key(openid))
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(failed("phone write ended"))
         })
         .await
     }
@@ -362,6 +466,7 @@ mod tests {
         assert_eq!(c.code_key("abc"), "wxauth:wxapp:code:abc");
         assert_eq!(c.rate_key("login-ip:::1"), "wxauth:wxapp:rate:login-ip:::1");
         assert_eq!(c.session_key("s-1"), "wxauth:wxapp:session:s-1");
+        assert_eq!(c.phone_key("o-1"), "wxauth:wxapp:phone:o-1");
     }
 
     #[test]

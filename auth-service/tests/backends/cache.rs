@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auth_service::cache::{
-    Cache, CodeClaim, FallbackCache, MemoryCache, RateDecision, RedisCache, SessionMark,
+    Cache, CodeClaim, FallbackCache, MemoryCache, PhoneStamp, RateDecision, RedisCache, SessionMark,
 };
 use secrecy::SecretString;
 use tokio::task::JoinSet;
@@ -414,6 +414,114 @@ async fn the_fallback_never_answers_a_session_mark_from_memory() {
             .is_err(),
         "an end's mark that Redis did not take is reported, to be retried"
     );
+}
+
+// ---- phone numbers' stamps ----
+
+async fn stamp(c: &dyn Cache, openid: &str) -> PhoneStamp {
+    c.phone_stamp(openid).await.expect("phone_stamp answers")
+}
+
+#[tokio::test]
+async fn in_memory_a_phone_stamp_is_always_local() {
+    let c = MemoryCache::new();
+    assert_eq!(stamp(&c, "o").await, PhoneStamp::Local);
+    c.phone_write_started("o", Duration::from_secs(60))
+        .await
+        .expect("no-op");
+    assert_eq!(stamp(&c, "o").await, PhoneStamp::Local);
+    assert_eq!(c.new_phone_stamp("o").await.expect("answers"), None);
+}
+
+#[tokio::test]
+async fn a_phone_stamp_is_made_once_shared_by_replicas_and_replaced_by_a_write() {
+    let External::Run(url) = support::redis(
+        "cache::a_phone_stamp_is_made_once_shared_by_replicas_and_replaced_by_a_write",
+    ) else {
+        return;
+    };
+    let appid = new_appid();
+    let (a, b) = (redis_at(&url, &appid), redis_at(&url, &appid));
+    let openid = code();
+
+    assert_eq!(stamp(&a, &openid).await, PhoneStamp::Missing);
+    let made = a.new_phone_stamp(&openid).await.expect("answers");
+    let made = made.expect("the first read makes the stamp");
+    assert_eq!(
+        b.new_phone_stamp(&openid).await.expect("answers"),
+        None,
+        "a stamp is made once"
+    );
+    let session = code();
+    b.mark_alive(&session, Duration::from_secs(30))
+        .await
+        .expect("mark_alive");
+    assert_eq!(
+        b.session_mark_and_phone_stamp(&session, &openid)
+            .await
+            .expect("answers"),
+        (Some(SessionMark::Alive), PhoneStamp::Current(made.clone())),
+        "both in one read, on the other replica"
+    );
+
+    // B writes the number: while it runs nothing counts, and no read makes a stamp.
+    b.phone_write_started(&openid, Duration::from_secs(60))
+        .await
+        .expect("phone_write_started");
+    assert_eq!(stamp(&a, &openid).await, PhoneStamp::Unusable);
+    assert_eq!(a.new_phone_stamp(&openid).await.expect("answers"), None);
+    b.phone_write_ended(&openid)
+        .await
+        .expect("phone_write_ended");
+
+    // After it, the next read makes a stamp that is not the old one.
+    assert_eq!(stamp(&a, &openid).await, PhoneStamp::Missing);
+    let next = a.new_phone_stamp(&openid).await.expect("answers");
+    let next = next.expect("a new stamp");
+    assert_ne!(next, made);
+    assert_eq!(stamp(&b, &openid).await, PhoneStamp::Current(next));
+}
+
+#[tokio::test]
+async fn a_phone_write_that_never_ends_lapses() {
+    let Some(c) = redis_for("cache::a_phone_write_that_never_ends_lapses") else {
+        return;
+    };
+    let openid = code();
+    c.phone_write_started(&openid, Duration::from_millis(200))
+        .await
+        .expect("phone_write_started");
+    assert_eq!(stamp(&c, &openid).await, PhoneStamp::Unusable);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stamp(&c, &openid).await, PhoneStamp::Missing);
+}
+
+#[tokio::test]
+async fn the_fallback_never_keeps_numbers_and_refuses_a_write_while_redis_is_away() {
+    let cache = FallbackCache::new(
+        redis_at(&dead_redis_url(), &new_appid()),
+        MemoryCache::new(),
+    );
+    assert_eq!(stamp(&cache, "o").await, PhoneStamp::Unusable);
+    assert_eq!(
+        cache
+            .session_mark_and_phone_stamp("s", "o")
+            .await
+            .expect("answers"),
+        (None, PhoneStamp::Unusable)
+    );
+    assert_eq!(cache.new_phone_stamp("o").await.expect("answers"), None);
+    assert!(
+        cache
+            .phone_write_started("o", Duration::from_secs(60))
+            .await
+            .is_err(),
+        "other replicas could not be told of the write"
+    );
+    cache
+        .phone_write_ended("o")
+        .await
+        .expect("best effort: the mark lapses");
 }
 
 #[tokio::test]
