@@ -80,8 +80,10 @@ pub struct Settings {
     /// `API_TRUSTED_PROXY_HOPS`: how many proxies in front of the edge append to
     /// `X-Forwarded-For` (0: the client is the TCP peer).
     pub trusted_proxy_hops: usize,
-    /// `API_REDIS_URL` was set (accepted, not needed: see the README).
-    pub redis_url_set: bool,
+    /// `API_REDIS_URL` (`redis://` or `rediss://`; may hold a password): profile stamps, so
+    /// that replicas on PostgreSQL can keep profiles in memory. `None`: every replica on
+    /// PostgreSQL reads each profile from the database.
+    pub redis_url: Option<SecretString>,
     /// `API_DRAIN_DELAY`: after SIGTERM, how long /readyz answers 503 before the port closes.
     pub drain_delay: Duration,
     /// `API_SHUTDOWN_GRACE`: then, how long in-flight requests may take.
@@ -124,12 +126,10 @@ impl Settings {
             ));
         }
 
-        // api-service keeps no state per process that replicas would need to share: its
-        // idempotency keys are in the database, written in the same transaction as the note
-        // (stronger than Redis could make them). The setting is checked and accepted so that
-        // a deployment which sets it keeps working; start-up says it is not used.
-        let redis_url_set = match get("API_REDIS_URL") {
-            None => false,
+        // Idempotency keys stay in the database, written in the same transaction as the note
+        // (stronger than Redis could make them); Redis holds the profiles' stamps.
+        let redis_url = match get("API_REDIS_URL") {
+            None => None,
             Some(url) => {
                 let ok = url::Url::parse(url.trim()).ok().is_some_and(|u| {
                     matches!(u.scheme(), "redis" | "rediss") && u.host().is_some()
@@ -137,7 +137,7 @@ impl Settings {
                 if !ok {
                     return Err(bad("API_REDIS_URL", "must be a redis:// or rediss:// URL"));
                 }
-                true
+                Some(SecretString::from(url.trim().to_owned()))
             }
         };
         let database = database(get("API_DATABASE_URL"))?;
@@ -197,7 +197,7 @@ impl Settings {
             request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s")?,
             body_limit,
             trusted_proxy_hops,
-            redis_url_set,
+            redis_url,
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
             worker_threads: worker_threads(get("API_WORKER_THREADS"), "API_WORKER_THREADS")?,

@@ -20,7 +20,9 @@ use crate::config::{Settings, TlsSettings};
 use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::notes::{NotesStore, PgNotes, SqliteNotes};
-use crate::profile::{KEPT_PROFILES, KeptProfiles, PgProfiles, ProfileStore, SqliteProfiles};
+use crate::profile::{
+    KEPT_PROFILES, KeptProfiles, PgProfiles, ProfileStore, SqliteProfiles, Stamps,
+};
 use crate::routes::{Limits, router};
 use crate::state::AppState;
 
@@ -69,14 +71,6 @@ impl Application {
     /// (which connects lazily too) and binds both listeners.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let _already = rustls::crypto::ring::default_provider().install_default();
-        if settings.redis_url_set {
-            info!(
-                "API_REDIS_URL is set but not needed: api-service shares no state between \
-                 replicas outside the database (idempotency keys are in the database, in \
-                 each note's transaction)"
-            );
-        }
-
         let tls = match &settings.tls {
             Some(t) => Some(RustlsConfig::from_config(Arc::new(tls_config(t)?))),
             None => None,
@@ -93,10 +87,19 @@ impl Application {
                 )),
                 Arc::new(SqliteNotes::new(pool.clone())),
             ),
-            Db::Postgres(pg) => (
-                Arc::new(PgProfiles::new(pg.clone())),
-                Arc::new(PgNotes::new(pg.clone())),
-            ),
+            // PostgreSQL: other replicas write too; with Redis, each profile's stamp tells
+            // when a copy is stale. Without it, every read goes to the database.
+            Db::Postgres(pg) => {
+                let profiles: Arc<dyn ProfileStore> = match &settings.redis_url {
+                    Some(url) => Arc::new(KeptProfiles::with_stamps(
+                        PgProfiles::new(pg.clone()),
+                        KEPT_PROFILES,
+                        Stamps::new(url)?,
+                    )),
+                    None => Arc::new(PgProfiles::new(pg.clone())),
+                };
+                (profiles, Arc::new(PgNotes::new(pg.clone())))
+            }
         };
         let auth = GrpcAuth::new(
             &settings.auth_url,

@@ -1,11 +1,15 @@
-//! Profiles kept in memory in front of SQLite, so that `GET /v1/me` costs no database read.
+//! Profiles kept in memory in front of the database, so that `GET /v1/me` costs no database
+//! read.
 //!
-//! Only for SQLite, where this process is the database's only writer: the file is locked
-//! for one process at start-up ([`crate::db`]), and every write of a profile goes through
-//! this store. With PostgreSQL another replica may change a profile, and every read goes to
-//! the database.
+//! With SQLite this process is the database's only writer: the file is locked for one
+//! process at start-up ([`crate::db`]), and every write of a profile goes through this
+//! store. With PostgreSQL another replica may change a profile, so a profile is kept only
+//! with `API_REDIS_URL`, under the stamp Redis gave it before it was read, and used only
+//! while Redis gives that same stamp; a change anywhere replaces the stamp before it starts
+//! ([`Stamps`]). PostgreSQL without Redis keeps nothing: every read goes to the database.
 //!
-//! An entry is what the database answered, kept only when no write of a profile overlapped
+//! Within the process, an entry is what the database answered, kept only when no write of
+//! a profile overlapped
 //! the read: every write counts itself in while it runs and bumps a version when it starts
 //! and when it ends, and a read is kept only if it began with no write running and the
 //! version is still the one it began with. A write also drops its user's entry once it has
@@ -18,6 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use quick_cache::sync::Cache;
 
+use super::stamps::{Stamp, Stamps};
 use super::{Profile, ProfilePatch, ProfileStore};
 use crate::error::ApiError;
 
@@ -27,8 +32,11 @@ pub const KEPT_PROFILES: usize = 100_000;
 /// A profile store with the profiles it has read kept in memory (see the module).
 pub struct KeptProfiles<S> {
     inner: S,
-    profiles: Cache<String, Profile>,
+    /// openid → the stamp the profile was read under (`None`: no Redis, one process) and
+    /// the profile.
+    profiles: Cache<String, (Option<String>, Profile)>,
     writes: Mutex<Writes>,
+    stamps: Option<Stamps>,
 }
 
 /// The writes of profiles: how many run now, and a count of their starts and ends.
@@ -43,6 +51,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for KeptProfiles<S> {
         f.debug_struct("KeptProfiles")
             .field("inner", &self.inner)
             .field("entries", &self.profiles.len())
+            .field("stamps", &self.stamps)
             .finish()
     }
 }
@@ -63,12 +72,23 @@ impl<S> Drop for Write<'_, S> {
 }
 
 impl<S> KeptProfiles<S> {
-    /// `inner`'s profiles, up to `capacity` of them kept (at least one).
+    /// `inner`'s profiles, up to `capacity` of them kept (at least one), for a database
+    /// this process alone writes.
     pub fn new(inner: S, capacity: usize) -> Self {
         Self {
             inner,
             profiles: Cache::new(capacity.max(1)),
             writes: Mutex::new(Writes::default()),
+            stamps: None,
+        }
+    }
+
+    /// The same, for a database several replicas write: every copy is checked against its
+    /// stamp in Redis.
+    pub fn with_stamps(inner: S, capacity: usize, stamps: Stamps) -> Self {
+        Self {
+            stamps: Some(stamps),
+            ..Self::new(inner, capacity)
         }
     }
 
@@ -98,9 +118,27 @@ impl<S> KeptProfiles<S> {
 #[async_trait]
 impl<S: ProfileStore> ProfileStore for KeptProfiles<S> {
     async fn get_or_create(&self, openid: &str) -> Result<Profile, ApiError> {
-        if let Some(profile) = self.profiles.get(openid) {
-            return Ok(profile);
+        let stamp = match &self.stamps {
+            None => None,
+            Some(stamps) => Some(stamps.get(openid).await),
+        };
+        if let Some((kept_under, profile)) = self.profiles.get(openid) {
+            let current = match &stamp {
+                None => kept_under.is_none(),
+                Some(Stamp::Current(now)) => kept_under.as_deref() == Some(now.as_str()),
+                Some(Stamp::Missing | Stamp::Unusable) => false,
+            };
+            if current {
+                return Ok(profile);
+            }
         }
+        // The stamp the read is kept under, taken before the read (`None`: not kept).
+        let keep_under = match (stamp, &self.stamps) {
+            (None, _) => Some(None),
+            (Some(Stamp::Current(now)), _) => Some(Some(now)),
+            (Some(Stamp::Missing), Some(stamps)) => stamps.make(openid).await.map(Some),
+            (Some(Stamp::Missing | Stamp::Unusable), _) => None,
+        };
         let started = {
             let writes = self.writes();
             (writes.running == 0).then_some(writes.version)
@@ -108,18 +146,29 @@ impl<S: ProfileStore> ProfileStore for KeptProfiles<S> {
         // A first sight inserts the empty profile: that write cannot change a profile that
         // exists, so it needs no counting in.
         let profile = self.inner.get_or_create(openid).await?;
-        if let Some(version) = started {
+        if let (Some(version), Some(kept_under)) = (started, keep_under) {
             let writes = self.writes();
             if writes.running == 0 && writes.version == version {
-                self.profiles.insert(openid.to_owned(), profile.clone());
+                self.profiles
+                    .insert(openid.to_owned(), (kept_under, profile.clone()));
             }
         }
         Ok(profile)
     }
 
     async fn update(&self, openid: &str, patch: ProfilePatch) -> Result<Profile, ApiError> {
-        let _write = self.write_started(openid);
-        self.inner.update(openid, patch).await
+        // Every replica's copy stops counting before the change starts.
+        if let Some(stamps) = &self.stamps {
+            stamps.write_started(openid).await?;
+        }
+        let updated = {
+            let _write = self.write_started(openid);
+            self.inner.update(openid, patch).await
+        };
+        if let Some(stamps) = &self.stamps {
+            stamps.write_ended(openid).await;
+        }
+        updated
     }
 }
 

@@ -3,12 +3,14 @@
 
 mod kept;
 mod postgres;
+mod stamps;
 mod store;
 
 use async_trait::async_trait;
 
 pub use kept::{KEPT_PROFILES, KeptProfiles};
 pub use postgres::PgProfiles;
+pub use stamps::Stamps;
 pub use store::SqliteProfiles;
 
 use crate::error::ApiError;

@@ -1,6 +1,10 @@
 //! `ProfileStore`: made on first sight, changed field by field, scoped to the openid.
 
-use api_service::profile::{AvatarUrl, Nickname, ProfilePatch};
+use api_service::db::Db;
+use api_service::profile::{
+    AvatarUrl, KeptProfiles, Nickname, PgProfiles, ProfilePatch, ProfileStore as _, Stamps,
+};
+use secrecy::SecretString;
 use tokio::task::JoinSet;
 
 use crate::support::Backend;
@@ -124,4 +128,72 @@ async fn concurrent_changes_of_different_fields_both_stick(b: Backend) {
             "round {round}"
         );
     }
+}
+
+// ---- replicas on PostgreSQL with profile stamps in Redis ----
+
+/// Two replicas' profile stores on one fresh PostgreSQL database, each keeping profiles
+/// under stamps in the Redis at `redis`; or `None` when skipping was asked for.
+async fn two_replicas(test: &str, redis: &str) -> Option<[KeptProfiles<PgProfiles>; 2]> {
+    let url = crate::support::postgres_database(test).await?;
+    let replica = || async {
+        let db = crate::support::open_postgres(&url).await;
+        let Db::Postgres(pg) = db else {
+            panic!("a postgres:// URL must open PostgreSQL");
+        };
+        crate::support::migrated(&pg).await;
+        let stamps = Stamps::new(&SecretString::from(redis.to_owned())).expect("a Redis URL");
+        KeptProfiles::with_stamps(PgProfiles::new(pg), 100, stamps)
+    };
+    Some([replica().await, replica().await])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_is_what_the_other_answers_next() {
+    const TEST: &str = "profiles::a_change_through_one_replica_is_what_the_other_answers_next";
+    let Some(redis) = crate::support::redis_url(TEST) else {
+        return;
+    };
+    let Some([a, b]) = two_replicas(TEST, &redis).await else {
+        return;
+    };
+    let openid = format!("o-{}", uuid::Uuid::new_v4().simple());
+
+    // A reads the profile twice: it keeps it.
+    for _ in 0..2 {
+        let p = a.get_or_create(&openid).await.expect("read");
+        assert_eq!(p.nickname, None);
+    }
+    assert_eq!(a.len(), 1, "A keeps what it read");
+
+    // Changes through B are what A answers next, each time.
+    for name in ["first", "second"] {
+        b.update(&openid, nickname(name)).await.expect("update");
+        for _ in 0..2 {
+            let p = a.get_or_create(&openid).await.expect("read");
+            assert_eq!(p.nickname.as_deref(), Some(name), "A answered a stale profile");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_profiles_are_read_from_the_database_and_changes_refused() {
+    const TEST: &str =
+        "profiles::without_redis_profiles_are_read_from_the_database_and_changes_refused";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let dead = format!("redis://{}", listener.local_addr().expect("address"));
+    drop(listener);
+    let Some([a, _]) = two_replicas(TEST, &dead).await else {
+        return;
+    };
+
+    let p = a.get_or_create("o").await.expect("read from the database");
+    assert_eq!(p.openid, "o");
+    a.get_or_create("o").await.expect("read again");
+    assert!(a.is_empty(), "nothing is kept without stamps");
+    let err = a
+        .update("o", nickname("x"))
+        .await
+        .expect_err("refused: other replicas could not be told");
+    assert_eq!(err.code(), "unavailable");
 }

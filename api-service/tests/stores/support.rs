@@ -141,6 +141,27 @@ pub(crate) async fn create_database(test: &str, admin: &str, name: &str) {
     let _closed = conn.close().await;
 }
 
+/// The test Redis (`WXAUTH_TEST_REDIS_URL`), or `None` when skipping was asked for; without
+/// either, the test fails saying what it needs.
+pub(crate) fn redis_url(test: &str) -> Option<String> {
+    const REDIS_VAR: &str = "WXAUTH_TEST_REDIS_URL";
+    let test = test.strip_prefix("stores::").unwrap_or(test);
+    if let Some(url) = std::env::var(REDIS_VAR).ok().filter(|u| !u.is_empty()) {
+        return Some(url);
+    }
+    if std::env::var("WXAUTH_SKIP_EXTERNAL").is_ok_and(|v| v == "1") {
+        let _shown = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: needs Redis (WXAUTH_SKIP_EXTERNAL=1)"
+        );
+        return None;
+    }
+    panic!(
+        "{test} needs Redis: set {REDIS_VAR} (scripts/test starts one and sets it), \
+         or WXAUTH_SKIP_EXTERNAL=1 to skip"
+    );
+}
+
 /// A new, empty PostgreSQL database for `test` (dropped by nobody: names are unique and the
 /// test cluster is disposable), or `None` when skipping was asked for.
 pub(crate) async fn postgres_database(test: &str) -> Option<String> {

@@ -999,7 +999,10 @@ async fn run() -> anyhow::Result<()> {
                     ("AUTH_DATABASE_URL", auth_db.as_str()),
                     ("AUTH_REDIS_URL", redis.as_str()),
                 ],
-                &[("API_DATABASE_URL", api_db.as_str())],
+                &[
+                    ("API_DATABASE_URL", api_db.as_str()),
+                    ("API_REDIS_URL", redis.as_str()),
+                ],
             )
             .await?;
             for conns in [1usize, 4] {

@@ -1,0 +1,257 @@
+//! Profile stamps in Redis (`API_REDIS_URL`), so that every replica on PostgreSQL may keep
+//! the profiles it reads in memory and still see a change made through another replica.
+//!
+//! Each user's profile has a key `wxauth:api:profile:<openid>` (openids are unique per
+//! mini-program, so apps sharing one Redis do not collide):
+//! - absent: no stamp yet, or it lapsed; a read makes one (`SET NX`, random, for
+//!   [`STAMP_FOR`]) before it reads the database, and keeps what it read under it;
+//! - random hex: the stamp now; a profile read under it is current while it stays;
+//! - `writing`: a change runs (set before it starts, deleted when it ends; if the delete
+//!   fails, it lapses after [`WRITING_FOR`]); nothing is kept, and nothing kept is used.
+//!
+//! A change replaces the stamp before it touches the database, and a random stamp never
+//! comes back, so a copy read before the change is never used after it has begun.
+//!
+//! Redis failing costs reads of the database, never a stale answer: a stamp that cannot be
+//! read counts as `writing`, and a change that cannot set `writing` is refused (503
+//! `unavailable`), since the other replicas could not be told of it. The connection is
+//! lazy (the edge starts while Redis is down) and redis-rs' `ConnectionManager` reconnects
+//! by itself; every call gives up after [`CALL_DEADLINE`].
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::time::now_millis;
+
+/// How long a stamp lives: when it lapses, the next read makes another, and the profiles
+/// kept under the old one are read again once.
+const STAMP_FOR: Duration = Duration::from_secs(24 * 3600);
+/// The longest a change keeps the stamp at `writing` if it cannot delete it (far above
+/// one database write; until then that user's profile is read from the database).
+const WRITING_FOR: Duration = Duration::from_secs(300);
+/// The stamp of a profile being changed.
+const WRITING: &str = "writing";
+/// The most one call may take, connecting included.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// Time limit of one connection attempt, and of one command's answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a failed first connection, calls fail at once for this long.
+const RECONNECT_GAP: Duration = Duration::from_millis(500);
+/// At most one warning about Redis failures per this long (in milliseconds).
+const WARN_EVERY_MS: u64 = 10_000;
+
+/// What Redis says of a user's profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stamp {
+    /// The stamp now.
+    Current(String),
+    /// No stamp: [`Stamps::make`] makes one.
+    Missing,
+    /// A change runs, or Redis did not answer: nothing may be kept or used.
+    Unusable,
+}
+
+/// The stamps of profiles in one Redis.
+pub struct Stamps {
+    client: Client,
+    conn: OnceCell<ConnectionManager>,
+    failed_at: Mutex<Option<Instant>>,
+    /// When the last warning was logged (ms since the epoch).
+    warned_at: AtomicU64,
+}
+
+impl std::fmt::Debug for Stamps {
+    // Not the client: its connection info holds the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stamps")
+            .field("connected", &self.conn.initialized())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stamps {
+    /// Stamps in the Redis at `url`; nothing is connected until the first call.
+    pub fn new(url: &SecretString) -> anyhow::Result<Self> {
+        // redis-rs' messages about a URL never repeat it, so the password stays out.
+        let client = Client::open(url.expose_secret())
+            .map_err(|e| anyhow::Error::new(e).context("API_REDIS_URL is not usable"))?;
+        Ok(Self {
+            client,
+            conn: OnceCell::new(),
+            failed_at: Mutex::new(None),
+            warned_at: AtomicU64::new(0),
+        })
+    }
+
+    fn key(openid: &str) -> String {
+        format!("wxauth:api:profile:{openid}")
+    }
+
+    /// The stamp of `openid`'s profile; [`Stamp::Unusable`] when Redis does not answer.
+    pub async fn get(&self, openid: &str) -> Stamp {
+        let got = self
+            .call("GET", |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(Self::key(openid))
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            })
+            .await;
+        match got {
+            Ok(None) => Stamp::Missing,
+            Ok(Some(s)) if s == WRITING => Stamp::Unusable,
+            Ok(Some(s)) => Stamp::Current(s),
+            Err(e) => {
+                self.warn(&e);
+                Stamp::Unusable
+            }
+        }
+    }
+
+    /// Gives `openid`'s profile a new stamp unless it has one; `None`: it had one, a change
+    /// began, or Redis did not answer (the read that asked keeps nothing).
+    pub async fn make(&self, openid: &str) -> Option<String> {
+        let stamp = uuid::Uuid::new_v4().simple().to_string();
+        let set = self
+            .call("SET NX", |mut conn| {
+                let stamp = stamp.clone();
+                async move {
+                    redis::cmd("SET")
+                        .arg(Self::key(openid))
+                        .arg(stamp)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ms(STAMP_FOR))
+                        .query_async::<Option<String>>(&mut conn)
+                        .await
+                }
+            })
+            .await;
+        match set {
+            Ok(set) => set.map(|_| stamp),
+            Err(e) => {
+                self.warn(&e);
+                None
+            }
+        }
+    }
+
+    /// A change of `openid`'s profile begins. An error (503 `unavailable`) means it must not
+    /// go on: the other replicas could not be told.
+    pub async fn write_started(&self, openid: &str) -> Result<(), ApiError> {
+        self.call("SET writing", |mut conn| async move {
+            redis::cmd("SET")
+                .arg(Self::key(openid))
+                .arg(WRITING)
+                .arg("PX")
+                .arg(ms(WRITING_FOR))
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+        .map_err(|e| {
+            self.warn(&e);
+            ApiError::unavailable(e)
+        })
+    }
+
+    /// That change ended (committed or not): the stamp goes; if Redis does not take it,
+    /// `writing` lapses by itself.
+    pub async fn write_ended(&self, openid: &str) {
+        let deleted = self
+            .call("DEL", |mut conn| async move {
+                redis::cmd("DEL")
+                    .arg(Self::key(openid))
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Err(e) = deleted {
+            self.warn(&e);
+        }
+    }
+
+    /// Runs one command on the connection under [`CALL_DEADLINE`].
+    async fn call<T, F, Fut>(&self, what: &'static str, command: F) -> anyhow::Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let run = async {
+            let conn = self.connection().await?;
+            command(conn)
+                .await
+                .map_err(|e| anyhow::Error::new(e).context(format!("Redis {what} failed")))
+        };
+        tokio::time::timeout(CALL_DEADLINE, run)
+            .await
+            .map_err(|_| anyhow!("Redis {what} did not finish within {CALL_DEADLINE:?}"))?
+    }
+
+    /// The connection, made on first use; a failed attempt is retried by a later call (at
+    /// most once per [`RECONNECT_GAP`]).
+    async fn connection(&self) -> anyhow::Result<ConnectionManager> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let recent_failure = self
+                    .failed_at
+                    .lock()
+                    .map(|at| at.is_some_and(|at| at.elapsed() < RECONNECT_GAP))
+                    .unwrap_or(false);
+                if recent_failure {
+                    return Err(anyhow!(
+                        "Redis could not be reached moments ago; not trying again yet"
+                    ));
+                }
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(IO_TIMEOUT))
+                    .set_response_timeout(Some(IO_TIMEOUT))
+                    .set_number_of_retries(1);
+                let made = ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("cannot connect to Redis"));
+                if made.is_err()
+                    && let Ok(mut at) = self.failed_at.lock()
+                {
+                    *at = Some(Instant::now());
+                }
+                made
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Logs a failure, at most once per [`WARN_EVERY_MS`].
+    fn warn(&self, e: &anyhow::Error) {
+        let now = u64::try_from(now_millis()).unwrap_or(0);
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < WARN_EVERY_MS
+            || self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        warn!(
+            error = format!("{e:#}"),
+            "Redis does not answer: profiles are read from the database, changes are refused"
+        );
+    }
+}
+
+/// Milliseconds for `PX`, which refuses 0.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
