@@ -37,9 +37,9 @@ const ALIVE_FOR: Duration = Duration::from_secs(15);
 /// How long an end's mark lasts: far longer than any `Verify` that read the database
 /// before the end committed may still take to write its `Alive` mark.
 const ENDED_FOR: Duration = Duration::from_secs(600);
-/// The longest a write of a phone number keeps its stamp at `writing` if it cannot clear
-/// it (far above one database write; until then that user's number is read from the
-/// database on every call).
+/// How long a write of a phone number keeps its stamp at `writing`, past the exchange at
+/// WeChat, if it cannot clear it (far above one database write; until then that user's
+/// number is read from the database on every call).
 const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
@@ -703,17 +703,34 @@ impl AuthCore {
                 .ok_or(AuthError::PhoneNotSet);
         }
         let code = WechatCode::parse(code).map_err(AuthError::InvalidCode)?;
+        // Up to eight WeChat calls (stable_token and the exchange, each with a retry of -1,
+        // then both again after a refused token), each under the WeChat timeout.
+        let exchange_for = self.policy.wechat_timeout * 8 + Duration::from_secs(2);
+        // Every replica's kept copy of the number stops counting before anything starts
+        // (see KeptPhones); a cache that cannot be told refuses the call before any billed
+        // exchange. If the end below is never reached, `writing` lapses by itself.
+        self.cache
+            .phone_write_started(&id.openid, exchange_for + PHONE_WRITE_FOR)
+            .await?;
+        let stored = self.exchange_and_store(&id, &code, exchange_for).await;
+        if let Err(e) = self.cache.phone_write_ended(&id.openid).await {
+            warn!(error = %e, "could not clear a phone number's stamp (it lapses by itself)");
+        }
+        stored
+    }
+
+    /// The exchange of a phone code for `id`'s user, and the number stored.
+    async fn exchange_and_store(
+        &self,
+        id: &Identity,
+        code: &WechatCode,
+        exchange_for: Duration,
+    ) -> Result<PhoneNumber, AuthError> {
         // Namespaced apart from login codes, claimed exactly like them: across replicas
         // through the shared cache, so a retry or a race never makes a second (billed) call.
         let code_key = self.keys.code_hash(&format!("phone:{}", code.as_ref()));
-        // Up to eight WeChat calls (stable_token and the exchange, each with a retry of -1,
-        // then both again after a refused token), each under the WeChat timeout.
-        self.claim(
-            &code_key,
-            self.policy.wechat_timeout * 8 + Duration::from_secs(2),
-        )
-        .await?;
-        let exchanged = self.exchange_phone_code(&code, &id.openid).await;
+        self.claim(&code_key, exchange_for).await?;
+        let exchanged = self.exchange_phone_code(code, &id.openid).await;
         // Remembered before anything else can fail: WeChat bills a code it accepted.
         self.cache
             .finish_code(&code_key, exchanged.is_ok(), USED_CODE_TTL)
@@ -724,19 +741,12 @@ impl AuthCore {
             .keys
             .seal(&plain, id.openid.as_bytes())
             .map_err(AuthError::internal)?;
-        // Every replica's kept copy stops counting before the write starts (see KeptPhones).
-        self.cache
-            .phone_write_started(&id.openid, PHONE_WRITE_FOR)
-            .await?;
         let write = self.phones.write_started(&id.openid);
         let stored = self
             .store
             .set_phone(&id.openid, &sealed, now_millis())
             .await;
         drop(write);
-        if let Err(e) = self.cache.phone_write_ended(&id.openid).await {
-            warn!(error = %e, "could not clear a phone number's stamp (it lapses by itself)");
-        }
         if !stored? {
             return Err(AuthError::internal(anyhow::anyhow!(
                 "the user of a verified token is not in the store"

@@ -665,6 +665,33 @@ async fn auth_a_number_written_on_one_replica_is_what_the_other_answers_next() {
 }
 
 #[tokio::test]
+async fn auth_a_phone_code_is_not_spent_while_redis_cannot_be_told_of_the_write() {
+    // A Redis that never answers (auth-service falls back to memory for everything else).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let dead = format!("redis://{}", listener.local_addr().expect("address"));
+    drop(listener);
+    let mut w = world(&[("AUTH_REDIS_URL", dead.as_str())]).await;
+    let (openid, token) = new_user(&w.sim, &mut w.client).await;
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13800138000").for_openid(&openid))
+        .await
+        .expect("mint");
+
+    let err = phone(&mut w.client, &token, &code)
+        .await
+        .expect_err("other replicas could not be told of the write");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        w.sim.code_calls(&code).await.expect("calls"),
+        0,
+        "refused before any billed call: the code stays usable"
+    );
+    // Reads still answer, from the database.
+    assert_eq!(verify_phone(&mut w.client, &token).await, None);
+}
+
+#[tokio::test]
 async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
     let Some((sim, [a, b])) =
         two_replicas("auth_sensitive::auth_replicas_share_one_access_token_and_one_forced_refresh")

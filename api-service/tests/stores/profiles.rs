@@ -171,7 +171,11 @@ async fn a_change_through_one_replica_is_what_the_other_answers_next() {
         b.update(&openid, nickname(name)).await.expect("update");
         for _ in 0..2 {
             let p = a.get_or_create(&openid).await.expect("read");
-            assert_eq!(p.nickname.as_deref(), Some(name), "A answered a stale profile");
+            assert_eq!(
+                p.nickname.as_deref(),
+                Some(name),
+                "A answered a stale profile"
+            );
         }
     }
 }
