@@ -41,6 +41,7 @@ async fn cluster(test: &str, auth_env: &[(&str, &str)]) -> Option<Cluster> {
     let b = AuthProcess::start(&sim, &env).await.expect("auth B");
     let api_env = [
         ("API_DATABASE_URL", api_db.as_str()),
+        ("API_REDIS_URL", redis_url.as_str()),
         ("API_AUTH_TIMEOUT", "10s"),
         ("API_TRUSTED_PROXY_HOPS", "1"),
     ];
@@ -136,6 +137,26 @@ async fn what_one_replica_does_the_other_sees_at_once() {
     let (status, me) = call(&c.api[1], Method::GET, "/v1/me", Some(&access), None, &[]).await;
     assert_eq!(status, StatusCode::OK, "{me}");
     assert_eq!(me["openid"], pair["openid"]);
+
+    // A profile both replicas keep in memory: a change through one is what the other
+    // answers next (each copy is checked against its stamp in Redis).
+    for name in ["first", "second"] {
+        let (status, _) = call(&c.api[0], Method::GET, "/v1/me", Some(&access), None, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, changed) = call(
+            &c.api[0],
+            Method::PATCH,
+            "/v1/me",
+            Some(&access),
+            Some(json!({"nickname": name})),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{changed}");
+        let (status, seen) = call(&c.api[1], Method::GET, "/v1/me", Some(&access), None, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seen["nickname"], name, "B answered a stale profile");
+    }
 
     // An Idempotency-Key retried on the other replica returns the first answer.
     let note = json!({"title": "once", "body": "only once"});
