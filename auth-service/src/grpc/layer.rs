@@ -144,6 +144,10 @@ where
                     )
                     .into_http::<ResBody>()
                 };
+                // Unique per call: sent never-indexed, so HPACK does not churn both ends'
+                // header tables with it.
+                let mut request_id = request_id;
+                request_id.set_sensitive(true);
                 response.headers_mut().insert(REQUEST_ID, request_id);
                 Ok(response)
             }
