@@ -90,7 +90,10 @@ impl GrpcAuth {
         if let Some(key) = &self.client_key {
             req.metadata_mut().insert("x-client-key", key.clone());
         }
-        if let Ok(mut id) = ctx.request_id.parse::<MetadataValue<tonic::metadata::Ascii>>() {
+        if let Ok(mut id) = ctx
+            .request_id
+            .parse::<MetadataValue<tonic::metadata::Ascii>>()
+        {
             // Unique per request: HPACK would add it to both ends' header tables and evict
             // others for nothing; sent never-indexed instead.
             id.set_sensitive(true);
