@@ -167,6 +167,9 @@ pub struct Policy {
     /// How many users' phone numbers this process keeps in memory ([`KeptPhones`]); 0
     /// unless the store is SQLite, whose one replica is the only writer of the numbers.
     pub kept_phones: usize,
+    /// Whether the kept numbers are checked against their stamps in the shared cache
+    /// (PostgreSQL with Redis: other replicas write numbers too).
+    pub phone_stamps: bool,
 }
 
 impl Policy {
@@ -193,6 +196,8 @@ impl Policy {
                 (DatabaseSettings::Sqlite { .. }, _) | (_, Some(_)) => s.verify_cache_size,
                 (DatabaseSettings::Postgres { .. }, None) => 0,
             },
+            phone_stamps: matches!(s.database, DatabaseSettings::Postgres { .. })
+                && s.redis_url.is_some(),
         }
     }
 }
@@ -376,7 +381,7 @@ impl AuthCore {
         let mut stamp = None;
         if let Some(known) = self.verified.get(&hash, now) {
             // A cache that fails reads as no mark: the database answers.
-            let mark = if phone_stamp {
+            let mark = if phone_stamp && self.policy.phone_stamps {
                 self.cache
                     .session_mark_and_phone_stamp(&known.session_id, &known.openid)
                     .await
@@ -709,6 +714,9 @@ impl AuthCore {
         // Every replica's kept copy of the number stops counting before anything starts
         // (see KeptPhones); a cache that cannot be told refuses the call before any billed
         // exchange. If the end below is never reached, `writing` lapses by itself.
+        if !self.policy.phone_stamps {
+            return self.exchange_and_store(&id, &code, exchange_for).await;
+        }
         self.cache
             .phone_write_started(&id.openid, exchange_for + PHONE_WRITE_FOR)
             .await?;
@@ -779,6 +787,8 @@ impl AuthCore {
             return self.stored_phone(openid).await;
         }
         let stamp = match stamp {
+            // One process writes every number (SQLite): its own rule suffices.
+            _ if !self.policy.phone_stamps => PhoneStamp::Local,
             Some(stamp) => stamp,
             // A cache that fails (FallbackCache answers `Unusable`) leaves the database.
             None => self
@@ -1029,19 +1039,27 @@ mod tests {
             .collect();
             let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("settings");
             let p = Policy::from_settings(&settings);
-            (p.verify_cache, p.kept_phones)
+            (p.verify_cache, p.kept_phones, p.phone_stamps)
         };
         let pg = "postgres://u@127.0.0.1:5432/db";
         let redis = Some("redis://127.0.0.1:6379");
 
         // SQLite is one process: tokens' facts and phone numbers both.
-        assert_eq!(policy("sqlite://a.db", None, None), (100_000, 100_000));
+        assert_eq!(
+            policy("sqlite://a.db", None, None),
+            (100_000, 100_000, false)
+        );
+        // With Redis, SQLite is still one process: no stamps needed.
+        assert_eq!(
+            policy("sqlite://a.db", redis, None),
+            (100_000, 100_000, false)
+        );
         // Several replicas with Redis: the marks are shared, and so are the numbers' stamps.
-        assert_eq!(policy(pg, redis, None), (100_000, 100_000));
+        assert_eq!(policy(pg, redis, None), (100_000, 100_000, true));
         // PostgreSQL alone: neither.
-        assert_eq!(policy(pg, None, None), (0, 0));
+        assert_eq!(policy(pg, None, None), (0, 0, false));
         // 0 turns both off.
-        assert_eq!(policy("sqlite://a.db", None, Some("0")), (0, 0));
-        assert_eq!(policy(pg, redis, Some("0")), (0, 0));
+        assert_eq!(policy("sqlite://a.db", None, Some("0")), (0, 0, false));
+        assert_eq!(policy(pg, redis, Some("0")), (0, 0, true));
     }
 }

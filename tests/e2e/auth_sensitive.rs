@@ -666,11 +666,23 @@ async fn auth_a_number_written_on_one_replica_is_what_the_other_answers_next() {
 
 #[tokio::test]
 async fn auth_a_phone_code_is_not_spent_while_redis_cannot_be_told_of_the_write() {
-    // A Redis that never answers (auth-service falls back to memory for everything else).
+    // Replicas on PostgreSQL, with a Redis that never answers (auth-service falls back to
+    // memory for everything else).
+    let External::Run(db) = postgres_database(
+        "auth_sensitive::auth_a_phone_code_is_not_spent_while_redis_cannot_be_told_of_the_write",
+    )
+    .await
+    .expect("database") else {
+        return;
+    };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     let dead = format!("redis://{}", listener.local_addr().expect("address"));
     drop(listener);
-    let mut w = world(&[("AUTH_REDIS_URL", dead.as_str())]).await;
+    let mut w = world(&[
+        ("AUTH_DATABASE_URL", db.as_str()),
+        ("AUTH_REDIS_URL", dead.as_str()),
+    ])
+    .await;
     let (openid, token) = new_user(&w.sim, &mut w.client).await;
     let code = w
         .sim
