@@ -200,7 +200,8 @@ impl Settings {
             redis_url,
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
-            worker_threads: worker_threads(get("API_WORKER_THREADS"), "API_WORKER_THREADS")?,
+            worker_threads: shared::runtime::worker_threads(get("API_WORKER_THREADS").as_deref())
+                .map_err(|problem| bad("API_WORKER_THREADS", problem))?,
         };
         let mut settings = settings;
         if get("API_AUTH_WECHAT_TIMEOUT").is_none() {
@@ -221,25 +222,6 @@ impl Settings {
         }
         Ok(settings)
     }
-}
-
-/// The most worker threads a setting may ask for.
-const MAX_WORKER_THREADS: usize = 1024;
-
-/// `API_WORKER_THREADS`: unset, or a whole number from 1 to [`MAX_WORKER_THREADS`].
-fn worker_threads(
-    value: Option<String>,
-    name: &'static str,
-) -> Result<Option<NonZeroUsize>, ConfigError> {
-    value
-        .map(|v| {
-            v.trim()
-                .parse::<NonZeroUsize>()
-                .ok()
-                .filter(|n| n.get() <= MAX_WORKER_THREADS)
-                .ok_or_else(|| bad(name, "must be a whole number from 1 to 1024"))
-        })
-        .transpose()
 }
 
 fn addr(

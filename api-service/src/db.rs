@@ -8,15 +8,15 @@
 //! succeed (sqlx takes an advisory lock around them, so replicas starting together are safe).
 //! Until then /readyz answers 503 and every store call 503 `unavailable` with `Retry-After`.
 
-use std::fs::{File, OpenOptions, TryLockError};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
+use shared::OneProcess;
 use sqlx::error::DatabaseError as _;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 use sqlx::sqlite::{
@@ -48,7 +48,8 @@ const PG_MIGRATION_RETRY: (Duration, Duration) =
 /// The business database: one of the two backends, chosen at start-up.
 #[derive(Debug, Clone)]
 pub enum Db {
-    /// An SQLite file, migrated before start, and this process's lock on it.
+    /// An SQLite file, migrated before start, and this process's lock on it (the edge keeps
+    /// profiles in memory on the strength of it: [`crate::profile::KeptProfiles`]).
     Sqlite(SqlitePool, Arc<OneProcess>),
     /// PostgreSQL, migrated in the background.
     Postgres(PgDb),
@@ -114,44 +115,6 @@ impl Db {
             Self::Sqlite(pool, _) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
             Self::Postgres(pg) => {
                 pg.is_migrated() && sqlx::query("SELECT 1").execute(&pg.pool).await.is_ok()
-            }
-        }
-    }
-}
-
-/// This process's hold on an SQLite database: an exclusive lock on `<file>.lock`, kept while
-/// the process runs (the system releases it when the process ends, however it ends).
-///
-/// SQLite is for one replica, and the edge relies on it: it keeps the profiles it reads in
-/// memory ([`crate::profile::KeptProfiles`]), which another process writing the same file
-/// would make stale. A second process on the same file stops at start-up, saying so.
-#[derive(Debug)]
-pub struct OneProcess {
-    _file: File,
-}
-
-impl OneProcess {
-    /// Takes the lock of the database at `path`, or says why not.
-    pub fn take(path: &Path) -> anyhow::Result<Self> {
-        let mut name = path.as_os_str().to_owned();
-        name.push(".lock");
-        let lock = PathBuf::from(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .with_context(|| format!("cannot open the lock file {}", lock.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(TryLockError::WouldBlock) => Err(anyhow::anyhow!(
-                "another process has the SQLite database {} open ({} is locked): SQLite is \
-                 for one replica; use PostgreSQL for more",
-                path.display(),
-                lock.display()
-            )),
-            Err(TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("cannot lock {}", lock.display()))
             }
         }
     }

@@ -189,7 +189,8 @@ impl Settings {
                 .map_err(|_| bad("AUTH_VERIFY_CACHE_SIZE", "must be a whole number"))?,
         };
 
-        let worker_threads = worker_threads(get("AUTH_WORKER_THREADS"), "AUTH_WORKER_THREADS")?;
+        let worker_threads = shared::runtime::worker_threads(get("AUTH_WORKER_THREADS").as_deref())
+            .map_err(|problem| bad("AUTH_WORKER_THREADS", problem))?;
 
         let settings = Self {
             grpc_addr,
@@ -251,25 +252,6 @@ fn duration(
 
 /// Checks `AUTH_REDIS_URL` as redis-rs will read it, without echoing it (it may hold a
 /// password).
-/// The most worker threads a setting may ask for.
-const MAX_WORKER_THREADS: usize = 1024;
-
-/// `*_WORKER_THREADS`: unset, or a whole number from 1 to [`MAX_WORKER_THREADS`].
-fn worker_threads(
-    value: Option<String>,
-    name: &'static str,
-) -> Result<Option<NonZeroUsize>, ConfigError> {
-    value
-        .map(|v| {
-            v.trim()
-                .parse::<NonZeroUsize>()
-                .ok()
-                .filter(|n| n.get() <= MAX_WORKER_THREADS)
-                .ok_or_else(|| bad(name, "must be a whole number from 1 to 1024"))
-        })
-        .transpose()
-}
-
 fn redis_url(url: String) -> Result<SecretString, ConfigError> {
     const NAME: &str = "AUTH_REDIS_URL";
     let url = SecretString::from(url.trim().to_owned());
@@ -372,6 +354,8 @@ mod tests {
                 .map(NonZeroUsize::get),
             Some(1)
         );
+        env.insert("AUTH_WORKER_THREADS", "0".into());
+        assert_eq!(load(&env).expect_err("zero").name, "AUTH_WORKER_THREADS");
     }
 
     #[test]

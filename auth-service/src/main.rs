@@ -1,7 +1,6 @@
 //! The auth-service binary: settings from the environment, JSON logs to stdout, serve until
 //! SIGTERM.
 
-use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use auth_service::config::Settings;
@@ -24,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match runtime(settings.worker_threads) {
+    let runtime = match shared::runtime::build(settings.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "no async runtime");
@@ -33,19 +32,6 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(serve(settings))
-}
-
-/// tokio's multi-threaded runtime with `threads` workers, or one per CPU the process may use
-/// (set here rather than left to tokio, which would read `TOKIO_WORKER_THREADS` and panic on
-/// a malformed value).
-fn runtime(threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = threads
-        .or_else(|| std::thread::available_parallelism().ok())
-        .map_or(1, NonZeroUsize::get);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
 }
 
 async fn serve(settings: Settings) -> ExitCode {

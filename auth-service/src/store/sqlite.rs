@@ -4,13 +4,13 @@
 //! upgrading a read lock: SQLite serializes them, which is what makes a login's policy
 //! decision and a refresh-token exchange atomic here (PostgreSQL will lock rows instead).
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
+use shared::OneProcess;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
 
@@ -27,45 +27,9 @@ use crate::domain::{
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// This process's lock on the file: `Verify`'s session marks and the phone numbers it
+    /// keeps ([`crate::phones::KeptPhones`]) live in this process alone.
     _one_process: Arc<OneProcess>,
-}
-
-/// This process's hold on the SQLite database: an exclusive lock on `<file>.lock`, kept
-/// while the process runs (the system releases it when the process ends, however it ends).
-///
-/// SQLite is for one replica, and the service relies on it: with SQLite, `Verify`'s session
-/// marks live in this process's memory and so do the users' phone numbers it has read
-/// ([`crate::phones::KeptPhones`]); a second process on the same file would neither see this
-/// one's marks nor keep its numbers current. It stops at start-up instead, saying so.
-#[derive(Debug)]
-struct OneProcess {
-    _file: File,
-}
-
-impl OneProcess {
-    fn take(path: &Path) -> anyhow::Result<Self> {
-        let mut name = path.as_os_str().to_owned();
-        name.push(".lock");
-        let lock = PathBuf::from(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .with_context(|| format!("cannot open the lock file {}", lock.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(TryLockError::WouldBlock) => Err(anyhow::anyhow!(
-                "another process has the SQLite database {} open ({} is locked): SQLite is \
-                 for one replica; use PostgreSQL for more",
-                path.display(),
-                lock.display()
-            )),
-            Err(TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("cannot lock {}", lock.display()))
-            }
-        }
-    }
 }
 
 impl SqliteStore {

@@ -1,0 +1,59 @@
+//! The multi-threaded tokio runtime a service runs on, with the number of worker threads its
+//! `*_WORKER_THREADS` setting asks for.
+
+use std::num::NonZeroUsize;
+
+/// The most worker threads a setting may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// A `*_WORKER_THREADS` setting: unset (`None`: one per CPU), or a whole number from 1 to
+/// [`MAX_WORKER_THREADS`]. The error is the problem, for the caller to put after the
+/// setting's name (never the value).
+pub fn worker_threads(value: Option<&str>) -> Result<Option<NonZeroUsize>, &'static str> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse::<NonZeroUsize>()
+        .ok()
+        .filter(|n| n.get() <= MAX_WORKER_THREADS)
+        .map(Some)
+        .ok_or("must be a whole number from 1 to 1024")
+}
+
+/// tokio's multi-threaded runtime with `threads` workers, or one per CPU the process may use
+/// (a container's CPU limit counts). Set here rather than left to tokio, which would read
+/// `TOKIO_WORKER_THREADS` and panic on a malformed value.
+pub fn build(threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_are_unset_or_whole_numbers_from_1_to_the_limit() {
+        let n = |v: Option<&str>| worker_threads(v).map(|n| n.map(NonZeroUsize::get));
+        assert_eq!(n(None), Ok(None));
+        assert_eq!(n(Some(" 1 ")), Ok(Some(1)));
+        assert_eq!(n(Some("1024")), Ok(Some(1024)));
+        for bad in ["0", "1025", "-3", "two", ""] {
+            assert!(n(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_runtime_runs_with_the_threads_asked_for() {
+        let rt = build(NonZeroUsize::new(2)).expect("a runtime");
+        assert_eq!(rt.metrics().num_workers(), 2);
+        assert_eq!(rt.block_on(async { 40 + 2 }), 42);
+    }
+}
