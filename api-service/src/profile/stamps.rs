@@ -15,19 +15,17 @@
 //! Redis failing costs reads of the database, never a stale answer: a stamp that cannot be
 //! read counts as `writing`, and a change that cannot set `writing` is refused (503
 //! `unavailable`), since the other replicas could not be told of it. The connection is
-//! lazy (the edge starts while Redis is down) and redis-rs' `ConnectionManager` reconnects
-//! by itself; every call gives up after [`CALL_DEADLINE`].
+//! lazy ([`LazyRedis`]: the edge starts while Redis is down) and reconnects by itself;
+//! every call gives up after [`CALL_DEADLINE`].
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError};
-use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::OnceCell;
-use tokio::time::Instant;
+use redis::RedisError;
+use redis::aio::ConnectionManager;
+use secrecy::SecretString;
+use shared::LazyRedis;
 use tracing::warn;
 
 use crate::error::ApiError;
@@ -43,10 +41,6 @@ const WRITING_FOR: Duration = Duration::from_secs(300);
 const WRITING: &str = "writing";
 /// The most one call may take, connecting included.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
-/// Time limit of one connection attempt, and of one command's answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(1);
-/// After a failed first connection, calls fail at once for this long.
-const RECONNECT_GAP: Duration = Duration::from_millis(500);
 /// At most one warning about Redis failures per this long (in milliseconds).
 const WARN_EVERY_MS: u64 = 10_000;
 
@@ -63,9 +57,7 @@ pub enum Stamp {
 
 /// The stamps of profiles in one Redis.
 pub struct Stamps {
-    client: Client,
-    conn: OnceCell<ConnectionManager>,
-    failed_at: Mutex<Option<Instant>>,
+    redis: LazyRedis,
     /// When the last warning was logged (ms since the epoch).
     warned_at: AtomicU64,
 }
@@ -74,7 +66,7 @@ impl std::fmt::Debug for Stamps {
     // Not the client: its connection info holds the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stamps")
-            .field("connected", &self.conn.initialized())
+            .field("connected", &self.redis.connected())
             .finish_non_exhaustive()
     }
 }
@@ -82,13 +74,8 @@ impl std::fmt::Debug for Stamps {
 impl Stamps {
     /// Stamps in the Redis at `url`; nothing is connected until the first call.
     pub fn new(url: &SecretString) -> anyhow::Result<Self> {
-        // redis-rs' messages about a URL never repeat it, so the password stays out.
-        let client = Client::open(url.expose_secret())
-            .map_err(|e| anyhow::Error::new(e).context("API_REDIS_URL is not usable"))?;
         Ok(Self {
-            client,
-            conn: OnceCell::new(),
-            failed_at: Mutex::new(None),
+            redis: LazyRedis::new(url).map_err(|e| e.context("API_REDIS_URL is not usable"))?,
             warned_at: AtomicU64::new(0),
         })
     }
@@ -188,7 +175,7 @@ impl Stamps {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let run = async {
-            let conn = self.connection().await?;
+            let conn = self.redis.connection().await?;
             command(conn)
                 .await
                 .map_err(|e| anyhow::Error::new(e).context(format!("Redis {what} failed")))
@@ -196,40 +183,6 @@ impl Stamps {
         tokio::time::timeout(CALL_DEADLINE, run)
             .await
             .map_err(|_| anyhow!("Redis {what} did not finish within {CALL_DEADLINE:?}"))?
-    }
-
-    /// The connection, made on first use; a failed attempt is retried by a later call (at
-    /// most once per [`RECONNECT_GAP`]).
-    async fn connection(&self) -> anyhow::Result<ConnectionManager> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let recent_failure = self
-                    .failed_at
-                    .lock()
-                    .map(|at| at.is_some_and(|at| at.elapsed() < RECONNECT_GAP))
-                    .unwrap_or(false);
-                if recent_failure {
-                    return Err(anyhow!(
-                        "Redis could not be reached moments ago; not trying again yet"
-                    ));
-                }
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(IO_TIMEOUT))
-                    .set_response_timeout(Some(IO_TIMEOUT))
-                    .set_number_of_retries(1);
-                let made = ConnectionManager::new_with_config(self.client.clone(), config)
-                    .await
-                    .map_err(|e| anyhow::Error::new(e).context("cannot connect to Redis"));
-                if made.is_err()
-                    && let Ok(mut at) = self.failed_at.lock()
-                {
-                    *at = Some(Instant::now());
-                }
-                made
-            })
-            .await?;
-        Ok(conn.clone())
     }
 
     /// Logs a failure, at most once per [`WARN_EVERY_MS`].

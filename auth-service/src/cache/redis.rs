@@ -14,38 +14,26 @@
 //! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
 //! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
 //!
-//! The connection is lazy and bounded: nothing is connected when the cache is built (the
-//! service starts while Redis is down); the first call connects, a failed connection is tried
-//! again by a later call, and once connected, redis-rs' `ConnectionManager` reconnects by
-//! itself after Redis restarts. Every call gives up after [`CALL_DEADLINE`], so a Redis that
+//! The connection is lazy and bounded ([`LazyRedis`]): nothing is connected when the cache is
+//! built (the service starts while Redis is down); the first call connects, a failed
+//! connection is tried again by a later call, and once connected, redis-rs'
+//! `ConnectionManager` reconnects by itself after Redis restarts. Every call gives up after [`CALL_DEADLINE`], so a Redis that
 //! is down or hung costs a login at most that long (and [`super::FallbackCache`] answers it).
 
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script};
-use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::OnceCell;
-use tokio::time::Instant;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Script};
+use secrecy::SecretString;
+use shared::LazyRedis;
 
 use super::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
 
-/// Time limit of one connection attempt.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Time limit of one command's answer.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The most one cache call may take, connecting included.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
-/// The most the first connection may take (its attempt and one retry), inside
-/// [`CALL_DEADLINE`] so that a failure is always recorded.
-const FIRST_CONNECT_DEADLINE: Duration = Duration::from_millis(1500);
-/// After a failed first connection, calls fail at once for this long rather than each
-/// waiting for a connect timeout of its own.
-const RECONNECT_GAP: Duration = Duration::from_millis(500);
 
 /// How long a phone number's stamp lives: when it lapses, the next read makes another, and
 /// the numbers kept under the old one are read again once.
@@ -90,12 +78,9 @@ return {n, ttl}
 
 /// Cache state in Redis, shared by every replica of one app.
 pub struct RedisCache {
-    client: Client,
+    redis: LazyRedis,
     /// `wxauth:<appid>:`.
     prefix: String,
-    conn: OnceCell<ConnectionManager>,
-    /// When the last attempt to connect failed.
-    failed_at: Mutex<Option<Instant>>,
     claim: Script,
     release: Script,
     hit: Script,
@@ -106,7 +91,7 @@ impl std::fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisCache")
             .field("prefix", &self.prefix)
-            .field("connected", &self.conn.initialized())
+            .field("connected", &self.redis.connected())
             .finish_non_exhaustive()
     }
 }
@@ -115,14 +100,9 @@ impl RedisCache {
     /// A cache at `url` (`redis://` or `rediss://`) for the app `appid`. Reads the URL only:
     /// nothing is connected until the first call.
     pub fn new(url: &SecretString, appid: &str) -> Result<Self, CacheError> {
-        // redis-rs' messages about a URL never repeat it, so the password stays out.
-        let client = Client::open(url.expose_secret())
-            .map_err(|e| CacheError(anyhow::Error::new(e).context("unusable Redis URL")))?;
         Ok(Self {
-            client,
+            redis: LazyRedis::new(url).map_err(CacheError)?,
             prefix: format!("wxauth:{appid}:"),
-            conn: OnceCell::new(),
-            failed_at: Mutex::new(None),
             claim: Script::new(CLAIM_LUA),
             release: Script::new(RELEASE_LUA),
             hit: Script::new(HIT_LUA),
@@ -158,43 +138,9 @@ impl RedisCache {
         format!("{}phone:{openid}", self.prefix)
     }
 
-    /// The connection, made on first use; a failed attempt is retried by a later call
-    /// (at most once per [`RECONNECT_GAP`]).
+    /// The connection, made on first use (see [`LazyRedis`]).
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let recent_failure = self
-                    .failed_at
-                    .lock()
-                    .map(|at| at.is_some_and(|at| at.elapsed() < RECONNECT_GAP))
-                    .unwrap_or(false);
-                if recent_failure {
-                    return Err(CacheError(anyhow!(
-                        "Redis could not be reached moments ago; not trying again yet"
-                    )));
-                }
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500));
-                let connect = ConnectionManager::new_with_config(self.client.clone(), config);
-                let error = match tokio::time::timeout(FIRST_CONNECT_DEADLINE, connect).await {
-                    Ok(Ok(conn)) => return Ok(conn),
-                    Ok(Err(e)) => failed("connect")(e),
-                    Err(_) => CacheError(anyhow!(
-                        "Redis did not accept a connection within {FIRST_CONNECT_DEADLINE:?}"
-                    )),
-                };
-                if let Ok(mut at) = self.failed_at.lock() {
-                    *at = Some(Instant::now());
-                }
-                Err(error)
-            })
-            .await?;
-        Ok(conn.clone())
+        self.redis.connection().await.map_err(CacheError)
     }
 }
 
