@@ -1,6 +1,5 @@
-//! The users' kept phone numbers, remembered by the one process that writes them, so that
-//! `Verify` with `include_phone` (every `GET /v1/me`) costs no database read and no
-//! decryption.
+//! The users' phone numbers, kept in memory so that `Verify` with `include_phone` (every
+//! `GET /v1/me`) costs no database read and no decryption.
 //!
 //! With SQLite this process is the database's only writer (one replica). With PostgreSQL
 //! another replica may change a number, so an entry is kept with the stamp Redis gave the
@@ -9,10 +8,9 @@
 //! read goes to the database.
 //!
 //! Within the process, an entry is what the database answered, kept only when no write of
-//! a number overlapped
-//! the read: every write counts itself in while it runs and bumps a version when it starts
-//! and when it ends, and a read is kept only if it began with no write running and the
-//! version is still the one it began with. A write also drops its user's entry once it has
+//! a number overlapped the read: every write counts itself in while it runs and bumps a
+//! version when it starts and when it ends, and a read is kept only if it began with no
+//! write running and the version is still the one it began with. A write also drops its user's entry once it has
 //! ended (committed, failed or abandoned), so the next read takes the number from the
 //! database. Writes are rare (a user confirms a number once or twice), so a write anywhere
 //! skipping the keeping of reads elsewhere costs nothing that matters.
