@@ -8,21 +8,15 @@
 //! while Redis gives that same stamp; a change anywhere replaces the stamp before it starts
 //! ([`Stamps`]). PostgreSQL without Redis keeps nothing: every read goes to the database.
 //!
-//! Within the process, an entry is what the database answered, kept only when no write of
-//! a profile overlapped
-//! the read: every write counts itself in while it runs and bumps a version when it starts
-//! and when it ends, and a read is kept only if it began with no write running and the
-//! version is still the one it began with. A write also drops its user's entry once it has
-//! ended (committed, failed or abandoned), so the next read takes the profile from the
-//! database. Profile writes are rare next to reads, so a write anywhere skipping the keeping
-//! of reads elsewhere costs little. The map is bounded (S3-FIFO eviction by `quick_cache`).
-
-use std::sync::{Mutex, MutexGuard, PoisonError};
+//! Within the process, [`shared::Kept`]'s rule applies: a read is kept only if no write of
+//! a profile overlapped it, and a write drops its user's entry when it ends. Profile writes
+//! are rare next to reads, so a write anywhere skipping the keeping of reads elsewhere costs
+//! little. The map is bounded (S3-FIFO eviction by `quick_cache`).
 
 use async_trait::async_trait;
-use quick_cache::sync::Cache;
+use shared::{Kept, Stamp};
 
-use super::stamps::{Stamp, Stamps};
+use super::stamps::Stamps;
 use super::{Profile, ProfilePatch, ProfileStore};
 use crate::error::ApiError;
 
@@ -32,42 +26,17 @@ pub const KEPT_PROFILES: usize = 100_000;
 /// A profile store with the profiles it has read kept in memory (see the module).
 pub struct KeptProfiles<S> {
     inner: S,
-    /// openid → the stamp the profile was read under (`None`: no Redis, one process) and
-    /// the profile.
-    profiles: Cache<String, (Option<String>, Profile)>,
-    writes: Mutex<Writes>,
+    profiles: Kept<Profile>,
     stamps: Option<Stamps>,
-}
-
-/// The writes of profiles: how many run now, and a count of their starts and ends.
-#[derive(Debug, Default)]
-struct Writes {
-    running: u32,
-    version: u64,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for KeptProfiles<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeptProfiles")
             .field("inner", &self.inner)
-            .field("entries", &self.profiles.len())
+            .field("profiles", &self.profiles)
             .field("stamps", &self.stamps)
             .finish()
-    }
-}
-
-/// A write of a user's profile in progress; drops the user's entry when it ends.
-struct Write<'a, S> {
-    kept: &'a KeptProfiles<S>,
-    openid: &'a str,
-}
-
-impl<S> Drop for Write<'_, S> {
-    fn drop(&mut self) {
-        let mut writes = self.kept.writes();
-        self.kept.profiles.remove(self.openid);
-        writes.running -= 1;
-        writes.version += 1;
     }
 }
 
@@ -77,8 +46,7 @@ impl<S> KeptProfiles<S> {
     pub fn new(inner: S, capacity: usize) -> Self {
         Self {
             inner,
-            profiles: Cache::new(capacity.max(1)),
-            writes: Mutex::new(Writes::default()),
+            profiles: Kept::new(capacity.max(1)),
             stamps: None,
         }
     }
@@ -92,18 +60,6 @@ impl<S> KeptProfiles<S> {
         }
     }
 
-    fn writes(&self) -> MutexGuard<'_, Writes> {
-        // The lock guards two counters and is never held across an await or a panic point.
-        self.writes.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write_started<'a>(&'a self, openid: &'a str) -> Write<'a, S> {
-        let mut writes = self.writes();
-        writes.running += 1;
-        writes.version += 1;
-        Write { kept: self, openid }
-    }
-
     /// How many profiles are kept.
     pub fn len(&self) -> usize {
         self.profiles.len()
@@ -111,7 +67,7 @@ impl<S> KeptProfiles<S> {
 
     /// True when nothing is kept.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.profiles.is_empty()
     }
 }
 
@@ -119,39 +75,25 @@ impl<S> KeptProfiles<S> {
 impl<S: ProfileStore> ProfileStore for KeptProfiles<S> {
     async fn get_or_create(&self, openid: &str) -> Result<Profile, ApiError> {
         let stamp = match &self.stamps {
-            None => None,
-            Some(stamps) => Some(stamps.get(openid).await),
+            None => Stamp::Local,
+            Some(stamps) => stamps.get(openid).await,
         };
-        if let Some((kept_under, profile)) = self.profiles.get(openid) {
-            let current = match &stamp {
-                None => kept_under.is_none(),
-                Some(Stamp::Current(now)) => kept_under.as_deref() == Some(now.as_str()),
-                Some(Stamp::Missing | Stamp::Unusable) => false,
-            };
-            if current {
-                return Ok(profile);
-            }
+        if let Some(profile) = self.profiles.get(openid, &stamp) {
+            return Ok(profile);
         }
         // The stamp the read is kept under, taken before the read (`None`: not kept).
         let keep_under = match (stamp, &self.stamps) {
-            (None, _) => Some(None),
-            (Some(Stamp::Current(now)), _) => Some(Some(now)),
-            (Some(Stamp::Missing), Some(stamps)) => stamps.make(openid).await.map(Some),
-            (Some(Stamp::Missing | Stamp::Unusable), _) => None,
+            (Stamp::Local, _) => Some(None),
+            (Stamp::Current(now), _) => Some(Some(now)),
+            (Stamp::Missing, Some(stamps)) => stamps.make(openid).await.map(Some),
+            (Stamp::Missing | Stamp::Unusable, _) => None,
         };
-        let started = {
-            let writes = self.writes();
-            (writes.running == 0).then_some(writes.version)
-        };
+        let read = self.profiles.read_started();
         // A first sight inserts the empty profile: that write cannot change a profile that
         // exists, so it needs no counting in.
         let profile = self.inner.get_or_create(openid).await?;
-        if let (Some(version), Some(kept_under)) = (started, keep_under) {
-            let writes = self.writes();
-            if writes.running == 0 && writes.version == version {
-                self.profiles
-                    .insert(openid.to_owned(), (kept_under, profile.clone()));
-            }
+        if let Some(stamp) = keep_under {
+            self.profiles.read_done(read, openid, stamp, &profile);
         }
         Ok(profile)
     }
@@ -162,7 +104,7 @@ impl<S: ProfileStore> ProfileStore for KeptProfiles<S> {
             stamps.write_started(openid).await?;
         }
         let updated = {
-            let _write = self.write_started(openid);
+            let _write = self.profiles.write_started(openid);
             self.inner.update(openid, patch).await
         };
         if let Some(stamps) = &self.stamps {
@@ -174,6 +116,7 @@ impl<S: ProfileStore> ProfileStore for KeptProfiles<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use tokio::sync::Notify;

@@ -25,7 +25,7 @@ use anyhow::anyhow;
 use redis::RedisError;
 use redis::aio::ConnectionManager;
 use secrecy::SecretString;
-use shared::LazyRedis;
+use shared::{LazyRedis, Stamp};
 use tracing::warn;
 
 use crate::error::ApiError;
@@ -43,17 +43,6 @@ const WRITING: &str = "writing";
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// At most one warning about Redis failures per this long (in milliseconds).
 const WARN_EVERY_MS: u64 = 10_000;
-
-/// What Redis says of a user's profile.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stamp {
-    /// The stamp now.
-    Current(String),
-    /// No stamp: [`Stamps::make`] makes one.
-    Missing,
-    /// A change runs, or Redis did not answer: nothing may be kept or used.
-    Unusable,
-}
 
 /// The stamps of profiles in one Redis.
 pub struct Stamps {

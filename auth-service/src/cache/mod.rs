@@ -62,21 +62,9 @@ pub enum SessionMark {
 /// memory ([`crate::phones::KeptPhones`]) and still see a write made by another replica.
 ///
 /// With Redis, each user's number has a stamp: a random value that a write replaces (with
-/// `writing` while it runs, then with nothing, so that the next read makes a new one). A
-/// number read from the database under one stamp is current for as long as the stamp is:
-/// a write that began later has replaced it, and a random stamp never comes back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PhoneStamp {
-    /// The cache is this process's own (no Redis): the process's own rule applies.
-    Local,
-    /// The number's stamp now.
-    Current(String),
-    /// No stamp (none yet, or it expired): [`Cache::new_phone_stamp`] makes one.
-    Missing,
-    /// A write of the number runs (or ended without clearing its mark), or the stamp could
-    /// not be read: nothing may be kept, and nothing kept may be used.
-    Unusable,
-}
+/// `writing` while it runs, then with nothing, so that the next read makes a new one); see
+/// [`shared::Stamp`]. `Local`: the cache is this process's own (no Redis).
+pub use shared::Stamp as PhoneStamp;
 
 /// The shared short-lived state.
 #[async_trait]
