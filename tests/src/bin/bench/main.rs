@@ -107,14 +107,100 @@ fn parse_args() -> anyhow::Result<Args> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match run().await {
+fn main() -> ExitCode {
+    // `bench --serve echo|hello WORKERS`: one bare baseline server in a process of its own
+    // (started by the bench itself), on a runtime of WORKERS threads like the services'.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match argv.as_slice() {
+        [flag, what, workers] if flag == "--serve" => serve_alone(what, workers),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")
+            .and_then(|rt| rt.block_on(run())),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The body of `--serve`: starts the bare server, prints `listening <addr>` on stdout, and
+/// serves until its standard input closes (the bench holds it open, and kills the process
+/// when done).
+fn serve_alone(what: &str, workers: &str) -> anyhow::Result<()> {
+    let workers: usize = workers
+        .parse()
+        .context("--serve: WORKERS is not a number")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async {
+        let addr = match what {
+            "echo" => start_echo().await?,
+            "hello" => start_hello().await?,
+            other => bail!("--serve: unknown server {other:?} (echo or hello)"),
+        };
+        println!("listening {addr}");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        // Ends the process once the bench's end of the pipe is gone, however the bench ended.
+        std::thread::spawn(|| {
+            let mut sink = [0u8; 64];
+            while std::io::Read::read(&mut std::io::stdin(), &mut sink).is_ok_and(|n| n > 0) {}
+            std::process::exit(0);
+        });
+        std::future::pending::<anyhow::Result<()>>().await
+    })
+}
+
+/// A bare baseline server in a process of its own (`bench --serve`), stopped when dropped.
+struct OwnProcess {
+    child: tokio::process::Child,
+    /// Held open: the server ends when it closes.
+    _stdin: tokio::process::ChildStdin,
+    addr: SocketAddr,
+}
+
+impl OwnProcess {
+    /// Starts `bench --serve what workers` and waits for its address.
+    async fn start(what: &str, workers: usize) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt as _;
+        let exe = std::env::current_exe().context("cannot find the bench's own executable")?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(["--serve", what, &workers.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start the bare {what} server"))?;
+        let stdin = child.stdin.take().context("no stdin pipe")?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut first = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::BufReader::new(stdout).read_line(&mut first),
+        )
+        .await
+        .with_context(|| format!("the bare {what} server did not start in 10 s"))??;
+        let addr = first
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("the bare {what} server said {first:?}"))?;
+        Ok(Self {
+            child,
+            _stdin: stdin,
+            addr,
+        })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the bare server has exited")
     }
 }
 
@@ -393,6 +479,10 @@ struct Line {
     baseline: Option<String>,
     /// requests/s of this line divided by requests/s of its baseline.
     ratio: Option<f64>,
+    /// requests/s of this line divided by that of the same bare server run in a process of
+    /// its own with the services' worker threads (`baseline-proc`): the same process layout
+    /// as the services, so the part of the gap that is ours.
+    ratio_own_process: Option<f64>,
 }
 
 /// Measures a step: the workers, then the CPU of `pids` (`None`: this process) over it.
@@ -433,6 +523,7 @@ async fn step<W: Worker>(
         cpu_of: cpu_label.to_owned(),
         baseline: None,
         ratio: None,
+        ratio_own_process: None,
     };
     eprintln!(
         "  {:<28} {:<15} {:<22} c={:<4} {:>9.0} req/s  p99 {:>7.3} ms  errors {}",
@@ -455,9 +546,13 @@ fn compare(line: &mut Line, baseline: &Line) {
     line.ratio = Some(line.requests_per_second / baseline.requests_per_second);
 }
 
+fn compare_own_process(line: &mut Line, own: Option<&Line>) {
+    line.ratio_own_process = own.map(|own| line.requests_per_second / own.requests_per_second);
+}
+
 fn table(lines: &[Line]) -> String {
     let mut out = format!(
-        "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9} | {:>8} | {:>8} | {:>8} | {:>10} | {:>6} | {:>6} |\n",
+        "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9} | {:>8} | {:>8} | {:>8} | {:>10} | {:>6} | {:>7} | {:>6} |\n",
         "call",
         "backend",
         "transport",
@@ -468,23 +563,27 @@ fn table(lines: &[Line]) -> String {
         "p99.9 ms",
         "CPU µs/req",
         "ratio",
+        "vs proc",
         "errors"
     );
     out.push_str(&format!(
-        "|{:-<28}|{:-<16}|{:-<17}|{:->6}|{:->11}|{:->10}|{:->10}|{:->10}|{:->12}|{:->8}|{:->8}|\n",
-        "", "", "", ":", ":", ":", ":", ":", ":", ":", ":"
+        "|{:-<28}|{:-<16}|{:-<17}|{:->6}|{:->11}|{:->10}|{:->10}|{:->10}|{:->12}|{:->8}|{:->9}|{:->8}|\n",
+        "", "", "", ":", ":", ":", ":", ":", ":", ":", ":", ":"
     ));
     for l in lines {
         let ratio = l
             .ratio
             .map_or_else(|| "base".to_owned(), |r| format!("{:.0} %", r * 100.0));
+        let own = l
+            .ratio_own_process
+            .map_or_else(|| "".to_owned(), |r| format!("{:.0} %", r * 100.0));
         let cpu = if l.cpu_of.starts_with("bench") {
             format!("{:.1}*", l.cpu_us_per_request)
         } else {
             format!("{:.1}", l.cpu_us_per_request)
         };
         out.push_str(&format!(
-            "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>10} | {:>6} | {:>6} |\n",
+            "| {:<26} | {:<14} | {:<15} | {:>4} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>10} | {:>6} | {:>7} | {:>6} |\n",
             l.name,
             l.backend,
             l.transport,
@@ -495,6 +594,7 @@ fn table(lines: &[Line]) -> String {
             l.p999_ms,
             cpu,
             ratio,
+            own,
             l.errors
         ));
     }
@@ -688,6 +788,65 @@ async fn start_pair(
     })
 }
 
+/// The bare tonic echo at `addr`: in this process (`pid` None) or in a process of its own.
+async fn echo_step(
+    addr: SocketAddr,
+    pid: Option<u32>,
+    conns: usize,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<Line> {
+    let chans = channels(addr, conns).await?;
+    let workers = (0..concurrency)
+        .map(|w| EchoWorker(HealthClient::new(chans[w % conns].clone())))
+        .collect();
+    let (backend, cpu_label) = baseline_labels(pid);
+    step(
+        "bare tonic Health/Check",
+        backend,
+        &transport_grpc(conns),
+        workers,
+        seconds,
+        &[pid],
+        cpu_label,
+    )
+    .await
+}
+
+/// The bare axum hello at `addr`: in this process (`pid` None) or in a process of its own.
+async fn hello_step(
+    addr: SocketAddr,
+    pid: Option<u32>,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<Line> {
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        workers.push(
+            HttpWorker::connect(addr, Method::GET, "/hello", None, None, StatusCode::OK).await?,
+        );
+    }
+    let (backend, cpu_label) = baseline_labels(pid);
+    step(
+        "bare axum GET /hello",
+        backend,
+        HTTP1,
+        workers,
+        seconds,
+        &[pid],
+        cpu_label,
+    )
+    .await
+}
+
+/// The backend and CPU labels of a baseline line.
+fn baseline_labels(pid: Option<u32>) -> (&'static str, &'static str) {
+    match pid {
+        None => ("baseline", "bench process (server + load generator)"),
+        Some(_) => ("baseline-proc", "bare server process"),
+    }
+}
+
 /// The gRPC lines of one connection mode and concurrency: Verify (with its revocation check),
 /// compared with `echo` when given.
 async fn verify_step(
@@ -830,6 +989,12 @@ async fn run() -> anyhow::Result<()> {
         args.service_workers
     );
     println!(
+        "baselines: each bare server runs twice, in this process (`baseline`, the issue's \
+         ratio) and alone in a process of its own with {} worker thread(s) like the services \
+         (`baseline-proc`, column `vs proc`)",
+        args.service_workers
+    );
+    println!(
         "steps: {} s each, concurrency {:?}; Login at {WRITE_CONCURRENCY}",
         args.seconds, args.concurrency
     );
@@ -837,31 +1002,25 @@ async fn run() -> anyhow::Result<()> {
     let mut pair = start_pair("embedded", args.service_workers, &[], &[]).await?;
     let echo_addr = start_echo().await?;
     let hello_addr = start_hello().await?;
+    let echo_proc = OwnProcess::start("echo", args.service_workers).await?;
+    let hello_proc = OwnProcess::start("hello", args.service_workers).await?;
     let mut lines: Vec<Line> = Vec::new();
     let seconds = args.seconds;
 
     // gRPC: bare echo vs Verify, over one connection and over four.
     eprintln!("gRPC:");
     let mut echo_lines: Vec<Line> = Vec::new();
+    let mut echo_own_lines: Vec<Line> = Vec::new();
     for conns in [1usize, 4] {
         for &c in &args.concurrency {
-            let chans = channels(echo_addr, conns).await?;
-            let workers = (0..c)
-                .map(|w| EchoWorker(HealthClient::new(chans[w % conns].clone())))
-                .collect();
-            let echo = step(
-                "bare tonic Health/Check",
-                "baseline",
-                &transport_grpc(conns),
-                workers,
-                seconds,
-                &[None],
-                "bench process (server + load generator)",
-            )
-            .await?;
-            let verify = verify_step(&mut pair, conns, c, seconds, Some(&echo)).await?;
+            let echo = echo_step(echo_addr, None, conns, c, seconds).await?;
+            let own = echo_step(echo_proc.addr, Some(echo_proc.pid()?), conns, c, seconds).await?;
+            let mut verify = verify_step(&mut pair, conns, c, seconds, Some(&echo)).await?;
+            compare_own_process(&mut verify, Some(&own));
             lines.push(echo.clone());
+            lines.push(own.clone());
             echo_lines.push(echo);
+            echo_own_lines.push(own);
             lines.push(verify);
         }
     }
@@ -888,32 +1047,11 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     let mut hello_lines: Vec<Line> = Vec::new();
+    let mut hello_own_lines: Vec<Line> = Vec::new();
     for &c in &args.concurrency {
-        let mut workers = Vec::with_capacity(c);
-        for _ in 0..c {
-            workers.push(
-                HttpWorker::connect(
-                    hello_addr,
-                    Method::GET,
-                    "/hello",
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?,
-            );
-        }
-        let hello = step(
-            "bare axum GET /hello",
-            "baseline",
-            HTTP1,
-            workers,
-            seconds,
-            &[None],
-            "bench process (server + load generator)",
-        )
-        .await?;
-        let me = edge_step(
+        let hello = hello_step(hello_addr, None, c, seconds).await?;
+        let own = hello_step(hello_proc.addr, Some(hello_proc.pid()?), c, seconds).await?;
+        let mut me = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/me"),
             &me_token,
@@ -922,7 +1060,7 @@ async fn run() -> anyhow::Result<()> {
             Some(&hello),
         )
         .await?;
-        let notes = edge_step(
+        let mut notes = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/notes?limit=20"),
             &notes_token,
@@ -931,8 +1069,12 @@ async fn run() -> anyhow::Result<()> {
             Some(&hello),
         )
         .await?;
+        compare_own_process(&mut me, Some(&own));
+        compare_own_process(&mut notes, Some(&own));
         lines.push(hello.clone());
+        lines.push(own.clone());
         hello_lines.push(hello);
+        hello_own_lines.push(own);
         lines.push(me);
         lines.push(notes);
     }
@@ -973,8 +1115,8 @@ async fn run() -> anyhow::Result<()> {
     lines.push(login);
     // Note creations at each concurrency step: on SQLite they are committed in groups, so
     // how many wait together is what their speed depends on.
-    for hello in &hello_lines {
-        let line = edge_step(
+    for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
+        let mut line = edge_step(
             &mut pair,
             &create,
             &notes_token,
@@ -983,6 +1125,7 @@ async fn run() -> anyhow::Result<()> {
             Some(hello),
         )
         .await?;
+        compare_own_process(&mut line, Some(own));
         lines.push(line);
     }
 
@@ -1011,26 +1154,31 @@ async fn run() -> anyhow::Result<()> {
             .await?;
             for conns in [1usize, 4] {
                 for &c in &args.concurrency {
-                    let base = echo_lines
-                        .iter()
-                        .find(|l| l.concurrency == c && l.transport == transport_grpc(conns));
-                    lines.push(verify_step(&mut ext, conns, c, seconds, base).await?);
+                    let same =
+                        |l: &&Line| l.concurrency == c && l.transport == transport_grpc(conns);
+                    let base = echo_lines.iter().find(same);
+                    let mut line = verify_step(&mut ext, conns, c, seconds, base).await?;
+                    compare_own_process(&mut line, echo_own_lines.iter().find(same));
+                    lines.push(line);
                 }
             }
             let token = login_new_user(&ext.sim, ext.auth.addr()).await?;
             for &c in &args.concurrency {
                 let base = hello_lines.iter().find(|l| l.concurrency == c);
-                lines.push(
-                    edge_step(
-                        &mut ext,
-                        &EdgeRequest::get("/v1/me"),
-                        &token,
-                        c,
-                        seconds,
-                        base,
-                    )
-                    .await?,
+                let mut line = edge_step(
+                    &mut ext,
+                    &EdgeRequest::get("/v1/me"),
+                    &token,
+                    c,
+                    seconds,
+                    base,
+                )
+                .await?;
+                compare_own_process(
+                    &mut line,
+                    hello_own_lines.iter().find(|l| l.concurrency == c),
                 );
+                lines.push(line);
             }
             "measured".to_owned()
         }
@@ -1052,9 +1200,10 @@ async fn run() -> anyhow::Result<()> {
     println!("{printed}");
     println!(
         "ratio: req/s over the baseline on the same transport and concurrency (Verify and \
-         Login: bare tonic; HTTP lines: bare axum). CPU µs/req: utime+stime of the server \
-         processes under test over the step; * = the bench process itself (in-process server \
-         and load generator together)."
+         Login: bare tonic; HTTP lines: bare axum); vs proc: the same over the baseline-proc \
+         line (the bare server alone in its own process). CPU µs/req: utime+stime of the \
+         server processes under test over the step; * = the bench process itself (in-process \
+         server and load generator together)."
     );
     println!(
         "memory (VmRSS) after {} more live sessions, each verified once (logged in in {fill_secs:.1} s, \

@@ -233,6 +233,7 @@ mod tests {
             cpu_of: "auth-service".to_owned(),
             baseline: ratio.map(|_| "bare".to_owned()),
             ratio,
+            ratio_own_process: None,
         }
     }
 
