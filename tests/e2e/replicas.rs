@@ -37,7 +37,11 @@ async fn cluster(test: &str, auth_env: &[(&str, &str)]) -> Option<Cluster> {
         ("AUTH_REDIS_URL", redis_url.as_str()),
     ];
     env.extend_from_slice(auth_env);
-    let a = AuthProcess::start(&sim, &env).await.expect("auth A");
+    // Replica A of each service runs the multi-threaded scheduler, B the current-thread one
+    // (the harness's default), so that both serve the same users side by side.
+    let mut env_a = env.clone();
+    env_a.push(("AUTH_WORKER_THREADS", "2"));
+    let a = AuthProcess::start(&sim, &env_a).await.expect("auth A");
     let b = AuthProcess::start(&sim, &env).await.expect("auth B");
     let api_env = [
         ("API_DATABASE_URL", api_db.as_str()),
@@ -45,7 +49,9 @@ async fn cluster(test: &str, auth_env: &[(&str, &str)]) -> Option<Cluster> {
         ("API_AUTH_TIMEOUT", "10s"),
         ("API_TRUSTED_PROXY_HOPS", "1"),
     ];
-    let api_a = ApiProcess::start(&a, &api_env).await.expect("api A");
+    let mut api_env_a = api_env.to_vec();
+    api_env_a.push(("API_WORKER_THREADS", "2"));
+    let api_a = ApiProcess::start(&a, &api_env_a).await.expect("api A");
     let api_b = ApiProcess::start(&b, &api_env).await.expect("api B");
     let random = uuid::Uuid::new_v4().as_u128();
     let client_ip = format!(

@@ -49,6 +49,8 @@ impl ApiProcess {
             ),
             ("API_AUTH_TIMEOUT", "2s".to_owned()),
             ("API_SHUTDOWN_GRACE", "5s".to_owned()),
+            // As deployed (one CPU each): the current-thread scheduler; see auth.rs.
+            ("API_WORKER_THREADS", "1".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -67,6 +67,9 @@ impl AuthProcess {
             ("AUTH_TOKEN_KEY", TOKEN_KEY.to_owned()),
             ("AUTH_WECHAT_TIMEOUT", "2s".to_owned()),
             ("AUTH_SHUTDOWN_GRACE", "5s".to_owned()),
+            // As deployed (one CPU each): the current-thread scheduler. Tests that want the
+            // multi-threaded one set more (replicas.rs does for one replica).
+            ("AUTH_WORKER_THREADS", "1".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -135,10 +135,9 @@ fn serve_alone(what: &str, workers: &str) -> anyhow::Result<()> {
     let workers: usize = workers
         .parse()
         .context("--serve: WORKERS is not a number")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()
+    // The services' own runtime rule, so that the layout is theirs (one worker: the
+    // current-thread scheduler).
+    let rt = shared::runtime::build(std::num::NonZeroUsize::new(workers))
         .context("cannot start the tokio runtime")?;
     rt.block_on(async {
         let addr = match what {
@@ -985,7 +984,8 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "cores: the load generator and the baselines (this process, {nproc} tokio worker \
          threads) share these {nproc} cores with auth-service and api-service ({} worker \
-         thread(s) each: AUTH_WORKER_THREADS, API_WORKER_THREADS); nothing is pinned",
+         thread(s) each: AUTH_WORKER_THREADS, API_WORKER_THREADS; one is tokio's \
+         current-thread scheduler); nothing is pinned",
         args.service_workers
     );
     println!(
