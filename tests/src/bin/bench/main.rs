@@ -668,6 +668,24 @@ fn login_request(code: String) -> LoginRequest {
     }
 }
 
+/// One login code for a new user, from the simulator's `url` (`/sim/login-codes`).
+async fn mint_code(client: &reqwest::Client, url: &url::Url) -> anyhow::Result<String> {
+    let answer = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body("{}")
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let answer: serde_json::Value = serde_json::from_str(&answer)?;
+    answer["code"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no code in {answer}"))
+}
+
 /// Mints `n` login codes at the simulator, each for a new user, `FILL_PARALLEL` at a time.
 async fn mint_codes(sim: &SimProcess, n: usize) -> anyhow::Result<Vec<String>> {
     let url = sim.url("/sim/login-codes")?;
@@ -678,20 +696,7 @@ async fn mint_codes(sim: &SimProcess, n: usize) -> anyhow::Result<Vec<String>> {
         tasks.spawn(async move {
             let mut codes = Vec::with_capacity(count);
             for _ in 0..count {
-                let answer = client
-                    .post(url.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body("{}")
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .text()
-                    .await?;
-                let answer: serde_json::Value = serde_json::from_str(&answer)?;
-                let code = answer["code"]
-                    .as_str()
-                    .with_context(|| format!("no code in {answer}"))?;
-                codes.push(code.to_owned());
+                codes.push(mint_code(&client, &url).await?);
             }
             anyhow::Ok(codes)
         });
@@ -1289,20 +1294,8 @@ async fn fill_sessions(pair: &Pair, n: usize) -> anyhow::Result<u64> {
             let mut retries = 0u64;
             let mut done = 0;
             while done < count {
-                let answer = http
-                    .post(url.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body("{}")
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .text()
-                    .await?;
-                let answer: serde_json::Value = serde_json::from_str(&answer)?;
-                let code = answer["code"]
-                    .as_str()
-                    .with_context(|| format!("no code in {answer}"))?;
-                match client.login(login_request(code.to_owned())).await {
+                let code = mint_code(&http, &url).await?;
+                match client.login(login_request(code)).await {
                     Ok(answer) => {
                         // Used once, as a live session is: Verify's memory holds it too.
                         let access = answer
