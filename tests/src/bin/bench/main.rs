@@ -10,7 +10,10 @@
 //! The load generator is its own: tokio tasks, a fixed number of workers for a fixed time per
 //! step, latency into an hdrhistogram. It shares the cores with the servers, and each service
 //! runs `--service-workers` tokio workers (1 by default: three busy processes on a machine's
-//! few cores did better with one each than with one per core each). The table it
+//! few cores did better with one each than with one per core each). Each bare server runs
+//! twice: in this process (`baseline`, the issue's ratio) and alone in a process of its own
+//! with the services' runtime rule (`bench --serve`, `baseline-proc`, the `vs proc` column).
+//! The table it
 //! prints is also written as JSON to `target/bench/latest.json`, with issue 8's targets judged
 //! on the run's own lines (`targets.rs`). It fails (exit 1) on any error answer or when a
 //! revoked token is not refused on the very next call; a missed target is reported, not fatal.
