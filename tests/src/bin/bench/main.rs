@@ -548,8 +548,24 @@ fn compare(line: &mut Line, baseline: &Line) {
     line.ratio = Some(line.requests_per_second / baseline.requests_per_second);
 }
 
-fn compare_own_process(line: &mut Line, own: Option<&Line>) {
-    line.ratio_own_process = own.map(|own| line.requests_per_second / own.requests_per_second);
+/// The baselines a line of the services is compared with: the issue's, in this process, and
+/// the same bare server alone in a process of its own.
+#[derive(Clone, Copy)]
+struct Baselines<'a> {
+    in_process: Option<&'a Line>,
+    own_process: Option<&'a Line>,
+}
+
+impl Baselines<'_> {
+    /// Sets `line`'s ratios to whichever of the baselines there are.
+    fn compare(self, line: &mut Line) {
+        if let Some(base) = self.in_process {
+            compare(line, base);
+        }
+        line.ratio_own_process = self
+            .own_process
+            .map(|own| line.requests_per_second / own.requests_per_second);
+    }
 }
 
 fn table(lines: &[Line]) -> String {
@@ -855,13 +871,13 @@ fn baseline_labels(pid: Option<u32>) -> (&'static str, &'static str) {
 }
 
 /// The gRPC lines of one connection mode and concurrency: Verify (with its revocation check),
-/// compared with `echo` when given.
+/// compared with the bare echo's `bases`.
 async fn verify_step(
     pair: &mut Pair,
     conns: usize,
     concurrency: usize,
     seconds: u64,
-    echo: Option<&Line>,
+    bases: Baselines<'_>,
 ) -> anyhow::Result<Line> {
     let addr = pair.auth.addr();
     let token = login_new_user(&pair.sim, addr).await?;
@@ -883,9 +899,7 @@ async fn verify_step(
         "auth-service",
     )
     .await?;
-    if let Some(echo) = echo {
-        compare(&mut line, echo);
-    }
+    bases.compare(&mut line);
     check_revocation(addr, &token).await?;
     Ok(line)
 }
@@ -930,14 +944,15 @@ impl EdgeRequest {
     }
 }
 
-/// `request` at the edge with `token`, `concurrency` connections.
+/// `request` at the edge with `token`, `concurrency` connections, compared with the bare
+/// hello's `bases`.
 async fn edge_step(
     pair: &mut Pair,
     request: &EdgeRequest,
     token: &str,
     concurrency: usize,
     seconds: u64,
-    hello: Option<&Line>,
+    bases: Baselines<'_>,
 ) -> anyhow::Result<Line> {
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -967,9 +982,7 @@ async fn edge_step(
         "api-service + auth-service",
     )
     .await?;
-    if let Some(hello) = hello {
-        compare(&mut line, hello);
-    }
+    bases.compare(&mut line);
     Ok(line)
 }
 
@@ -1023,8 +1036,11 @@ async fn run() -> anyhow::Result<()> {
         for &c in &args.concurrency {
             let echo = echo_step(echo_addr, None, conns, c, seconds).await?;
             let own = echo_step(echo_proc.addr, Some(echo_proc.pid()?), conns, c, seconds).await?;
-            let mut verify = verify_step(&mut pair, conns, c, seconds, Some(&echo)).await?;
-            compare_own_process(&mut verify, Some(&own));
+            let bases = Baselines {
+                in_process: Some(&echo),
+                own_process: Some(&own),
+            };
+            let verify = verify_step(&mut pair, conns, c, seconds, bases).await?;
             lines.push(echo.clone());
             lines.push(own.clone());
             echo_lines.push(echo);
@@ -1059,26 +1075,28 @@ async fn run() -> anyhow::Result<()> {
     for &c in &args.concurrency {
         let hello = hello_step(hello_addr, None, c, seconds).await?;
         let own = hello_step(hello_proc.addr, Some(hello_proc.pid()?), c, seconds).await?;
-        let mut me = edge_step(
+        let bases = Baselines {
+            in_process: Some(&hello),
+            own_process: Some(&own),
+        };
+        let me = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/me"),
             &me_token,
             c,
             seconds,
-            Some(&hello),
+            bases,
         )
         .await?;
-        let mut notes = edge_step(
+        let notes = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/notes?limit=20"),
             &notes_token,
             c,
             seconds,
-            Some(&hello),
+            bases,
         )
         .await?;
-        compare_own_process(&mut me, Some(&own));
-        compare_own_process(&mut notes, Some(&own));
         lines.push(hello.clone());
         lines.push(own.clone());
         hello_lines.push(hello);
@@ -1124,16 +1142,19 @@ async fn run() -> anyhow::Result<()> {
     // Note creations at each concurrency step: on SQLite they are committed in groups, so
     // how many wait together is what their speed depends on.
     for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
-        let mut line = edge_step(
+        let bases = Baselines {
+            in_process: Some(hello),
+            own_process: Some(own),
+        };
+        let line = edge_step(
             &mut pair,
             &create,
             &notes_token,
             hello.concurrency,
             seconds,
-            Some(hello),
+            bases,
         )
         .await?;
-        compare_own_process(&mut line, Some(own));
         lines.push(line);
     }
 
@@ -1164,29 +1185,31 @@ async fn run() -> anyhow::Result<()> {
                 for &c in &args.concurrency {
                     let same =
                         |l: &&Line| l.concurrency == c && l.transport == transport_grpc(conns);
-                    let base = echo_lines.iter().find(same);
-                    let mut line = verify_step(&mut ext, conns, c, seconds, base).await?;
-                    compare_own_process(&mut line, echo_own_lines.iter().find(same));
-                    lines.push(line);
+                    let bases = Baselines {
+                        in_process: echo_lines.iter().find(same),
+                        own_process: echo_own_lines.iter().find(same),
+                    };
+                    lines.push(verify_step(&mut ext, conns, c, seconds, bases).await?);
                 }
             }
             let token = login_new_user(&ext.sim, ext.auth.addr()).await?;
             for &c in &args.concurrency {
-                let base = hello_lines.iter().find(|l| l.concurrency == c);
-                let mut line = edge_step(
-                    &mut ext,
-                    &EdgeRequest::get("/v1/me"),
-                    &token,
-                    c,
-                    seconds,
-                    base,
-                )
-                .await?;
-                compare_own_process(
-                    &mut line,
-                    hello_own_lines.iter().find(|l| l.concurrency == c),
+                let at = |l: &&Line| l.concurrency == c;
+                let bases = Baselines {
+                    in_process: hello_lines.iter().find(at),
+                    own_process: hello_own_lines.iter().find(at),
+                };
+                lines.push(
+                    edge_step(
+                        &mut ext,
+                        &EdgeRequest::get("/v1/me"),
+                        &token,
+                        c,
+                        seconds,
+                        bases,
+                    )
+                    .await?,
                 );
-                lines.push(line);
             }
             "measured".to_owned()
         }
