@@ -178,11 +178,12 @@ mod tests {
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     }
 
-    /// A state whose auth-service is never called and whose database is a fresh file.
-    async fn test_state() -> AppState {
-        let path =
-            std::env::temp_dir().join(format!("wxauth-api-unit-{}.db", uuid::Uuid::new_v4()));
-        sqlite_state(unreachable_auth(), &path).await
+    /// A state whose auth-service is never called and whose database is a fresh file in a
+    /// directory removed when the returned guard drops.
+    async fn test_state() -> (AppState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = sqlite_state(unreachable_auth(), &dir.path().join("api.db")).await;
+        (state, dir)
     }
 
     /// A state on `auth` and a fresh SQLite database at `path`.
@@ -265,9 +266,10 @@ mod tests {
                 "late"
             }),
         );
+        let (state, _dir) = test_state().await;
         let app = with_layers(
             routes,
-            test_state().await,
+            state,
             Limits {
                 body: 1024,
                 timeout: Duration::from_millis(100),
