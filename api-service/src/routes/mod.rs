@@ -218,7 +218,7 @@ mod tests {
     ) -> AppState {
         use std::sync::atomic::AtomicBool;
 
-        AppState {
+        AppState::new(crate::state::Shared {
             auth,
             profiles,
             notes,
@@ -226,7 +226,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             trusted_proxy_hops: 0,
             draining: Arc::new(AtomicBool::new(false)),
-        }
+        })
     }
 
     async fn call(app: Router, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
