@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(setting = e.name, "{e}");
-            eprintln!("api-service: {e}");
+            telemetry::to_stderr(format_args!("api-service: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "no async runtime");
-            eprintln!("api-service: no async runtime: {e}");
+            telemetry::to_stderr(format_args!("api-service: no async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -39,7 +39,7 @@ async fn serve(settings: Settings) -> ExitCode {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = ?e, "api-service could not start");
-            eprintln!("api-service: could not start: {e:#}");
+            telemetry::to_stderr(format_args!("api-service: could not start: {e:#}"));
             return ExitCode::FAILURE;
         }
     };

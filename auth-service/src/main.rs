@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(setting = e.name, "{e}");
-            eprintln!("auth-service: {e}");
+            telemetry::to_stderr(format_args!("auth-service: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "no async runtime");
-            eprintln!("auth-service: no async runtime: {e}");
+            telemetry::to_stderr(format_args!("auth-service: no async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -39,7 +39,7 @@ async fn serve(settings: Settings) -> ExitCode {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = ?e, "auth-service could not start");
-            eprintln!("auth-service: could not start: {e:#}");
+            telemetry::to_stderr(format_args!("auth-service: could not start: {e:#}"));
             return ExitCode::FAILURE;
         }
     };

@@ -17,5 +17,17 @@ where
         .with_span_list(false)
         .with_env_filter(filter)
         .with_writer(sink)
+        // A log line that cannot be written (stdout a pipe whose reader is gone) is lost,
+        // never reported with `eprintln!`, which panics when stderr is gone too: the panic
+        // took down whichever task logged, the shutdown one included, and the process then
+        // never stopped on SIGTERM.
+        .log_internal_errors(false)
         .try_init();
+}
+
+/// Writes `message` and a newline to stderr, for whoever started the process, when it can: a
+/// closed stderr loses the line instead of panicking as `eprintln!` does.
+pub fn to_stderr(message: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _lost_if_closed = writeln!(std::io::stderr(), "{message}");
 }

@@ -728,6 +728,26 @@ async fn sigterm_turns_readiness_off_lets_in_flight_requests_finish_and_exits_0(
 }
 
 #[tokio::test]
+async fn with_its_log_pipes_closed_the_edge_still_serves_and_stops_on_sigterm() {
+    // Debug logs: every request writes lines, each to a pipe nobody reads any more.
+    let mut e = edge(&[], &[("RUST_LOG", "debug")]).await;
+    e.api.process_mut().close_output().await;
+
+    for _ in 0..3 {
+        let health = send(&e.api, Method::GET, "/healthz", None, None, &[]).await;
+        assert_eq!(health.status, StatusCode::OK);
+    }
+    e.api.process_mut().terminate().expect("SIGTERM");
+    let code = e
+        .api
+        .process_mut()
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits");
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
 async fn a_malformed_setting_stops_start_up_naming_it() {
     let dir = tempfile::tempdir().expect("dir");
     for (name, value) in [

@@ -263,6 +263,28 @@ async fn sigterm_reports_not_serving_lets_in_flight_calls_finish_and_exits_0() {
 }
 
 #[tokio::test]
+async fn with_its_log_pipes_closed_auth_service_still_answers_and_stops_on_sigterm() {
+    // Debug logs: every call writes lines, each to a pipe nobody reads any more.
+    let mut w = world(&[("RUST_LOG", "debug")]).await;
+    w.auth.process_mut().close_output().await;
+
+    for _ in 0..3 {
+        assert_eq!(
+            w.auth.health("").await.expect("answers"),
+            ServingStatus::Serving
+        );
+    }
+    w.auth.process_mut().terminate().expect("SIGTERM");
+    let exit = w
+        .auth
+        .process_mut()
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits");
+    assert_eq!(exit, Some(0));
+}
+
+#[tokio::test]
 async fn no_token_session_key_secret_or_key_reaches_the_logs_or_the_database_in_clear() {
     // Arrange: debug logs, a client key, and every path that logs: logins, a WeChat
     // failure, a dropped connection, refresh, reuse, logout, revocation.

@@ -234,6 +234,16 @@ impl Process {
         Ok(status.code())
     }
 
+    /// Closes this end of the process's stdout and stderr, as when whatever read its logs is
+    /// gone: each line it writes from now on fails (a broken pipe) and is not captured.
+    pub async fn close_output(&mut self) {
+        for reader in self.readers.drain(..) {
+            reader.abort();
+            // Cancelled, the task has dropped its end of the pipe.
+            let _cancelled = reader.await;
+        }
+    }
+
     /// Kills the process at once (SIGKILL) and waits for it.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child

@@ -20,6 +20,9 @@ where
         .with_ansi(false)
         .with_env_filter(filter)
         .with_writer(sink)
+        // A line that cannot be written is lost, not reported with `eprintln!` (which panics
+        // when stderr is closed too).
+        .log_internal_errors(false)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))
 }
