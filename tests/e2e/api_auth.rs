@@ -737,14 +737,8 @@ async fn with_its_log_pipes_closed_the_edge_still_serves_and_stops_on_sigterm() 
         let health = send(&e.api, Method::GET, "/healthz", None, None, &[]).await;
         assert_eq!(health.status, StatusCode::OK);
     }
-    e.api.process_mut().terminate().expect("SIGTERM");
-    let code = e
-        .api
-        .process_mut()
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("exits");
-    assert_eq!(code, Some(0));
+    let code = e.api.process_mut().stop(Duration::from_secs(15)).await;
+    assert_eq!(code.expect("exits"), Some(0));
 }
 
 #[tokio::test]

@@ -274,14 +274,8 @@ async fn with_its_log_pipes_closed_auth_service_still_answers_and_stops_on_sigte
             ServingStatus::Serving
         );
     }
-    w.auth.process_mut().terminate().expect("SIGTERM");
-    let exit = w
-        .auth
-        .process_mut()
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .expect("exits");
-    assert_eq!(exit, Some(0));
+    let exit = w.auth.process_mut().stop(Duration::from_secs(15)).await;
+    assert_eq!(exit.expect("exits"), Some(0));
 }
 
 #[tokio::test]

@@ -74,8 +74,7 @@ impl ApiProcess {
     /// Stops the process gracefully (SIGTERM) and starts it again with the same settings and
     /// database; returns the exit code of the stop. The port may change.
     pub async fn restart(&mut self) -> anyhow::Result<Option<i32>> {
-        self.process.terminate()?;
-        let code = self.process.wait_exit(Duration::from_secs(20)).await?;
+        let code = self.process.stop(Duration::from_secs(20)).await?;
         let (process, addr, metrics_addr) = launch(&self.env, self.data.path(), true).await?;
         self.process = process;
         self.addr = addr;

@@ -108,8 +108,7 @@ impl AuthProcess {
     /// Stops the process gracefully (SIGTERM) and starts it again with the same settings,
     /// database and port... or a new port when the old one is taken: the address may change.
     pub async fn restart(&mut self) -> anyhow::Result<Option<i32>> {
-        self.process.terminate()?;
-        let code = self.process.wait_exit(Duration::from_secs(20)).await?;
+        let code = self.process.stop(Duration::from_secs(20)).await?;
         let (process, addr, metrics_addr) = launch(&self.env, self.data.path()).await?;
         self.process = process;
         self.addr = addr;

@@ -234,6 +234,13 @@ impl Process {
         Ok(status.code())
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the exit code ([`Process::terminate`], then
+    /// [`Process::wait_exit`]).
+    pub async fn stop(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        self.terminate()?;
+        self.wait_exit(timeout).await
+    }
+
     /// Closes this end of the process's stdout and stderr, as when whatever read its logs is
     /// gone: each line it writes from now on fails (a broken pipe) and is not captured.
     pub async fn close_output(&mut self) {
