@@ -1,6 +1,6 @@
 //! api-service: the mini-program's HTTPS JSON edge.
 //!
-//! Layout: `config` (settings), `startup` (build, bind, serve, stop), `telemetry` (logs),
+//! Layout: `config` (settings), `startup` (build, bind, serve, stop; logs are `shared::telemetry`),
 //! `routes/` (one module per resource), `auth/` (auth-service client and the `Authenticated`
 //! extractor), `error` (the one error shape), `middleware` (request id, error bodies,
 //! metrics), `json` (request bodies), `profile/` (the user's profile), `notes/` (the sample
@@ -20,5 +20,4 @@ pub mod profile;
 pub mod routes;
 pub mod startup;
 pub mod state;
-pub mod telemetry;
 pub mod time;

@@ -1,6 +1,6 @@
 //! auth-service: WeChat mini-program login, opaque tokens and sessions, over gRPC.
 //!
-//! Layout: `config` (settings), `startup` (build, bind, serve, stop), `telemetry` (logs),
+//! Layout: `config` (settings), `startup` (build, bind, serve, stop; logs are `shared::telemetry`),
 //! `domain` (newtypes and rules), `crypto` (keys, hashes, encryption at rest), `wechat`
 //! (WeChat's server API), `store` (durable state), `cache` (short-lived shared state),
 //! `service` (what the RPCs do), `grpc` (the tonic service and the error mapping), `metrics`
@@ -17,6 +17,5 @@ pub mod phones;
 pub mod service;
 pub mod startup;
 pub mod store;
-pub mod telemetry;
 pub mod verified;
 pub mod wechat;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use auth_service::config::Settings;
 use auth_service::startup::{Application, shutdown_signal};
-use auth_service::telemetry;
+use shared::telemetry;
 
 /// mimalloc instead of glibc's malloc: the services allocate and free many small buffers
 /// per request across threads, and glibc's allocator was about a tenth of their CPU under

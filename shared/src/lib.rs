@@ -1,12 +1,14 @@
 //! What auth-service and api-service need alike, kept in one place: the async runtime each
 //! binary starts ([`runtime`]), the lock that keeps an SQLite database to the one process
 //! that opened it ([`OneProcess`]), a Redis connection made on first use ([`LazyRedis`]),
-//! and the rule that keeps values read from a database current in memory ([`Kept`]).
+//! the rule that keeps values read from a database current in memory ([`Kept`]), and the
+//! services' logs ([`telemetry`]).
 
 mod kept;
 mod one_process;
 mod redis;
 pub mod runtime;
+pub mod telemetry;
 
 pub use kept::{Kept, Read, Stamp, Write};
 pub use one_process::OneProcess;

@@ -1,9 +1,11 @@
-//! Logs: JSON lines, one per event, filtered by `RUST_LOG` (default `info`).
+//! The services' logs: JSON lines, one per event, filtered by `RUST_LOG` (default `info`),
+//! and the few lines a service writes to stderr before it can log.
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Installs the global subscriber writing to `sink`; a second call does nothing.
+/// Installs the global subscriber writing to `sink`; a second call does nothing. The sink is
+/// a parameter so that tests can silence or capture it.
 pub fn init<W>(sink: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
