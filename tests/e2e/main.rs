@@ -13,6 +13,7 @@ mod auth_sessions;
 mod auth_tokens;
 mod common;
 mod connection_age;
+mod local;
 mod metrics;
 mod postgres_down;
 mod redis_down;

@@ -14,7 +14,9 @@
 //! wxauth-local events OPENID
 //! ```
 //! Every AUTH_* / API_* setting in the environment reaches the services started by `up`
-//! (WECHAT_APPID, WECHAT_SECRET and WECHAT_API_BASE are the simulator's). The other commands
+//! (WECHAT_APPID, WECHAT_SECRET and WECHAT_API_BASE are the simulator's; WECHAT_SIM_ADDR,
+//! AUTH_GRPC_ADDR and API_HTTP_ADDR move the three listeners). When one of the three exits
+//! on its own, `up` stops the other two and exits with an error that names it. The other commands
 //! call auth-service's gRPC API directly; answers are printed as JSON.
 
 // A command-line tool: printing its answers is its job.
@@ -261,11 +263,13 @@ async fn up() -> anyhow::Result<()> {
         inherit_env: true,
         echo: true,
     };
-    let sim_env = vec![
-        ("WECHAT_SIM_ADDR".to_owned(), SIM_ADDR.to_owned()),
+    let mut sim_env = vec![
         ("WECHAT_SIM_APPID".to_owned(), APPID.to_owned()),
         ("WECHAT_SIM_SECRET".to_owned(), SECRET.to_owned()),
     ];
+    if std::env::var_os("WECHAT_SIM_ADDR").is_none() {
+        sim_env.push(("WECHAT_SIM_ADDR".to_owned(), SIM_ADDR.to_owned()));
+    }
     let mut sim = Process::spawn_with("wechat-sim", &sim_env, &cwd, echo)?;
     let sim_addr = sim.wait_for_addr("http").await?;
 
@@ -295,13 +299,24 @@ async fn up() -> anyhow::Result<()> {
 
     println!("{}", banner(sim_addr, auth_addr, api_addr, &data));
 
-    wait_for_stop().await;
+    // Until Ctrl-C or SIGTERM, or until one of the three exits on its own: then the pair is
+    // broken, so the others are stopped too and the launcher says which one it was.
+    let gone = tokio::select! {
+        () = wait_for_stop() => None,
+        status = sim.exited() => Some(("the WeChat simulator", status)),
+        status = auth.exited() => Some(("auth-service", status)),
+        status = api.exited() => Some(("api-service", status)),
+    };
     for p in [&mut api, &mut auth, &mut sim] {
         if p.terminate().is_ok() {
             let _ = p.wait_exit(Duration::from_secs(25)).await;
         }
     }
-    Ok(())
+    match gone {
+        None => Ok(()),
+        Some((name, Ok(status))) => bail!("{name} exited ({status}); stopped the others"),
+        Some((name, Err(e))) => bail!("lost track of {name} ({e}); stopped the others"),
+    }
 }
 
 /// The README's walk-through (its "Trying it" shell block), compiled in so that what the

@@ -234,6 +234,11 @@ impl Process {
         Ok(status.code())
     }
 
+    /// Waits, however long it takes, for the process to exit (what a supervisor does).
+    pub async fn exited(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit code ([`Process::terminate`], then
     /// [`Process::wait_exit`]).
     pub async fn stop(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
