@@ -74,6 +74,18 @@ impl Local {
     }
 }
 
+impl Drop for Local {
+    /// A test that failed half-way must not leave the launcher's children running: killing
+    /// the launcher (its `Process` does on drop) would orphan them.
+    fn drop(&mut self) {
+        for name in ["api-service", "auth-service", "wechat-sim"] {
+            if let Some(pid) = self.child(name).and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 /// wx.login at the simulator, then the edge's login; the access token.
 async fn login(http: &reqwest::Client, sim: &str, api: &str) -> String {
     let code = http
