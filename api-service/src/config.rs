@@ -107,11 +107,14 @@ impl Settings {
         let auth_url = get("API_AUTH_URL").unwrap_or_else(|| "http://127.0.0.1:50051".into());
         let parsed = url::Url::parse(auth_url.trim())
             .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            .filter(|u| u.scheme() == "http" && u.host().is_some());
         if parsed.is_none() {
+            // auth-service serves plaintext HTTP/2 only (inside the cluster's network, behind
+            // its NetworkPolicy); an https:// URL could never be reached, so it is refused here
+            // rather than turning every call into a 503.
             return Err(bad(
                 "API_AUTH_URL",
-                "must be an http:// or https:// URL like http://127.0.0.1:50051",
+                "must be an http:// URL like http://127.0.0.1:50051 (auth-service speaks plaintext gRPC)",
             ));
         }
 
@@ -307,9 +310,10 @@ mod tests {
 
     #[test]
     fn malformed_settings_are_named_without_their_value() {
-        let cases: [(&'static str, &str); 14] = [
+        let cases: [(&'static str, &str); 15] = [
             ("API_HTTP_ADDR", "localhost:80"),
             ("API_AUTH_URL", "grpc-server"),
+            ("API_AUTH_URL", "https://auth-service:50051"),
             ("API_AUTH_CLIENT_KEY", "short-key-value"),
             ("API_AUTH_TIMEOUT", "soon"),
             ("API_DATABASE_URL", "mysql://db"),

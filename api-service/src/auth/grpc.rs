@@ -1,20 +1,24 @@
-//! [`AuthApi`] over tonic. The channel connects lazily and reconnects by itself; every call
+//! [`AuthApi`] over tonic. The connection is made on first use and again whenever it drops; every call
 //! has a deadline (`API_AUTH_TIMEOUT`), so a dead or hung auth-service turns into a prompt
 //! 503 `auth_unavailable`, never a hang and never a 500.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use proto::v1::auth_service_client::AuthServiceClient;
 use proto::v1::{self as pb};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
+use tower::ServiceExt as _;
+use tower::util::MapErr;
 use tracing::{error, warn};
 
 use super::{
@@ -24,11 +28,26 @@ use super::{
 use crate::error::ApiError;
 use crate::time::rfc3339;
 
+/// The HTTP/2 connection to auth-service: hyper-util's pooled client (one shared HTTP/2
+/// connection, made on first use and again after it drops), its failures turned into
+/// `UNAVAILABLE`. Not tonic's `Channel`: that one queues every call through a `Buffer` task
+/// on its way to the connection, one more task hop on every request of the edge.
+type Connection = MapErr<
+    Client<HttpConnector, tonic::body::Body>,
+    fn(hyper_util::client::legacy::Error) -> Status,
+>;
+
+/// A failure to reach auth-service at all (connect, connection lost): `UNAVAILABLE`, as
+/// tonic's own channel reports it.
+fn unreachable(e: hyper_util::client::legacy::Error) -> Status {
+    Status::unavailable(format!("auth-service unreachable: {e}"))
+}
+
 /// The gRPC client of auth-service.
 #[derive(Clone)]
 pub struct GrpcAuth {
-    client: AuthServiceClient<Channel>,
-    health: HealthClient<Channel>,
+    client: AuthServiceClient<Connection>,
+    health: HealthClient<Connection>,
     client_key: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// Deadline of a call that stays inside auth-service (Verify, Refresh, ...).
     timeout: Duration,
@@ -54,13 +73,22 @@ impl GrpcAuth {
         wechat_timeout: Duration,
         client_key: Option<&SecretString>,
     ) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(Duration::from_secs(30)))
+        let origin: tonic::codegen::http::Uri = url.parse()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(2))));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let http = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect_lazy();
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            // Kept while idle, as a channel would: a quiet minute must not cost the next
+            // request a new connection. A dead peer is noticed by TCP keep-alive or on use.
+            .pool_idle_timeout(None)
+            .build(connector);
+        let connection: Connection = http.map_err(unreachable as fn(_) -> Status);
         let client_key = match client_key {
             Some(k) => Some(
                 k.expose_secret()
@@ -70,8 +98,8 @@ impl GrpcAuth {
             None => None,
         };
         Ok(Self {
-            client: AuthServiceClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            client: AuthServiceClient::with_origin(connection.clone(), origin.clone()),
+            health: HealthClient::with_origin(connection, origin),
             client_key,
             timeout,
             wechat_timeout,
