@@ -4,7 +4,7 @@
 //! An outcome is `OK` or the ErrorInfo reason the call failed with (`TOKEN_EXPIRED`,
 //! `WECHAT_INVALID_CODE`, …): a closed set, so the label stays low-cardinality.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -15,6 +15,9 @@ use prometheus_client::registry::Registry;
 
 /// The outcome of a call that succeeded.
 pub const OK: &str = "OK";
+
+/// The method most calls are: a `Verify` per business request of the edge.
+pub(crate) const VERIFY: &str = "/wxauth.v1.AuthService/Verify";
 
 /// The OpenMetrics text format's content type.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -29,6 +32,10 @@ pub struct Metrics {
     calls: Family<MethodOutcome, Counter>,
     latency: Family<Method, Histogram, fn() -> Histogram>,
     logins: Family<Outcome, Counter>,
+    /// The series of `Verify` answered OK, looked up in the families once (on the first such
+    /// call, so that nothing shows before it) instead of per call: a family's lookup hashes
+    /// its labels under a lock, about 1.5 % of auth-service's instructions per `Verify`.
+    verify_ok: OnceLock<(Counter, Histogram)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,12 +83,27 @@ impl Metrics {
             calls,
             latency,
             logins,
+            verify_ok: OnceLock::new(),
         }
     }
 
     /// Counts one answered call. `method` is the gRPC path (`/wxauth.v1.AuthService/Login`),
     /// `outcome` is [`OK`] or the ErrorInfo reason.
     pub fn observe_call(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
+        if outcome == OK && method == VERIFY {
+            // Clones of a family's metric share its value: the same series, counted here.
+            let (calls, latency) = self.verify_ok.get_or_init(|| {
+                (
+                    self.calls
+                        .get_or_create(&[("method", VERIFY), ("outcome", OK)])
+                        .clone(),
+                    self.latency.get_or_create(&[("method", VERIFY)]).clone(),
+                )
+            });
+            calls.inc();
+            latency.observe(elapsed.as_secs_f64());
+            return;
+        }
         self.calls
             .get_or_create(&[("method", method), ("outcome", outcome)])
             .inc();
@@ -131,5 +153,32 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            !text.contains(r#"outcome="OK"} 0"#),
+            "no series before its first call"
+        );
+    }
+
+    #[test]
+    fn verify_answered_ok_counts_in_the_same_series_as_every_other_call() {
+        let m = Metrics::new();
+        let verify = "/wxauth.v1.AuthService/Verify";
+        assert!(
+            !m.render().contains(verify),
+            "nothing before the first call"
+        );
+        for _ in 0..3 {
+            m.observe_call(verify, OK, Duration::from_millis(1));
+        }
+        m.observe_call(verify, "TOKEN_REVOKED", Duration::from_millis(1));
+        let text = m.render();
+        for line in [
+            r#"wxauth_auth_grpc_calls_total{method="/wxauth.v1.AuthService/Verify",outcome="OK"} 3"#,
+            r#"wxauth_auth_grpc_calls_total{method="/wxauth.v1.AuthService/Verify",outcome="TOKEN_REVOKED"} 1"#,
+            r#"wxauth_auth_grpc_call_duration_seconds_count{method="/wxauth.v1.AuthService/Verify"} 4"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(text.matches(r#"outcome="OK"}"#).count(), 1, "{text}");
     }
 }

@@ -395,6 +395,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_metrics_know_verify_by_the_path_it_is_observed_under() {
+        assert_eq!(path!("Verify"), crate::metrics::VERIFY);
+    }
+
+    #[test]
     fn timestamps_split_milliseconds() {
         let t = timestamp(1_700_000_000_123);
         assert_eq!(t.seconds, 1_700_000_000);
