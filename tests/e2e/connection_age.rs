@@ -1,6 +1,7 @@
 //! `AUTH_MAX_CONNECTION_AGE`: auth-service ends every connection gracefully after that age, so
 //! clients connect again (through a ClusterIP Service, to whichever replica kube-proxy picks)
-//! and new replicas get their share. Counted at a proxy between client and server.
+//! and new replicas get their share. Counted at a proxy between client and server; and through
+//! api-service under load, where no request may fail while its connection is recycled.
 
 use std::time::Duration;
 
@@ -54,4 +55,38 @@ async fn without_a_max_age_one_connection_serves_every_call() {
     let (connections, all_answered) = connections_over_three_seconds(&[]).await;
     assert!(all_answered);
     assert_eq!(connections, 1);
+}
+
+#[tokio::test]
+async fn the_edge_rides_recycled_connections_without_failing_a_request() {
+    // api-service's own client this time: every second auth-service ends the connection
+    // (GOAWAY) while calls are in flight on it, and the edge connects again.
+    let w = crate::api_common::api_world(&[("AUTH_MAX_CONNECTION_AGE", "1s")], &[]).await;
+    let access = w.login().await.access_token;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (caller, access) = (w.caller(), access.clone());
+        callers.spawn(async move {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while tokio::time::Instant::now() < deadline {
+                let a = caller
+                    .send(reqwest::Method::GET, "/v1/me", Some(&access), None, &[])
+                    .await;
+                if a.status == reqwest::StatusCode::OK {
+                    answered += 1;
+                } else {
+                    failed.push(format!("{}: {}", a.status, a.text()));
+                }
+            }
+            (answered, failed)
+        });
+    }
+    let mut answered = 0;
+    while let Some(done) = callers.join_next().await {
+        let (ok, failed) = done.expect("a caller");
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+        answered += ok;
+    }
+    assert!(answered >= 100, "only {answered} answers in 3.5 s");
 }
