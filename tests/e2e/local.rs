@@ -147,7 +147,8 @@ async fn the_launcher_runs_the_walkthrough_and_stops_cleanly_on_sigterm() {
 #[tokio::test]
 async fn when_a_service_dies_the_launcher_stops_the_rest_and_says_which() {
     let mut local = Local::start().await;
-    let api = local.url("api-service").await;
+    // The banner is printed once all three listen.
+    local.url("api-service").await;
     let auth = local.child("auth-service").expect("auth-service runs");
     let sim = local.child("wechat-sim").expect("the simulator runs");
     let edge = local.child("api-service").expect("api-service runs");
@@ -172,13 +173,4 @@ async fn when_a_service_dies_the_launcher_stops_the_rest_and_says_which() {
             "a child ({pid}) outlived the launcher"
         );
     }
-    assert!(
-        http_client(Duration::from_secs(2))
-            .expect("an HTTP client")
-            .get(format!("{api}/healthz"))
-            .send()
-            .await
-            .is_err(),
-        "nothing answers at the edge's address any more"
-    );
 }
