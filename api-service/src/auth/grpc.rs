@@ -1,6 +1,6 @@
-//! [`AuthApi`] over tonic. The connection is made on first use and again whenever it drops; every call
-//! has a deadline (`API_AUTH_TIMEOUT`), so a dead or hung auth-service turns into a prompt
-//! 503 `auth_unavailable`, never a hang and never a 500.
+//! [`AuthApi`] over tonic. The connection is made on first use and again whenever it drops;
+//! every call has a deadline (`API_AUTH_TIMEOUT`), so a dead or hung auth-service turns into a
+//! prompt 503 `auth_unavailable`, never a hang and never a 500.
 
 use std::time::Duration;
 
@@ -30,8 +30,11 @@ use crate::time::rfc3339;
 
 /// The HTTP/2 connection to auth-service: hyper-util's pooled client (one shared HTTP/2
 /// connection, made on first use and again after it drops), its failures turned into
-/// `UNAVAILABLE`. Not tonic's `Channel`: that one queues every call through a `Buffer` task
-/// on its way to the connection, one more task hop on every request of the edge.
+/// `UNAVAILABLE`. A call that a closing connection did not take (auth-service's GOAWAY at
+/// `AUTH_MAX_CONNECTION_AGE` or when it drains) is sent again on the next connection, where
+/// tonic's `Channel` answered it `UNAVAILABLE`, a 503 for the caller
+/// (`tests/e2e/connection_age.rs`); and no `Buffer` task between every call and the
+/// connection, one task hop fewer per request of the edge.
 type Connection = MapErr<
     Client<HttpConnector, tonic::body::Body>,
     fn(hyper_util::client::legacy::Error) -> Status,
@@ -81,7 +84,6 @@ impl GrpcAuth {
         let http = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             // Kept while idle, as a channel would: a quiet minute must not cost the next
