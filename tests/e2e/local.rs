@@ -36,7 +36,8 @@ impl Local {
     /// The `http://` address the banner gives for `what`, waiting up to 60 s for the banner.
     async fn url(&self, what: &str) -> String {
         for _ in 0..600 {
-            let found = self.process.logs().iter().find_map(|l| {
+            let logs = self.process.logs();
+            let found = logs.iter().find_map(|l| {
                 let rest = l.trim_start().strip_prefix(what)?;
                 let url = rest.split_whitespace().next()?;
                 url.starts_with("http://").then(|| url.to_owned())
@@ -44,7 +45,6 @@ impl Local {
             if let Some(url) = found {
                 return url;
             }
-            let logs = self.process.logs();
             if let Some(failed) = logs.iter().find(|l| l.starts_with("wxauth-local: ")) {
                 panic!("{failed}; it wrote:\n{}", logs.join("\n"));
             }
@@ -56,7 +56,7 @@ impl Local {
         );
     }
 
-    /// The process ids of the launcher's children, by name.
+    /// The process id of the launcher's child `name`, while it runs.
     fn child(&self, name: &str) -> Option<i32> {
         let parent = self.process.id()?;
         std::fs::read_dir("/proc")
