@@ -308,9 +308,8 @@ async fn up() -> anyhow::Result<()> {
         status = api.exited() => Some(("api-service", status)),
     };
     for p in [&mut api, &mut auth, &mut sim] {
-        if p.terminate().is_ok() {
-            let _ = p.wait_exit(Duration::from_secs(25)).await;
-        }
+        // One that has already exited cannot be signalled: nothing to stop.
+        let _ = p.stop(Duration::from_secs(25)).await;
     }
     match gone {
         None => Ok(()),
