@@ -1,7 +1,8 @@
 //! Prometheus metrics, served on `API_METRICS_ADDR` (a listener of its own, never the public
 //! port): requests by route and status, their latency, and `Verify` outcomes.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use axum::http::Method;
@@ -59,6 +60,20 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     verify: Family<VerifyLabels, Counter>,
+    /// The series of each route, method and status seen, by route: what
+    /// [`Metrics::observe_http`] looked up in both families on every request (a `String` for
+    /// the route in each key, two lookups) found with one lookup and no allocation. The
+    /// handles are clones of the families' own metrics, so they count the same series.
+    http: RwLock<HashMap<Box<str>, Vec<HttpSeries>>>,
+}
+
+/// One route's series for a method and a status.
+#[derive(Debug)]
+struct HttpSeries {
+    method: &'static str,
+    status: u16,
+    latency: Histogram,
+    requests: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -124,25 +139,51 @@ impl Metrics {
             requests,
             latency,
             verify,
+            http: RwLock::default(),
         }
     }
 
     /// Counts one answered request. `route` is the matched route template (low cardinality).
     pub fn observe_http(&self, method: &Method, route: &str, status: u16, elapsed: Duration) {
         let method = method_label(method);
-        self.latency
-            .get_or_create(&LatencyLabels {
-                method,
-                route: route.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
-        self.requests
-            .get_or_create(&RequestLabels {
-                method,
-                route: route.to_owned(),
-                status,
-            })
-            .inc();
+        let is = |s: &&HttpSeries| s.method == method && s.status == status;
+        let observe = |s: &HttpSeries| {
+            s.latency.observe(elapsed.as_secs_f64());
+            s.requests.inc();
+        };
+        {
+            let http = self.http.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(series) = http.get(route).and_then(|r| r.iter().find(is)) {
+                return observe(series);
+            }
+        }
+        let mut http = self.http.write().unwrap_or_else(|p| p.into_inner());
+        let seen = http.entry(route.into()).or_default();
+        // Another request may have added it since the read.
+        if let Some(series) = seen.iter().find(is) {
+            return observe(series);
+        }
+        let series = HttpSeries {
+            method,
+            status,
+            latency: self
+                .latency
+                .get_or_create(&LatencyLabels {
+                    method,
+                    route: route.to_owned(),
+                })
+                .clone(),
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    route: route.to_owned(),
+                    status,
+                })
+                .clone(),
+        };
+        observe(&series);
+        seen.push(series);
     }
 
     /// Counts one `Verify` outcome.
@@ -180,10 +221,32 @@ mod tests {
         );
         m.verify_outcome(VerifyOutcome::Ok);
         m.verify_outcome(VerifyOutcome::Unavailable);
+        // Seen again (through the kept handles), beside other statuses and methods of it.
+        m.observe_http(&Method::GET, "/v1/me", 200, Duration::from_millis(2));
+        m.observe_http(&Method::GET, "/v1/me", 401, Duration::from_millis(1));
+        m.observe_http(&Method::PATCH, "/v1/me", 200, Duration::from_millis(1));
         let text = m.render();
         assert!(
             text.contains(
-                r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="200"} 1"#
+                r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="200"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="401"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"wxauth_api_http_requests_total{method="PATCH",route="/v1/me",status="200"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"wxauth_api_http_request_duration_seconds_count{method="GET",route="/v1/me"} 3"#
             ),
             "{text}"
         );

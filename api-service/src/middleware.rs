@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument as _;
@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 use crate::error::{ApiError, JSON_UTF8, PendingError, render};
 use crate::state::AppState;
 
-const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id, in the request's extensions.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ pub async fn request_context(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let id = match req.headers().get(X_REQUEST_ID) {
+    let id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if well_formed(v) => v.to_str().unwrap_or_default().to_owned(),
         _ => uuid::Uuid::new_v4().to_string(),
     };
@@ -191,7 +191,7 @@ mod tests {
             Some(JSON_UTF8)
         );
         assert_eq!(
-            r.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()),
+            r.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()),
             Some("rid")
         );
     }
