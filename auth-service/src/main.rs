@@ -9,7 +9,9 @@ use shared::telemetry;
 
 /// mimalloc instead of glibc's malloc: the services allocate and free many small buffers
 /// per request across threads, and glibc's allocator was about a tenth of their CPU under
-/// load (its free lists, `malloc_consolidate`); see the README's benchmarks.
+/// load (its free lists, `malloc_consolidate`); see the README's benchmarks. The workspace
+/// builds mimalloc with its `override` feature, so the C code's `malloc` (SQLite's, which
+/// allocates a copy of every column of every row it hands to sqlx) is mimalloc too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
