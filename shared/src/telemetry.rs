@@ -168,7 +168,15 @@ impl Visit for JsonObject<'_> {
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.string(field.name(), format_args!("{value}"));
+        // Straight through the escaper, without `fmt`'s machinery for a value that is
+        // already a string.
+        if self.result.is_ok() {
+            self.result = self.key(field.name()).and_then(|()| {
+                self.out.write_char('"')?;
+                Escaped(&mut *self.out).write_str(value)?;
+                self.out.write_char('"')
+            });
+        }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
@@ -259,6 +267,7 @@ mod tests {
         let span = tracing::info_span!(
             "grpc",
             request_id = %id,
+            id_as_str = id,
             method = "/wxauth.v1.AuthService/Verify",
             n = -7i64,
             big = u64::MAX,

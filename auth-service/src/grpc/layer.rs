@@ -118,8 +118,8 @@ where
         };
         let span = tracing::info_span!(
             "grpc",
-            method = %req.uri().path(),
-            request_id = %request_id.to_str().unwrap_or("-"),
+            method = req.uri().path(),
+            request_id = request_id.to_str().unwrap_or("-"),
         );
 
         let path = req.uri().path();
