@@ -134,11 +134,12 @@ impl JsonObject<'_> {
         }
     }
 
-    fn string(&mut self, name: &str, value: fmt::Arguments<'_>) {
+    /// Writes a string value: `write` puts its contents through the escaper.
+    fn string(&mut self, name: &str, write: impl FnOnce(&mut Escaped<'_, String>) -> fmt::Result) {
         if self.result.is_ok() {
             self.result = self.key(name).and_then(|()| {
                 self.out.write_char('"')?;
-                Escaped(&mut *self.out).write_fmt(value)?;
+                write(&mut Escaped(&mut *self.out))?;
                 self.out.write_char('"')
             });
         }
@@ -170,17 +171,11 @@ impl Visit for JsonObject<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         // Straight through the escaper, without `fmt`'s machinery for a value that is
         // already a string.
-        if self.result.is_ok() {
-            self.result = self.key(field.name()).and_then(|()| {
-                self.out.write_char('"')?;
-                Escaped(&mut *self.out).write_str(value)?;
-                self.out.write_char('"')
-            });
-        }
+        self.string(field.name(), |out| out.write_str(value));
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-        self.string(field.name(), format_args!("{value:?}"));
+        self.string(field.name(), |out| write!(out, "{value:?}"));
     }
 }
 
