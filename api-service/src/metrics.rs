@@ -226,44 +226,17 @@ mod tests {
         m.observe_http(&Method::GET, "/v1/me", 401, Duration::from_millis(1));
         m.observe_http(&Method::PATCH, "/v1/me", 200, Duration::from_millis(1));
         let text = m.render();
-        assert!(
-            text.contains(
-                r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="200"} 2"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="401"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"wxauth_api_http_requests_total{method="PATCH",route="/v1/me",status="200"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"wxauth_api_http_request_duration_seconds_count{method="GET",route="/v1/me"} 3"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"wxauth_api_http_requests_total{method="OTHER",route="unmatched",status="405"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"wxauth_api_verify_total{outcome="ok"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"wxauth_api_verify_total{outcome="unavailable"} 1"#),
-            "{text}"
-        );
+        for line in [
+            r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="200"} 2"#,
+            r#"wxauth_api_http_requests_total{method="GET",route="/v1/me",status="401"} 1"#,
+            r#"wxauth_api_http_requests_total{method="PATCH",route="/v1/me",status="200"} 1"#,
+            r#"wxauth_api_http_request_duration_seconds_count{method="GET",route="/v1/me"} 3"#,
+            r#"wxauth_api_http_requests_total{method="OTHER",route="unmatched",status="405"} 1"#,
+            r#"wxauth_api_verify_total{outcome="ok"} 1"#,
+            r#"wxauth_api_verify_total{outcome="unavailable"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} is not in:\n{text}");
+        }
         assert!(text.contains("wxauth_api_http_request_duration_seconds_bucket"));
     }
 }
