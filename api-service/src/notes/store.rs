@@ -132,7 +132,14 @@ async fn write_batch(
         Some(conn) => conn,
         None => held.insert(pool.acquire().await.map_err(Failed::Transaction)?),
     };
-    let written = write_batch_on(conn, purges, batch).await;
+    let purge = batch
+        .first()
+        .is_some_and(|first| purges.due(first.note.created_at));
+    let written = if !purge && batch.iter().all(|job| job.idempotent.is_none()) {
+        write_plain_batch(conn, batch).await
+    } else {
+        write_batch_on(conn, purge, batch).await
+    };
     if matches!(written, Err(Failed::Transaction(_))) {
         // Whatever went wrong with the connection, the next batch takes another.
         *held = None;
@@ -140,10 +147,57 @@ async fn write_batch(
     written
 }
 
+/// A batch of creations without a key in one round trip to SQLite's thread: `BEGIN
+/// IMMEDIATE; INSERT …; COMMIT` as one query, where the general path
+/// ([`write_batch_on`]) takes three (each a hand-over to sqlx's worker thread and back).
+/// A failure may leave the transaction open (the insert or the commit failed) or not (the
+/// begin failed, or SQLite rolled back itself), so a `ROLLBACK` follows it either way; its
+/// own error is then usually "no transaction is active". Should the connection still be in
+/// a transaction after that (the `ROLLBACK` failed and a check says so), it is closed, not
+/// given back to the pool, where its open transaction would hold the write lock. Only
+/// batches with neither a key nor a purge due take this path.
+async fn write_plain_batch(
+    conn: &mut PoolConnection<Sqlite>,
+    batch: &[Job],
+) -> Result<Vec<Result<Created, ApiError>>, Failed> {
+    let mut query = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
+    push_insert(&mut query, batch.iter());
+    query.push("; COMMIT");
+    let Err(e) = query.build().execute(&mut **conn).await else {
+        return Ok(batch.iter().map(|_| Ok(Created::New)).collect());
+    };
+    if sqlx::raw_sql("ROLLBACK")
+        .execute(&mut **conn)
+        .await
+        .is_err()
+        && in_transaction(conn).await
+    {
+        conn.close_on_drop();
+        return Err(Failed::Transaction(e));
+    }
+    // Nothing of the batch was written. SQLite busy or locked: every creation gets that
+    // answer (503), as when the general path cannot begin; otherwise a creation's own
+    // statement may be at fault, and each is tried again alone.
+    if transient(&e) {
+        Err(Failed::Transaction(e))
+    } else {
+        Err(Failed::Statement(e))
+    }
+}
+
+/// Whether `conn` is inside a transaction (a `BEGIN` again fails there); true when that
+/// cannot be told.
+async fn in_transaction(conn: &mut SqliteConnection) -> bool {
+    match sqlx::raw_sql("BEGIN").execute(&mut *conn).await {
+        Ok(_) => sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err(),
+        Err(_) => true,
+    }
+}
+
 /// [`write_batch`] on `conn`.
 async fn write_batch_on(
     conn: &mut SqliteConnection,
-    purges: &PurgeClock,
+    purge: bool,
     batch: &[Job],
 ) -> Result<Vec<Result<Created, ApiError>>, Failed> {
     // One writer from here to the commit: a key's lookup, its note and its record are one
@@ -152,8 +206,8 @@ async fn write_batch_on(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(Failed::Transaction)?;
-    if let Some(first) = batch.first() {
-        purge_if_due(&mut tx, purges, first.note.created_at)
+    if let Some(first) = batch.first().filter(|_| purge) {
+        purge_expired(&mut tx, first.note.created_at)
             .await
             .map_err(Failed::Statement)?;
     }
@@ -198,20 +252,14 @@ fn note((_seq, id, title, body, created_at, updated_at): Row) -> Note {
 
 type AnswerRow = (Vec<u8>, String, i64, Vec<u8>);
 
-/// Purges the idempotency keys expired at `now`, once per period.
-async fn purge_if_due(
-    conn: &mut SqliteConnection,
-    purges: &PurgeClock,
-    now: Millis,
-) -> Result<(), sqlx::Error> {
-    if purges.due(now) {
-        let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
-            .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-        tracing::debug!(purged, "expired idempotency keys purged");
-    }
+/// Purges the idempotency keys expired at `now` (once per period: [`PurgeClock`]).
+async fn purge_expired(conn: &mut SqliteConnection, now: Millis) -> Result<(), sqlx::Error> {
+    let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
+        .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    tracing::debug!(purged, "expired idempotency keys purged");
     Ok(())
 }
 
@@ -220,10 +268,16 @@ async fn insert_plain(conn: &mut SqliteConnection, jobs: &[&Job]) -> Result<(), 
     if jobs.is_empty() {
         return Ok(());
     }
-    let mut insert = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) ",
-    );
-    insert.push_values(jobs, |mut row, job| {
+    let mut insert = QueryBuilder::<Sqlite>::new("");
+    push_insert(&mut insert, jobs.iter().copied());
+    insert.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Appends the one `INSERT` of `jobs`' notes to `query`.
+fn push_insert<'a>(query: &mut QueryBuilder<Sqlite>, jobs: impl Iterator<Item = &'a Job>) {
+    query.push("INSERT INTO notes (id, openid, title, body, created_at, updated_at) ");
+    query.push_values(jobs, |mut row, job| {
         row.push_bind(job.note.id.as_str())
             .push_bind(job.openid.as_str())
             .push_bind(job.note.title.as_str())
@@ -231,8 +285,6 @@ async fn insert_plain(conn: &mut SqliteConnection, jobs: &[&Job]) -> Result<(), 
             .push_bind(job.note.created_at)
             .push_bind(job.note.updated_at);
     });
-    insert.build().execute(&mut *conn).await?;
-    Ok(())
 }
 
 /// One creation with an `Idempotency-Key`, inside the writer's transaction: `Err` when a
@@ -443,10 +495,16 @@ mod tests {
     }
 
     async fn store() -> TestStore {
+        store_waiting(std::time::Duration::from_secs(5)).await
+    }
+
+    /// [`store`], whose connections wait `busy` for SQLite's write lock.
+    async fn store_waiting(busy: std::time::Duration) -> TestStore {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(dir.path().join("notes.db"))
             .create_if_missing(true)
+            .busy_timeout(busy)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -653,6 +711,85 @@ mod tests {
             s.list("bob", size, None).await.expect("list").items.len(),
             1
         );
+        // The writer's connection came out of the failed batch with no transaction open:
+        // the next batch commits, and readers on other connections see it.
+        let after = new_note("after", 2_000);
+        assert_eq!(
+            s.create("alice", &after, None).await.expect("after"),
+            Created::New
+        );
+        assert_eq!(
+            s.list("alice", size, None).await.expect("list").items.len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_take_the_write_lock_is_answered_unavailable_and_the_writer_recovers()
+     {
+        // Arrange: another connection holds SQLite's write lock.
+        let s = store_waiting(std::time::Duration::from_millis(50)).await;
+        let mut blocker = s.pool.acquire().await.expect("a connection");
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *blocker)
+            .await
+            .expect("the lock");
+
+        // Act
+        let answers = create_together(
+            &s,
+            vec![
+                ("alice", new_note("a", 1_000), None),
+                ("alice", new_note("b", 1_000), None),
+                ("bob", new_note("c", 1_000), None),
+            ],
+        )
+        .await;
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *blocker)
+            .await
+            .expect("unlock");
+        drop(blocker);
+
+        // Assert: each is told to come back (503); nothing was written; the next creation
+        // commits.
+        for answer in &answers {
+            assert_eq!(answer.as_ref().expect_err("busy").code(), "unavailable");
+        }
+        let size = PageSize::parse(None).expect("size");
+        assert!(
+            s.list("alice", size, None)
+                .await
+                .expect("list")
+                .items
+                .is_empty()
+        );
+        let after = new_note("after", 2_000);
+        assert_eq!(
+            s.create("alice", &after, None).await.expect("after"),
+            Created::New
+        );
+        assert_eq!(
+            s.list("alice", size, None).await.expect("list").items.len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_a_transaction_is_told_apart() {
+        let s = store().await;
+        let mut conn = s.pool.acquire().await.expect("a connection");
+        assert!(!in_transaction(&mut conn).await);
+        sqlx::raw_sql("BEGIN")
+            .execute(&mut *conn)
+            .await
+            .expect("begin");
+        assert!(in_transaction(&mut conn).await);
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .expect("rollback");
+        assert!(!in_transaction(&mut conn).await);
     }
 
     #[tokio::test]
