@@ -711,16 +711,22 @@ mod tests {
             s.list("bob", size, None).await.expect("list").items.len(),
             1
         );
-        // The writer's connection came out of the failed batch with no transaction open:
-        // the next batch commits, and readers on other connections see it.
+        // The writer's connection came out of the failed batch with no transaction open.
+        next_creation_commits(&s, 2).await;
+    }
+
+    /// A creation for alice commits, and a reader on another connection then sees her
+    /// `notes` notes.
+    async fn next_creation_commits(s: &SqliteNotes, notes: usize) {
         let after = new_note("after", 2_000);
         assert_eq!(
             s.create("alice", &after, None).await.expect("after"),
             Created::New
         );
+        let size = PageSize::parse(None).expect("size");
         assert_eq!(
             s.list("alice", size, None).await.expect("list").items.len(),
-            2
+            notes
         );
     }
 
@@ -764,15 +770,7 @@ mod tests {
                 .items
                 .is_empty()
         );
-        let after = new_note("after", 2_000);
-        assert_eq!(
-            s.create("alice", &after, None).await.expect("after"),
-            Created::New
-        );
-        assert_eq!(
-            s.list("alice", size, None).await.expect("list").items.len(),
-            1
-        );
+        next_creation_commits(&s, 1).await;
     }
 
     #[tokio::test]
