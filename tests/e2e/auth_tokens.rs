@@ -2,10 +2,14 @@
 
 use std::time::Duration;
 
-use proto::v1::{ListSessionsRequest, RefreshRequest, SessionEventKind};
+use proto::v1::verify_batch_result::Result as Answer;
+use proto::v1::{
+    ListSessionsRequest, LogoutRequest, RefreshRequest, SessionEventKind, VerifyBatchItem,
+    VerifyBatchRequest, VerifyRequest,
+};
 use tonic::Code;
 
-use crate::common::{reason, tokens, world};
+use crate::common::{meta, reason, tokens, world};
 
 #[tokio::test]
 async fn verify_tells_missing_and_garbled_tokens_apart() {
@@ -28,6 +32,120 @@ async fn verify_tells_missing_and_garbled_tokens_apart() {
     let (_, login) = w.login_as(None, None).await;
     let (_, refresh) = tokens(login.tokens.as_ref());
     assert_eq!(w.verify_refused(&refresh).await, "TOKEN_INVALID");
+}
+
+fn batch_item(access_token: &str, request_id: &str) -> VerifyBatchItem {
+    VerifyBatchItem {
+        request: Some(VerifyRequest {
+            access_token: access_token.to_owned(),
+            include_phone: false,
+        }),
+        request_id: request_id.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn verify_batch_answers_each_item_as_verify_alone_would() {
+    // Arrange: two users, one of them with a second session that is logged out
+    let mut w = world(&[]).await;
+    let (_, a) = w.login_as(None, Some("a")).await;
+    let (_, b) = w.login_as(None, Some("b")).await;
+    let (_, b_out) = w.login_as(Some(&b.openid), Some("b2")).await;
+    let (a_access, a_refresh) = tokens(a.tokens.as_ref());
+    let (b_access, _) = tokens(b.tokens.as_ref());
+    let (b_out_access, _) = tokens(b_out.tokens.as_ref());
+    w.client
+        .logout(LogoutRequest {
+            access_token: b_out_access.clone(),
+            all: false,
+        })
+        .await
+        .expect("logout");
+    let asked = [
+        a_access.as_str(),
+        "",
+        "wxa_short",
+        b_access.as_str(),
+        b_out_access.as_str(),
+        a_refresh.as_str(),
+        a_access.as_str(),
+    ];
+
+    // Act
+    let items = asked
+        .iter()
+        .enumerate()
+        .map(|(i, t)| batch_item(t, &format!("req-{i}")))
+        .collect();
+    let results = w
+        .client
+        .verify_batch(VerifyBatchRequest { items })
+        .await
+        .expect("VerifyBatch")
+        .into_inner()
+        .results;
+
+    // Assert: one result per item, in order, each what Verify alone answers
+    assert_eq!(results.len(), asked.len());
+    for (token, result) in asked.iter().zip(results) {
+        let alone = w.verify(token).await;
+        match (result.result, alone) {
+            (Some(Answer::Identity(got)), Ok(want)) => {
+                assert_eq!(got.openid, want.openid);
+                assert_eq!(got.session_id, want.session_id);
+                assert_eq!(got.expires_at, want.expires_at);
+            }
+            (Some(Answer::Error(got)), Err(want)) => {
+                let got = got.into_status();
+                assert_eq!(got.code(), want.code());
+                assert_eq!(got.message(), want.message());
+                assert_eq!(reason(&got), reason(&want));
+            }
+            (got, want) => panic!("batch answered {got:?}, Verify alone {want:?}"),
+        }
+    }
+    let openids = [&a.openid, &b.openid];
+    assert_ne!(openids[0], openids[1]);
+    assert_eq!(w.verify(&a_access).await.expect("a").openid, a.openid);
+    assert_eq!(w.verify(&b_access).await.expect("b").openid, b.openid);
+    assert_eq!(w.verify_refused(&b_out_access).await, "TOKEN_REVOKED");
+}
+
+#[tokio::test]
+async fn verify_batch_refuses_an_empty_or_oversized_batch_whole() {
+    let mut w = world(&[]).await;
+    let (_, a) = w.login_as(None, None).await;
+    let (access, _) = tokens(a.tokens.as_ref());
+    for n in [0, 1001] {
+        let items = (0..n)
+            .map(|i| batch_item(&access, &format!("r{i}")))
+            .collect();
+        let err = w
+            .client
+            .verify_batch(VerifyBatchRequest { items })
+            .await
+            .expect_err("refused whole");
+        assert_eq!(err.code(), Code::InvalidArgument, "{n}: {err:?}");
+        assert_eq!(reason(&err), "INVALID_ARGUMENT", "{n}");
+        assert_eq!(meta(&err, "field").as_deref(), Some("items"), "{n}");
+    }
+    // The most it takes is answered.
+    let items = (0..1000)
+        .map(|i| batch_item(&access, &format!("r{i}")))
+        .collect();
+    let results = w
+        .client
+        .verify_batch(VerifyBatchRequest { items })
+        .await
+        .expect("1000 items")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1000);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(&r.result, Some(Answer::Identity(id)) if id.openid == a.openid))
+    );
 }
 
 #[tokio::test]

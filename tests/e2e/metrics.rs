@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use proto::v1::LoginRequest;
+use proto::v1::{LoginRequest, VerifyBatchItem, VerifyBatchRequest, VerifyRequest};
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{Value, json};
@@ -16,6 +16,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 const LOGIN: &str = "/wxauth.v1.AuthService/Login";
 const VERIFY: &str = "/wxauth.v1.AuthService/Verify";
+const VERIFY_BATCH: &str = "/wxauth.v1.AuthService/VerifyBatch";
 
 /// One test's world: simulator, auth-service and api-service, all real processes.
 struct World {
@@ -198,6 +199,21 @@ async fn counters_move_with_logins_verified_requests_and_refused_tokens() {
         .await
         .expect_err("a malformed code is refused");
     assert_eq!(bad_code.code(), tonic::Code::InvalidArgument);
+    // A batch's items count as the Verify calls they answer; the batch as a call of its own.
+    let item = |token: &str| VerifyBatchItem {
+        request: Some(VerifyRequest {
+            access_token: token.to_owned(),
+            include_phone: false,
+        }),
+        request_id: String::new(),
+    };
+    let batch = client
+        .verify_batch(VerifyBatchRequest {
+            items: vec![item(access), item(&unknown)],
+        })
+        .await
+        .expect("VerifyBatch answers");
+    assert_eq!(batch.get_ref().results.len(), 2);
 
     let api_after = scrape(w.api.metrics_addr()).await;
     let auth_after = scrape(w.auth.metrics_addr()).await;
@@ -219,13 +235,14 @@ async fn counters_move_with_logins_verified_requests_and_refused_tokens() {
     let d = |series: &str| moved(&auth_before, &auth_after, series);
     assert_eq!(d(&auth_calls(LOGIN, "OK")), 1.0, "{auth_after}");
     assert_eq!(d(&auth_calls(LOGIN, "INVALID_CODE")), 1.0, "{auth_after}");
-    assert_eq!(d(&auth_calls(VERIFY, "OK")), 1.0, "{auth_after}");
-    assert_eq!(d(&auth_calls(VERIFY, "TOKEN_INVALID")), 1.0, "{auth_after}");
+    assert_eq!(d(&auth_calls(VERIFY, "OK")), 2.0, "{auth_after}");
+    assert_eq!(d(&auth_calls(VERIFY, "TOKEN_INVALID")), 2.0, "{auth_after}");
+    assert_eq!(d(&auth_calls(VERIFY_BATCH, "OK")), 1.0, "{auth_after}");
     assert_eq!(
         d(&format!(
             r#"wxauth_auth_grpc_call_duration_seconds_count{{method="{VERIFY}"}}"#
         )),
-        2.0
+        4.0
     );
     assert_eq!(d(r#"wxauth_auth_logins_total{outcome="OK"}"#), 1.0);
     assert_eq!(

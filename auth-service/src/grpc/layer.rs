@@ -71,7 +71,11 @@ impl<S> std::fmt::Debug for CallContext<S> {
 
 /// A request id we accept from a caller: 1 to 128 characters of `[A-Za-z0-9._:-]`.
 fn well_formed(id: &HeaderValue) -> bool {
-    let b = id.as_bytes();
+    well_formed_id(id.as_bytes())
+}
+
+/// [`well_formed`] on the bytes of an id (a `VerifyBatch` item's).
+pub(super) fn well_formed_id(b: &[u8]) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && b.iter()
