@@ -2,6 +2,7 @@
 //! every call has a deadline (`API_AUTH_TIMEOUT`), so a dead or hung auth-service turns into a
 //! prompt 503 `auth_unavailable`, never a hang and never a 500.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ use tower::ServiceExt as _;
 use tower::util::MapErr;
 use tracing::{error, warn};
 
+use super::batch::Verifier;
 use super::{
     AuthApi, AuthResult, CallContext, Device, Identity, PHONE_NOT_SET, PhoneNumber, SessionItem,
     TokenPair, http_status_for,
@@ -35,7 +37,7 @@ use crate::time::rfc3339;
 /// tonic's `Channel` answered it `UNAVAILABLE`, a 503 for the caller
 /// (`tests/e2e/connection_age.rs`); and no `Buffer` task between every call and the
 /// connection, one task hop fewer per request of the edge.
-type Connection = MapErr<
+pub(super) type Connection = MapErr<
     Client<HttpConnector, tonic::body::Body>,
     fn(hyper_util::client::legacy::Error) -> Status,
 >;
@@ -50,6 +52,8 @@ fn unreachable(e: hyper_util::client::legacy::Error) -> Status {
 #[derive(Clone)]
 pub struct GrpcAuth {
     client: AuthServiceClient<Connection>,
+    /// `Verify` calls, batched when they come together.
+    verifier: Arc<Verifier>,
     health: HealthClient<Connection>,
     client_key: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// Deadline of a call that stays inside auth-service (Verify, Refresh, ...).
@@ -99,8 +103,10 @@ impl GrpcAuth {
             ),
             None => None,
         };
+        let client = AuthServiceClient::with_origin(connection.clone(), origin.clone());
         Ok(Self {
-            client: AuthServiceClient::with_origin(connection.clone(), origin.clone()),
+            verifier: Arc::new(Verifier::new(client.clone(), client_key.clone(), timeout)),
+            client,
             health: HealthClient::with_origin(connection, origin),
             client_key,
             timeout,
@@ -115,22 +121,30 @@ impl GrpcAuth {
     /// A request with the metadata every call carries and `deadline` as its grpc-timeout
     /// (auth-service stops working on it past that).
     fn request_within<T>(&self, ctx: &CallContext, message: T, deadline: Duration) -> Request<T> {
-        let mut req = Request::new(message);
-        req.set_timeout(deadline);
-        if let Some(key) = &self.client_key {
-            req.metadata_mut().insert("x-client-key", key.clone());
-        }
-        if let Ok(mut id) = ctx
-            .request_id
-            .parse::<MetadataValue<tonic::metadata::Ascii>>()
-        {
-            // Unique per request: HPACK would add it to both ends' header tables and evict
-            // others for nothing; sent never-indexed instead.
-            id.set_sensitive(true);
-            req.metadata_mut().insert("x-request-id", id);
-        }
-        req
+        request_with(message, deadline, self.client_key.as_ref(), &ctx.request_id)
     }
+}
+
+/// A request of `message` with `deadline` as its grpc-timeout, our client key, and the
+/// request id.
+pub(super) fn request_with<T>(
+    message: T,
+    deadline: Duration,
+    client_key: Option<&MetadataValue<tonic::metadata::Ascii>>,
+    request_id: &str,
+) -> Request<T> {
+    let mut req = Request::new(message);
+    req.set_timeout(deadline);
+    if let Some(key) = client_key {
+        req.metadata_mut().insert("x-client-key", key.clone());
+    }
+    if let Ok(mut id) = request_id.parse::<MetadataValue<tonic::metadata::Ascii>>() {
+        // Unique per request: HPACK would add it to both ends' header tables and evict
+        // others for nothing; sent never-indexed instead.
+        id.set_sensitive(true);
+        req.metadata_mut().insert("x-request-id", id);
+    }
+    req
 }
 
 /// Runs one call under `deadline` on this side too: a hung connection must not hang the
@@ -257,14 +271,15 @@ impl AuthApi for GrpcAuth {
         access_token: &str,
         include_phone: bool,
     ) -> AuthResult<Identity> {
-        let req = self.request(
-            ctx,
-            pb::VerifyRequest {
-                access_token: access_token.to_owned(),
-                include_phone,
-            },
-        );
-        let r = within(ctx, self.timeout, self.client.clone().verify(req)).await?;
+        let request = pb::VerifyRequest {
+            access_token: access_token.to_owned(),
+            include_phone,
+        };
+        let r = self
+            .verifier
+            .verify(request, &ctx.request_id)
+            .await
+            .map_err(|status| to_api_error(status, ctx))?;
         Ok(Identity {
             openid: r.openid,
             unionid: r.unionid,

@@ -2,6 +2,7 @@
 //! ([`GrpcAuth`]), and the [`Authenticated`] extractors that call `Verify` on every business
 //! request. No verdict is cached: a revoked session is refused on its next request.
 
+mod batch;
 mod extract;
 #[cfg(test)]
 pub(crate) mod fake;
