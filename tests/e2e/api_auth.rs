@@ -9,6 +9,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tests::harness::sim::{Fault, MintCode};
 use tests::harness::{ApiProcess, AuthProcess, Process, SimProcess};
+use tokio::task::JoinSet;
+
+use crate::api_common::{Caller, api_world};
+use crate::metrics::{VERIFY_BATCH, auth_calls, sample, scrape};
 
 const JSON_UTF8: &str = "application/json; charset=utf-8";
 
@@ -773,4 +777,79 @@ async fn a_malformed_setting_stops_start_up_naming_it() {
             "{name} echoed its value: {out}"
         );
     }
+}
+
+/// `GET /v1/me` with each of `tokens`, all at once: the answers, in the tokens' order.
+async fn me_at_once(c: &Caller, tokens: &[&str]) -> Vec<crate::api_common::Answer> {
+    let mut calls = JoinSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let (c, token) = (c.clone(), (*token).to_owned());
+        calls.spawn(async move {
+            (
+                i,
+                c.send(Method::GET, "/v1/me", Some(&token), None, &[]).await,
+            )
+        });
+    }
+    let mut answers = calls.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, a)| a).collect()
+}
+
+#[tokio::test]
+async fn requests_verified_together_each_get_their_own_verdict_and_a_logout_counts_at_once() {
+    // Arrange: users A and B
+    let w = api_world(&[], &[]).await;
+    let c = w.caller();
+    let a = w.login().await;
+    let b = w.login().await;
+
+    // Act + Assert: five times, a new session of A, its requests interleaved with B's (so
+    // that their Verify calls share batches): each is answered as its own user; then A's
+    // session is logged out and each of its requests sent after that is refused, B's not
+    for round in 0..5 {
+        let session = w.login_with(&MintCode::for_openid(&a.openid)).await;
+        let tokens: Vec<&str> = (0..32)
+            .map(|i| {
+                if i % 2 == 0 {
+                    session.access_token.as_str()
+                } else {
+                    b.access_token.as_str()
+                }
+            })
+            .collect();
+        for (i, me) in me_at_once(&c, &tokens).await.iter().enumerate() {
+            let want = if i % 2 == 0 { &a.openid } else { &b.openid };
+            assert_eq!(me.status, StatusCode::OK, "round {round}: {}", me.text());
+            assert_eq!(
+                me.json()["openid"],
+                want.as_str(),
+                "round {round}, request {i}"
+            );
+        }
+        let out = c
+            .send(
+                Method::POST,
+                "/v1/auth/logout",
+                Some(&session.access_token),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(out.status, StatusCode::OK, "{}", out.text());
+        for (i, me) in me_at_once(&c, &tokens).await.iter().enumerate() {
+            if i % 2 == 0 {
+                me.error(StatusCode::UNAUTHORIZED, "token_revoked");
+            } else {
+                assert_eq!(me.status, StatusCode::OK, "round {round}: {}", me.text());
+                assert_eq!(me.json()["openid"], b.openid.as_str());
+            }
+        }
+    }
+    // The edge did send batches (else this test would not be about them).
+    let metrics = scrape(w.auth.metrics_addr()).await;
+    assert!(
+        sample(&metrics, &auth_calls(VERIFY_BATCH, "OK")) >= 1.0,
+        "{metrics}"
+    );
 }

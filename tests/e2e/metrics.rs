@@ -16,7 +16,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 const LOGIN: &str = "/wxauth.v1.AuthService/Login";
 const VERIFY: &str = "/wxauth.v1.AuthService/Verify";
-const VERIFY_BATCH: &str = "/wxauth.v1.AuthService/VerifyBatch";
+pub(crate) const VERIFY_BATCH: &str = "/wxauth.v1.AuthService/VerifyBatch";
 
 /// One test's world: simulator, auth-service and api-service, all real processes.
 struct World {
@@ -33,7 +33,7 @@ async fn world() -> World {
 }
 
 /// `GET http://addr/metrics`: the body, after checking status and content type.
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let answer = http_client(Duration::from_secs(30))
         .expect("client")
         .get(format!("http://{addr}/metrics"))
@@ -55,7 +55,7 @@ async fn scrape(addr: SocketAddr) -> String {
 
 /// The value of one series (`name{labels}`, labels in the order the service writes them);
 /// 0 when the series does not exist yet.
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| {
@@ -71,7 +71,7 @@ fn moved(before: &str, after: &str, series: &str) -> f64 {
     sample(after, series) - sample(before, series)
 }
 
-fn auth_calls(method: &str, outcome: &str) -> String {
+pub(crate) fn auth_calls(method: &str, outcome: &str) -> String {
     format!(r#"wxauth_auth_grpc_calls_total{{method="{method}",outcome="{outcome}"}}"#)
 }
 

@@ -2,21 +2,28 @@
 //!
 //! Every business request costs one `Verify`, and a gRPC call's own cost (an HTTP/2 stream,
 //! its headers both ways, a task and a span in auth-service) is several times that of
-//! checking the token. So a `Verify` is queued, and at most [`SENDERS`] sender tasks send
-//! the queue: a sender takes everything queued, sends it as one call (one item as a plain
-//! `Verify`, several as one `VerifyBatch`), and once answered takes what gathered meanwhile,
-//! until nothing is left. Nothing waits for company: with a sender free, a request is sent
-//! at the next turn of the scheduler; batches form only while calls are in flight, that is
-//! under load. Each item is still checked live by auth-service, so a revoked session is
-//! refused on its next request, and each answer goes to the request that asked.
+//! checking the token. So a `Verify` is queued, and up to [`SENDERS`] sender tasks send the
+//! queue: a sender takes what is queued (at most [`BATCH_MAX`]), sends it as one call (one
+//! item as a plain `Verify`, several as one `VerifyBatch`), and once answered takes what
+//! gathered meanwhile, until nothing is left. With a sender free, a request is sent at the
+//! next turn of the scheduler: batches form only while calls are in flight, that is under
+//! load. Each item is still checked live by auth-service, so a revoked session is refused
+//! on its next request, and each answer goes to the request that asked.
+//!
+//! A slow call (an item whose session auth-service must read from its database, a Redis
+//! that stalls) must not hold up everyone else: once the oldest queued item has waited
+//! [`STALL`] for a sender, one more call is sent, and again every [`STALL`] while that
+//! lasts, so that a slow auth-service costs about what it would without batching. Items
+//! whose request is gone (it timed out or its client left) are not sent; a call's deadline
+//! is what its oldest item has left of `API_AUTH_TIMEOUT`; past [`QUEUE_MAX`] waiting, a
+//! request is answered 503 at once.
 //!
 //! An auth-service that does not know `VerifyBatch` (an older release during a rolling
-//! upgrade) answers `UNIMPLEMENTED`: that batch is sent again item by item, and this
-//! process sends plain `Verify` calls from then on.
+//! upgrade) answers `UNIMPLEMENTED`: that batch is sent again item by item, and for
+//! [`PLAIN_FOR`] every `Verify` is sent alone before a batch is tried again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use proto::v1::auth_service_client::AuthServiceClient;
@@ -24,19 +31,30 @@ use proto::v1::{self as pb};
 use tokio::sync::oneshot;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Code, Status};
-use tracing::warn;
+use tonic_types::StatusExt;
+use tracing::{error, warn};
 
 use super::grpc::{Connection, request_with};
+use super::http_status_for;
 
-/// The most items one `VerifyBatch` carries (auth-service takes up to 1000); a sender takes
-/// the rest on its next round.
+/// The most items one `VerifyBatch` carries (auth-service takes up to 1000; the edge takes
+/// tokens of at most [`super::TOKEN_MAX`] bytes, so a batch stays far below gRPC's 4 MiB).
 pub(super) const BATCH_MAX: usize = 256;
 
-/// Calls of `Verify` or `VerifyBatch` in flight at most: what comes while they are gathers
-/// for the next. One would leave everything behind an item that waits on the database;
-/// two measured best (wrk, `GET /v1/me` at 64 connections: 38.6k, 43.3k and 38.3k req/s
-/// with one, two and four, against 20k sending every `Verify` alone).
+/// Sender tasks that keep sending while anything is queued. One would leave everything
+/// behind each call; two measured best (wrk, `GET /v1/me` at 64 connections: 38.6k, 43.3k
+/// and 38.3k req/s with one, two and four, against 20k sending every `Verify` alone).
 const SENDERS: usize = 2;
+
+/// How long the oldest queued `Verify` waits for a sender before one more call is sent.
+const STALL: Duration = Duration::from_millis(5);
+
+/// `Verify` calls waiting at most; past that a request is answered 503 at once.
+const QUEUE_MAX: usize = 4096;
+
+/// After auth-service answered a batch `UNIMPLEMENTED`: how long every `Verify` is sent
+/// alone before a batch is tried again.
+const PLAIN_FOR: Duration = Duration::from_secs(60);
 
 /// What one `Verify` gets back.
 type Answer = Result<pb::VerifyResponse, Status>;
@@ -44,13 +62,26 @@ type Answer = Result<pb::VerifyResponse, Status>;
 struct Waiting {
     item: pb::VerifyBatchItem,
     reply: oneshot::Sender<Answer>,
+    /// When it was queued: its deadline is `API_AUTH_TIMEOUT` after.
+    since: Instant,
 }
 
 #[derive(Default)]
 struct Queue {
     waiting: Vec<Waiting>,
-    /// Sender tasks running: each sends what is queued, one call at a time, until nothing is.
+    /// Sender tasks running (at most [`SENDERS`]).
     senders: usize,
+    /// A task is watching for the oldest item to wait [`STALL`].
+    watching: bool,
+    /// Until when every `Verify` is sent alone (auth-service did not know `VerifyBatch`).
+    plain_until: Option<Instant>,
+}
+
+/// What [`Verifier::verify`] has to start after queueing.
+enum Start {
+    Sender,
+    Watch,
+    Nothing,
 }
 
 /// The queue of `Verify` calls and what it takes to send them.
@@ -59,15 +90,49 @@ pub(super) struct Verifier {
     client_key: Option<MetadataValue<Ascii>>,
     timeout: Duration,
     queue: Mutex<Queue>,
-    /// False once auth-service answered a batch `UNIMPLEMENTED`.
-    batching: AtomicBool,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("batching", &self.batching.load(Ordering::Relaxed))
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// Gives back a sender's place, or the watcher's, when its task ends any other way than
+/// by its own rule (a panic, or the runtime dropping it): the queue is never left without
+/// one. Disarmed on the normal way out.
+struct Slot<'a> {
+    verifier: &'a Arc<Verifier>,
+    sender: bool,
+    armed: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let restart = {
+            let mut queue = self.verifier.lock();
+            if self.sender {
+                queue.senders -= 1;
+            } else {
+                queue.watching = false;
+            }
+            let restart = !queue.waiting.is_empty() && queue.senders < SENDERS;
+            if restart {
+                queue.senders += 1;
+            }
+            restart
+        };
+        if restart {
+            // Outside a runtime (it is shutting down) nobody is waiting any more.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(Arc::clone(self.verifier).sender());
+            }
+        }
     }
 }
 
@@ -82,12 +147,15 @@ impl Verifier {
             client_key,
             timeout,
             queue: Mutex::new(Queue::default()),
-            batching: AtomicBool::new(true),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// `Verify` of `request` for the request `request_id`: auth-service's answer, or the
-    /// failure to get one within the deadline.
+    /// failure to get one within `API_AUTH_TIMEOUT`.
     pub(super) async fn verify(
         self: &Arc<Self>,
         request: pb::VerifyRequest,
@@ -97,132 +165,242 @@ impl Verifier {
             request: Some(request),
             request_id: request_id.to_owned(),
         };
-        if !self.batching.load(Ordering::Relaxed) {
-            return self.verify_alone(item).await;
-        }
+        let since = Instant::now();
         let (reply, answer) = oneshot::channel();
-        let spawn_sender = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            queue.waiting.push(Waiting { item, reply });
-            let spawn = queue.senders < SENDERS;
-            if spawn {
-                queue.senders += 1;
+        // Err: this one goes alone.
+        let start = {
+            let mut queue = self.lock();
+            let plain = match queue.plain_until {
+                Some(until) if since < until => true,
+                Some(_) => {
+                    queue.plain_until = None;
+                    false
+                }
+                None => false,
+            };
+            if plain {
+                Err(item)
+            } else if queue.waiting.len() >= QUEUE_MAX {
+                return Err(Status::unavailable(
+                    "too many Verify calls waiting for auth-service",
+                ));
+            } else {
+                queue.waiting.push(Waiting { item, reply, since });
+                Ok(if queue.senders < SENDERS {
+                    queue.senders += 1;
+                    Start::Sender
+                } else if !queue.watching {
+                    queue.watching = true;
+                    Start::Watch
+                } else {
+                    Start::Nothing
+                })
             }
-            spawn
         };
-        if spawn_sender {
-            tokio::spawn(Arc::clone(self).sender());
+        let start = match start {
+            Ok(start) => start,
+            Err(item) => return self.verify_alone(item, since + self.timeout).await,
+        };
+        match start {
+            Start::Sender => drop(tokio::spawn(Arc::clone(self).sender())),
+            Start::Watch => drop(tokio::spawn(Arc::clone(self).watch())),
+            Start::Nothing => {}
         }
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Status::unavailable("the call to auth-service was dropped")),
-            Err(_) => Err(did_not_answer()),
+            Err(_) => Err(no_answer()),
         }
     }
 
-    /// Sends what is queued, at most [`BATCH_MAX`] in a call, one call at a time, until
-    /// nothing is.
+    /// What is queued now, oldest first: at most [`BATCH_MAX`] items whose request still
+    /// waits (the others are dropped unsent). Empty when nothing is queued.
+    fn take(queue: &mut Queue) -> Vec<Waiting> {
+        queue.waiting.retain(|w| !w.reply.is_closed());
+        if queue.waiting.len() > BATCH_MAX {
+            queue.waiting.drain(..BATCH_MAX).collect()
+        } else {
+            std::mem::take(&mut queue.waiting)
+        }
+    }
+
+    /// A sender: sends what is queued, one call at a time, until nothing is.
     async fn sender(self: Arc<Self>) {
+        let mut slot = Slot {
+            verifier: &self,
+            sender: true,
+            armed: true,
+        };
         loop {
-            let waiting = {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                if queue.waiting.is_empty() {
+            let batch = {
+                let mut queue = self.lock();
+                let batch = Self::take(&mut queue);
+                if batch.is_empty() {
                     queue.senders -= 1;
+                    slot.armed = false;
                     return;
                 }
-                if queue.waiting.len() > BATCH_MAX {
-                    queue.waiting.drain(..BATCH_MAX).collect()
-                } else {
-                    std::mem::take(&mut queue.waiting)
-                }
+                batch
             };
-            self.send(waiting).await;
+            self.send(batch).await;
         }
+    }
+
+    /// Watches the oldest queued item while every sender is busy: once it has waited
+    /// [`STALL`], sends one call of what is queued.
+    async fn watch(self: Arc<Self>) {
+        let mut slot = Slot {
+            verifier: &self,
+            sender: false,
+            armed: true,
+        };
+        let batch = loop {
+            let due = {
+                let mut queue = self.lock();
+                let Some(oldest) = queue.waiting.first().map(|w| w.since) else {
+                    queue.watching = false;
+                    slot.armed = false;
+                    return;
+                };
+                if oldest.elapsed() >= STALL {
+                    queue.watching = false;
+                    slot.armed = false;
+                    break Self::take(&mut queue);
+                }
+                oldest + STALL
+            };
+            tokio::time::sleep_until(due.into()).await;
+        };
+        self.send(batch).await;
     }
 
     /// Sends `waiting` (one call) and hands each its answer.
     async fn send(&self, mut waiting: Vec<Waiting>) {
-        if waiting.len() <= 1 {
+        let Some(oldest) = waiting.iter().map(|w| w.since).min() else {
+            return;
+        };
+        let deadline = oldest + self.timeout;
+        if waiting.len() == 1 {
             if let Some(w) = waiting.pop() {
-                let answer = self.verify_alone(w.item).await;
+                let answer = self.verify_alone(w.item, deadline).await;
+                // The request may be gone (its client left): nobody to answer.
                 let _ = w.reply.send(answer);
             }
             return;
         }
         let (items, replies): (Vec<_>, Vec<_>) =
             waiting.into_iter().map(|w| (w.item, w.reply)).unzip();
-        // The batch's own id (each item carries its request's).
+        // The batch's own id (each item carries its request's), in its failures' log line.
         let id = uuid::Uuid::new_v4().to_string();
         // Kept to be sent again, alone, should auth-service not know VerifyBatch.
         let request = request_with(
             pb::VerifyBatchRequest {
                 items: items.clone(),
             },
-            self.timeout,
+            deadline.saturating_duration_since(Instant::now()),
             self.client_key.as_ref(),
             &id,
         );
         let mut client = self.client.clone();
-        let answer = tokio::time::timeout(self.timeout, client.verify_batch(request))
+        let answer = tokio::time::timeout_at(deadline.into(), client.verify_batch(request))
             .await
-            .unwrap_or_else(|_| Err(did_not_answer()));
-        match answer {
+            .unwrap_or_else(|_| Err(no_answer()));
+        let status = match answer {
             Ok(response) => {
                 let results = response.into_inner().results;
                 if results.len() == replies.len() {
                     for (result, reply) in results.into_iter().zip(replies) {
-                        // The request may be gone (its client left): nobody to answer.
                         let _ = reply.send(item_answer(result));
                     }
-                } else {
-                    let status = Status::unknown(format!(
-                        "VerifyBatch answered {} items of {}",
-                        results.len(),
-                        replies.len()
-                    ));
-                    for reply in replies {
-                        let _ = reply.send(Err(status.clone()));
-                    }
+                    return;
                 }
+                Status::internal(format!(
+                    "VerifyBatch answered {} items of {}",
+                    results.len(),
+                    replies.len()
+                ))
             }
             Err(status) if status.code() == Code::Unimplemented => {
-                if self.batching.swap(false, Ordering::Relaxed) {
+                let switched = {
+                    let mut queue = self.lock();
+                    let was_batching = queue.plain_until.is_none();
+                    queue.plain_until = Some(Instant::now() + PLAIN_FOR);
+                    was_batching
+                };
+                if switched {
                     warn!(
-                        "auth-service does not know VerifyBatch (an older release?): each Verify is sent alone from now on"
+                        batch_id = id,
+                        "auth-service does not know VerifyBatch (an older release?): every Verify is sent alone for a minute"
                     );
                 }
                 // No item reached Verify: each is sent again, alone, all at once.
-                let alone = items.into_iter().map(|item| self.verify_alone(item));
+                let alone = items
+                    .into_iter()
+                    .map(|item| self.verify_alone(item, deadline));
                 for (answer, reply) in join_all(alone).await.into_iter().zip(replies) {
                     let _ = reply.send(answer);
                 }
+                return;
             }
-            Err(status) => {
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-            }
+            Err(status) => status,
+        };
+        // The call failed as a whole: nobody's verdict. Logged once with every request's id.
+        let request_ids = items
+            .iter()
+            .map(|i| i.request_id.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        if matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        ) {
+            warn!(batch_id = id, request_ids, grpc_code = ?status.code(), "VerifyBatch failed");
+        } else {
+            error!(batch_id = id, request_ids, grpc_code = ?status.code(),
+                message = status.message(), "VerifyBatch failed");
+        }
+        let status = as_failure(status, &id);
+        for reply in replies {
+            let _ = reply.send(Err(status.clone()));
         }
     }
 
-    /// One `Verify` call.
-    async fn verify_alone(&self, item: pb::VerifyBatchItem) -> Answer {
+    /// One `Verify` call, due by `deadline`.
+    async fn verify_alone(&self, item: pb::VerifyBatchItem, deadline: Instant) -> Answer {
         let request = request_with(
             item.request.unwrap_or_default(),
-            self.timeout,
+            deadline.saturating_duration_since(Instant::now()),
             self.client_key.as_ref(),
             &item.request_id,
         );
         let mut client = self.client.clone();
-        match tokio::time::timeout(self.timeout, client.verify(request)).await {
+        match tokio::time::timeout_at(deadline.into(), client.verify(request)).await {
             Ok(answer) => answer.map(tonic::Response::into_inner),
-            Err(_) => Err(did_not_answer()),
+            Err(_) => Err(no_answer()),
         }
     }
 }
 
-fn did_not_answer() -> Status {
-    Status::deadline_exceeded("auth-service did not answer in time")
+fn no_answer() -> Status {
+    Status::deadline_exceeded("no answer from auth-service in time")
+}
+
+/// A failure of a whole batch as each of its requests sees it: never a verdict on that
+/// request (a reason the edge would show as its own, such as `INVALID_ARGUMENT` for the
+/// batch's size, becomes auth-service failing, 503), otherwise as it came.
+fn as_failure(status: Status, batch_id: &str) -> Status {
+    let verdict = status
+        .get_details_error_info()
+        .is_some_and(|info| http_status_for(&info.reason).is_some());
+    if verdict {
+        Status::internal(format!(
+            "VerifyBatch {batch_id} refused whole: {:?}: {}",
+            status.code(),
+            status.message()
+        ))
+    } else {
+        status
+    }
 }
 
 /// One item's answer as `Verify` alone would have given it.
@@ -231,7 +409,9 @@ fn item_answer(result: pb::VerifyBatchResult) -> Answer {
     match result.result {
         Some(R::Identity(identity)) => Ok(identity),
         Some(R::Error(e)) => Err(e.into_status()),
-        None => Err(Status::unknown("VerifyBatch answered an item with nothing")),
+        None => Err(Status::internal(
+            "VerifyBatch answered an item with nothing",
+        )),
     }
 }
 
@@ -239,7 +419,7 @@ fn item_answer(result: pb::VerifyBatchResult) -> Answer {
 mod tests {
     use std::collections::HashMap;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use proto::v1::auth_service_server::{AuthService, AuthServiceServer};
     use tonic::{Request, Response};
@@ -259,17 +439,33 @@ mod tests {
         Short,
     }
 
-    /// An auth-service whose tokens are `token-<openid>`; anything else is refused
+    /// An auth-service whose tokens are `token-<openid>` (or `slow-<openid>`, answered
+    /// after [`SLOW`] with every other item of its call); anything else is refused
     /// `TOKEN_INVALID`. It counts the calls and the largest batch.
     struct Fake {
         batches: Batches,
         verify_calls: AtomicUsize,
+        /// Every VerifyBatch asked, answered or not.
+        batch_attempts: AtomicUsize,
         batch_calls: AtomicUsize,
         largest_batch: AtomicUsize,
     }
 
+    /// A call holding a `slow-` token is answered after this.
+    const SLOW: Duration = Duration::from_secs(2);
+
+    async fn slow_if_asked<'a>(mut tokens: impl Iterator<Item = &'a str>) {
+        if tokens.any(|t| t.starts_with("slow-")) {
+            tokio::time::sleep(SLOW).await;
+        }
+    }
+
     fn verdict(r: &pb::VerifyRequest) -> Answer {
-        match r.access_token.strip_prefix("token-") {
+        let token = &r.access_token;
+        match token
+            .strip_prefix("token-")
+            .or_else(|| token.strip_prefix("slow-"))
+        {
             Some(openid) => Ok(pb::VerifyResponse {
                 openid: openid.to_owned(),
                 session_id: format!("session-{openid}"),
@@ -304,6 +500,7 @@ mod tests {
             request: Request<pb::VerifyRequest>,
         ) -> Result<Response<pb::VerifyResponse>, Status> {
             self.verify_calls.fetch_add(1, Ordering::Relaxed);
+            slow_if_asked(std::iter::once(request.get_ref().access_token.as_str())).await;
             verdict(request.get_ref()).map(Response::new)
         }
 
@@ -311,10 +508,13 @@ mod tests {
             &self,
             request: Request<pb::VerifyBatchRequest>,
         ) -> Result<Response<pb::VerifyBatchResponse>, Status> {
+            self.batch_attempts.fetch_add(1, Ordering::Relaxed);
             if self.batches == Batches::Unknown {
                 return unknown();
             }
             let items = request.into_inner().items;
+            let tokens = items.iter().filter_map(|i| i.request.as_ref());
+            slow_if_asked(tokens.map(|r| r.access_token.as_str())).await;
             self.batch_calls.fetch_add(1, Ordering::Relaxed);
             self.largest_batch.fetch_max(items.len(), Ordering::Relaxed);
             use pb::verify_batch_result::Result as R;
@@ -397,6 +597,7 @@ mod tests {
         let fake = Arc::new(Fake {
             batches,
             verify_calls: AtomicUsize::new(0),
+            batch_attempts: AtomicUsize::new(0),
             batch_calls: AtomicUsize::new(0),
             largest_batch: AtomicUsize::new(0),
         });
@@ -455,19 +656,44 @@ mod tests {
             .collect()
     }
 
+    /// Waits until no sender and no watcher is left (they end once nothing is queued);
+    /// panics when that does not come.
+    async fn settles(client: &GrpcAuth) {
+        for _ in 0..2000 {
+            {
+                let queue = client.verifier.lock();
+                if queue.senders == 0 && !queue.watching && queue.waiting.is_empty() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let queue = client.verifier.lock();
+        panic!(
+            "never settled: {} senders, watching {}, {} waiting",
+            queue.senders,
+            queue.watching,
+            queue.waiting.len()
+        );
+    }
+
     #[tokio::test]
     async fn requests_that_come_together_share_a_call_and_each_gets_its_own_answer() {
         let (fake, client) = serve(Batches::Answered).await;
-        // More than a batch holds: the rest goes in the next call.
+        // More than a batch holds: the rest goes in the next call. Three rounds: the
+        // senders of one end, and the next round starts its own.
         let n = BATCH_MAX + 100;
-        assert_eq!(many_at_once(&client, n).await, expected(n));
+        for _ in 0..3 {
+            assert_eq!(many_at_once(&client, n).await, expected(n));
+            settles(&client).await;
+        }
         let largest = fake.largest_batch.load(Ordering::Relaxed);
         assert!(largest > 1, "no batch formed");
         assert!(largest <= BATCH_MAX, "a batch of {largest}");
-        // Fewer calls than requests (the first one may go alone).
+        // Fewer calls than requests (the first one of a round may go alone).
         let calls =
             fake.batch_calls.load(Ordering::Relaxed) + fake.verify_calls.load(Ordering::Relaxed);
-        assert!(calls < n / 2, "{calls} calls for {n} requests");
+        assert!(calls < 3 * n / 2, "{calls} calls for {} requests", 3 * n);
     }
 
     #[tokio::test]
@@ -475,18 +701,49 @@ mod tests {
         let (fake, client) = serve(Batches::Answered).await;
         assert_eq!(many_at_once(&client, 1).await, expected(1));
         assert_eq!(fake.verify_calls.load(Ordering::Relaxed), 1);
-        assert_eq!(fake.batch_calls.load(Ordering::Relaxed), 0);
+        assert_eq!(fake.batch_attempts.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slow_call_does_not_hold_up_the_others() {
+        // Arrange: both senders busy with calls that take SLOW
+        let (_fake, client) = serve(Batches::Answered).await;
+        let mut slow = tokio::task::JoinSet::new();
+        for i in 0..2 {
+            let client = client.clone();
+            slow.spawn(async move {
+                let ctx = CallContext::default();
+                client.verify(&ctx, &format!("slow-s{i}"), false).await
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Act: requests that come meanwhile
+        let seen = many_at_once(&client, 40).await;
+
+        // Assert: answered while the slow calls still wait
+        assert_eq!(seen, expected(40));
+        assert!(slow.try_join_next().is_none(), "a slow call ended first");
+        let slow = slow.join_all().await;
+        assert!(slow.iter().all(Result::is_ok));
+        settles(&client).await;
     }
 
     #[tokio::test]
     async fn an_auth_service_without_verify_batch_gets_each_verify_alone() {
         let (fake, client) = serve(Batches::Unknown).await;
         assert_eq!(many_at_once(&client, 40).await, expected(40));
+        let tried = fake.batch_attempts.load(Ordering::Relaxed);
         let before = fake.verify_calls.load(Ordering::Relaxed);
-        assert!(before >= 40, "{before}");
+        assert!(
+            tried >= 1 && before >= 40,
+            "{tried} batches, {before} calls"
+        );
         // From then on, no batch is tried: every request is one Verify.
+        settles(&client).await;
         assert_eq!(many_at_once(&client, 40).await, expected(40));
         assert_eq!(fake.verify_calls.load(Ordering::Relaxed), before + 40);
+        assert_eq!(fake.batch_attempts.load(Ordering::Relaxed), tried);
     }
 
     #[tokio::test]
@@ -505,5 +762,51 @@ mod tests {
                 "{answer:?}"
             );
         }
+    }
+
+    #[test]
+    fn requests_that_are_gone_are_not_sent() {
+        let mut queue = Queue::default();
+        let mut answers = Vec::new();
+        for i in 0..3 {
+            let (reply, answer) = oneshot::channel();
+            queue.waiting.push(Waiting {
+                item: pb::VerifyBatchItem {
+                    request: None,
+                    request_id: format!("r{i}"),
+                },
+                reply,
+                since: Instant::now(),
+            });
+            answers.push(answer);
+        }
+        drop(answers.remove(1));
+        let ids: Vec<_> = Verifier::take(&mut queue)
+            .into_iter()
+            .map(|w| w.item.request_id)
+            .collect();
+        assert_eq!(ids, ["r0", "r2"]);
+        assert!(queue.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_batch_refused_whole_is_nobodys_verdict() {
+        let info = |reason: &str| {
+            Status::with_error_details(
+                Code::InvalidArgument,
+                "must hold 1 to 1000 items",
+                ErrorDetails::with_error_info(reason, "wxauth", HashMap::new()),
+            )
+        };
+        // A reason the edge would show as the request's own: auth-service failing instead.
+        let s = as_failure(info("INVALID_ARGUMENT"), "b1");
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.get_details_error_info().is_none());
+        assert!(s.message().contains("b1"), "{}", s.message());
+        // Anything else as it came (503 at the edge, with its own log line).
+        let s = as_failure(info("CLIENT_KEY_INVALID"), "b1");
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let s = as_failure(Status::unavailable("down"), "b1");
+        assert_eq!(s.code(), Code::Unavailable);
     }
 }

@@ -5,7 +5,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
-use super::{CallContext, Identity};
+use super::{CallContext, Identity, TOKEN_MAX};
 use crate::error::ApiError;
 use crate::metrics::VerifyOutcome;
 use crate::middleware::RequestId;
@@ -39,6 +39,14 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
                     "the Authorization header is not `Bearer <token>`",
                 )
             })?;
+        // What auth-service would answer, without asking it: no token it issues is this
+        // long, and a huge one must not weigh on the calls it would share.
+        if token.len() > TOKEN_MAX {
+            return Err(ApiError::unauthorized(
+                "token_invalid",
+                "the token is not one auth-service issued",
+            ));
+        }
         Ok(Self(token.to_owned()))
     }
 }
@@ -98,5 +106,35 @@ impl FromRequestParts<AppState> for AuthenticatedWithPhone {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         authenticate(parts, state, true).await.map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+
+    use super::*;
+
+    async fn bearer(value: &str) -> Result<BearerToken, ApiError> {
+        let request = Request::builder()
+            .header(AUTHORIZATION, value)
+            .body(())
+            .expect("a request");
+        let (mut parts, ()) = request.into_parts();
+        BearerToken::from_request_parts(&mut parts, &()).await
+    }
+
+    #[tokio::test]
+    async fn a_token_longer_than_any_issued_is_refused_without_asking() {
+        let longest = "a".repeat(TOKEN_MAX);
+        let token = bearer(&format!("Bearer {longest}"))
+            .await
+            .expect("accepted");
+        assert_eq!(token.0, longest);
+        let e = bearer(&format!("Bearer {longest}a"))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.status(), axum::http::StatusCode::UNAUTHORIZED);
+        assert_eq!(e.code(), "token_invalid");
     }
 }

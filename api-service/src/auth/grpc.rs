@@ -53,7 +53,7 @@ fn unreachable(e: hyper_util::client::legacy::Error) -> Status {
 pub struct GrpcAuth {
     client: AuthServiceClient<Connection>,
     /// `Verify` calls, batched when they come together.
-    verifier: Arc<Verifier>,
+    pub(super) verifier: Arc<Verifier>,
     health: HealthClient<Connection>,
     client_key: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// Deadline of a call that stays inside auth-service (Verify, Refresh, ...).

@@ -14,6 +14,10 @@ use serde::Serialize;
 
 pub use extract::{Authenticated, AuthenticatedWithPhone, BearerToken};
 
+/// The longest bearer token the edge passes on (auth-service's are 47 bytes): a longer one
+/// is refused `token_invalid` at once.
+pub(crate) const TOKEN_MAX: usize = 512;
+
 /// auth-service's reason when a user has no phone number stored.
 pub(crate) const PHONE_NOT_SET: &str = "PHONE_NOT_SET";
 pub use grpc::GrpcAuth;

@@ -184,10 +184,13 @@ impl GrpcAuth {
     /// log lines in a `grpc` span of its own with the item's request id (as a `Verify` call's
     /// lines are).
     async fn verify_item(&self, item: &pb::VerifyBatchItem) -> pb::VerifyBatchResult {
+        // As for a call: the caller's id when well formed, else one made here.
+        let made;
         let request_id = if layer::well_formed_id(item.request_id.as_bytes()) {
             item.request_id.as_str()
         } else {
-            "-"
+            made = uuid::Uuid::new_v4().to_string();
+            made.as_str()
         };
         let span = tracing::info_span!("grpc", method = path!("Verify"), request_id);
         let answer = async {
