@@ -1,5 +1,6 @@
 //! Prometheus metrics, served on `API_METRICS_ADDR` (a listener of its own, never the public
-//! port): requests by route and status, their latency, and `Verify` outcomes.
+//! port): requests by route and status, their latency, `Verify` outcomes, and the gRPC
+//! calls the edge makes for them.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
@@ -54,12 +55,51 @@ struct VerifyLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+}
+
+/// Counts of the gRPC calls made for `Verify` (see `auth::batch`): requests over calls is
+/// how many requests a call carried; stalls are the calls sent because the oldest queued
+/// `Verify` waited for a sender (auth-service slow to answer).
+#[derive(Debug, Clone, Default)]
+pub struct VerifyCalls {
+    alone: Counter,
+    batch: Counter,
+    stalls: Counter,
+}
+
+impl VerifyCalls {
+    /// A plain `Verify` call.
+    pub fn alone(&self) {
+        self.alone.inc();
+    }
+
+    /// A `VerifyBatch` call.
+    pub fn batch(&self) {
+        self.batch.inc();
+    }
+
+    /// A call sent because the queue stalled (counted as well as `alone` or `batch`).
+    pub fn stall(&self) {
+        self.stalls.inc();
+    }
+
+    /// Plain calls, batches and stalls counted so far.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        (self.alone.get(), self.batch.get(), self.stalls.get())
+    }
+}
+
 /// The service's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     verify: Family<VerifyLabels, Counter>,
+    verify_calls: VerifyCalls,
     /// The series of each route, method and status seen, by route: what
     /// [`Metrics::observe_http`] looked up in both families on every request (a `String` for
     /// the route in each key, two lookups) found with one lookup and no allocation. The
@@ -134,11 +174,34 @@ impl Metrics {
             "Outcomes of Verify calls to auth-service (ok, refused, unavailable)",
             verify.clone(),
         );
+        let calls = Family::<RpcLabels, Counter>::default();
+        // One statement each: the family's read guard lives to the end of its statement, and
+        // creating the next series takes its write lock.
+        let alone = calls.get_or_create(&RpcLabels { rpc: "Verify" }).clone();
+        let batch = calls
+            .get_or_create(&RpcLabels { rpc: "VerifyBatch" })
+            .clone();
+        let verify_calls = VerifyCalls {
+            alone,
+            batch,
+            stalls: Counter::default(),
+        };
+        registry.register(
+            "verify_calls",
+            "gRPC calls made to auth-service for Verify, by RPC (a VerifyBatch carries several)",
+            calls,
+        );
+        registry.register(
+            "verify_stalls",
+            "Verify calls sent because the oldest queued Verify waited 5 ms for a sender",
+            verify_calls.stalls.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
             verify,
+            verify_calls,
             http: RwLock::default(),
         }
     }
@@ -195,6 +258,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The counters of the gRPC calls made for `Verify`, for the client that makes them.
+    pub fn verify_calls(&self) -> VerifyCalls {
+        self.verify_calls.clone()
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -221,6 +289,11 @@ mod tests {
         );
         m.verify_outcome(VerifyOutcome::Ok);
         m.verify_outcome(VerifyOutcome::Unavailable);
+        let calls = m.verify_calls();
+        calls.alone();
+        calls.batch();
+        calls.batch();
+        calls.stall();
         // Seen again (through the kept handles), beside other statuses and methods of it.
         m.observe_http(&Method::GET, "/v1/me", 200, Duration::from_millis(2));
         m.observe_http(&Method::GET, "/v1/me", 401, Duration::from_millis(1));
@@ -234,6 +307,9 @@ mod tests {
             r#"wxauth_api_http_requests_total{method="OTHER",route="unmatched",status="405"} 1"#,
             r#"wxauth_api_verify_total{outcome="ok"} 1"#,
             r#"wxauth_api_verify_total{outcome="unavailable"} 1"#,
+            r#"wxauth_api_verify_calls_total{rpc="Verify"} 1"#,
+            r#"wxauth_api_verify_calls_total{rpc="VerifyBatch"} 2"#,
+            "wxauth_api_verify_stalls_total 1",
         ] {
             assert!(text.contains(line), "{line} is not in:\n{text}");
         }

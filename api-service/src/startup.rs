@@ -101,11 +101,13 @@ impl Application {
                 (profiles, Arc::new(PgNotes::new(pg.clone())))
             }
         };
+        let metrics = Arc::new(Metrics::new());
         let auth = GrpcAuth::new(
             &settings.auth_url,
             settings.auth_timeout,
             settings.auth_wechat_timeout,
             settings.auth_client_key.as_ref(),
+            metrics.verify_calls(),
         )
         .context("cannot build the auth-service client")?;
         let state = AppState::new(Shared {
@@ -113,7 +115,7 @@ impl Application {
             profiles,
             notes,
             db,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             trusted_proxy_hops: settings.trusted_proxy_hops,
             draining: Arc::new(AtomicBool::new(false)),
         });

@@ -230,6 +230,13 @@ async fn counters_move_with_logins_verified_requests_and_refused_tokens() {
     assert_eq!(d(r#"wxauth_api_verify_total{outcome="ok"}"#), 1.0);
     assert_eq!(d(r#"wxauth_api_verify_total{outcome="refused"}"#), 1.0);
     assert_eq!(d(r#"wxauth_api_verify_total{outcome="unavailable"}"#), 0.0);
+    // One after the other: each its own plain Verify call, none batched or stalled.
+    assert_eq!(d(r#"wxauth_api_verify_calls_total{rpc="Verify"}"#), 2.0);
+    assert_eq!(
+        d(r#"wxauth_api_verify_calls_total{rpc="VerifyBatch"}"#),
+        0.0
+    );
+    assert_eq!(d("wxauth_api_verify_stalls_total"), 0.0);
 
     // Assert: auth-service, by method and outcome (OK or the ErrorInfo reason).
     let d = |series: &str| moved(&auth_before, &auth_after, series);

@@ -36,6 +36,7 @@ use tracing::{error, warn};
 
 use super::grpc::{Connection, request_with};
 use super::http_status_for;
+use crate::metrics::VerifyCalls;
 
 /// The most items one `VerifyBatch` carries (auth-service takes up to 1000; the edge takes
 /// tokens of at most [`super::TOKEN_MAX`] bytes, so a batch stays far below gRPC's 4 MiB).
@@ -90,6 +91,7 @@ pub(super) struct Verifier {
     client_key: Option<MetadataValue<Ascii>>,
     timeout: Duration,
     queue: Mutex<Queue>,
+    calls: VerifyCalls,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -141,12 +143,14 @@ impl Verifier {
         client: AuthServiceClient<Connection>,
         client_key: Option<MetadataValue<Ascii>>,
         timeout: Duration,
+        calls: VerifyCalls,
     ) -> Self {
         Self {
             client,
             client_key,
             timeout,
             queue: Mutex::new(Queue::default()),
+            calls,
         }
     }
 
@@ -271,6 +275,7 @@ impl Verifier {
             };
             tokio::time::sleep_until(due.into()).await;
         };
+        self.calls.stall();
         self.send(batch).await;
     }
 
@@ -302,6 +307,7 @@ impl Verifier {
             &id,
         );
         let mut client = self.client.clone();
+        self.calls.batch();
         let answer = tokio::time::timeout_at(deadline.into(), client.verify_batch(request))
             .await
             .unwrap_or_else(|_| Err(no_answer()));
@@ -374,6 +380,7 @@ impl Verifier {
             &item.request_id,
         );
         let mut client = self.client.clone();
+        self.calls.alone();
         match tokio::time::timeout_at(deadline.into(), client.verify(request)).await {
             Ok(answer) => answer.map(tonic::Response::into_inner),
             Err(_) => Err(no_answer()),
@@ -593,7 +600,8 @@ mod tests {
     }
 
     /// The fake on a port of its own, and a client of it as api-service makes it.
-    async fn serve(batches: Batches) -> (Arc<Fake>, GrpcAuth) {
+    async fn serve(batches: Batches) -> (Arc<Fake>, GrpcAuth, VerifyCalls) {
+        let calls = VerifyCalls::default();
         let fake = Arc::new(Fake {
             batches,
             verify_calls: AtomicUsize::new(0),
@@ -612,9 +620,15 @@ mod tests {
                 .serve_with_incoming(incoming),
         );
         let timeout = Duration::from_secs(10);
-        let client =
-            GrpcAuth::new(&format!("http://{addr}"), timeout, timeout, None).expect("client");
-        (fake, client)
+        let client = GrpcAuth::new(
+            &format!("http://{addr}"),
+            timeout,
+            timeout,
+            None,
+            calls.clone(),
+        )
+        .expect("client");
+        (fake, client, calls)
     }
 
     /// `n` requests at once, every third with a token auth-service refuses: each must get
@@ -679,7 +693,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_that_come_together_share_a_call_and_each_gets_its_own_answer() {
-        let (fake, client) = serve(Batches::Answered).await;
+        let (fake, client, counted) = serve(Batches::Answered).await;
         // More than a batch holds: the rest goes in the next call. Three rounds: the
         // senders of one end, and the next round starts its own.
         let n = BATCH_MAX + 100;
@@ -694,20 +708,24 @@ mod tests {
         let calls =
             fake.batch_calls.load(Ordering::Relaxed) + fake.verify_calls.load(Ordering::Relaxed);
         assert!(calls < 3 * n / 2, "{calls} calls for {} requests", 3 * n);
+        let (alone, batches, _) = counted.counts();
+        assert_eq!(alone, fake.verify_calls.load(Ordering::Relaxed) as u64);
+        assert_eq!(batches, fake.batch_calls.load(Ordering::Relaxed) as u64);
     }
 
     #[tokio::test]
     async fn a_request_alone_is_a_plain_verify() {
-        let (fake, client) = serve(Batches::Answered).await;
+        let (fake, client, calls) = serve(Batches::Answered).await;
         assert_eq!(many_at_once(&client, 1).await, expected(1));
         assert_eq!(fake.verify_calls.load(Ordering::Relaxed), 1);
         assert_eq!(fake.batch_attempts.load(Ordering::Relaxed), 0);
+        assert_eq!(calls.counts(), (1, 0, 0));
     }
 
     #[tokio::test]
     async fn a_slow_call_does_not_hold_up_the_others() {
         // Arrange: both senders busy with calls that take SLOW
-        let (_fake, client) = serve(Batches::Answered).await;
+        let (_fake, client, calls) = serve(Batches::Answered).await;
         let mut slow = tokio::task::JoinSet::new();
         for i in 0..2 {
             let client = client.clone();
@@ -724,6 +742,7 @@ mod tests {
         // Assert: answered while the slow calls still wait
         assert_eq!(seen, expected(40));
         assert!(slow.try_join_next().is_none(), "a slow call ended first");
+        assert!(calls.counts().2 >= 1, "no stall counted");
         let slow = slow.join_all().await;
         assert!(slow.iter().all(Result::is_ok));
         settles(&client).await;
@@ -731,7 +750,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_auth_service_without_verify_batch_gets_each_verify_alone() {
-        let (fake, client) = serve(Batches::Unknown).await;
+        let (fake, client, calls) = serve(Batches::Unknown).await;
         assert_eq!(many_at_once(&client, 40).await, expected(40));
         let tried = fake.batch_attempts.load(Ordering::Relaxed);
         let before = fake.verify_calls.load(Ordering::Relaxed);
@@ -744,11 +763,15 @@ mod tests {
         assert_eq!(many_at_once(&client, 40).await, expected(40));
         assert_eq!(fake.verify_calls.load(Ordering::Relaxed), before + 40);
         assert_eq!(fake.batch_attempts.load(Ordering::Relaxed), tried);
+        // Counted as the fake saw them: every batch tried, every Verify alone.
+        let (alone, batches, _) = calls.counts();
+        assert_eq!(batches, tried as u64);
+        assert_eq!(alone, fake.verify_calls.load(Ordering::Relaxed) as u64);
     }
 
     #[tokio::test]
     async fn an_answer_that_does_not_match_the_batch_is_auth_service_failing() {
-        let (_fake, client) = serve(Batches::Short).await;
+        let (_fake, client, _calls) = serve(Batches::Short).await;
         let seen = many_at_once(&client, 40).await;
         // The first request may have gone alone; the batch after it is refused whole.
         let unavailable = seen

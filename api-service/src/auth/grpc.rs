@@ -28,6 +28,7 @@ use super::{
     TokenPair, http_status_for,
 };
 use crate::error::ApiError;
+use crate::metrics::VerifyCalls;
 use crate::time::rfc3339;
 
 /// The HTTP/2 connection to auth-service: hyper-util's pooled client (one shared HTTP/2
@@ -73,12 +74,14 @@ impl std::fmt::Debug for GrpcAuth {
 impl GrpcAuth {
     /// A client of `url` that does not connect until first used. Every call has a deadline:
     /// `timeout` for calls answered by auth-service alone, `wechat_timeout` for the calls
-    /// that wait on WeChat (a login may take two WeChat round trips).
+    /// that wait on WeChat (a login may take two WeChat round trips). The calls made for
+    /// `Verify` are counted in `calls`.
     pub fn new(
         url: &str,
         timeout: Duration,
         wechat_timeout: Duration,
         client_key: Option<&SecretString>,
+        calls: VerifyCalls,
     ) -> anyhow::Result<Self> {
         let origin: tonic::codegen::http::Uri = url.parse()?;
         let mut connector = HttpConnector::new();
@@ -105,7 +108,12 @@ impl GrpcAuth {
         };
         let client = AuthServiceClient::with_origin(connection.clone(), origin.clone());
         Ok(Self {
-            verifier: Arc::new(Verifier::new(client.clone(), client_key.clone(), timeout)),
+            verifier: Arc::new(Verifier::new(
+                client.clone(),
+                client_key.clone(),
+                timeout,
+                calls,
+            )),
             client,
             health: HealthClient::with_origin(connection, origin),
             client_key,

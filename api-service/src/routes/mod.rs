@@ -205,6 +205,7 @@ mod tests {
                 Duration::from_millis(100),
                 Duration::from_millis(100),
                 None,
+                crate::metrics::VerifyCalls::default(),
             )
             .expect("client"),
         )
