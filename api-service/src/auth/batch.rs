@@ -170,6 +170,7 @@ impl Verifier {
             request_id: request_id.to_owned(),
         };
         let since = Instant::now();
+        let deadline = since + self.timeout;
         let (reply, answer) = oneshot::channel();
         // Err: this one goes alone.
         let start = {
@@ -203,14 +204,15 @@ impl Verifier {
         };
         let start = match start {
             Ok(start) => start,
-            Err(item) => return self.verify_alone(item, since + self.timeout).await,
+            Err(item) => return self.verify_alone(item, deadline).await,
         };
         match start {
             Start::Sender => drop(tokio::spawn(Arc::clone(self).sender())),
             Start::Watch => drop(tokio::spawn(Arc::clone(self).watch())),
             Start::Nothing => {}
         }
-        match tokio::time::timeout(self.timeout, answer).await {
+        // The same deadline its call is sent with (what its oldest item has left).
+        match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Status::unavailable("the call to auth-service was dropped")),
             Err(_) => Err(no_answer()),
