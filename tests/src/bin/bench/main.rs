@@ -111,6 +111,13 @@ fn parse_args() -> anyhow::Result<Args> {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // No subscriber would not be free: sqlx turns on tracing's `log` feature in this build,
+    // and with no subscriber set every span of hyper, h2 and tonic (the baselines' and the
+    // load generator's) is handed to `log` instead, about 5,500 instructions a bare gRPC call
+    // (callgrind), which the services, whose subscriber drops those spans, never pay. The bare
+    // floor is a subscriber that takes nothing.
+    let _already_set =
+        tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::new());
     // `bench --serve echo|hello WORKERS`: one bare baseline server in a process of its own
     // (started by the bench itself), on a runtime of WORKERS threads like the services'.
     let argv: Vec<String> = std::env::args().skip(1).collect();
