@@ -1,21 +1,26 @@
 //! The services' logs: JSON lines, one per event, filtered by `RUST_LOG` (default `info`),
 //! and the few lines a service writes to stderr before it can log.
 //!
-//! An event inside a span carries the span's fields under `"span"` (auth-service's `grpc`
-//! span gives every line of a call its `request_id` and `method`). The fields of a span are
-//! formatted when the span is made, whether or not a line is ever written in it, so on
-//! auth-service's hot path, one span per call, that formatting is [`JsonSpanFields`]'s: the
-//! object written as the fields are visited, where tracing-subscriber's own `JsonFields`
-//! builds a map of `serde_json::Value`s first (measured with callgrind: span creation was
-//! 7.9 % of auth-service's instructions per `Verify`, the map and its serialization most of
-//! it).
+//! A line logged while a gRPC call of auth-service is served carries the call under
+//! `"span"`: `{"method":…,"request_id":…,"name":"grpc"}`, the shape tracing-subscriber gives
+//! a span of that name. It is not a tracing span, though: the call is held in a task-local
+//! ([`in_call`]) and spliced into the line when a line is written ([`CallEvents`]). A span
+//! per call cost its fields' formatting, the registry's slot and the extensions map whether
+//! or not a line was ever written in it: 4.7k of auth-service's 73.8k instructions per
+//! `Verify` (callgrind, h2load at 16 streams), where the task-local costs a swap per poll.
+//! Inside a call, a library's own span (h2's, hyper's, at `debug`) is not written; outside
+//! one, the current span is, fields by [`JsonSpanFields`].
 
 use std::fmt::{self, Write as _};
+use std::future::Future;
 
+use tokio::task::futures::TaskLocalFuture;
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::{RecordFields, Visit};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::fmt::format::{self, Format, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Installs the global subscriber writing to `sink`; a second call does nothing. The sink is
 /// a parameter so that tests can silence or capture it.
@@ -34,17 +39,15 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     tracing_subscriber::fmt()
-        .json()
-        .with_current_span(true)
-        .with_span_list(false)
         .fmt_fields(JsonSpanFields)
         .with_env_filter(filter)
         .with_writer(sink)
         // A log line that cannot be written (stdout a pipe whose reader is gone) is lost,
         // never reported with `eprintln!`, which panics when stderr is gone too: the panic
         // took down whichever task logged, the shutdown one included, and the process then
-        // never stopped on SIGTERM.
+        // never stopped on SIGTERM. (Kept by `event_format`, which comes after it.)
         .log_internal_errors(false)
+        .event_format(CallEvents::default())
         .finish()
 }
 
@@ -53,6 +56,91 @@ where
 pub fn to_stderr(message: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let _lost_if_closed = writeln!(std::io::stderr(), "{message}");
+}
+
+tokio::task_local! {
+    static CALL: Call;
+}
+
+/// The call a task is serving, written with every line logged while it is ([`in_call`]).
+#[derive(Debug, Clone)]
+pub struct Call {
+    method: String,
+    request_id: String,
+}
+
+impl Call {
+    /// `method` is the gRPC path (`/wxauth.v1.AuthService/Verify`), `request_id` the call's.
+    pub fn new(method: &str, request_id: &str) -> Self {
+        Self {
+            method: method.to_owned(),
+            request_id: request_id.to_owned(),
+        }
+    }
+}
+
+/// Runs `work` as part of `call`: every line it logs, on its task, carries the call. An inner
+/// `in_call` (one item of a batch) stands for the outer one while its work runs.
+pub fn in_call<F: Future>(call: Call, work: F) -> TaskLocalFuture<Call, F> {
+    CALL.scope(call, work)
+}
+
+/// The event format: tracing-subscriber's JSON line, with the task's [`Call`] as its
+/// `"span"` when there is one.
+#[derive(Debug)]
+pub struct CallEvents {
+    /// Outside a call: the current span, if any, as `"span"`.
+    spans: Format<Json>,
+    /// Inside one: no span of its own, the call is appended.
+    bare: Format<Json>,
+}
+
+impl Default for CallEvents {
+    fn default() -> Self {
+        let json = format::format().json().with_span_list(false);
+        Self {
+            spans: json.clone().with_current_span(true),
+            bare: json.with_current_span(false),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for CallEvents
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let in_call = CALL.try_with(|call| {
+            let mut line = String::with_capacity(256);
+            self.bare.format_event(ctx, Writer::new(&mut line), event)?;
+            // The line is one JSON object and a newline: the call goes in before its `}`.
+            let Some(open) = line.trim_end().strip_suffix('}') else {
+                return writer.write_str(&line);
+            };
+            writer.write_str(open)?;
+            let mut object = JsonObject {
+                out: &mut String::with_capacity(128),
+                empty: true,
+                result: Ok(()),
+            };
+            object.string("method", |out| out.write_str(&call.method));
+            object.string("request_id", |out| out.write_str(&call.request_id));
+            object.string("name", |out| out.write_str("grpc"));
+            object.result?;
+            let separator = if open.ends_with('{') { "" } else { "," };
+            writeln!(writer, "{separator}\"span\":{{{}}}}}", object.out)
+        });
+        match in_call {
+            Ok(written) => written,
+            Err(_not_in_a_call) => self.spans.format_event(ctx, writer, event),
+        }
+    }
 }
 
 /// A span's fields as one JSON object (`{"name":value,...}`), written as they are visited:
@@ -326,6 +414,59 @@ mod tests {
         assert_eq!(ours[1]["span"]["request_id"], span["request_id"]);
         assert_eq!(ours[2]["span"], json!({"name": "bare"}));
         assert_eq!(ours[3]["span"], json!({"name": "bare", "later": "now"}));
+    }
+
+    #[tokio::test]
+    async fn a_line_logged_in_a_call_carries_the_call_as_its_span() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let _default = tracing::subscriber::set_default(subscriber(
+            move || sink.clone(),
+            EnvFilter::new("info"),
+        ));
+
+        tracing::info!("before");
+        let method = "/wxauth.v1.AuthService/Verify";
+        let outer = in_call(Call::new(method, "outer-1"), async {
+            tracing::info!(n = 1, "in the outer call");
+            tokio::task::yield_now().await;
+            let odd = Call::new("/x", "in\"ner\\2\n");
+            in_call(odd, async {
+                // A span of its own inside a call: the call is what the line carries.
+                let span = tracing::info_span!("grpc", request_id = "from-a-span");
+                span.in_scope(|| tracing::warn!("in the inner call"));
+            })
+            .await;
+            tracing::info!("back in the outer call");
+        });
+        outer.await;
+        tracing::info!("after");
+
+        let lines = out.lines();
+        assert_eq!(lines.len(), 5);
+        let outer_span = json!({"method": method, "request_id": "outer-1", "name": "grpc"});
+        assert_eq!(lines[0].get("span"), None);
+        assert_eq!(lines[1]["span"], outer_span);
+        assert_eq!(
+            lines[1]["fields"],
+            json!({"message": "in the outer call", "n": 1})
+        );
+        assert_eq!(lines[1]["level"], "INFO");
+        assert!(lines[1]["timestamp"].is_string());
+        assert_eq!(lines[1]["target"], lines[0]["target"]);
+        assert_eq!(
+            lines[2]["span"],
+            json!({"method": "/x", "request_id": "in\"ner\\2\n", "name": "grpc"})
+        );
+        assert_eq!(lines[2]["level"], "WARN");
+        assert_eq!(lines[3]["span"], outer_span);
+        assert_eq!(lines[4].get("span"), None);
+        // One `"span"` key per line, never the call's and a span's both.
+        let text = String::from_utf8(out.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
+            .expect("utf-8");
+        for line in text.lines() {
+            assert!(line.matches("\"span\"").count() <= 1, "{line}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Cross-cutting work on every gRPC call, as one tower layer in front of the services:
-//! the `x-request-id` (read or made, put on the call's tracing span, echoed) and the
+//! the `x-request-id` (read or made, on every log line of the call, echoed) and the
 //! `x-client-key` check of `AUTH_CLIENT_KEYS` (constant time; health and reflection exempt).
 
 use std::collections::HashMap;
@@ -8,11 +8,11 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
 use secrecy::{ExposeSecret, SecretString};
+use shared::telemetry::{Call, in_call};
 use subtle::ConstantTimeEq;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
-use tracing::Instrument as _;
 
 use super::status::DOMAIN;
 
@@ -120,11 +120,9 @@ where
                 v
             }
         };
-        let span = tracing::info_span!(
-            "grpc",
-            method = req.uri().path(),
-            request_id = request_id.to_str().unwrap_or("-"),
-        );
+        // Every line logged while the call is served carries it (a task-local, not a span:
+        // `shared::telemetry`).
+        let call = Call::new(req.uri().path(), request_id.to_str().unwrap_or("-"));
 
         let path = req.uri().path();
         let open = OPEN_PREFIXES.iter().any(|p| path.starts_with(p));
@@ -135,28 +133,25 @@ where
         // Take the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(
-            async move {
-                let mut response = if allowed {
-                    inner.call(req).await?
-                } else {
-                    tracing::warn!("call refused: missing or wrong x-client-key");
-                    Status::with_error_details(
-                        Code::Unauthenticated,
-                        "this caller is not allowed: missing or wrong x-client-key",
-                        ErrorDetails::with_error_info("CLIENT_KEY_INVALID", DOMAIN, HashMap::new()),
-                    )
-                    .into_http::<ResBody>()
-                };
-                // Unique per call: sent never-indexed, so HPACK does not churn both ends'
-                // header tables with it.
-                let mut request_id = request_id;
-                request_id.set_sensitive(true);
-                response.headers_mut().insert(REQUEST_ID, request_id);
-                Ok(response)
-            }
-            .instrument(span),
-        )
+        Box::pin(in_call(call, async move {
+            let mut response = if allowed {
+                inner.call(req).await?
+            } else {
+                tracing::warn!("call refused: missing or wrong x-client-key");
+                Status::with_error_details(
+                    Code::Unauthenticated,
+                    "this caller is not allowed: missing or wrong x-client-key",
+                    ErrorDetails::with_error_info("CLIENT_KEY_INVALID", DOMAIN, HashMap::new()),
+                )
+                .into_http::<ResBody>()
+            };
+            // Unique per call: sent never-indexed, so HPACK does not churn both ends'
+            // header tables with it.
+            let mut request_id = request_id;
+            request_id.set_sensitive(true);
+            response.headers_mut().insert(REQUEST_ID, request_id);
+            Ok(response)
+        }))
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use proto::v1::auth_service_server::AuthService;
 use proto::v1::{self as pb};
+use shared::telemetry::{Call, in_call};
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use crate::domain::{Device, Invalid, Millis, WechatCode, now_millis};
 use crate::error::AuthError;
@@ -181,8 +181,8 @@ impl GrpcAuth {
     }
 
     /// One item of a `VerifyBatch`: answered and counted as `Verify` alone would be, its
-    /// log lines in a `grpc` span of its own with the item's request id (as a `Verify` call's
-    /// lines are).
+    /// log lines carrying the item's request id and `Verify` as their call (as a `Verify`
+    /// call's lines do).
     async fn verify_item(&self, item: &pb::VerifyBatchItem) -> pb::VerifyBatchResult {
         // As for a call: the caller's id when well formed, else one made here.
         let made;
@@ -192,7 +192,7 @@ impl GrpcAuth {
             made = uuid::Uuid::new_v4().to_string();
             made.as_str()
         };
-        let span = tracing::info_span!("grpc", method = path!("Verify"), request_id);
+        let call = Call::new(path!("Verify"), request_id);
         let answer = async {
             let started = Instant::now();
             let result = match &item.request {
@@ -201,11 +201,12 @@ impl GrpcAuth {
             };
             self.metrics
                 .observe_call(path!("Verify"), outcome(&result), started.elapsed());
-            // Turned into a status inside the span: an internal cause is logged there.
+            // Turned into a status inside the item's call: an internal cause is logged with
+            // the item's request id.
             result.map_err(Status::from)
         };
         use pb::verify_batch_result::Result as R;
-        let result = match answer.instrument(span).await {
+        let result = match in_call(call, answer).await {
             Ok(identity) => R::Identity(identity),
             Err(status) => R::Error(pb::VerifyError::from_status(&status)),
         };
