@@ -51,13 +51,14 @@ impl Token {
     /// garbled and can be refused without a database read.
     pub fn parse(kind: TokenKind, raw: &str) -> Option<Self> {
         let body = raw.strip_prefix(kind.prefix())?;
+        // The decoder refuses any byte outside base64url, padding, and set trailing bits, so
+        // a body that decodes to 32 bytes is exactly what `generate` writes. Decoded onto the
+        // stack: this runs on every `Verify`.
+        let mut bytes = [0u8; RANDOM_BYTES + 4];
         let well_formed = body.len() == ENCODED_LEN
-            && body
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && URL_SAFE_NO_PAD
-                .decode(body)
-                .is_ok_and(|b| b.len() == RANDOM_BYTES);
+                .decode_slice(body, &mut bytes)
+                .is_ok_and(|n| n == RANDOM_BYTES);
         well_formed.then(|| Self {
             kind,
             value: raw.to_owned(),
@@ -107,9 +108,22 @@ mod tests {
             &format!("{raw}A"),
             &raw.replace("wxr_", "WXR_"),
             &format!("wxr_{}", "!".repeat(ENCODED_LEN)),
+            // base64 but not base64url, padded, or with its unused last bits set.
+            &format!("wxr_{}+", "A".repeat(ENCODED_LEN - 1)),
+            &format!("wxr_{}/", "A".repeat(ENCODED_LEN - 1)),
+            &format!("wxr_{}=", "A".repeat(ENCODED_LEN - 1)),
+            &format!("wxr_{}B", "A".repeat(ENCODED_LEN - 1)),
+            &format!("wxr_{} ", "A".repeat(ENCODED_LEN - 1)),
         ] {
             assert!(Token::parse(TokenKind::Refresh, bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn any_canonical_base64url_body_of_32_bytes_parses() {
+        let body = format!("{}-_E", "A".repeat(ENCODED_LEN - 3));
+        let t = Token::parse(TokenKind::Access, &format!("wxa_{body}")).expect("well formed");
+        assert_eq!(&t.expose()[4..], body);
     }
 
     #[test]
