@@ -60,25 +60,46 @@ struct RpcLabels {
     rpc: &'static str,
 }
 
-/// Counts of the gRPC calls made for `Verify` (see `auth::batch`): requests over calls is
-/// how many requests a call carried; stalls are the calls sent because the oldest queued
-/// `Verify` waited for a sender (auth-service slow to answer).
-#[derive(Debug, Clone, Default)]
+/// Counts of the gRPC calls made for `Verify` (see `auth::batch`): how many requests each
+/// call carried (1 for a plain `Verify`); stalls are the calls sent because the oldest
+/// queued `Verify` waited for a sender (auth-service slow to answer).
+#[derive(Debug, Clone)]
 pub struct VerifyCalls {
     alone: Counter,
     batch: Counter,
     stalls: Counter,
+    items: Histogram,
+}
+
+impl Default for VerifyCalls {
+    fn default() -> Self {
+        Self {
+            alone: Counter::default(),
+            batch: Counter::default(),
+            stalls: Counter::default(),
+            items: items_histogram(),
+        }
+    }
+}
+
+/// Requests per call: 1, 2, 4, ... 256 (the most a batch carries).
+fn items_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
 }
 
 impl VerifyCalls {
     /// A plain `Verify` call.
     pub fn alone(&self) {
         self.alone.inc();
+        self.items.observe(1.0);
     }
 
-    /// A `VerifyBatch` call.
-    pub fn batch(&self) {
+    /// A `VerifyBatch` call carrying `items` requests.
+    pub fn batch(&self, items: usize) {
         self.batch.inc();
+        // Exact as a float: a batch holds at most a few hundred.
+        #[allow(clippy::cast_precision_loss)]
+        self.items.observe(items as f64);
     }
 
     /// A call sent because the queue stalled (counted as well as `alone` or `batch`).
@@ -184,7 +205,7 @@ impl Metrics {
         let verify_calls = VerifyCalls {
             alone,
             batch,
-            stalls: Counter::default(),
+            ..VerifyCalls::default()
         };
         registry.register(
             "verify_calls",
@@ -195,6 +216,11 @@ impl Metrics {
             "verify_stalls",
             "Verify calls sent because the oldest queued Verify waited 5 ms for a sender",
             verify_calls.stalls.clone(),
+        );
+        registry.register(
+            "verify_call_requests",
+            "Requests carried by each gRPC call made for Verify (1 for a plain Verify)",
+            verify_calls.items.clone(),
         );
         Self {
             registry: Mutex::new(registry),
@@ -291,8 +317,8 @@ mod tests {
         m.verify_outcome(VerifyOutcome::Unavailable);
         let calls = m.verify_calls();
         calls.alone();
-        calls.batch();
-        calls.batch();
+        calls.batch(3);
+        calls.batch(200);
         calls.stall();
         // Seen again (through the kept handles), beside other statuses and methods of it.
         m.observe_http(&Method::GET, "/v1/me", 200, Duration::from_millis(2));
@@ -310,6 +336,13 @@ mod tests {
             r#"wxauth_api_verify_calls_total{rpc="Verify"} 1"#,
             r#"wxauth_api_verify_calls_total{rpc="VerifyBatch"} 2"#,
             "wxauth_api_verify_stalls_total 1",
+            // Requests per call: 1, 3 and 200.
+            "wxauth_api_verify_call_requests_count 3",
+            "wxauth_api_verify_call_requests_sum 204.0",
+            r#"wxauth_api_verify_call_requests_bucket{le="1.0"} 1"#,
+            r#"wxauth_api_verify_call_requests_bucket{le="4.0"} 2"#,
+            r#"wxauth_api_verify_call_requests_bucket{le="128.0"} 2"#,
+            r#"wxauth_api_verify_call_requests_bucket{le="256.0"} 3"#,
         ] {
             assert!(text.contains(line), "{line} is not in:\n{text}");
         }

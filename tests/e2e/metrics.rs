@@ -237,6 +237,8 @@ async fn counters_move_with_logins_verified_requests_and_refused_tokens() {
         0.0
     );
     assert_eq!(d("wxauth_api_verify_stalls_total"), 0.0);
+    assert_eq!(d("wxauth_api_verify_call_requests_count"), 2.0);
+    assert_eq!(d("wxauth_api_verify_call_requests_sum"), 2.0);
 
     // Assert: auth-service, by method and outcome (OK or the ErrorInfo reason).
     let d = |series: &str| moved(&auth_before, &auth_after, series);

@@ -309,7 +309,7 @@ impl Verifier {
             &id,
         );
         let mut client = self.client.clone();
-        self.calls.batch();
+        self.calls.batch(replies.len());
         let answer = tokio::time::timeout_at(deadline.into(), client.verify_batch(request))
             .await
             .unwrap_or_else(|_| Err(no_answer()));
@@ -787,6 +787,59 @@ mod tests {
                 "{answer:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn past_the_most_waiting_a_request_is_refused_at_once() {
+        // Arrange: the queue full, nobody sending (filled by hand, no sender started)
+        let (fake, client, calls) = serve(Batches::Answered).await;
+        let mut held = Vec::new();
+        {
+            let mut queue = client.verifier.lock();
+            for i in 0..QUEUE_MAX {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push(Waiting {
+                    item: pb::VerifyBatchItem {
+                        request: None,
+                        request_id: format!("r{i}"),
+                    },
+                    reply,
+                    since: Instant::now(),
+                });
+                held.push(answer);
+            }
+        }
+        let request = || pb::VerifyRequest {
+            access_token: "token-late".to_owned(),
+            include_phone: false,
+        };
+
+        // Act: one more (a guard against a hang, not a speed assertion)
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.verifier.verify(request(), "late"),
+        )
+        .await
+        .expect("answered without waiting for auth-service");
+
+        // Assert: 503 at once, nothing sent, the queue as it was
+        let status = refused.expect_err("refused");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("too many"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(calls.counts(), (0, 0, 0));
+        assert_eq!(fake.verify_calls.load(Ordering::Relaxed), 0);
+        assert_eq!(client.verifier.lock().waiting.len(), QUEUE_MAX);
+
+        // Once there is room again, a request is queued and answered.
+        client.verifier.lock().waiting.clear();
+        drop(held);
+        let answer = client.verifier.verify(request(), "after").await;
+        assert_eq!(answer.expect("answered").openid, "late");
+        settles(&client).await;
     }
 
     #[test]
