@@ -24,6 +24,7 @@ use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, Policy};
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
+use crate::store::spanned::CallSpanned;
 use crate::store::sqlite::SqliteStore;
 use crate::wechat::WechatClient;
 
@@ -62,7 +63,10 @@ impl Application {
 
         let keys = Arc::new(Keys::derive(&settings.token_key));
         let (store, postgres): (Arc<dyn Store>, _) = match &settings.database {
-            DatabaseSettings::Sqlite { path } => (Arc::new(SqliteStore::open(path).await?), None),
+            // In the call's span: sqlx logs SQLite's slow statements on a thread of its own.
+            DatabaseSettings::Sqlite { path } => {
+                (Arc::new(CallSpanned(SqliteStore::open(path).await?)), None)
+            }
             // Nothing is connected here: the service starts while PostgreSQL is down.
             DatabaseSettings::Postgres { url } => {
                 let pg =

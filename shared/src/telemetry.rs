@@ -8,8 +8,10 @@
 //! per call cost its fields' formatting, the registry's slot and the extensions map whether
 //! or not a line was ever written in it: 4.7k of auth-service's 73.8k instructions per
 //! `Verify` (callgrind, h2load at 16 streams), where the task-local costs a swap per poll.
-//! Inside a call, a library's own span (h2's, hyper's, at `debug`) is not written; outside
-//! one, the current span is, fields by [`JsonSpanFields`].
+//! Inside a call, no span's fields are written (a library's own, h2's or hyper's at `debug`,
+//! nor one of ours): the call is the line's `"span"`. Outside one, the current span is,
+//! fields by [`JsonSpanFields`]; a thread that works for a call without its task-local
+//! (sqlx's SQLite worker) gets the call as a real span, [`call_span`].
 
 use std::fmt::{self, Write as _};
 use std::future::Future;
@@ -39,6 +41,8 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     tracing_subscriber::fmt()
+        // JSON has no place for colour codes, whatever the terminal.
+        .with_ansi(false)
         .fmt_fields(JsonSpanFields)
         .with_env_filter(filter)
         .with_writer(sink)
@@ -83,6 +87,21 @@ impl Call {
 /// `in_call` (one item of a batch) stands for the outer one while its work runs.
 pub fn in_call<F: Future>(call: Call, work: F) -> TaskLocalFuture<Call, F> {
     CALL.scope(call, work)
+}
+
+/// A tracing span of the task's call (`grpc`, with its method and request id), for work that
+/// leaves the task for a thread of its own and takes the current span along (sqlx runs
+/// SQLite's statements so, and logs there); `Span::none()` outside a call. It costs what a
+/// span costs, so it goes around such work only, not around every call.
+pub fn call_span() -> tracing::Span {
+    CALL.try_with(|call| {
+        tracing::info_span!(
+            "grpc",
+            method = call.method.as_str(),
+            request_id = call.request_id.as_str()
+        )
+    })
+    .unwrap_or_else(|_not_in_a_call| tracing::Span::none())
 }
 
 /// The event format: tracing-subscriber's JSON line, with the task's [`Call`] as its
@@ -467,6 +486,35 @@ mod tests {
         for line in text.lines() {
             assert!(line.matches("\"span\"").count() <= 1, "{line}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_thread_working_for_a_call_carries_it_through_the_call_span() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let _default = tracing::subscriber::set_default(subscriber(
+            move || sink.clone(),
+            EnvFilter::new("info"),
+        ));
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let method = "/wxauth.v1.AuthService/Login";
+        // As sqlx's SQLite worker does: the span current on the task goes to its thread.
+        let span = in_call(Call::new(method, "req-7"), async { call_span() }).await;
+        std::thread::spawn(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                span.in_scope(|| tracing::warn!("slow statement"));
+            });
+        })
+        .join()
+        .expect("the thread ran");
+        assert!(call_span().is_none(), "a span outside any call");
+
+        let lines = out.lines();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            lines[0]["span"],
+            json!({"method": method, "request_id": "req-7", "name": "grpc"})
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! several replicas share PostgreSQL ([`postgres::PostgresStore`]).
 
 pub mod postgres;
+pub mod spanned;
 pub mod sqlite;
 
 use async_trait::async_trait;
