@@ -6,7 +6,8 @@
 //! (`shared::telemetry`) that no other thread sees, so without a span those lines would
 //! carry no request id. Only SQLite needs this (PostgreSQL's statements are logged on the
 //! caller's task), and a span per store operation is nothing beside the operation. The
-//! [`AppTokenLock`] handed out is not wrapped: it is used under the lock's own span, if any.
+//! [`AppTokenLock`] it hands out is wrapped too: its statements run inside the same
+//! `BEGIN IMMEDIATE` transaction, later in the call.
 
 use async_trait::async_trait;
 use shared::telemetry::call_span;
@@ -124,7 +125,8 @@ impl<S: Store> Store for CallSpanned<S> {
     }
 
     async fn lock_app_token(&self, appid: &str) -> Result<Box<dyn AppTokenLock>, StoreError> {
-        self.0.lock_app_token(appid).instrument(call_span()).await
+        let lock = self.0.lock_app_token(appid).instrument(call_span()).await?;
+        Ok(Box::new(CallSpanned(lock)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -133,6 +135,29 @@ impl<S: Store> Store for CallSpanned<S> {
 
     async fn ready(&self) {
         self.0.ready().await;
+    }
+}
+
+#[async_trait]
+impl AppTokenLock for CallSpanned<Box<dyn AppTokenLock>> {
+    fn current(&self) -> Option<&StoredAppToken> {
+        self.0.current()
+    }
+
+    async fn replace(
+        self: Box<Self>,
+        sealed: Vec<u8>,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<StoredAppToken, StoreError> {
+        self.0
+            .replace(sealed, expires_at, now)
+            .instrument(call_span())
+            .await
+    }
+
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        self.0.release().instrument(call_span()).await
     }
 }
 
@@ -183,9 +208,16 @@ mod tests {
                 .expect("open"),
         );
 
-        // Act
+        // Act: a plain operation, and the app token's lock taken and used in another call
         let call = Call::new("/wxauth.v1.AuthService/Verify", "req-on-sqlite");
         in_call(call, store.ping()).await.expect("ping");
+        let call = Call::new("/wxauth.v1.AuthService/GetWechatAccessToken", "req-lock");
+        let lock = in_call(call.clone(), store.lock_app_token("wx-test"))
+            .await
+            .expect("locked");
+        in_call(call, lock.replace(vec![1, 2, 3], 2_000, 1_000))
+            .await
+            .expect("replaced");
 
         // Assert: the statement's line names the call
         let text = String::from_utf8(out.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
@@ -196,5 +228,19 @@ mod tests {
             .filter(|l| l["target"] == "sqlx::query")
             .any(|l| l["span"]["request_id"] == "req-on-sqlite");
         assert!(carried, "no sqlx line with the call's request id:\n{text}");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let written = lines
+            .iter()
+            .rfind(|l| {
+                l["target"] == "sqlx::query"
+                    && l["fields"]["db.statement"]
+                        .as_str()
+                        .is_some_and(|q| q.contains("INSERT INTO wechat_access_tokens"))
+            })
+            .unwrap_or_else(|| panic!("no line of the lock's write:\n{text}"));
+        assert_eq!(written["span"]["request_id"], "req-lock", "{written}");
     }
 }
