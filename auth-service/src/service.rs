@@ -10,9 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::cache::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
+use crate::cache::{
+    Cache, CacheError, CodeClaim, MarkAsk, MarkRead, PhoneStamp, RateDecision, SessionMark,
+};
 use crate::config::{DatabaseSettings, Settings};
-use crate::crypto::Keys;
+use crate::crypto::{Keys, TokenHash};
 use crate::domain::{
     Device, EndReason, Invalid, LoginRate, Millis, SessionEvent, SessionInfo, SessionPolicy, Token,
     TokenKind, WechatCode, millis, now_millis,
@@ -95,6 +97,17 @@ pub struct LoggedIn {
     pub is_new_user: bool,
     /// The new session.
     pub session_id: String,
+}
+
+/// A `Verify` begun by [`AuthCore::read_ahead`], for one item of a `VerifyBatch`.
+#[derive(Debug)]
+pub struct ReadAhead {
+    /// The token's keyed hash.
+    hash: TokenHash,
+    /// When it was begun.
+    now: Millis,
+    /// What this process knew of the token, and what the cache said of its session.
+    known: Option<(Arc<Known>, MarkRead)>,
 }
 
 /// Who an access token belongs to.
@@ -362,37 +375,114 @@ impl AuthCore {
 
     /// The identity behind an access token; every end of a session counts at once.
     pub async fn verify(&self, raw: &str) -> Result<Identity, AuthError> {
-        self.verify_and_stamp(raw, false).await.map(|(id, _)| id)
+        self.verify_and_stamp(raw, false, None)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Whether [`Self::read_ahead`] saves anything: with a networked cache (Redis), a round
+    /// trip per item known in memory.
+    pub fn reads_ahead(&self) -> bool {
+        self.cache.reads_marks_at_once()
+    }
+
+    /// Begins the `Verify` of each of a `VerifyBatch`'s items (`(token, include_phone)`):
+    /// the marks of the sessions of the tokens this process knows (and, for the items that
+    /// want it, the stamps of the users' phone numbers) are read in one cache round trip,
+    /// where each `Verify` alone would make its own. One answer per item, in order; `None`
+    /// for a token that does not parse (its [`Self::verify_as_asked`] tells why). A mark
+    /// read here is as fresh as one its item would read: the items run together, after
+    /// this, and within the same call.
+    pub async fn read_ahead(&self, items: &[(&str, bool)]) -> Vec<Option<ReadAhead>> {
+        let now = now_millis();
+        let mut ahead: Vec<Option<ReadAhead>> = items
+            .iter()
+            .map(|&(raw, _)| {
+                let token = Token::parse(TokenKind::Access, raw)?;
+                let hash = self.keys.token_hash(&token);
+                let known = self.verified.get(&hash, now);
+                Some(ReadAhead {
+                    hash,
+                    now,
+                    known: known.map(|k| (k, (None, None))),
+                })
+            })
+            .collect();
+        let asks: Vec<MarkAsk<'_>> = ahead
+            .iter()
+            .zip(items)
+            .filter_map(|(a, &(_, phone))| {
+                let (known, _) = a.as_ref()?.known.as_ref()?;
+                Some(MarkAsk {
+                    session_id: &known.session_id,
+                    phone_of: (phone && self.policy.phone_stamps).then_some(known.openid.as_str()),
+                })
+            })
+            .collect();
+        if asks.is_empty() {
+            return ahead;
+        }
+        // A cache that fails reads as no marks: each item's database answers.
+        let Ok(read) = self.cache.session_marks(&asks).await else {
+            return ahead;
+        };
+        drop(asks);
+        let known = ahead.iter_mut().filter_map(|a| a.as_mut()?.known.as_mut());
+        for ((_, slot), read) in known.zip(read) {
+            *slot = read;
+        }
+        ahead
+    }
+
+    /// A `Verify` as asked: the identity, and with `include_phone` the user's kept phone
+    /// number (`None` when none is kept); with `ahead`, begun by [`Self::read_ahead`].
+    pub async fn verify_as_asked(
+        &self,
+        raw: &str,
+        include_phone: bool,
+        ahead: Option<ReadAhead>,
+    ) -> Result<(Identity, Option<PhoneNumber>), AuthError> {
+        let (id, stamp) = self.verify_and_stamp(raw, include_phone, ahead).await?;
+        let phone = if include_phone {
+            self.kept_phone(&id.openid, stamp).await?
+        } else {
+            None
+        };
+        Ok((id, phone))
     }
 
     /// [`Self::verify`], and with `phone_stamp` the stamp of the user's phone number when
-    /// the session's mark was read (in the same round trip).
+    /// the session's mark was read (in the same round trip); with `ahead`, the token's hash
+    /// and its session's mark as [`Self::read_ahead`] found them.
     async fn verify_and_stamp(
         &self,
         raw: &str,
         phone_stamp: bool,
+        ahead: Option<ReadAhead>,
     ) -> Result<(Identity, Option<PhoneStamp>), AuthError> {
-        if raw.is_empty() {
-            return Err(AuthError::TokenMissing);
-        }
-        let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
-        let hash = self.keys.token_hash(&token);
-        let now = now_millis();
+        let (hash, now, known) = match ahead {
+            Some(ahead) => (ahead.hash, ahead.now, ahead.known),
+            None => {
+                if raw.is_empty() {
+                    return Err(AuthError::TokenMissing);
+                }
+                let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
+                let hash = self.keys.token_hash(&token);
+                let now = now_millis();
+                let known = match self.verified.get(&hash, now) {
+                    Some(known) => {
+                        let read = self.read_mark(&known, phone_stamp).await;
+                        Some((known, read))
+                    }
+                    None => None,
+                };
+                (hash, now, known)
+            }
+        };
         let mut stamp = None;
-        if let Some(known) = self.verified.get(&hash, now) {
-            // A cache that fails reads as no mark: the database answers.
-            let mark = if phone_stamp && self.policy.phone_stamps {
-                self.cache
-                    .session_mark_and_phone_stamp(&known.session_id, &known.openid)
-                    .await
-                    .map(|(mark, phone)| {
-                        stamp = Some(phone);
-                        mark
-                    })
-            } else {
-                self.cache.session_mark(&known.session_id).await
-            };
-            if matches!(mark, Ok(Some(SessionMark::Alive))) {
+        if let Some((known, (mark, read_stamp))) = known {
+            stamp = read_stamp;
+            if mark == Some(SessionMark::Alive) {
                 self.touch(&known, now);
                 return Ok((identity(&known), stamp));
             }
@@ -421,6 +511,27 @@ impl AuthCore {
             }
         }
         Ok((identity(&known), stamp))
+    }
+
+    /// The mark of a known token's session and, with `phone_stamp` (and stamps in use), the
+    /// stamp of its user's phone number, in one round trip. A cache that fails reads as no
+    /// mark: the database answers.
+    async fn read_mark(&self, known: &Known, phone_stamp: bool) -> MarkRead {
+        if phone_stamp && self.policy.phone_stamps {
+            self.cache
+                .session_mark_and_phone_stamp(&known.session_id, &known.openid)
+                .await
+                .map_or((None, None), |(mark, stamp)| (mark, Some(stamp)))
+        } else {
+            (
+                self.cache
+                    .session_mark(&known.session_id)
+                    .await
+                    .ok()
+                    .flatten(),
+                None,
+            )
+        }
     }
 
     /// Moves `last_active_at`, at most once a minute, off the request's path (a slow write
@@ -762,17 +873,6 @@ impl AuthCore {
         }
         info!(openid = %id.openid, "phone number stored");
         Ok(phone)
-    }
-
-    /// `Verify`, and the user's kept phone number when there is one (one call for the
-    /// edge's `GET /v1/me`).
-    pub async fn verify_with_phone(
-        &self,
-        raw: &str,
-    ) -> Result<(Identity, Option<PhoneNumber>), AuthError> {
-        let (id, stamp) = self.verify_and_stamp(raw, true).await?;
-        let phone = self.kept_phone(&id.openid, stamp).await?;
-        Ok((id, phone))
     }
 
     /// The user's kept phone number, `None` when none is kept: from memory when this

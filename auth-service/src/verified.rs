@@ -1,5 +1,6 @@
 //! What `Verify` remembers of the access tokens it has seen, so that a live session costs a
-//! look-up of its mark (in memory, or one Redis `GET`) instead of a database read.
+//! look-up of its mark (in memory, or one Redis `GET`; a `VerifyBatch` reads the marks of all
+//! its items in one `MGET`) instead of a database read.
 //!
 //! An entry holds a token's facts as the database gave them: whose it is, its session, its
 //! expiry and its session's. None of them alone lets a token in: a hit also needs the

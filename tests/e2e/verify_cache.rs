@@ -8,10 +8,14 @@
 
 use std::time::{Duration, Instant};
 
-use proto::v1::{LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest};
+use proto::v1::verify_batch_result::Result as Answer;
+use proto::v1::{
+    GetPhoneNumberRequest, LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest,
+    VerifyBatchItem, VerifyBatchRequest, VerifyRequest,
+};
 use tests::harness::external::{External, postgres_database, redis};
 use tests::harness::proxy::{Proxy, reroute};
-use tests::harness::sim::{APPID, MintCode, MintedCode};
+use tests::harness::sim::{APPID, MintCode, MintPhoneCode, MintedCode};
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
@@ -195,6 +199,110 @@ async fn a_session_pushed_out_by_a_login_on_one_replica_is_refused_on_the_other(
             .expect("the new session"),
         m.openid
     );
+}
+
+/// `VerifyBatch` on `client`, each item `(token, include_phone)`.
+async fn verify_batch(client: &mut AuthClient, asked: &[(&str, bool)]) -> Vec<Answer> {
+    let items = asked
+        .iter()
+        .map(|&(token, include_phone)| VerifyBatchItem {
+            request: Some(VerifyRequest {
+                access_token: token.to_owned(),
+                include_phone,
+            }),
+            request_id: String::new(),
+        })
+        .collect();
+    client
+        .verify_batch(VerifyBatchRequest { items })
+        .await
+        .expect("VerifyBatch")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.result.expect("a result"))
+        .collect()
+}
+
+/// The reason of a refused item.
+fn refused(answer: &Answer) -> String {
+    match answer {
+        Answer::Error(e) => reason(&e.clone().into_status()),
+        Answer::Identity(id) => panic!("accepted {id:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_verify_batch_on_the_other_replica_sees_an_end_and_a_new_number_at_once() {
+    // A batch reads its items' marks (and phone stamps) together, in one Redis round
+    // trip: each must still get its own.
+    let Some(mut p) = pair("verify_cache::batch", true, &[]).await else {
+        return;
+    };
+    let (x, x_login) = p.login(None).await;
+    let (y, y_login) = p.login(None).await;
+    let (z, z_login) = p.login(None).await;
+    let (x_access, _) = tokens(x_login.tokens.as_ref());
+    let (y_access, _) = tokens(y_login.tokens.as_ref());
+    let (z_access, _) = tokens(z_login.tokens.as_ref());
+    // B comes to know X's and Y's tokens (Z's it has never seen).
+    for _ in 0..3 {
+        let answers = verify_batch(&mut p.b, &[(&x_access, true), (&y_access, true)]).await;
+        for (answer, openid) in answers.iter().zip([&x.openid, &y.openid]) {
+            match answer {
+                Answer::Identity(id) => {
+                    assert_eq!(&id.openid, openid);
+                    assert_eq!(id.phone, None, "no number kept yet");
+                }
+                Answer::Error(e) => panic!("refused {e:?}"),
+            }
+        }
+    }
+
+    // On A: X logs out, Y keeps a number.
+    p.a.logout(LogoutRequest {
+        access_token: x_access.clone(),
+        all: false,
+    })
+    .await
+    .expect("logout");
+    let number = "13800138077";
+    let code = p
+        .sim
+        .mint_phone_code(&MintPhoneCode::new(number).for_openid(&y.openid))
+        .await
+        .expect("mint");
+    p.a.get_phone_number(GetPhoneNumberRequest {
+        access_token: y_access.clone(),
+        code,
+    })
+    .await
+    .expect("the exchange");
+
+    // B's very next batch: a bad token, X, a token B never saw, Y.
+    let answers = verify_batch(
+        &mut p.b,
+        &[
+            ("wxa_short", true),
+            (&x_access, true),
+            (&z_access, false),
+            (&y_access, true),
+        ],
+    )
+    .await;
+    assert_eq!(answers.len(), 4);
+    assert_eq!(refused(&answers[0]), "TOKEN_INVALID");
+    assert_eq!(refused(&answers[1]), "TOKEN_REVOKED");
+    match (&answers[2], &answers[3]) {
+        (Answer::Identity(z_id), Answer::Identity(y_id)) => {
+            assert_eq!(z_id.openid, z.openid);
+            assert_eq!(z_id.phone, None, "not asked for");
+            assert_eq!(y_id.openid, y.openid);
+            let phone = y_id.phone.as_ref().expect("Y's new number");
+            assert_eq!(phone.pure_phone_number, number);
+        }
+        other => panic!("Z and Y must be accepted: {other:?}"),
+    }
 }
 
 /// Two replicas on PostgreSQL and Redis, A reaching Redis through a proxy the test can cut;

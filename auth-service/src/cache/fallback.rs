@@ -35,7 +35,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{
-    Cache, CacheError, CodeClaim, MemoryCache, PhoneStamp, RateDecision, RedisCache, SessionMark,
+    Cache, CacheError, CodeClaim, MarkAsk, MarkRead, MemoryCache, PhoneStamp, RateDecision,
+    RedisCache, SessionMark,
 };
 
 /// At most one warning about Redis failures per this long.
@@ -207,6 +208,27 @@ impl Cache for FallbackCache {
             Err(e) => {
                 self.fell_back("session_mark_and_phone_stamp", &e);
                 Ok((None, PhoneStamp::Unusable))
+            }
+        }
+    }
+
+    fn reads_marks_at_once(&self) -> bool {
+        true
+    }
+
+    async fn session_marks(&self, asks: &[MarkAsk<'_>]) -> Result<Vec<MarkRead>, CacheError> {
+        match self.primary.session_marks(asks).await {
+            Ok(read) => {
+                self.answered();
+                Ok(read)
+            }
+            Err(e) => {
+                // As each of them alone: no mark, and an unusable stamp.
+                self.fell_back("session_marks", &e);
+                Ok(asks
+                    .iter()
+                    .map(|ask| (None, ask.phone_of.map(|_| PhoneStamp::Unusable)))
+                    .collect())
             }
         }
     }

@@ -66,6 +66,20 @@ pub enum SessionMark {
 /// [`shared::Stamp`]. `Local`: the cache is this process's own (no Redis).
 pub use shared::Stamp as PhoneStamp;
 
+/// One session whose mark [`Cache::session_marks`] reads, with the user whose phone
+/// number's stamp is read along with it, if asked.
+#[derive(Debug, Clone, Copy)]
+pub struct MarkAsk<'a> {
+    /// The session.
+    pub session_id: &'a str,
+    /// The openid whose phone stamp is wanted too.
+    pub phone_of: Option<&'a str>,
+}
+
+/// What [`Cache::session_marks`] read for one [`MarkAsk`]: the mark, and the phone stamp
+/// when it was asked for.
+pub type MarkRead = (Option<SessionMark>, Option<PhoneStamp>);
+
 /// The shared short-lived state.
 #[async_trait]
 pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
@@ -109,6 +123,29 @@ pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
         session_id: &str,
         openid: &str,
     ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError>;
+
+    /// Whether [`Self::session_marks`] saves anything over reading the marks one by one: a
+    /// round trip, for a networked cache.
+    fn reads_marks_at_once(&self) -> bool {
+        false
+    }
+
+    /// What [`Self::session_mark`] and [`Self::session_mark_and_phone_stamp`] read, for
+    /// several sessions at once (a `VerifyBatch`'s): one answer per ask, in order. This
+    /// default asks one after another; a networked cache reads them in one round trip.
+    async fn session_marks(&self, asks: &[MarkAsk<'_>]) -> Result<Vec<MarkRead>, CacheError> {
+        let mut read = Vec::with_capacity(asks.len());
+        for ask in asks {
+            read.push(match ask.phone_of {
+                Some(openid) => self
+                    .session_mark_and_phone_stamp(ask.session_id, openid)
+                    .await
+                    .map(|(mark, stamp)| (mark, Some(stamp)))?,
+                None => (self.session_mark(ask.session_id).await?, None),
+            });
+        }
+        Ok(read)
+    }
 
     /// The stamp of `openid`'s phone number.
     async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError>;

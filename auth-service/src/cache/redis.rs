@@ -30,7 +30,9 @@ use redis::{RedisError, Script};
 use secrecy::SecretString;
 use shared::LazyRedis;
 
-use super::{Cache, CacheError, CodeClaim, PhoneStamp, RateDecision, SessionMark};
+use super::{
+    Cache, CacheError, CodeClaim, MarkAsk, MarkRead, PhoneStamp, RateDecision, SessionMark,
+};
 
 /// The most one cache call may take, connecting included.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
@@ -292,6 +294,48 @@ impl Cache for RedisCache {
                 .await
                 .map_err(failed("session mark and phone stamp"))?;
             Ok((session_mark(mark.as_deref())?, phone_stamp(stamp)))
+        })
+        .await
+    }
+
+    fn reads_marks_at_once(&self) -> bool {
+        true
+    }
+
+    async fn session_marks(&self, asks: &[MarkAsk<'_>]) -> Result<Vec<MarkRead>, CacheError> {
+        within("session marks", async {
+            let mut mget = redis::cmd("MGET");
+            let mut keys = 0;
+            for ask in asks {
+                mget.arg(self.session_key(ask.session_id));
+                keys += 1;
+                if let Some(openid) = ask.phone_of {
+                    mget.arg(self.phone_key(openid));
+                    keys += 1;
+                }
+            }
+            if keys == 0 {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.connection().await?;
+            let values: Vec<Option<String>> = mget
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("session marks"))?;
+            if values.len() != keys {
+                return Err(CacheError(anyhow!(
+                    "MGET of {keys} keys answered {} values",
+                    values.len()
+                )));
+            }
+            let mut values = values.into_iter();
+            let mut read = Vec::with_capacity(asks.len());
+            for ask in asks {
+                let mark = session_mark(values.next().flatten().as_deref())?;
+                let stamp = ask.phone_of.map(|_| phone_stamp(values.next().flatten()));
+                read.push((mark, stamp));
+            }
+            Ok(read)
         })
         .await
     }

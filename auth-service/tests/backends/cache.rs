@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auth_service::cache::{
-    Cache, CodeClaim, FallbackCache, MemoryCache, PhoneStamp, RateDecision, RedisCache, SessionMark,
+    Cache, CodeClaim, FallbackCache, MarkAsk, MemoryCache, PhoneStamp, RateDecision, RedisCache,
+    SessionMark,
 };
 use secrecy::SecretString;
 use tokio::task::JoinSet;
@@ -195,6 +196,71 @@ async fn a_mark_lapses(c: &dyn Cache) {
     assert_eq!(mark(c, &s).await, None);
 }
 
+async fn many_marks_are_read_at_once_in_order(c: &dyn Cache) {
+    let (alive, ended, none) = (code(), code(), code());
+    let (with_stamp, without) = (code(), code());
+    c.mark_alive(&alive, Duration::from_secs(30))
+        .await
+        .expect("mark_alive");
+    c.mark_ended(std::slice::from_ref(&ended), Duration::from_secs(60))
+        .await
+        .expect("mark_ended");
+    // Redis makes a stamp (the memory cache's is always `Local`).
+    c.new_phone_stamp(&with_stamp).await.expect("answers");
+    let asks = [
+        MarkAsk {
+            session_id: &alive,
+            phone_of: Some(&with_stamp),
+        },
+        MarkAsk {
+            session_id: &ended,
+            phone_of: None,
+        },
+        MarkAsk {
+            session_id: &none,
+            phone_of: Some(&without),
+        },
+        MarkAsk {
+            session_id: &alive,
+            phone_of: None,
+        },
+    ];
+    let read = c.session_marks(&asks).await.expect("session_marks answers");
+    let marks: Vec<_> = read.iter().map(|(mark, _)| *mark).collect();
+    assert_eq!(
+        marks,
+        [
+            Some(SessionMark::Alive),
+            Some(SessionMark::Ended),
+            None,
+            Some(SessionMark::Alive)
+        ]
+    );
+    // Each answer is what the same ask alone reads.
+    for (ask, read) in asks.iter().zip(&read) {
+        let alone = match ask.phone_of {
+            Some(openid) => {
+                let (mark, stamp) = c
+                    .session_mark_and_phone_stamp(ask.session_id, openid)
+                    .await
+                    .expect("answers");
+                (mark, Some(stamp))
+            }
+            None => (mark(c, ask.session_id).await, None),
+        };
+        assert_eq!(*read, alone, "{ask:?}");
+    }
+    assert!(matches!(
+        read[0].1,
+        Some(PhoneStamp::Current(_) | PhoneStamp::Local)
+    ));
+    assert!(matches!(
+        read[2].1,
+        Some(PhoneStamp::Missing | PhoneStamp::Local)
+    ));
+    assert!(c.session_marks(&[]).await.expect("answers").is_empty());
+}
+
 /// Runs each contract test against the in-process cache and against Redis.
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {$(
@@ -224,6 +290,7 @@ for_each_backend!(
     a_short_window_resets,
     an_end_mark_wins_over_alive_and_alive_never_replaces_one,
     a_mark_lapses,
+    many_marks_are_read_at_once_in_order,
 );
 
 // ---- one code, many logins at once ----
@@ -509,6 +576,23 @@ async fn the_fallback_never_keeps_numbers_and_refuses_a_write_while_redis_is_awa
             .await
             .expect("answers"),
         (None, PhoneStamp::Unusable)
+    );
+    assert_eq!(
+        cache
+            .session_marks(&[
+                MarkAsk {
+                    session_id: "s",
+                    phone_of: Some("o")
+                },
+                MarkAsk {
+                    session_id: "t",
+                    phone_of: None
+                },
+            ])
+            .await
+            .expect("answers"),
+        [(None, Some(PhoneStamp::Unusable)), (None, None)],
+        "as each alone: no mark, no usable stamp"
     );
     assert_eq!(cache.new_phone_stamp("o").await.expect("answers"), None);
     assert!(
