@@ -14,6 +14,10 @@
 //! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
 //! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
 //!
+//! `Verify`'s reads of session marks (and phone stamps) that come together are sent as one
+//! `MGET` ([`MarkReads`]); each is still made after its call arrived, so it sees every end
+//! marked before.
+//!
 //! The connection is lazy and bounded ([`LazyRedis`]): nothing is connected when the cache is
 //! built (the service starts while Redis is down); the first call connects, a failed
 //! connection is tried again by a later call, and once connected, redis-rs'
@@ -21,14 +25,16 @@
 //! is down or hung costs a login at most that long (and [`super::FallbackCache`] answers it).
 
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::anyhow;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::{RedisError, Script};
+use redis::{Cmd, RedisError, Script};
 use secrecy::SecretString;
 use shared::LazyRedis;
+use tokio::sync::oneshot;
 
 use super::{
     Cache, CacheError, CodeClaim, MarkAsk, MarkRead, PhoneStamp, RateDecision, SessionMark,
@@ -80,7 +86,9 @@ return {n, ttl}
 
 /// Cache state in Redis, shared by every replica of one app.
 pub struct RedisCache {
-    redis: LazyRedis,
+    redis: Arc<LazyRedis>,
+    /// Single session-mark reads waiting for the next `MGET`.
+    reads: Arc<MarkReads>,
     /// `wxauth:<appid>:`.
     prefix: String,
     claim: Script,
@@ -103,7 +111,8 @@ impl RedisCache {
     /// nothing is connected until the first call.
     pub fn new(url: &SecretString, appid: &str) -> Result<Self, CacheError> {
         Ok(Self {
-            redis: LazyRedis::new(url).map_err(CacheError)?,
+            redis: Arc::new(LazyRedis::new(url).map_err(CacheError)?),
+            reads: Arc::default(),
             prefix: format!("wxauth:{appid}:"),
             claim: Script::new(CLAIM_LUA),
             release: Script::new(RELEASE_LUA),
@@ -184,6 +193,120 @@ async fn within<T>(
                 "Redis {what} did not finish within {CALL_DEADLINE:?}"
             ))
         })?
+}
+
+/// An `MGET` of `keys` keys (`keys > 0`): one value per key.
+async fn mget(
+    redis: &LazyRedis,
+    mget: &Cmd,
+    keys: usize,
+) -> Result<Vec<Option<String>>, CacheError> {
+    within("session marks", async {
+        let mut conn = redis.connection().await.map_err(CacheError)?;
+        let values: Vec<Option<String>> = mget
+            .query_async(&mut conn)
+            .await
+            .map_err(failed("session marks"))?;
+        if values.len() != keys {
+            return Err(CacheError(anyhow!(
+                "MGET of {keys} keys answered {} values",
+                values.len()
+            )));
+        }
+        Ok(values)
+    })
+    .await
+}
+
+/// The values of a mark's key and, when asked, of a phone stamp's key; or why Redis did not
+/// give them.
+type MarkValues = Result<(Option<String>, Option<String>), String>;
+
+/// Single reads of a session's mark (and a phone stamp) that come together, sent as one
+/// `MGET`: each `Verify` read its own, about 10k instructions of redis-rs each, where a
+/// key more in an `MGET` costs little. The first read to wait schedules the `MGET` as a task
+/// of its own, which lets the tasks already woken run first (the other calls that came in
+/// the same read from their connections), so their reads join it; none waits for company.
+#[derive(Default)]
+struct MarkReads {
+    /// The reads waiting; not empty exactly while an `MGET` for them is scheduled.
+    waiting: Mutex<Vec<WaitingRead>>,
+}
+
+struct WaitingRead {
+    mark_key: String,
+    stamp_key: Option<String>,
+    answer: oneshot::Sender<MarkValues>,
+}
+
+/// Sends the waiting reads as one `MGET`, and answers each.
+async fn send_reads(redis: Arc<LazyRedis>, reads: Arc<MarkReads>) {
+    // After the tasks ready now: on the multi-threaded runtime a task just spawned would
+    // run next (its LIFO slot), before the calls that came in with the first.
+    tokio::task::yield_now().await;
+    let batch = std::mem::take(&mut *reads.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut cmd = redis::cmd("MGET");
+    let mut keys = 0;
+    for read in &batch {
+        cmd.arg(&read.mark_key);
+        keys += 1;
+        if let Some(key) = &read.stamp_key {
+            cmd.arg(key);
+            keys += 1;
+        }
+    }
+    if keys == 0 {
+        return;
+    }
+    match mget(&redis, &cmd, keys).await {
+        Ok(values) => {
+            let mut values = values.into_iter();
+            for read in batch {
+                let mark = values.next().flatten();
+                let stamp = read.stamp_key.and_then(|_| values.next().flatten());
+                // A reader that gave up (its deadline) no longer listens.
+                let _ = read.answer.send(Ok((mark, stamp)));
+            }
+        }
+        Err(e) => {
+            let why = format!("{:#}", e.0);
+            for read in batch {
+                let _ = read.answer.send(Err(why.clone()));
+            }
+        }
+    }
+}
+
+impl RedisCache {
+    /// A session's mark key's value and, with `stamp_key`, that key's, read in the next
+    /// `MGET` (see [`MarkReads`]).
+    async fn read_mark(
+        &self,
+        mark_key: String,
+        stamp_key: Option<String>,
+    ) -> Result<(Option<String>, Option<String>), CacheError> {
+        let (answer, answered) = oneshot::channel();
+        let first = {
+            let mut waiting = self
+                .reads
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            waiting.push(WaitingRead {
+                mark_key,
+                stamp_key,
+                answer,
+            });
+            waiting.len() == 1
+        };
+        if first {
+            tokio::spawn(send_reads(Arc::clone(&self.redis), Arc::clone(&self.reads)));
+        }
+        answered
+            .await
+            .map_err(|_| CacheError(anyhow!("the session-mark read was not answered")))?
+            .map_err(|why| CacheError(anyhow!(why)))
+    }
 }
 
 #[async_trait]
@@ -269,12 +392,7 @@ impl Cache for RedisCache {
 
     async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
         within("session mark", async {
-            let mut conn = self.connection().await?;
-            let mark: Option<String> = redis::cmd("GET")
-                .arg(self.session_key(session_id))
-                .query_async(&mut conn)
-                .await
-                .map_err(failed("session mark"))?;
+            let (mark, _) = self.read_mark(self.session_key(session_id), None).await?;
             session_mark(mark.as_deref())
         })
         .await
@@ -286,13 +404,9 @@ impl Cache for RedisCache {
         openid: &str,
     ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
         within("session mark and phone stamp", async {
-            let mut conn = self.connection().await?;
-            let (mark, stamp): (Option<String>, Option<String>) = redis::cmd("MGET")
-                .arg(self.session_key(session_id))
-                .arg(self.phone_key(openid))
-                .query_async(&mut conn)
-                .await
-                .map_err(failed("session mark and phone stamp"))?;
+            let (mark, stamp) = self
+                .read_mark(self.session_key(session_id), Some(self.phone_key(openid)))
+                .await?;
             Ok((session_mark(mark.as_deref())?, phone_stamp(stamp)))
         })
         .await
@@ -303,41 +417,27 @@ impl Cache for RedisCache {
     }
 
     async fn session_marks(&self, asks: &[MarkAsk<'_>]) -> Result<Vec<MarkRead>, CacheError> {
-        within("session marks", async {
-            let mut mget = redis::cmd("MGET");
-            let mut keys = 0;
-            for ask in asks {
-                mget.arg(self.session_key(ask.session_id));
+        let mut cmd = redis::cmd("MGET");
+        let mut keys = 0;
+        for ask in asks {
+            cmd.arg(self.session_key(ask.session_id));
+            keys += 1;
+            if let Some(openid) = ask.phone_of {
+                cmd.arg(self.phone_key(openid));
                 keys += 1;
-                if let Some(openid) = ask.phone_of {
-                    mget.arg(self.phone_key(openid));
-                    keys += 1;
-                }
             }
-            if keys == 0 {
-                return Ok(Vec::new());
-            }
-            let mut conn = self.connection().await?;
-            let values: Vec<Option<String>> = mget
-                .query_async(&mut conn)
-                .await
-                .map_err(failed("session marks"))?;
-            if values.len() != keys {
-                return Err(CacheError(anyhow!(
-                    "MGET of {keys} keys answered {} values",
-                    values.len()
-                )));
-            }
-            let mut values = values.into_iter();
-            let mut read = Vec::with_capacity(asks.len());
-            for ask in asks {
-                let mark = session_mark(values.next().flatten().as_deref())?;
-                let stamp = ask.phone_of.map(|_| phone_stamp(values.next().flatten()));
-                read.push((mark, stamp));
-            }
-            Ok(read)
-        })
-        .await
+        }
+        if keys == 0 {
+            return Ok(Vec::new());
+        }
+        let mut values = mget(&self.redis, &cmd, keys).await?.into_iter();
+        let mut read = Vec::with_capacity(asks.len());
+        for ask in asks {
+            let mark = session_mark(values.next().flatten().as_deref())?;
+            let stamp = ask.phone_of.map(|_| phone_stamp(values.next().flatten()));
+            read.push((mark, stamp));
+        }
+        Ok(read)
     }
 
     async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {

@@ -261,6 +261,57 @@ async fn many_marks_are_read_at_once_in_order(c: &dyn Cache) {
     assert!(c.session_marks(&[]).await.expect("answers").is_empty());
 }
 
+/// Reads made at once (as `Verify` calls arriving together make them) each get their own
+/// session's mark and user's stamp, whether Redis sends them together or not.
+async fn single_reads_at_once_each_get_their_own(c: &dyn Cache) {
+    let sessions: Vec<String> = (0..40).map(|_| code()).collect();
+    let openids: Vec<String> = (0..40).map(|_| code()).collect();
+    for (i, s) in sessions.iter().enumerate() {
+        match i % 3 {
+            0 => c
+                .mark_alive(s, Duration::from_secs(30))
+                .await
+                .expect("alive"),
+            1 => c
+                .mark_ended(std::slice::from_ref(s), Duration::from_secs(60))
+                .await
+                .expect("ended"),
+            _ => {}
+        }
+        if i % 4 == 0 {
+            c.new_phone_stamp(&openids[i]).await.expect("answers");
+        }
+    }
+    let want_mark = |i: usize| match i % 3 {
+        0 => Some(SessionMark::Alive),
+        1 => Some(SessionMark::Ended),
+        _ => None,
+    };
+    let reads = sessions
+        .iter()
+        .zip(&openids)
+        .enumerate()
+        .map(|(i, (s, o))| async move {
+            if i % 2 == 0 {
+                let (mark, stamp) = c.session_mark_and_phone_stamp(s, o).await.expect("answers");
+                (mark, Some(stamp))
+            } else {
+                (c.session_mark(s).await.expect("answers"), None)
+            }
+        });
+    let got = futures_util::future::join_all(reads).await;
+    for (i, (mark, stamp)) in got.into_iter().enumerate() {
+        assert_eq!(mark, want_mark(i), "session {i}");
+        match stamp {
+            None => assert!(i % 2 == 1, "session {i}: a stamp was asked"),
+            Some(PhoneStamp::Local) => {}
+            Some(PhoneStamp::Current(_)) => assert!(i % 4 == 0, "session {i}: {stamp:?}"),
+            Some(PhoneStamp::Missing) => assert!(i % 4 != 0, "session {i}: a stamp was made"),
+            Some(other) => panic!("session {i}: {other:?}"),
+        }
+    }
+}
+
 /// Runs each contract test against the in-process cache and against Redis.
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {$(
@@ -291,6 +342,7 @@ for_each_backend!(
     an_end_mark_wins_over_alive_and_alive_never_replaces_one,
     a_mark_lapses,
     many_marks_are_read_at_once_in_order,
+    single_reads_at_once_each_get_their_own,
 );
 
 // ---- one code, many logins at once ----
@@ -481,6 +533,39 @@ async fn the_fallback_never_answers_a_session_mark_from_memory() {
             .is_err(),
         "an end's mark that Redis did not take is reported, to be retried"
     );
+}
+
+#[tokio::test]
+async fn a_mark_redis_cannot_read_fails_its_own_read_only() {
+    let External::Run(url) =
+        support::redis("cache::a_mark_redis_cannot_read_fails_its_own_read_only")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let c = redis_at(&url, &appid);
+    let (bad, good) = (code(), code());
+    c.mark_alive(&good, Duration::from_secs(30))
+        .await
+        .expect("mark_alive");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("SET")
+        .arg(format!("wxauth:{appid}:session:{bad}"))
+        .arg("bogus")
+        .arg("EX")
+        .arg(60)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SET");
+
+    let (bad_read, good_read) = tokio::join!(c.session_mark(&bad), c.session_mark(&good));
+
+    assert!(bad_read.is_err(), "{bad_read:?}");
+    assert_eq!(good_read.expect("answers"), Some(SessionMark::Alive));
 }
 
 // ---- phone numbers' stamps ----
