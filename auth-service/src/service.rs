@@ -99,7 +99,7 @@ pub struct LoggedIn {
     pub session_id: String,
 }
 
-/// A `Verify` begun by [`AuthCore::read_ahead`], for one item of a `VerifyBatch`.
+/// A `Verify` begun by [`AuthCore::begin_verify`], for one item of a `VerifyBatch`.
 #[derive(Debug)]
 pub struct ReadAhead {
     /// The token's keyed hash.
@@ -108,6 +108,14 @@ pub struct ReadAhead {
     now: Millis,
     /// What this process knew of the token, and what the cache said of its session.
     known: Option<(Arc<Known>, MarkRead)>,
+}
+
+impl ReadAhead {
+    /// Whether this process knows the token: then its session's mark is read first
+    /// ([`AuthCore::read_marks`]), and a live session is answered from memory.
+    pub fn is_known(&self) -> bool {
+        self.known.is_some()
+    }
 }
 
 /// Who an access token belongs to.
@@ -380,62 +388,59 @@ impl AuthCore {
             .map(|(id, _)| id)
     }
 
-    /// Whether [`Self::read_ahead`] saves anything: with a networked cache (Redis), a round
+    /// Whether [`Self::read_marks`] saves anything: with a networked cache (Redis), a round
     /// trip per item known in memory.
     pub fn reads_ahead(&self) -> bool {
         self.cache.reads_marks_at_once()
     }
 
-    /// Begins the `Verify` of each of a `VerifyBatch`'s items (`(token, include_phone)`):
-    /// the marks of the sessions of the tokens this process knows (and, for the items that
-    /// want it, the stamps of the users' phone numbers) are read in one cache round trip,
-    /// where each `Verify` alone would make its own. One answer per item, in order; `None`
-    /// for a token that does not parse (its [`Self::verify_as_asked`] tells why). A mark
-    /// read here is as fresh as one its item would read: the items run together, after
-    /// this, and within the same call.
-    pub async fn read_ahead(&self, items: &[(&str, bool)]) -> Vec<Option<ReadAhead>> {
+    /// Begins the `Verify` of a `VerifyBatch` item's token: its keyed hash, and what this
+    /// process knows of it; `None` when the token does not parse (its
+    /// [`Self::verify_as_asked`] tells why). A token it knows ([`ReadAhead::is_known`])
+    /// waits for [`Self::read_marks`]; any other goes to the database at once.
+    pub fn begin_verify(&self, raw: &str) -> Option<ReadAhead> {
+        let token = Token::parse(TokenKind::Access, raw)?;
+        let hash = self.keys.token_hash(&token);
         let now = now_millis();
-        let mut ahead: Vec<Option<ReadAhead>> = items
+        let known = self.verified.get(&hash, now);
+        Some(ReadAhead {
+            hash,
+            now,
+            known: known.map(|k| (k, (None, None))),
+        })
+    }
+
+    /// Reads the marks of the sessions of the `Verify`s begun (each with whether its item
+    /// asks for the phone number, whose stamp is then read too) in one cache round trip,
+    /// where each `Verify` alone would make its own. A mark read here is as fresh as one
+    /// its item would read: the items' call has arrived, and they run after this.
+    pub async fn read_marks(&self, begun: &mut [(ReadAhead, bool)]) {
+        let asks: Vec<MarkAsk<'_>> = begun
             .iter()
-            .map(|&(raw, _)| {
-                let token = Token::parse(TokenKind::Access, raw)?;
-                let hash = self.keys.token_hash(&token);
-                let known = self.verified.get(&hash, now);
-                Some(ReadAhead {
-                    hash,
-                    now,
-                    known: known.map(|k| (k, (None, None))),
-                })
-            })
-            .collect();
-        let asks: Vec<MarkAsk<'_>> = ahead
-            .iter()
-            .zip(items)
-            .filter_map(|(a, &(_, phone))| {
-                let (known, _) = a.as_ref()?.known.as_ref()?;
+            .filter_map(|(a, phone)| {
+                let (known, _) = a.known.as_ref()?;
                 Some(MarkAsk {
                     session_id: &known.session_id,
-                    phone_of: (phone && self.policy.phone_stamps).then_some(known.openid.as_str()),
+                    phone_of: (*phone && self.policy.phone_stamps).then_some(known.openid.as_str()),
                 })
             })
             .collect();
         if asks.is_empty() {
-            return ahead;
+            return;
         }
         // A cache that fails reads as no marks: each item's database answers.
         let Ok(read) = self.cache.session_marks(&asks).await else {
-            return ahead;
+            return;
         };
         drop(asks);
-        let known = ahead.iter_mut().filter_map(|a| a.as_mut()?.known.as_mut());
+        let known = begun.iter_mut().filter_map(|(a, _)| a.known.as_mut());
         for ((_, slot), read) in known.zip(read) {
             *slot = read;
         }
-        ahead
     }
 
     /// A `Verify` as asked: the identity, and with `include_phone` the user's kept phone
-    /// number (`None` when none is kept); with `ahead`, begun by [`Self::read_ahead`].
+    /// number (`None` when none is kept); with `ahead`, begun by [`Self::begin_verify`].
     pub async fn verify_as_asked(
         &self,
         raw: &str,
@@ -453,7 +458,8 @@ impl AuthCore {
 
     /// [`Self::verify`], and with `phone_stamp` the stamp of the user's phone number when
     /// the session's mark was read (in the same round trip); with `ahead`, the token's hash
-    /// and its session's mark as [`Self::read_ahead`] found them.
+    /// and its session's mark as [`Self::begin_verify`] and [`Self::read_marks`] found
+    /// them.
     async fn verify_and_stamp(
         &self,
         raw: &str,

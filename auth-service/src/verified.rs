@@ -1,6 +1,7 @@
 //! What `Verify` remembers of the access tokens it has seen, so that a live session costs a
-//! look-up of its mark (in memory, or one Redis `GET`; a `VerifyBatch` reads the marks of all
-//! its items in one `MGET`) instead of a database read.
+//! look-up of its mark (in memory, or one key of a Redis `MGET`: a `VerifyBatch`'s items, or
+//! `Verify` calls that arrive together, have their marks read in one) instead of a database
+//! read.
 //!
 //! An entry holds a token's facts as the database gave them: whose it is, its session, its
 //! expiry and its session's. None of them alone lets a token in: a hit also needs the

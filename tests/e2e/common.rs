@@ -5,9 +5,13 @@ use proto::v1::{
     Device, ListSessionEventsRequest, LoginRequest, LoginResponse, RefreshRequest, RefreshResponse,
     SessionEvent, VerifyRequest, VerifyResponse,
 };
+use std::time::Duration;
 use tests::harness::sim::{MintCode, MintedCode};
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
+
+use tokio::time::Instant;
 use tonic::Status;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 /// `Verify` of `access_token` on `client`: the token's openid, or the refusal.
@@ -139,4 +143,24 @@ impl World {
 pub(crate) fn tokens(pair: Option<&proto::v1::TokenPair>) -> (String, String) {
     let p = pair.expect("a token pair");
     (p.access_token.clone(), p.refresh_token.clone())
+}
+
+/// The health service name auth-service reports Redis under.
+const REDIS_HEALTH: &str = "wxauth.redis";
+
+/// Waits (at most 30 s) until `auth` reports Redis as `want`.
+pub(crate) async fn wait_for_redis_health(auth: &AuthProcess, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = auth.health(REDIS_HEALTH).await;
+        if matches!(now, Ok(s) if s == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{REDIS_HEALTH} is {now:?}, not {want:?}; auth-service's output:\n{}",
+            auth.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -21,10 +21,8 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, tokens, verify_openid};
+use crate::common::{login_request, reason, tokens, verify_openid, wait_for_redis_health};
 
-/// The health service name auth-service reports Redis under.
-const REDIS_HEALTH: &str = "wxauth.redis";
 /// How long a test waits for something that should happen within seconds.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -112,23 +110,6 @@ impl RedisServer {
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("its address").port()
-}
-
-/// Waits until `auth` reports `want` for `wxauth.redis`.
-async fn wait_for_redis_health(auth: &AuthProcess, want: ServingStatus) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let now = auth.health(REDIS_HEALTH).await;
-        if matches!(now, Ok(s) if s == want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{REDIS_HEALTH} is {now:?}, not {want:?}; auth-service's output:\n{}",
-            auth.logs().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Logs a new user in from `ip`.

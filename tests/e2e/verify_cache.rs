@@ -19,8 +19,9 @@ use tests::harness::sim::{APPID, MintCode, MintPhoneCode, MintedCode};
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, tokens, verify_openid};
+use crate::common::{login_request, reason, tokens, verify_openid, wait_for_redis_health};
 
 struct Pair {
     sim: SimProcess,
@@ -403,4 +404,119 @@ async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(p.refused_on_b(&access).await, "TOKEN_REVOKED");
+}
+
+#[tokio::test]
+async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is_back() {
+    // Arrange: A reaches both Redis and its database through proxies the test can cut.
+    let test = "verify_cache::memory_after_redis_is_back";
+    let External::Run(redis_url) = redis(test) else {
+        return;
+    };
+    let External::Run(db) = postgres_database(test).await.expect("a database") else {
+        return;
+    };
+    let nowhere = "127.0.0.1:1".parse().expect("addr");
+    let (redis_target, _) = reroute(&redis_url, nowhere).expect("url");
+    let (db_target, _) = reroute(&db, nowhere).expect("url");
+    let redis_proxy = Proxy::start(redis_target).await.expect("proxy");
+    let db_proxy = Proxy::start(db_target).await.expect("proxy");
+    let (_, redis_for_a) = reroute(&redis_url, redis_proxy.addr()).expect("url");
+    let (_, db_for_a) = reroute(&db, db_proxy.addr()).expect("url");
+    let sim = SimProcess::start().await.expect("simulator");
+    let auth_a = AuthProcess::start(
+        &sim,
+        &[
+            ("AUTH_DATABASE_URL", db_for_a.as_str()),
+            ("AUTH_REDIS_URL", redis_for_a.as_str()),
+        ],
+    )
+    .await
+    .expect("auth A");
+    let auth_b = AuthProcess::start(
+        &sim,
+        &[
+            ("AUTH_DATABASE_URL", db.as_str()),
+            ("AUTH_REDIS_URL", redis_url.as_str()),
+        ],
+    )
+    .await
+    .expect("auth B");
+    let mut p = Pair {
+        a: auth_a.client().await.expect("client A"),
+        b: auth_b.client().await.expect("client B"),
+        sim,
+        _auth: [auth_a, auth_b],
+    };
+    let (x, x_login) = p.login(None).await;
+    let (y, y_login) = p.login(None).await;
+    let (x_access, _) = tokens(x_login.tokens.as_ref());
+    let (y_access, _) = tokens(y_login.tokens.as_ref());
+    let both = [(x_access.as_str(), false), (y_access.as_str(), true)];
+    let accepted = |answers: &[Answer], openids: &[&str]| {
+        assert_eq!(answers.len(), openids.len());
+        for (answer, openid) in answers.iter().zip(openids) {
+            match answer {
+                Answer::Identity(id) => assert_eq!(id.openid, *openid),
+                Answer::Error(e) => panic!("{openid} refused: {e:?}"),
+            }
+        }
+    };
+    for _ in 0..3 {
+        accepted(
+            &verify_batch(&mut p.a, &both).await,
+            &[&x.openid, &y.openid],
+        );
+    }
+
+    // Act 1: A loses Redis. Its reads of the marks fail, singly and together: the database
+    // answers.
+    redis_proxy.cut();
+    accepted(
+        &verify_batch(&mut p.a, &both).await,
+        &[&x.openid, &y.openid],
+    );
+    assert_eq!(
+        verify_openid(&mut p.a, &x_access).await.expect("X on A"),
+        x.openid
+    );
+
+    // Act 2: Redis is back; the database answers once more (and marks the sessions alive).
+    redis_proxy.restore();
+    wait_for_redis_health(&p._auth[0], ServingStatus::Serving).await;
+    accepted(
+        &verify_batch(&mut p.a, &both).await,
+        &[&x.openid, &y.openid],
+    );
+
+    // Assert: with A's database cut, what A knows is answered from memory and Redis, in a
+    // batch and in single calls that come together.
+    db_proxy.cut();
+    accepted(
+        &verify_batch(&mut p.a, &both).await,
+        &[&x.openid, &y.openid],
+    );
+    let (mut a1, mut a2) = (p.a.clone(), p.a.clone());
+    let (one, two) = tokio::join!(
+        verify_openid(&mut a1, &x_access),
+        verify_openid(&mut a2, &y_access)
+    );
+    assert_eq!(one.expect("X from memory"), x.openid);
+    assert_eq!(two.expect("Y from memory"), y.openid);
+
+    // And an end on B is never accepted by A: with no database to say why, it is
+    // UNAVAILABLE.
+    p.b.logout(LogoutRequest {
+        access_token: x_access.clone(),
+        all: false,
+    })
+    .await
+    .expect("logout on B");
+    let answers = verify_batch(&mut p.a, &both).await;
+    match &answers[0] {
+        Answer::Error(e) => assert_eq!(e.clone().into_status().code(), Code::Unavailable),
+        Answer::Identity(id) => panic!("A accepted a session ended on B: {id:?}"),
+    }
+    accepted(&answers[1..], &[&y.openid]);
+    db_proxy.restore();
 }

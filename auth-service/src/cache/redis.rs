@@ -30,11 +30,13 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, RedisError, Script};
 use secrecy::SecretString;
 use shared::LazyRedis;
 use tokio::sync::oneshot;
+use tracing::warn;
 
 use super::{
     Cache, CacheError, CodeClaim, MarkAsk, MarkRead, PhoneStamp, RateDecision, SessionMark,
@@ -164,20 +166,25 @@ fn failed(what: &'static str) -> impl FnOnce(RedisError) -> CacheError {
     move |e| CacheError(anyhow::Error::new(e).context(format!("Redis {what} failed")))
 }
 
-fn session_mark(mark: Option<&str>) -> Result<Option<SessionMark>, CacheError> {
+fn session_mark(mark: Option<&[u8]>) -> Result<Option<SessionMark>, CacheError> {
     match mark {
         None => Ok(None),
-        Some("alive") => Ok(Some(SessionMark::Alive)),
-        Some("ended") => Ok(Some(SessionMark::Ended)),
-        Some(other) => Err(CacheError(anyhow!("unexpected session mark {other:?}"))),
+        Some(b"alive") => Ok(Some(SessionMark::Alive)),
+        Some(b"ended") => Ok(Some(SessionMark::Ended)),
+        Some(other) => Err(CacheError(anyhow!(
+            "unexpected session mark {:?}",
+            String::from_utf8_lossy(other)
+        ))),
     }
 }
 
-fn phone_stamp(stamp: Option<String>) -> PhoneStamp {
-    match stamp {
+/// A stamp as Redis holds it; one that is not text (no replica writes such) is unusable.
+fn phone_stamp(stamp: Option<Vec<u8>>) -> PhoneStamp {
+    match stamp.map(String::from_utf8) {
         None => PhoneStamp::Missing,
-        Some(s) if s == WRITING => PhoneStamp::Unusable,
-        Some(s) => PhoneStamp::Current(s),
+        Some(Ok(s)) if s == WRITING => PhoneStamp::Unusable,
+        Some(Ok(s)) => PhoneStamp::Current(s),
+        Some(Err(_)) => PhoneStamp::Unusable,
     }
 }
 
@@ -195,15 +202,16 @@ async fn within<T>(
         })?
 }
 
-/// An `MGET` of `keys` keys (`keys > 0`): one value per key.
+/// An `MGET` of `keys` keys (`keys > 0`): one value per key, as bytes (so that a value that
+/// is not text fails only its own read).
 async fn mget(
     redis: &LazyRedis,
     mget: &Cmd,
     keys: usize,
-) -> Result<Vec<Option<String>>, CacheError> {
+) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
     within("session marks", async {
         let mut conn = redis.connection().await.map_err(CacheError)?;
-        let values: Vec<Option<String>> = mget
+        let values: Vec<Option<Vec<u8>>> = mget
             .query_async(&mut conn)
             .await
             .map_err(failed("session marks"))?;
@@ -220,7 +228,10 @@ async fn mget(
 
 /// The values of a mark's key and, when asked, of a phone stamp's key; or why Redis did not
 /// give them.
-type MarkValues = Result<(Option<String>, Option<String>), String>;
+type MarkValues = Result<(Option<Vec<u8>>, Option<Vec<u8>>), String>;
+
+/// The most reads one `MGET` carries; more waiting go in the next.
+const MGET_MOST: usize = 1000;
 
 /// Single reads of a session's mark (and a phone stamp) that come together, sent as one
 /// `MGET`: each `Verify` read its own, about 10k instructions of redis-rs each, where a
@@ -229,7 +240,7 @@ type MarkValues = Result<(Option<String>, Option<String>), String>;
 /// the same read from their connections), so their reads join it; none waits for company.
 #[derive(Default)]
 struct MarkReads {
-    /// The reads waiting; not empty exactly while an `MGET` for them is scheduled.
+    /// The reads waiting; not empty exactly while a task to send them is scheduled.
     waiting: Mutex<Vec<WaitingRead>>,
 }
 
@@ -239,12 +250,43 @@ struct WaitingRead {
     answer: oneshot::Sender<MarkValues>,
 }
 
-/// Sends the waiting reads as one `MGET`, and answers each.
+/// Fails the waiting reads if the task that was to send them is dropped before it took
+/// them (the runtime shutting down), so that none waits on a task that is gone.
+struct Unsent<'a>(Option<&'a MarkReads>);
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(reads) = self.0 {
+            reads
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+    }
+}
+
+/// Sends the waiting reads, at most [`MGET_MOST`] an `MGET` (those together), and answers
+/// each.
 async fn send_reads(redis: Arc<LazyRedis>, reads: Arc<MarkReads>) {
+    let mut unsent = Unsent(Some(&reads));
     // After the tasks ready now: on the multi-threaded runtime a task just spawned would
     // run next (its LIFO slot), before the calls that came in with the first.
     tokio::task::yield_now().await;
-    let batch = std::mem::take(&mut *reads.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut waiting =
+        std::mem::take(&mut *reads.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+    unsent.0 = None;
+    let mut batches = Vec::with_capacity(waiting.len().div_ceil(MGET_MOST));
+    while waiting.len() > MGET_MOST {
+        let rest = waiting.split_off(MGET_MOST);
+        batches.push(std::mem::replace(&mut waiting, rest));
+    }
+    batches.push(waiting);
+    join_all(batches.into_iter().map(|batch| send_batch(&redis, batch))).await;
+}
+
+/// One `MGET` for `batch`, and the answer to each of its reads.
+async fn send_batch(redis: &LazyRedis, batch: Vec<WaitingRead>) {
     let mut cmd = redis::cmd("MGET");
     let mut keys = 0;
     for read in &batch {
@@ -258,7 +300,7 @@ async fn send_reads(redis: Arc<LazyRedis>, reads: Arc<MarkReads>) {
     if keys == 0 {
         return;
     }
-    match mget(&redis, &cmd, keys).await {
+    match mget(redis, &cmd, keys).await {
         Ok(values) => {
             let mut values = values.into_iter();
             for read in batch {
@@ -284,7 +326,7 @@ impl RedisCache {
         &self,
         mark_key: String,
         stamp_key: Option<String>,
-    ) -> Result<(Option<String>, Option<String>), CacheError> {
+    ) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), CacheError> {
         let (answer, answered) = oneshot::channel();
         let first = {
             let mut waiting = self
@@ -433,7 +475,12 @@ impl Cache for RedisCache {
         let mut values = mget(&self.redis, &cmd, keys).await?.into_iter();
         let mut read = Vec::with_capacity(asks.len());
         for ask in asks {
-            let mark = session_mark(values.next().flatten().as_deref())?;
+            // One value that is not a mark costs its own session a database read, as a
+            // single read that fails does.
+            let mark = session_mark(values.next().flatten().as_deref()).unwrap_or_else(|e| {
+                warn!(error = %e, "a session's mark in Redis is not one: read as none");
+                None
+            });
             let stamp = ask.phone_of.map(|_| phone_stamp(values.next().flatten()));
             read.push((mark, stamp));
         }
@@ -443,7 +490,7 @@ impl Cache for RedisCache {
     async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {
         within("phone stamp", async {
             let mut conn = self.connection().await?;
-            let stamp: Option<String> = redis::cmd("GET")
+            let stamp: Option<Vec<u8>> = redis::cmd("GET")
                 .arg(self.phone_key(openid))
                 .query_async(&mut conn)
                 .await

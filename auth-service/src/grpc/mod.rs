@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::future::join_all;
+use futures_util::future::{join, join_all};
 use proto::v1::auth_service_server::AuthService;
 use proto::v1::{self as pb};
 use shared::telemetry::{Call, in_call};
@@ -235,34 +235,47 @@ impl GrpcAuth {
         }
         let started = Instant::now();
         // The items together, not one after another: an item that waits on the database
-        // does not hold up the others. With Redis, their sessions' marks are read first, in
-        // one round trip for all of them.
-        let results = if self.core.reads_ahead() {
-            let asked: Vec<(&str, bool)> = r
-                .items
-                .iter()
-                .map(|item| {
-                    item.request
-                        .as_ref()
-                        .map_or(("", false), |r| (r.access_token.as_str(), r.include_phone))
-                })
-                .collect();
-            let ahead = self.core.read_ahead(&asked).await;
-            join_all(
-                r.items
-                    .iter()
-                    .zip(ahead)
-                    .map(|(item, ahead)| self.verify_item(item, ahead, started)),
-            )
-            .await
-        } else {
-            join_all(
+        // does not hold up the others.
+        if !self.core.reads_ahead() {
+            let results = join_all(
                 r.items
                     .iter()
                     .map(|item| self.verify_item(item, None, started)),
             )
+            .await;
+            return Ok(pb::VerifyBatchResponse { results });
+        }
+        // With Redis: the tokens this process knows have their sessions' marks read first,
+        // in one round trip for all of them; the others go to the database meanwhile.
+        let (mut known, mut known_items, mut others) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, item) in r.items.iter().enumerate() {
+            let ask = item.request.as_ref();
+            match ask.and_then(|r| self.core.begin_verify(&r.access_token)) {
+                Some(begun) if begun.is_known() => {
+                    known.push((begun, ask.is_some_and(|r| r.include_phone)));
+                    known_items.push((i, item));
+                }
+                begun => others.push((i, item, begun)),
+            }
+        }
+        let others = join_all(others.into_iter().map(|(i, item, begun)| async move {
+            (i, self.verify_item(item, begun, started).await)
+        }));
+        let known = async {
+            self.core.read_marks(&mut known).await;
+            let items = known_items.into_iter().zip(known);
+            join_all(items.map(|((i, item), (begun, _))| async move {
+                (i, self.verify_item(item, Some(begun), started).await)
+            }))
             .await
         };
+        let (others, known) = join(others, known).await;
+        let mut results = vec![pb::VerifyBatchResult::default(); r.items.len()];
+        for (i, result) in others.into_iter().chain(known) {
+            if let Some(slot) = results.get_mut(i) {
+                *slot = result;
+            }
+        }
         Ok(pb::VerifyBatchResponse { results })
     }
 

@@ -536,15 +536,15 @@ async fn the_fallback_never_answers_a_session_mark_from_memory() {
 }
 
 #[tokio::test]
-async fn a_mark_redis_cannot_read_fails_its_own_read_only() {
+async fn a_value_redis_holds_that_is_no_mark_fails_its_own_read_only() {
     let External::Run(url) =
-        support::redis("cache::a_mark_redis_cannot_read_fails_its_own_read_only")
+        support::redis("cache::a_value_redis_holds_that_is_no_mark_fails_its_own_read_only")
     else {
         return;
     };
     let appid = new_appid();
     let c = redis_at(&url, &appid);
-    let (bad, good) = (code(), code());
+    let (bogus, binary, good, openid) = (code(), code(), code(), code());
     c.mark_alive(&good, Duration::from_secs(30))
         .await
         .expect("mark_alive");
@@ -553,19 +553,61 @@ async fn a_mark_redis_cannot_read_fails_its_own_read_only() {
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    redis::cmd("SET")
-        .arg(format!("wxauth:{appid}:session:{bad}"))
-        .arg("bogus")
-        .arg("EX")
-        .arg(60)
-        .query_async::<()>(&mut conn)
+    for (key, value) in [
+        (format!("wxauth:{appid}:session:{bogus}"), b"bogus".to_vec()),
+        (format!("wxauth:{appid}:session:{binary}"), vec![0xff, 0xfe]),
+        (format!("wxauth:{appid}:phone:{openid}"), vec![0xff]),
+    ] {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(60)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SET");
+    }
+
+    // Read at once (as calls arriving together read), so in one MGET.
+    let (bogus_read, binary_read, good_read) = tokio::join!(
+        c.session_mark(&bogus),
+        c.session_mark(&binary),
+        c.session_mark_and_phone_stamp(&good, &openid)
+    );
+    assert!(bogus_read.is_err(), "{bogus_read:?}");
+    assert!(binary_read.is_err(), "{binary_read:?}");
+    assert_eq!(
+        good_read.expect("answers"),
+        (Some(SessionMark::Alive), PhoneStamp::Unusable),
+        "a stamp that is not text is unusable"
+    );
+
+    // A batch's reads: the bad ones read as no mark (the database answers them).
+    let read = c
+        .session_marks(&[
+            MarkAsk {
+                session_id: &bogus,
+                phone_of: None,
+            },
+            MarkAsk {
+                session_id: &good,
+                phone_of: Some(&openid),
+            },
+            MarkAsk {
+                session_id: &binary,
+                phone_of: None,
+            },
+        ])
         .await
-        .expect("SET");
-
-    let (bad_read, good_read) = tokio::join!(c.session_mark(&bad), c.session_mark(&good));
-
-    assert!(bad_read.is_err(), "{bad_read:?}");
-    assert_eq!(good_read.expect("answers"), Some(SessionMark::Alive));
+        .expect("answers");
+    assert_eq!(
+        read,
+        [
+            (None, None),
+            (Some(SessionMark::Alive), Some(PhoneStamp::Unusable)),
+            (None, None)
+        ]
+    );
 }
 
 // ---- phone numbers' stamps ----
