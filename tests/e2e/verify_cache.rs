@@ -25,7 +25,7 @@ use crate::common::{login_request, reason, tokens, verify_openid, wait_for_redis
 
 struct Pair {
     sim: SimProcess,
-    _auth: [AuthProcess; 2],
+    auth: [AuthProcess; 2],
     a: AuthClient,
     b: AuthClient,
 }
@@ -59,7 +59,7 @@ async fn pair(test: &str, with_redis: bool, extra: &[(&str, &str)]) -> Option<Pa
     let b = auth_b.client().await.expect("client B");
     Some(Pair {
         sim,
-        _auth: [auth_a, auth_b],
+        auth: [auth_a, auth_b],
         a,
         b,
     })
@@ -306,23 +306,35 @@ async fn a_verify_batch_on_the_other_replica_sees_an_end_and_a_new_number_at_onc
     }
 }
 
-/// Two replicas on PostgreSQL and Redis, A reaching Redis through a proxy the test can cut;
+/// A's ways to Redis and to its database, each through a proxy the test can cut.
+struct Cuttable {
+    redis: Proxy,
+    db: Proxy,
+}
+
+/// Two replicas on PostgreSQL and Redis, A reaching both through proxies the test can cut;
 /// also Redis's own URL. `None` when skipping was asked.
-async fn pair_with_a_cuttable(test: &str) -> Option<(Pair, Proxy, String)> {
+async fn pair_with_a_cuttable(test: &str) -> Option<(Pair, Cuttable, String)> {
     let External::Run(redis_url) = redis(test) else {
         return None;
     };
     let External::Run(db) = postgres_database(test).await.expect("a database") else {
         return None;
     };
-    let (target, _) = reroute(&redis_url, "127.0.0.1:1".parse().expect("addr")).expect("url");
-    let proxy = Proxy::start(target).await.expect("proxy");
-    let (_, redis_for_a) = reroute(&redis_url, proxy.addr()).expect("url");
+    let nowhere = "127.0.0.1:1".parse().expect("addr");
+    let (redis_target, _) = reroute(&redis_url, nowhere).expect("url");
+    let (db_target, _) = reroute(&db, nowhere).expect("url");
+    let cut = Cuttable {
+        redis: Proxy::start(redis_target).await.expect("proxy"),
+        db: Proxy::start(db_target).await.expect("proxy"),
+    };
+    let (_, redis_for_a) = reroute(&redis_url, cut.redis.addr()).expect("url");
+    let (_, db_for_a) = reroute(&db, cut.db.addr()).expect("url");
     let sim = SimProcess::start().await.expect("simulator");
     let auth_a = AuthProcess::start(
         &sim,
         &[
-            ("AUTH_DATABASE_URL", db.as_str()),
+            ("AUTH_DATABASE_URL", db_for_a.as_str()),
             ("AUTH_REDIS_URL", redis_for_a.as_str()),
         ],
     )
@@ -341,11 +353,11 @@ async fn pair_with_a_cuttable(test: &str) -> Option<(Pair, Proxy, String)> {
     let b = auth_b.client().await.expect("client B");
     let pair = Pair {
         sim,
-        _auth: [auth_a, auth_b],
+        auth: [auth_a, auth_b],
         a,
         b,
     };
-    Some((pair, proxy, redis_url))
+    Some((pair, cut, redis_url))
 }
 
 /// The session's mark as Redis holds it (`alive`, `ended`, or `None`), read with an inline
@@ -371,7 +383,7 @@ async fn mark_in_redis(redis_url: &str, session_id: &str) -> Option<String> {
 async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then_refuses() {
     // Arrange: a session live in B's memory, its mark `alive` in Redis.
     let test = "verify_cache::cut_off_from_redis";
-    let Some((mut p, proxy, redis_url)) = pair_with_a_cuttable(test).await else {
+    let Some((mut p, cut, redis_url)) = pair_with_a_cuttable(test).await else {
         return;
     };
     let (m, login) = p.login(None).await;
@@ -383,7 +395,7 @@ async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then
     // Act: A loses Redis and ends the session. The end is committed; its mark cannot be
     // written (the README's limit: meanwhile B may accept the token, for at most the 15 s
     // an `alive` mark lives).
-    proxy.cut();
+    cut.redis.cut();
     p.a.logout(LogoutRequest {
         access_token: access.clone(),
         all: false,
@@ -391,7 +403,7 @@ async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then
     .await
     .expect("a logout does not wait for Redis");
     assert_eq!(mark().await.as_deref(), Some("alive"), "A reached Redis");
-    proxy.restore();
+    cut.redis.restore();
 
     // Assert: A's retries (every second, for 15 s after the end) write the mark once Redis
     // answers again, and B refuses at the very next call.
@@ -408,45 +420,10 @@ async fn a_replica_cut_off_from_redis_marks_its_end_once_back_and_the_other_then
 
 #[tokio::test]
 async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is_back() {
-    // Arrange: A reaches both Redis and its database through proxies the test can cut.
+    // Arrange: A reaches Redis and its database through proxies the test can cut.
     let test = "verify_cache::memory_after_redis_is_back";
-    let External::Run(redis_url) = redis(test) else {
+    let Some((mut p, cut, _)) = pair_with_a_cuttable(test).await else {
         return;
-    };
-    let External::Run(db) = postgres_database(test).await.expect("a database") else {
-        return;
-    };
-    let nowhere = "127.0.0.1:1".parse().expect("addr");
-    let (redis_target, _) = reroute(&redis_url, nowhere).expect("url");
-    let (db_target, _) = reroute(&db, nowhere).expect("url");
-    let redis_proxy = Proxy::start(redis_target).await.expect("proxy");
-    let db_proxy = Proxy::start(db_target).await.expect("proxy");
-    let (_, redis_for_a) = reroute(&redis_url, redis_proxy.addr()).expect("url");
-    let (_, db_for_a) = reroute(&db, db_proxy.addr()).expect("url");
-    let sim = SimProcess::start().await.expect("simulator");
-    let auth_a = AuthProcess::start(
-        &sim,
-        &[
-            ("AUTH_DATABASE_URL", db_for_a.as_str()),
-            ("AUTH_REDIS_URL", redis_for_a.as_str()),
-        ],
-    )
-    .await
-    .expect("auth A");
-    let auth_b = AuthProcess::start(
-        &sim,
-        &[
-            ("AUTH_DATABASE_URL", db.as_str()),
-            ("AUTH_REDIS_URL", redis_url.as_str()),
-        ],
-    )
-    .await
-    .expect("auth B");
-    let mut p = Pair {
-        a: auth_a.client().await.expect("client A"),
-        b: auth_b.client().await.expect("client B"),
-        sim,
-        _auth: [auth_a, auth_b],
     };
     let (x, x_login) = p.login(None).await;
     let (y, y_login) = p.login(None).await;
@@ -471,7 +448,7 @@ async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is
 
     // Act 1: A loses Redis. Its reads of the marks fail, singly and together: the database
     // answers.
-    redis_proxy.cut();
+    cut.redis.cut();
     accepted(
         &verify_batch(&mut p.a, &both).await,
         &[&x.openid, &y.openid],
@@ -482,8 +459,8 @@ async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is
     );
 
     // Act 2: Redis is back; the database answers once more (and marks the sessions alive).
-    redis_proxy.restore();
-    wait_for_redis_health(&p._auth[0], ServingStatus::Serving).await;
+    cut.redis.restore();
+    wait_for_redis_health(&p.auth[0], ServingStatus::Serving).await;
     accepted(
         &verify_batch(&mut p.a, &both).await,
         &[&x.openid, &y.openid],
@@ -491,7 +468,7 @@ async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is
 
     // Assert: with A's database cut, what A knows is answered from memory and Redis, in a
     // batch and in single calls that come together.
-    db_proxy.cut();
+    cut.db.cut();
     accepted(
         &verify_batch(&mut p.a, &both).await,
         &[&x.openid, &y.openid],
@@ -518,5 +495,5 @@ async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is
         Answer::Identity(id) => panic!("A accepted a session ended on B: {id:?}"),
     }
     accepted(&answers[1..], &[&y.openid]);
-    db_proxy.restore();
+    cut.db.restore();
 }
