@@ -3,7 +3,12 @@
 //! Write transactions start with `BEGIN IMMEDIATE`, so two of them never deadlock while
 //! upgrading a read lock: SQLite serializes them, which is what makes a login's policy
 //! decision and a refresh-token exchange atomic here (PostgreSQL will lock rows instead).
+//! Writers take their turn in this process first ([`Turn`], first come first served)
+//! rather than in SQLite: a `BEGIN IMMEDIATE` that finds the file locked sleeps in SQLite's
+//! busy handler, in steps of up to 100 ms, and so did logins that came together (the bench,
+//! 16 logins in flight: p99 186 ms, p99.9 739 ms, for a p50 of 7.7 ms).
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +18,7 @@ use async_trait::async_trait;
 use shared::OneProcess;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
@@ -30,6 +36,42 @@ pub struct SqliteStore {
     /// This process's lock on the file: `Verify`'s session marks and the phone numbers it
     /// keeps ([`crate::phones::KeptPhones`]) live in this process alone.
     _one_process: Arc<OneProcess>,
+    /// The turn to write: held from a write transaction's `BEGIN` to its end.
+    turn: Arc<Mutex<()>>,
+}
+
+/// How long a write waits for its turn (as long as SQLite's busy timeout, which it replaces
+/// for writers of this process) before it is answered `UNAVAILABLE`.
+const TURN_WAIT: Duration = Duration::from_secs(5);
+
+/// A write transaction that holds this process's turn to write until it ends.
+struct Turn {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    _held: OwnedMutexGuard<()>,
+}
+
+impl Turn {
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(map_err)
+    }
+
+    async fn rollback(self) -> Result<(), StoreError> {
+        self.tx.rollback().await.map_err(map_err)
+    }
+}
+
+impl Deref for Turn {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for Turn {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }
 
 impl SqliteStore {
@@ -71,14 +113,25 @@ impl SqliteStore {
         Ok(Self {
             pool,
             _one_process: Arc::new(one_process),
+            turn: Arc::default(),
         })
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.pool
+    /// A write transaction, begun once this process's earlier writers are done.
+    async fn begin_write(&self) -> Result<Turn, StoreError> {
+        let held = tokio::time::timeout(TURN_WAIT, Arc::clone(&self.turn).lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(anyhow::anyhow!(
+                    "no turn to write to SQLite within {TURN_WAIT:?}: other writes held it"
+                ))
+            })?;
+        let tx = self
+            .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(map_err)
+            .map_err(map_err)?;
+        Ok(Turn { tx, _held: held })
     }
 }
 
@@ -225,7 +278,7 @@ async fn insert_tokens(
 /// busy timeout. Dropped without [`AppTokenLock::replace`] or [`AppTokenLock::release`], the
 /// transaction rolls back.
 struct SqliteAppTokenLock {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: Turn,
     appid: String,
     current: Option<StoredAppToken>,
 }
@@ -257,7 +310,7 @@ impl AppTokenLock for SqliteAppTokenLock {
         .execute(&mut *self.tx)
         .await
         .map_err(map_err)?;
-        self.tx.commit().await.map_err(map_err)?;
+        self.tx.commit().await?;
         Ok(StoredAppToken {
             sealed,
             expires_at,
@@ -266,7 +319,7 @@ impl AppTokenLock for SqliteAppTokenLock {
     }
 
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        self.tx.rollback().await.map_err(map_err)
+        self.tx.rollback().await
     }
 }
 
@@ -390,7 +443,7 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         insert_tokens(&mut tx, &l.session_id, l.access, l.refresh).await?;
         record_event(&mut tx, &l.openid, &l.session_id, EventKind::Login, l.now).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(LoginOutcome {
             is_new_user,
             unionid,
@@ -509,7 +562,7 @@ impl Store for SqliteStore {
                 expires_at,
             )
             .await?;
-            tx.commit().await.map_err(map_err)?;
+            tx.commit().await?;
             return Ok(RotateOutcome::Expired);
         }
         sqlx::query("UPDATE refresh_tokens SET rotated_at = $1, successor = $2 WHERE hash = $3")
@@ -537,7 +590,7 @@ impl Store for SqliteStore {
             r.now,
         )
         .await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(RotateOutcome::Rotated(owner))
     }
 
@@ -567,7 +620,7 @@ impl Store for SqliteStore {
                 ended.push(id);
             }
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(ended)
     }
 
@@ -670,7 +723,7 @@ impl Store for SqliteStore {
     async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError> {
         let mut tx = self.begin_write().await?;
         let n = expire_in(&mut tx, openid, now).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(n)
     }
 
@@ -697,7 +750,7 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?
         .rows_affected();
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(n)
     }
 
