@@ -80,12 +80,12 @@ impl Application {
         let (profiles, notes): (Arc<dyn ProfileStore>, Arc<dyn NotesStore>) = match &db {
             // SQLite: this process is the file's one writer (it holds the file's lock), so
             // the profiles it reads can be kept in memory.
-            Db::Sqlite(pool, _) => (
+            Db::Sqlite(pool, one_process) => (
                 Arc::new(KeptProfiles::new(
-                    SqliteProfiles::new(pool.clone()),
+                    SqliteProfiles::new(pool.clone(), one_process.turn()),
                     KEPT_PROFILES,
                 )),
-                Arc::new(SqliteNotes::new(pool.clone())),
+                Arc::new(SqliteNotes::new(pool.clone(), one_process.turn())),
             ),
             // PostgreSQL: other replicas write too; with Redis, each profile's stamp tells
             // when a copy is stale. Without it, every read goes to the database.

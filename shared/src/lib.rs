@@ -1,6 +1,6 @@
 //! What auth-service and api-service need alike, kept in one place: the async runtime each
 //! binary starts ([`runtime`]), the lock that keeps an SQLite database to the one process
-//! that opened it ([`OneProcess`]), a Redis connection made on first use ([`LazyRedis`]),
+//! that opened it ([`OneProcess`]) and the order of its writes there ([`WriteTurn`]), a Redis connection made on first use ([`LazyRedis`]),
 //! the rule that keeps values read from a database current in memory ([`Kept`]), and the
 //! services' logs ([`telemetry`]).
 
@@ -11,5 +11,5 @@ pub mod runtime;
 pub mod telemetry;
 
 pub use kept::{Kept, Read, Stamp, Write};
-pub use one_process::OneProcess;
+pub use one_process::{OneProcess, TURN_WAIT, WriteTurn};
 pub use redis::LazyRedis;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::WriteTurn;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
@@ -20,22 +21,25 @@ use crate::time::Millis;
 #[derive(Debug, Clone)]
 pub struct SqliteNotes {
     pool: SqlitePool,
+    /// The turn to write, shared with the database's other writers in this process.
+    turn: WriteTurn,
     /// The creations' queue, to the one task that writes them ([`write_notes`]).
     writer: mpsc::Sender<Job>,
 }
 
 impl SqliteNotes {
-    /// Notes on `pool`, with the task that writes creations (call from within a Tokio
-    /// runtime; the task ends when the last clone of this store is dropped).
-    pub fn new(pool: SqlitePool) -> Self {
-        Self::with_purges(pool, Arc::default())
+    /// Notes on `pool`, each write in its `turn`, with the task that writes creations
+    /// (call from within a Tokio runtime; the task ends when the last clone of this store
+    /// is dropped).
+    pub fn new(pool: SqlitePool, turn: WriteTurn) -> Self {
+        Self::with_purges(pool, turn, Arc::default())
     }
 
     /// [`Self::new`], with the clock of the idempotency keys' purges given.
-    fn with_purges(pool: SqlitePool, purges: Arc<PurgeClock>) -> Self {
+    fn with_purges(pool: SqlitePool, turn: WriteTurn, purges: Arc<PurgeClock>) -> Self {
         let (writer, jobs) = mpsc::channel(QUEUED_CREATIONS);
-        tokio::spawn(write_notes(pool.clone(), purges, jobs));
-        Self { pool, writer }
+        tokio::spawn(write_notes(pool.clone(), turn.clone(), purges, jobs));
+        Self { pool, turn, writer }
     }
 }
 
@@ -75,7 +79,12 @@ fn shared_error(e: &sqlx::Error) -> ApiError {
 /// creation of the batch is written again in a transaction of its own, so that one bad
 /// creation does not fail the others; if beginning or committing fails, every creation of
 /// the batch gets that error (none of them was written).
-async fn write_notes(pool: SqlitePool, purges: Arc<PurgeClock>, mut jobs: mpsc::Receiver<Job>) {
+async fn write_notes(
+    pool: SqlitePool,
+    turn: WriteTurn,
+    purges: Arc<PurgeClock>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     // The writer keeps one connection: SQLite resets a connection's page cache when another
     // one wrote since it last read, so writing each batch on whichever connection the pool
@@ -83,7 +92,7 @@ async fn write_notes(pool: SqlitePool, purges: Arc<PurgeClock>, mut jobs: mpsc::
     // malloc in SQLite's threads). Given back only after a failed BEGIN or COMMIT.
     let mut held = None;
     while jobs.recv_many(&mut batch, BATCH).await > 0 {
-        match write_batch(&pool, &mut held, &purges, &batch).await {
+        match write_batch(&pool, &turn, &mut held, &purges, &batch).await {
             Ok(answers) => {
                 for (job, answer) in batch.drain(..).zip(answers) {
                     // The request may have gone (timed out, disconnected): its note stays.
@@ -93,19 +102,32 @@ async fn write_notes(pool: SqlitePool, purges: Arc<PurgeClock>, mut jobs: mpsc::
             Err(Failed::Statement(e)) if batch.len() > 1 => {
                 tracing::debug!(error = %e, size = batch.len(), "a batch of notes failed; writing each alone");
                 for job in batch.drain(..) {
-                    let answer =
-                        match write_batch(&pool, &mut held, &purges, std::slice::from_ref(&job))
-                            .await
-                        {
-                            Ok(mut answers) => answers.pop().unwrap_or_else(|| Err(writer_gone())),
-                            Err(Failed::Statement(e) | Failed::Transaction(e)) => Err(db_error(e)),
-                        };
+                    let answer = match write_batch(
+                        &pool,
+                        &turn,
+                        &mut held,
+                        &purges,
+                        std::slice::from_ref(&job),
+                    )
+                    .await
+                    {
+                        Ok(mut answers) => answers.pop().unwrap_or_else(|| Err(writer_gone())),
+                        Err(Failed::Statement(e) | Failed::Transaction(e)) => Err(db_error(e)),
+                        Err(Failed::NoTurn(e)) => Err(ApiError::unavailable(e)),
+                    };
                     let _gone = job.reply.send(answer);
                 }
             }
             Err(Failed::Statement(e) | Failed::Transaction(e)) => {
                 for job in batch.drain(..) {
                     let _gone = job.reply.send(Err(shared_error(&e)));
+                }
+            }
+            Err(Failed::NoTurn(e)) => {
+                for job in batch.drain(..) {
+                    let _gone = job
+                        .reply
+                        .send(Err(ApiError::unavailable(anyhow::anyhow!("{e:#}"))));
                 }
             }
         }
@@ -118,16 +140,20 @@ enum Failed {
     Statement(sqlx::Error),
     /// Beginning or committing the transaction failed.
     Transaction(sqlx::Error),
+    /// The other writes held the database too long.
+    NoTurn(anyhow::Error),
 }
 
-/// Writes `batch` in one transaction on the writer's connection (`held`, taken from `pool`
-/// when there is none): each creation's answer, once committed.
+/// Writes `batch` in one transaction, in its `turn`, on the writer's connection (`held`,
+/// taken from `pool` when there is none): each creation's answer, once committed.
 async fn write_batch(
     pool: &SqlitePool,
+    turn: &WriteTurn,
     held: &mut Option<PoolConnection<Sqlite>>,
     purges: &PurgeClock,
     batch: &[Job],
 ) -> Result<Vec<Result<Created, ApiError>>, Failed> {
+    let _turn = turn.take().await.map_err(Failed::NoTurn)?;
     let conn = match held {
         Some(conn) => conn,
         None => held.insert(pool.acquire().await.map_err(Failed::Transaction)?),
@@ -439,6 +465,7 @@ impl NotesStore for SqliteNotes {
         if patch.is_empty() {
             return self.get(openid, id).await;
         }
+        let _turn = self.turn.take().await.map_err(ApiError::unavailable)?;
         let row: Option<Row> = sqlx::query_as(
             "UPDATE notes SET title = COALESCE($3, title), body = COALESCE($4, body), \
              updated_at = MAX($5, created_at) WHERE openid = $1 AND id = $2 \
@@ -456,6 +483,7 @@ impl NotesStore for SqliteNotes {
     }
 
     async fn delete(&self, openid: &str, id: &NoteId) -> Result<(), ApiError> {
+        let _turn = self.turn.take().await.map_err(ApiError::unavailable)?;
         let deleted = sqlx::query("DELETE FROM notes WHERE openid = $1 AND id = $2")
             .bind(openid)
             .bind(id.as_str())
@@ -516,7 +544,7 @@ mod tests {
             .await
             .expect("migrations");
         TestStore {
-            notes: SqliteNotes::new(pool),
+            notes: SqliteNotes::new(pool, WriteTurn::default()),
             _dir: dir,
         }
     }
@@ -730,6 +758,57 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_waiting_for_their_turn_leave_reads_answering() {
+        // Arrange: a write in progress, in its turn, holding SQLite's lock.
+        let s = store().await;
+        let n = new_note("first", 1_000);
+        s.create("alice", &n, None).await.expect("create");
+        let turn = s.turn.take().await.expect("the turn");
+        let mut writing = s.pool.acquire().await.expect("a connection");
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *writing)
+            .await
+            .expect("the lock");
+
+        // Act: more changes than the pool has connections wait behind it.
+        let changes: Vec<_> = (0..8)
+            .map(|i| {
+                let notes = s.notes.clone();
+                let id = n.id.clone();
+                tokio::spawn(async move {
+                    let patch = NotePatch {
+                        title: Some(NoteTitle::parse(&format!("change {i}")).expect("title")),
+                        body: None,
+                    };
+                    notes.update("alice", &id, patch, 2_000 + i).await
+                })
+            })
+            .collect();
+        // Every chance for the changes to start and wait, each on what it waits for.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+        // Assert: a change waiting for its turn holds no connection, so a read gets one
+        // (waiting in SQLite's busy handler, they held them all).
+        let read = tokio::time::timeout(std::time::Duration::from_secs(3), s.get("alice", &n.id))
+            .await
+            .expect("a read starved by changes waiting behind a write");
+        assert_eq!(read.expect("get").title.as_str(), "first");
+
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *writing)
+            .await
+            .expect("unlock");
+        drop(writing);
+        drop(turn);
+        for change in changes {
+            change
+                .await
+                .expect("join")
+                .expect("a change after the write ended");
+        }
+    }
+
     #[tokio::test]
     async fn a_batch_that_cannot_take_the_write_lock_is_answered_unavailable_and_the_writer_recovers()
      {
@@ -861,7 +940,7 @@ mod tests {
     async fn expired_keys_are_purged() {
         let purges = Arc::new(PurgeClock::default());
         let base = store().await;
-        let s = SqliteNotes::with_purges(base.pool.clone(), purges.clone());
+        let s = SqliteNotes::with_purges(base.pool.clone(), base.turn.clone(), purges.clone());
         let old = new_note("old", 1_000);
         s.create("alice", &old, Some(idempotent("old", &old)))
             .await

@@ -1,6 +1,7 @@
 //! Profiles in SQLite.
 
 use async_trait::async_trait;
+use shared::WriteTurn;
 use sqlx::SqlitePool;
 
 use super::{Profile, ProfilePatch, ProfileStore};
@@ -12,12 +13,14 @@ use crate::time::{Millis, now_millis};
 #[derive(Debug, Clone)]
 pub struct SqliteProfiles {
     pool: SqlitePool,
+    /// The turn to write, shared with the database's other writers in this process.
+    turn: WriteTurn,
 }
 
 impl SqliteProfiles {
-    /// Profiles on `pool`.
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    /// Profiles on `pool`, each write in its `turn`.
+    pub fn new(pool: SqlitePool, turn: WriteTurn) -> Self {
+        Self { pool, turn }
     }
 }
 
@@ -49,6 +52,7 @@ impl ProfileStore for SqliteProfiles {
         if let Some(row) = existing {
             return Ok(profile(row));
         }
+        let turn = self.turn.take().await.map_err(ApiError::unavailable)?;
         sqlx::query(
             "INSERT INTO profiles (openid, created_at, updated_at) VALUES ($1, $2, $2) \
              ON CONFLICT (openid) DO NOTHING",
@@ -58,6 +62,7 @@ impl ProfileStore for SqliteProfiles {
         .execute(&self.pool)
         .await
         .map_err(db_error)?;
+        drop(turn);
         let row: Row = sqlx::query_as(SELECT)
             .bind(openid)
             .fetch_one(&self.pool)
@@ -78,6 +83,7 @@ impl ProfileStore for SqliteProfiles {
             .map(|a| a.as_ref().map(|a| a.as_str()));
         // One statement: each field is changed only when the patch names it, so two
         // concurrent changes of different fields both stick.
+        let _turn = self.turn.take().await.map_err(ApiError::unavailable)?;
         let row: Row = sqlx::query_as(
             "UPDATE profiles SET \
              nickname = CASE WHEN $2 THEN $3 ELSE nickname END, \

@@ -189,11 +189,17 @@ mod tests {
     /// A state on `auth` and a fresh SQLite database at `path`.
     async fn sqlite_state(auth: Arc<dyn AuthApi>, path: &std::path::Path) -> AppState {
         let db = crate::db::Db::open_sqlite(path).await.expect("database");
-        let crate::db::Db::Sqlite(pool, _) = &db else {
+        let crate::db::Db::Sqlite(pool, one_process) = &db else {
             panic!("an SQLite path opens SQLite");
         };
-        let profiles = Arc::new(crate::profile::SqliteProfiles::new(pool.clone()));
-        let notes = Arc::new(crate::notes::SqliteNotes::new(pool.clone()));
+        let profiles = Arc::new(crate::profile::SqliteProfiles::new(
+            pool.clone(),
+            one_process.turn(),
+        ));
+        let notes = Arc::new(crate::notes::SqliteNotes::new(
+            pool.clone(),
+            one_process.turn(),
+        ));
         state_with(auth, db, profiles, notes)
     }
 

@@ -29,9 +29,9 @@ pub(crate) struct Backend {
 impl Backend {
     fn new(db: Db, dir: Option<tempfile::TempDir>) -> Self {
         let (profiles, notes): (Arc<dyn ProfileStore>, Arc<dyn NotesStore>) = match &db {
-            Db::Sqlite(pool, _) => (
-                Arc::new(SqliteProfiles::new(pool.clone())),
-                Arc::new(SqliteNotes::new(pool.clone())),
+            Db::Sqlite(pool, one_process) => (
+                Arc::new(SqliteProfiles::new(pool.clone(), one_process.turn())),
+                Arc::new(SqliteNotes::new(pool.clone(), one_process.turn())),
             ),
             Db::Postgres(pg) => (
                 Arc::new(PgProfiles::new(pg.clone())),

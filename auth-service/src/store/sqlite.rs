@@ -3,10 +3,9 @@
 //! Write transactions start with `BEGIN IMMEDIATE`, so two of them never deadlock while
 //! upgrading a read lock: SQLite serializes them, which is what makes a login's policy
 //! decision and a refresh-token exchange atomic here (PostgreSQL will lock rows instead).
-//! Writers take their turn in this process first ([`Turn`], first come first served)
-//! rather than in SQLite: a `BEGIN IMMEDIATE` that finds the file locked sleeps in SQLite's
-//! busy handler, in steps of up to 100 ms, and so did logins that came together (the bench,
-//! 16 logins in flight: p99 186 ms, p99.9 739 ms, for a p50 of 7.7 ms).
+//! Writers take their turn in this process first ([`WriteTurn`], first come first served)
+//! rather than in SQLite's busy handler (the bench, 16 logins in flight: p99 186 ms, p99.9
+//! 739 ms, for a p50 of 7.7 ms, before they did).
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -15,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use shared::OneProcess;
+use shared::{OneProcess, WriteTurn};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
 use super::{
     AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
@@ -37,12 +36,8 @@ pub struct SqliteStore {
     /// keeps ([`crate::phones::KeptPhones`]) live in this process alone.
     _one_process: Arc<OneProcess>,
     /// The turn to write: held from a write transaction's `BEGIN` to its end.
-    turn: Arc<Mutex<()>>,
+    turn: WriteTurn,
 }
-
-/// How long a write waits for its turn (as long as SQLite's busy timeout, which it replaces
-/// for writers of this process) before it is answered `UNAVAILABLE`.
-const TURN_WAIT: Duration = Duration::from_secs(5);
 
 /// A write transaction that holds this process's turn to write until it ends.
 struct Turn {
@@ -112,20 +107,14 @@ impl SqliteStore {
             .context("cannot apply the SQLite migrations")?;
         Ok(Self {
             pool,
+            turn: one_process.turn(),
             _one_process: Arc::new(one_process),
-            turn: Arc::default(),
         })
     }
 
     /// A write transaction, begun once this process's earlier writers are done.
     async fn begin_write(&self) -> Result<Turn, StoreError> {
-        let held = tokio::time::timeout(TURN_WAIT, Arc::clone(&self.turn).lock_owned())
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(anyhow::anyhow!(
-                    "no turn to write to SQLite within {TURN_WAIT:?}: other writes held it"
-                ))
-            })?;
+        let held = self.turn.take().await.map_err(StoreError::Unavailable)?;
         let tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
