@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use shared::{OneProcess, WriteTurn};
+use shared::{OneProcess, TURN_WAIT, WriteTurn};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
@@ -37,6 +37,8 @@ pub struct SqliteStore {
     _one_process: Arc<OneProcess>,
     /// The turn to write: held from a write transaction's `BEGIN` to its end.
     turn: WriteTurn,
+    /// The lock on the app's access_token rows ([`SqliteAppTokenLock`]).
+    app_token: Arc<Mutex<()>>,
 }
 
 /// A write transaction that holds this process's turn to write until it ends.
@@ -48,10 +50,6 @@ struct Turn {
 impl Turn {
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(map_err)
-    }
-
-    async fn rollback(self) -> Result<(), StoreError> {
-        self.tx.rollback().await.map_err(map_err)
     }
 }
 
@@ -108,6 +106,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             turn: one_process.turn(),
+            app_token: Arc::default(),
             _one_process: Arc::new(one_process),
         })
     }
@@ -262,12 +261,16 @@ async fn insert_tokens(
     Ok(())
 }
 
-/// The app's access_token row, held by a `BEGIN IMMEDIATE` transaction: SQLite lets one
-/// writer at a time, so every other lock (and every other write) waits for it, up to the
-/// busy timeout. Dropped without [`AppTokenLock::replace`] or [`AppTokenLock::release`], the
-/// transaction rolls back.
+/// The app's access_token row, held by this process's lock on it ([`SqliteStore`]'s
+/// `app_token`; this process is the file's only one): every other lock waits for it, and
+/// nothing else does. The renewal writes the row in a short transaction of its own, in its
+/// turn, so the WeChat call made while the lock is held keeps no other write waiting (it
+/// did when the lock was a `BEGIN IMMEDIATE` held across the call: every login waited for
+/// WeChat). Dropped without [`AppTokenLock::replace`] or [`AppTokenLock::release`], the
+/// lock is released.
 struct SqliteAppTokenLock {
-    tx: Turn,
+    store: SqliteStore,
+    _held: OwnedMutexGuard<()>,
     appid: String,
     current: Option<StoredAppToken>,
 }
@@ -279,12 +282,13 @@ impl AppTokenLock for SqliteAppTokenLock {
     }
 
     async fn replace(
-        mut self: Box<Self>,
+        self: Box<Self>,
         sealed: Vec<u8>,
         expires_at: Millis,
         now: Millis,
     ) -> Result<StoredAppToken, StoreError> {
         let generation = self.current.as_ref().map_or(0, |t| t.generation) + 1;
+        let mut tx = self.store.begin_write().await?;
         sqlx::query(
             "INSERT INTO wechat_access_tokens (appid, token, expires_at, generation, updated_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (appid) DO UPDATE SET \
@@ -296,10 +300,10 @@ impl AppTokenLock for SqliteAppTokenLock {
         .bind(expires_at)
         .bind(generation)
         .bind(now)
-        .execute(&mut *self.tx)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        self.tx.commit().await?;
+        tx.commit().await?;
         Ok(StoredAppToken {
             sealed,
             expires_at,
@@ -308,7 +312,7 @@ impl AppTokenLock for SqliteAppTokenLock {
     }
 
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        self.tx.rollback().await
+        Ok(())
     }
 }
 
@@ -786,10 +790,17 @@ impl Store for SqliteStore {
     }
 
     async fn lock_app_token(&self, appid: &str) -> Result<Box<dyn AppTokenLock>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let current = read_app_token(&mut *tx, appid).await?;
+        let held = tokio::time::timeout(TURN_WAIT, Arc::clone(&self.app_token).lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(anyhow::anyhow!(
+                    "the app's access_token stayed locked for {TURN_WAIT:?}"
+                ))
+            })?;
+        let current = read_app_token(&self.pool, appid).await?;
         Ok(Box::new(SqliteAppTokenLock {
-            tx,
+            store: self.clone(),
+            _held: held,
             appid: appid.to_owned(),
             current,
         }))
@@ -801,5 +812,57 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_waiting_for_their_turn_leave_reads_answering() {
+        // Arrange: a write in progress, in its turn, holding SQLite's lock.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = SqliteStore::open(&dir.path().join("auth.db"))
+            .await
+            .expect("the store");
+        let turn = store.turn.take().await.expect("the turn");
+        let mut writing = store.pool.acquire().await.expect("a connection");
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *writing)
+            .await
+            .expect("the lock");
+
+        // Act: more writes than the pool has connections wait behind it.
+        let writes: Vec<_> = (0..12)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.expire_sessions(None, 1_000).await })
+            })
+            .collect();
+        // Every chance for the writes to start and wait, each on what it waits for.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Assert: a write waiting for its turn holds no connection, so a read gets one
+        // (waiting in SQLite's busy handler, they held them all).
+        tokio::time::timeout(Duration::from_secs(3), store.ping())
+            .await
+            .expect("a read starved by writes waiting behind a write")
+            .expect("ping");
+
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *writing)
+            .await
+            .expect("unlock");
+        drop(writing);
+        drop(turn);
+        for write in writes {
+            write
+                .await
+                .expect("join")
+                .expect("a write after the first ended");
+        }
     }
 }

@@ -215,7 +215,7 @@ contract! {
     app_token_round_trips_sealed_and_counts_generations(store, raw);
     app_token_lock_makes_another_replica_wait_then_see_the_renewal(replicas);
     a_dropped_app_token_lock_is_released(replicas);
-    writes_waiting_behind_a_held_lock_leave_reads_answering(replicas);
+    a_held_app_token_lock_keeps_no_other_write_waiting(replicas);
     renewals_racing_on_two_replicas_recheck_and_renew_once(replicas);
 }
 
@@ -1313,46 +1313,49 @@ async fn a_dropped_app_token_lock_is_released(replicas: Vec<Arc<dyn Store>>) {
     lock.release().await.expect("release");
 }
 
-async fn writes_waiting_behind_a_held_lock_leave_reads_answering(replicas: Vec<Arc<dyn Store>>) {
-    // More waiting logins than either store has connections (SQLite 8).
+async fn a_held_app_token_lock_keeps_no_other_write_waiting(replicas: Vec<Arc<dyn Store>>) {
+    // More logins than either store has connections (SQLite 8).
     const LOGINS: usize = 12;
+    // Held while WeChat is asked for a new token, which may take its whole timeout.
     let held = replicas[0].lock_app_token(APP).await.expect("lock");
-    let logins: Vec<_> = (0..LOGINS)
-        .map(|i| {
-            let store = replicas[1].clone();
-            tokio::spawn(async move {
-                store
-                    .login(login(&format!("waiter-{i}"), &format!("w{i}"), T0))
-                    .await
-            })
-        })
-        .collect();
-    // Every chance for the logins to start and wait, each on what it waits for.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
-    // A write waiting for its turn holds no connection: reads still get one. (On SQLite,
-    // logins that waited in SQLite's busy handler held every connection, and these reads
-    // waited for the pool's 5 s, or failed.)
-    let reads = async {
-        replicas[1].ping().await.expect("ping while writes wait");
-        replicas[1]
-            .app_token(APP)
-            .await
-            .expect("read while writes wait")
+    // Each login, and a read, is done while the lock is still held. (On SQLite, when the
+    // lock was a write transaction, every write waited for it, then failed.)
+    let logins = (0..LOGINS).map(|i| {
+        let store = replicas[1].clone();
+        async move {
+            store
+                .login(login(&format!("writer-{i}"), &format!("w{i}"), T0))
+                .await
+        }
+    });
+    let writes = async {
+        let done = futures_util::future::join_all(logins).await;
+        let read = replicas[1].app_token(APP).await;
+        (done, read)
     };
-    let read = tokio::time::timeout(std::time::Duration::from_secs(3), reads)
+    let (done, read) = tokio::time::timeout(std::time::Duration::from_secs(3), writes)
         .await
-        .expect("reads starved by writes waiting behind the lock");
-    assert_eq!(read, None);
-
-    held.release().await.expect("release");
-    for (i, login) in logins.into_iter().enumerate() {
-        login
-            .await
-            .expect("join")
-            .unwrap_or_else(|e| panic!("login {i} after the lock was released: {e:?}"));
+        .expect("writes kept waiting behind the app's access_token lock");
+    for (i, login) in done.into_iter().enumerate() {
+        login.unwrap_or_else(|e| panic!("login {i} while the lock was held: {e:?}"));
     }
-    assert_eq!(live_ids(&replicas[0], "waiter-0", T0).await, vec!["w0"]);
+    assert_eq!(read.expect("read while the lock was held"), None);
+    assert_eq!(live_ids(&replicas[1], "writer-0", T0).await, vec!["w0"]);
+
+    // The lock still holds: another replica's lock waits for it.
+    let b = replicas[1].clone();
+    let waiting = tokio::spawn(async move {
+        let lock = b.lock_app_token(APP).await.expect("lock B");
+        lock.release().await.expect("release B");
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second lock while the first was held"
+    );
+    held.release().await.expect("release");
+    waiting.await.expect("join");
 }
 
 async fn renewals_racing_on_two_replicas_recheck_and_renew_once(replicas: Vec<Arc<dyn Store>>) {
