@@ -35,7 +35,8 @@ pub struct SqliteStore {
     /// This process's lock on the file: `Verify`'s session marks and the phone numbers it
     /// keeps ([`crate::phones::KeptPhones`]) live in this process alone.
     _one_process: Arc<OneProcess>,
-    /// The turn to write: held from a write transaction's `BEGIN` to its end.
+    /// The turn to write: held from a write transaction's `BEGIN` to its end, or for a
+    /// statement that writes.
     turn: WriteTurn,
     /// The lock on the app's access_token rows ([`SqliteAppTokenLock`]).
     app_token: Arc<Mutex<()>>,
@@ -494,6 +495,7 @@ impl Store for SqliteStore {
         now: Millis,
         min_interval: Millis,
     ) -> Result<(), StoreError> {
+        let _turn = self.turn.take().await.map_err(StoreError::Unavailable)?;
         sqlx::query(
             "UPDATE sessions SET last_active_at = $1 \
              WHERE id = $2 AND ended_at IS NULL AND last_active_at <= $3",
@@ -763,6 +765,7 @@ impl Store for SqliteStore {
         sealed: &[u8],
         now: Millis,
     ) -> Result<bool, StoreError> {
+        let _turn = self.turn.take().await.map_err(StoreError::Unavailable)?;
         let done = sqlx::query(
             "UPDATE users SET phone = $2, phone_updated_at = $3, updated_at = $3 WHERE openid = $1",
         )
