@@ -777,6 +777,49 @@ async fn check_revocation(auth: SocketAddr, token: &str) -> anyhow::Result<()> {
 // The run.
 
 /// The services under test on one backend.
+/// The tokens of as many new users as the most connections of a step.
+async fn new_users(pair: &Pair, concurrency: &[usize]) -> anyhow::Result<Vec<String>> {
+    let n = concurrency.iter().copied().max().unwrap_or(1);
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokens.push(login_new_user(&pair.sim, pair.auth.addr()).await?);
+    }
+    Ok(tokens)
+}
+
+/// `Login` at [`WRITE_CONCURRENCY`] against `pair`'s simulator, its ratio over `echo16`.
+async fn login_step(pair: &mut Pair, seconds: u64, echo16: Option<&Line>) -> anyhow::Result<Line> {
+    // Enough codes for the step at a generous rate; the step ends early if they run out.
+    let n_codes = usize::try_from(seconds)?.saturating_mul(3000);
+    eprintln!("  minting {n_codes} login codes at the simulator...");
+    let codes = Arc::new(Mutex::new(mint_codes(&pair.sim, n_codes).await?));
+    let chans = channels(pair.auth.addr(), 1).await?;
+    let workers = (0..WRITE_CONCURRENCY)
+        .map(|_| LoginWorker {
+            client: AuthServiceClient::new(chans[0].clone()),
+            codes: codes.clone(),
+        })
+        .collect();
+    let pids = [
+        Some(pid_of(pair.auth.process_mut())?),
+        Some(pid_of(pair.sim.process_mut())?),
+    ];
+    let mut login = step(
+        "Login (simulator)",
+        pair.backend,
+        &transport_grpc(1),
+        workers,
+        seconds,
+        &pids,
+        "auth-service + wechat-sim",
+    )
+    .await?;
+    if let Some(base) = echo16 {
+        compare(&mut login, base);
+    }
+    Ok(login)
+}
+
 struct Pair {
     backend: &'static str,
     sim: SimProcess,
@@ -953,22 +996,27 @@ impl EdgeRequest {
 
 /// `request` at the edge with `token`, `concurrency` connections, compared with the bare
 /// hello's `bases`.
+/// A step of `request` at `concurrency` connections, connection `i` as the user of
+/// `tokens[i % tokens.len()]`.
 async fn edge_step(
     pair: &mut Pair,
     request: &EdgeRequest,
-    token: &str,
+    tokens: &[String],
     concurrency: usize,
     seconds: u64,
     bases: Baselines<'_>,
 ) -> anyhow::Result<Line> {
     let mut workers = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    for i in 0..concurrency {
+        let token = tokens
+            .get(i % tokens.len().max(1))
+            .context("a step needs at least one user's token")?;
         workers.push(
             HttpWorker::connect(
                 pair.api.addr(),
                 request.method.clone(),
                 request.path,
-                Some(token.to_owned()),
+                Some(token.clone()),
                 request.body.clone(),
                 request.expect,
             )
@@ -1059,7 +1107,11 @@ async fn run() -> anyhow::Result<()> {
 
     // HTTP/1.1 keep-alive: bare axum vs /v1/me and /v1/notes.
     eprintln!("HTTP/1.1:");
-    let me_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
+    // Each connection of `GET /v1/me` and `POST /v1/notes` is a user of its own, as a
+    // mini-program's are (one token for all let a batch's items share one cache entry, and
+    // one user's creations are serialized on PostgreSQL: see api-service's
+    // notes/postgres.rs); `GET /v1/notes` reads one user's page of notes.
+    let users = new_users(&pair, &args.concurrency).await?;
     let notes_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
     let create = EdgeRequest::create_note();
     let mut poster = HttpWorker::connect(
@@ -1089,7 +1141,7 @@ async fn run() -> anyhow::Result<()> {
         let me = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/me"),
-            &me_token,
+            &users,
             c,
             seconds,
             bases,
@@ -1098,7 +1150,7 @@ async fn run() -> anyhow::Result<()> {
         let notes = edge_step(
             &mut pair,
             &EdgeRequest::get("/v1/notes?limit=20"),
-            &notes_token,
+            std::slice::from_ref(&notes_token),
             c,
             seconds,
             bases,
@@ -1117,35 +1169,7 @@ async fn run() -> anyhow::Result<()> {
     let echo16 = echo_lines
         .iter()
         .find(|l| l.concurrency == WRITE_CONCURRENCY && l.transport == transport_grpc(1));
-    // Enough codes for the step at a generous rate; the step ends early if they run out.
-    let n_codes = usize::try_from(seconds)?.saturating_mul(3000);
-    eprintln!("  minting {n_codes} login codes at the simulator...");
-    let codes = Arc::new(Mutex::new(mint_codes(&pair.sim, n_codes).await?));
-    let chans = channels(pair.auth.addr(), 1).await?;
-    let workers = (0..WRITE_CONCURRENCY)
-        .map(|_| LoginWorker {
-            client: AuthServiceClient::new(chans[0].clone()),
-            codes: codes.clone(),
-        })
-        .collect();
-    let pids = [
-        Some(pid_of(pair.auth.process_mut())?),
-        Some(pid_of(pair.sim.process_mut())?),
-    ];
-    let mut login = step(
-        "Login (simulator)",
-        pair.backend,
-        &transport_grpc(1),
-        workers,
-        seconds,
-        &pids,
-        "auth-service + wechat-sim",
-    )
-    .await?;
-    if let Some(base) = echo16 {
-        compare(&mut login, base);
-    }
-    lines.push(login);
+    lines.push(login_step(&mut pair, seconds, echo16).await?);
     // Note creations at each concurrency step: on SQLite they are committed in groups, so
     // how many wait together is what their speed depends on.
     for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
@@ -1156,7 +1180,7 @@ async fn run() -> anyhow::Result<()> {
         let line = edge_step(
             &mut pair,
             &create,
-            &notes_token,
+            &users,
             hello.concurrency,
             seconds,
             bases,
@@ -1199,7 +1223,7 @@ async fn run() -> anyhow::Result<()> {
                     lines.push(verify_step(&mut ext, conns, c, seconds, bases).await?);
                 }
             }
-            let token = login_new_user(&ext.sim, ext.auth.addr()).await?;
+            let users = new_users(&ext, &args.concurrency).await?;
             for &c in &args.concurrency {
                 let at = |l: &&Line| l.concurrency == c;
                 let bases = Baselines {
@@ -1210,12 +1234,23 @@ async fn run() -> anyhow::Result<()> {
                     edge_step(
                         &mut ext,
                         &EdgeRequest::get("/v1/me"),
-                        &token,
+                        &users,
                         c,
                         seconds,
                         bases,
                     )
                     .await?,
+                );
+            }
+            eprintln!("writes:");
+            lines.push(login_step(&mut ext, seconds, echo16).await?);
+            for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
+                let bases = Baselines {
+                    in_process: Some(hello),
+                    own_process: Some(own),
+                };
+                lines.push(
+                    edge_step(&mut ext, &create, &users, hello.concurrency, seconds, bases).await?,
                 );
             }
             "measured".to_owned()
