@@ -58,6 +58,28 @@ fn note((_seq, id, title, body, created_at, updated_at): Row) -> Note {
 
 type AnswerRow = (Vec<u8>, String, i32, Vec<u8>);
 
+/// A creation without a key: one statement, so one round trip, where a transaction takes
+/// four (`BEGIN`, the lock, the `INSERT`, `COMMIT`). The statement is its own transaction:
+/// the subquery takes the user's advisory lock before the row, and with it its `seq`, is
+/// made (a subquery that calls a volatile function is not merged into the outer query), and
+/// the lock is released at its commit, as in a transaction of several statements.
+async fn create_plain(pool: &PgPool, openid: &str, note: &Note) -> Result<Created, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+         SELECT $1, $2, $3, $4, $5, $6 \
+         FROM (SELECT pg_advisory_xact_lock(hashtextextended($2, 0))) AS locked",
+    )
+    .bind(note.id.as_str())
+    .bind(openid)
+    .bind(note.title.as_str())
+    .bind(note.body.as_str())
+    .bind(note.created_at)
+    .bind(note.updated_at)
+    .execute(pool)
+    .await?;
+    Ok(Created::New)
+}
+
 /// One attempt at a creation: the database's verdict, or the answer to give.
 async fn create_once(
     pool: &PgPool,
@@ -65,6 +87,9 @@ async fn create_once(
     note: &Note,
     idempotent: Option<&Idempotent>,
 ) -> Result<Result<Created, ApiError>, sqlx::Error> {
+    let Some(idem) = idempotent else {
+        return create_plain(pool, openid, note).await.map(Ok);
+    };
     let now = note.created_at;
     let mut tx = pool.begin().await?;
     // Held until commit or rollback; see the module's comment.
@@ -73,43 +98,41 @@ async fn create_once(
         .execute(&mut *tx)
         .await?;
 
-    if let Some(idem) = idempotent {
-        // A key past its time is forgotten, purged or not.
-        sqlx::query(
-            "DELETE FROM note_idempotency \
-             WHERE openid = $1 AND key = $2 AND created_at < $3",
-        )
-        .bind(openid)
-        .bind(idem.key.as_str())
-        .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
-        .execute(&mut *tx)
-        .await?;
-        let first: Option<AnswerRow> = sqlx::query_as(
-            "SELECT fingerprint, note_id, status, response FROM note_idempotency \
-             WHERE openid = $1 AND key = $2",
-        )
-        .bind(openid)
-        .bind(idem.key.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((fingerprint, note_id, status, body)) = first {
-            tx.commit().await?;
-            let same = <[u8; 32]>::try_from(fingerprint.as_slice())
-                .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
-            if !same {
-                return Ok(Err(key_reused()));
-            }
-            let Ok(status) = u16::try_from(status) else {
-                return Ok(Err(ApiError::internal(anyhow::anyhow!(
-                    "stored idempotent answer has status {status}"
-                ))));
-            };
-            return Ok(Ok(Created::Replayed(StoredAnswer {
-                status,
-                note_id,
-                body,
-            })));
+    // A key past its time is forgotten, purged or not.
+    sqlx::query(
+        "DELETE FROM note_idempotency \
+         WHERE openid = $1 AND key = $2 AND created_at < $3",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
+    .execute(&mut *tx)
+    .await?;
+    let first: Option<AnswerRow> = sqlx::query_as(
+        "SELECT fingerprint, note_id, status, response FROM note_idempotency \
+         WHERE openid = $1 AND key = $2",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((fingerprint, note_id, status, body)) = first {
+        tx.commit().await?;
+        let same = <[u8; 32]>::try_from(fingerprint.as_slice())
+            .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
+        if !same {
+            return Ok(Err(key_reused()));
         }
+        let Ok(status) = u16::try_from(status) else {
+            return Ok(Err(ApiError::internal(anyhow::anyhow!(
+                "stored idempotent answer has status {status}"
+            ))));
+        };
+        return Ok(Ok(Created::Replayed(StoredAnswer {
+            status,
+            note_id,
+            body,
+        })));
     }
 
     sqlx::query(
@@ -125,22 +148,20 @@ async fn create_once(
     .execute(&mut *tx)
     .await?;
 
-    if let Some(idem) = idempotent {
-        sqlx::query(
-            "INSERT INTO note_idempotency \
-             (openid, key, fingerprint, note_id, status, response, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(openid)
-        .bind(idem.key.as_str())
-        .bind(idem.fingerprint.as_bytes().as_slice())
-        .bind(&idem.answer.note_id)
-        .bind(i32::from(idem.answer.status))
-        .bind(&idem.answer.body)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO note_idempotency \
+         (openid, key, fingerprint, note_id, status, response, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(openid)
+    .bind(idem.key.as_str())
+    .bind(idem.fingerprint.as_bytes().as_slice())
+    .bind(&idem.answer.note_id)
+    .bind(i32::from(idem.answer.status))
+    .bind(&idem.answer.body)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
 
     tx.commit().await?;
     Ok(Ok(Created::New))

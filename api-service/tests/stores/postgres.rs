@@ -221,4 +221,14 @@ async fn a_users_creations_queue_behind_their_lock_and_no_one_elses() {
     let created = alice.await.expect("the task").expect("alice's creation");
     assert_eq!(created, Created::New);
     assert_eq!(titles(b.notes.as_ref(), "alice", 20).await, ["queued"]);
+    // Her number was drawn once she had her lock, so after bob's: a page of hers never
+    // skips a note that committed late under a smaller number.
+    let order: Vec<(String,)> = sqlx::query_as("SELECT openid FROM notes ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .expect("the notes in seq order");
+    assert_eq!(
+        order.into_iter().map(|(o,)| o).collect::<Vec<_>>(),
+        ["bob", "alice"]
+    );
 }
