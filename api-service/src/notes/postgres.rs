@@ -64,20 +64,32 @@ type AnswerRow = (Vec<u8>, String, i32, Vec<u8>);
 /// made (a subquery that calls a volatile function is not merged into the outer query), and
 /// the lock is released at its commit, as in a transaction of several statements.
 async fn create_plain(pool: &PgPool, openid: &str, note: &Note) -> Result<Created, sqlx::Error> {
-    sqlx::query(
+    insert_note(
         "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
          SELECT $1, $2, $3, $4, $5, $6 \
          FROM (SELECT pg_advisory_xact_lock(hashtextextended($2, 0))) AS locked",
+        openid,
+        note,
     )
-    .bind(note.id.as_str())
-    .bind(openid)
-    .bind(note.title.as_str())
-    .bind(note.body.as_str())
-    .bind(note.created_at)
-    .bind(note.updated_at)
     .execute(pool)
     .await?;
     Ok(Created::New)
+}
+
+/// `sql`, an `INSERT` of a note, with `note` owned by `openid` bound to its `$1`-`$6` (id,
+/// openid, title, body, created_at, updated_at).
+fn insert_note<'q>(
+    sql: &'static str,
+    openid: &'q str,
+    note: &'q Note,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(note.id.as_str())
+        .bind(openid)
+        .bind(note.title.as_str())
+        .bind(note.body.as_str())
+        .bind(note.created_at)
+        .bind(note.updated_at)
 }
 
 /// One attempt at a creation: the database's verdict, or the answer to give.
@@ -135,16 +147,12 @@ async fn create_once(
         })));
     }
 
-    sqlx::query(
+    insert_note(
         "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6)",
+        openid,
+        note,
     )
-    .bind(note.id.as_str())
-    .bind(openid)
-    .bind(note.title.as_str())
-    .bind(note.body.as_str())
-    .bind(note.created_at)
-    .bind(note.updated_at)
     .execute(&mut *tx)
     .await?;
 
