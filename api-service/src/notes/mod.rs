@@ -395,6 +395,33 @@ pub fn key_reused() -> ApiError {
     )
 }
 
+/// What a creation with `idem`'s key gets when the key already has a first answer (its
+/// `fingerprint`, `note_id`, `status` and `body` as stored): that answer again if the
+/// request is the same, 422 `idempotency_key_reused` if not.
+pub fn first_answer(
+    idem: &Idempotent,
+    fingerprint: &[u8],
+    note_id: String,
+    status: i64,
+    body: Vec<u8>,
+) -> Result<Created, ApiError> {
+    let same = <[u8; 32]>::try_from(fingerprint)
+        .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
+    if !same {
+        return Err(key_reused());
+    }
+    let Ok(status) = u16::try_from(status) else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "stored idempotent answer has status {status}"
+        )));
+    };
+    Ok(Created::Replayed(StoredAnswer {
+        status,
+        note_id,
+        body,
+    }))
+}
+
 /// Where notes live. Every method takes the owner's openid and touches only that user's
 /// notes: another user's note is indistinguishable from one that does not exist.
 #[async_trait]

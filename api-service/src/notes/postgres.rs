@@ -17,8 +17,7 @@ use sqlx::PgPool;
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, RequestFingerprint, StoredAnswer,
-    key_reused,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer,
 };
 use crate::db::{PgDb, retry_once};
 use crate::error::ApiError;
@@ -130,21 +129,13 @@ async fn create_once(
     .await?;
     if let Some((fingerprint, note_id, status, body)) = first {
         tx.commit().await?;
-        let same = <[u8; 32]>::try_from(fingerprint.as_slice())
-            .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
-        if !same {
-            return Ok(Err(key_reused()));
-        }
-        let Ok(status) = u16::try_from(status) else {
-            return Ok(Err(ApiError::internal(anyhow::anyhow!(
-                "stored idempotent answer has status {status}"
-            ))));
-        };
-        return Ok(Ok(Created::Replayed(StoredAnswer {
-            status,
+        return Ok(first_answer(
+            idem,
+            &fingerprint,
             note_id,
+            i64::from(status),
             body,
-        })));
+        ));
     }
 
     insert_note(

@@ -10,8 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, RequestFingerprint, StoredAnswer,
-    key_reused,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer,
 };
 use crate::db::{db_error, transient};
 use crate::error::ApiError;
@@ -342,21 +341,7 @@ async fn create_keyed(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some((fingerprint, note_id, status, body)) = first {
-        let same = <[u8; 32]>::try_from(fingerprint.as_slice())
-            .is_ok_and(|f| RequestFingerprint::from_bytes(f) == idem.fingerprint);
-        if !same {
-            return Ok(Err(key_reused()));
-        }
-        let Ok(status) = u16::try_from(status) else {
-            return Ok(Err(ApiError::internal(anyhow::anyhow!(
-                "stored idempotent answer has status {status}"
-            ))));
-        };
-        return Ok(Ok(Created::Replayed(StoredAnswer {
-            status,
-            note_id,
-            body,
-        })));
+        return Ok(first_answer(idem, &fingerprint, note_id, status, body));
     }
 
     sqlx::query(
@@ -504,7 +489,7 @@ mod tests {
 
     use sqlx::sqlite::SqlitePoolOptions;
 
-    use super::super::{IdempotencyKey, PURGE_EVERY_MILLIS};
+    use super::super::{IdempotencyKey, PURGE_EVERY_MILLIS, RequestFingerprint, StoredAnswer};
     use super::*;
 
     /// A store on an SQLite file of its own (the writer keeps one connection, so the
