@@ -241,7 +241,7 @@ async fn migrate_once(options: &PgConnectOptions) -> anyhow::Result<()> {
 
 /// PostgreSQL aborted the transaction so that it may be run again: serialization failure
 /// (40001) or deadlock (40P01).
-fn is_retryable(e: &sqlx::Error) -> bool {
+pub fn is_retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d)
         if d.try_downcast_ref::<PgDatabaseError>()
             .is_some_and(|pg| matches!(pg.code(), "40001" | "40P01")))

@@ -24,7 +24,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 
-pub use postgres::PgNotes;
+pub use postgres::{PLAIN_WRITERS as PG_PLAIN_WRITERS, PgNotes};
 pub use store::SqliteNotes;
 
 use crate::error::ApiError;
@@ -420,6 +420,21 @@ pub fn first_answer(
         note_id,
         body,
     }))
+}
+
+/// The answer of a creation whose writer task is gone (it panicked).
+fn writer_gone() -> ApiError {
+    ApiError::internal(anyhow::anyhow!("the notes writer has stopped"))
+}
+
+/// `e`'s answer, for one of the several creations written together that it failed.
+fn shared_error(e: &sqlx::Error) -> ApiError {
+    let cause = anyhow::anyhow!("{e}");
+    if crate::db::transient(e) {
+        ApiError::unavailable(cause)
+    } else {
+        ApiError::internal(cause)
+    }
 }
 
 /// Where notes live. Every method takes the owner's openid and touches only that user's

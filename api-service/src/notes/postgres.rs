@@ -9,17 +9,20 @@
 //! find its answer. Other users are never blocked. The transactions run at READ COMMITTED
 //! (the default) on purpose: each statement after the lock sees what the previous holder
 //! committed, which a snapshot taken before the wait (REPEATABLE READ) would not.
+//!
+//! Creations without an `Idempotency-Key` are written together: see [`write_plain`].
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer, shared_error, writer_gone,
 };
-use crate::db::{PgDb, retry_once};
+use crate::db::{PgDb, is_retryable, retry_once, transient};
 use crate::error::ApiError;
 use crate::time::Millis;
 
@@ -30,16 +33,137 @@ pub struct PgNotes {
     /// When expired idempotency keys were last purged; the purge is a statement of its own,
     /// before a creation's transaction, and its failure does not fail the creation.
     purges: Arc<PurgeClock>,
+    /// The queue of creations without a key, to the tasks that write them ([`write_plain`]).
+    plain: mpsc::Sender<Plain>,
+}
+
+/// Tasks writing creations without a key; each has at most one statement in flight, on
+/// one of the pool's [`crate::db`] connections (10), the others left to reads and keyed
+/// creations. More than one, so that a statement waiting for a user's lock (held by that
+/// user's keyed creation, or by another replica's statement) leaves other users' creations
+/// going.
+pub const PLAIN_WRITERS: usize = 4;
+/// Most creations one statement writes.
+const BATCH: usize = 64;
+/// Most creations waiting for a writer; a request past them waits for room.
+const QUEUED_CREATIONS: usize = 1024;
+
+/// A creation without a key, waiting to be written.
+struct Plain {
+    openid: String,
+    note: Note,
+    reply: oneshot::Sender<Result<Created, ApiError>>,
 }
 
 impl PgNotes {
-    /// Notes on `db` (every call answers 503 until its migrations have run).
+    /// Notes on `db` (every call answers 503 until its migrations have run), with the tasks
+    /// that write creations without a key (call from within a Tokio runtime; they end when
+    /// the last clone of this store is dropped).
     pub fn new(db: PgDb) -> Self {
+        let (plain, queued) = mpsc::channel(QUEUED_CREATIONS);
+        let queued = Arc::new(Mutex::new(queued));
+        for _ in 0..PLAIN_WRITERS {
+            tokio::spawn(write_plain(db.clone(), Arc::clone(&queued)));
+        }
         Self {
             db,
             purges: Arc::default(),
+            plain,
         }
     }
+}
+
+/// Writes the creations without a key, as one of [`PLAIN_WRITERS`] tasks: it takes what is
+/// queued (at most [`BATCH`]) and writes it in one statement, so that under load one round
+/// trip, one statement and one commit serve many creations; a creation that comes alone is
+/// written at once, since a writer is free. A batch that fails for a reason that may be
+/// one creation's own (not a lost connection or an overloaded server, which would fail
+/// them all alike) is written again creation by creation, so that one bad creation does not
+/// fail the others. Creations whose request is gone (timed out, client left) before their
+/// batch is taken are not written, as when a single statement is cancelled.
+async fn write_plain(db: PgDb, queued: Arc<Mutex<mpsc::Receiver<Plain>>>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        // The lock is held while waiting: the other writers wait for this one to have
+        // taken its batch, then the next of them waits for creations.
+        if queued.lock().await.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        batch.retain(|job: &Plain| !job.reply.is_closed());
+        let answers = write_plain_batch(&db, &batch).await;
+        for (job, answer) in batch.drain(..).zip(answers) {
+            let _gone = job.reply.send(answer);
+        }
+    }
+}
+
+/// `batch`'s answers, in its order.
+async fn write_plain_batch(db: &PgDb, batch: &[Plain]) -> Vec<Result<Created, ApiError>> {
+    if let ([_, _, ..], Ok(pool)) = (batch, db.ready_pool()) {
+        match insert_plain(pool, batch).await {
+            Ok(()) => return batch.iter().map(|_| Ok(Created::New)).collect(),
+            // Nothing was written (the server said so); maybe one creation's fault.
+            Err(e) if is_retryable(&e) || !transient(&e) => {
+                tracing::debug!(error = %e, size = batch.len(), "a batch of notes failed; writing each alone");
+            }
+            Err(e) => return batch.iter().map(|_| Err(shared_error(&e))).collect(),
+        }
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    for job in batch {
+        answers.push(create_alone(db, &job.openid, &job.note).await);
+    }
+    answers
+}
+
+/// One creation without a key, in a statement of its own.
+async fn create_alone(db: &PgDb, openid: &str, note: &Note) -> Result<Created, ApiError> {
+    let pool = db.ready_pool()?;
+    retry_once(|| create_plain(pool, openid, note)).await
+}
+
+/// Several creations without a key in one statement, so one transaction. Every user's
+/// advisory lock is taken before any row, and with it any `seq`, is made, as in
+/// [`create_plain`]: the aggregate reads all the locks before its one row is joined, and a
+/// subquery that calls a volatile function is not merged into the outer query. The locks
+/// are taken in the order of their keys, so two such statements (other writers, other
+/// replicas) never wait for each other in a cycle; a keyed creation holds one lock only.
+/// Rows are inserted in the batch's order (`WITH ORDINALITY`), so one user's creations
+/// in one batch get their numbers in the order they came.
+async fn insert_plain(pool: &PgPool, batch: &[Plain]) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut openids = Vec::with_capacity(batch.len());
+    let mut titles = Vec::with_capacity(batch.len());
+    let mut bodies = Vec::with_capacity(batch.len());
+    let mut created = Vec::with_capacity(batch.len());
+    let mut updated = Vec::with_capacity(batch.len());
+    for job in batch {
+        ids.push(job.note.id.as_str());
+        openids.push(job.openid.as_str());
+        titles.push(job.note.title.as_str());
+        bodies.push(job.note.body.as_str());
+        created.push(job.note.created_at);
+        updated.push(job.note.updated_at);
+    }
+    sqlx::query(
+        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+         SELECT n.id, n.openid, n.title, n.body, n.created_at, n.updated_at \
+         FROM (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(k) FROM \
+                 (SELECT DISTINCT hashtextextended(o, 0) AS k FROM unnest($2::text[]) AS o \
+                  ORDER BY k) AS keys) AS held) AS locked, \
+              unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
+                 WITH ORDINALITY AS n(id, openid, title, body, created_at, updated_at, i) \
+         ORDER BY n.i",
+    )
+    .bind(ids)
+    .bind(openids)
+    .bind(titles)
+    .bind(bodies)
+    .bind(created)
+    .bind(updated)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 type Row = (i64, String, String, String, Millis, Millis);
@@ -91,16 +215,13 @@ fn insert_note<'q>(
         .bind(note.updated_at)
 }
 
-/// One attempt at a creation: the database's verdict, or the answer to give.
-async fn create_once(
+/// One attempt at a creation with a key: the database's verdict, or the answer to give.
+async fn create_keyed(
     pool: &PgPool,
     openid: &str,
     note: &Note,
-    idempotent: Option<&Idempotent>,
+    idem: &Idempotent,
 ) -> Result<Result<Created, ApiError>, sqlx::Error> {
-    let Some(idem) = idempotent else {
-        return create_plain(pool, openid, note).await.map(Ok);
-    };
     let now = note.created_at;
     let mut tx = pool.begin().await?;
     // Held until commit or rollback; see the module's comment.
@@ -192,7 +313,17 @@ impl NotesStore for PgNotes {
                 Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
             }
         }
-        retry_once(|| create_once(pool, openid, note, idempotent.as_ref())).await?
+        if let Some(idem) = &idempotent {
+            return retry_once(|| create_keyed(pool, openid, note, idem)).await?;
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Plain {
+            openid: openid.to_owned(),
+            note: note.clone(),
+            reply,
+        };
+        self.plain.send(job).await.map_err(|_| writer_gone())?;
+        answer.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 
     async fn list(

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer, shared_error, writer_gone,
 };
 use crate::db::{db_error, transient};
 use crate::error::ApiError;
@@ -53,20 +53,6 @@ struct Job {
     note: Note,
     idempotent: Option<Idempotent>,
     reply: oneshot::Sender<Result<Created, ApiError>>,
-}
-
-fn writer_gone() -> ApiError {
-    ApiError::internal(anyhow::anyhow!("the SQLite notes writer has stopped"))
-}
-
-/// `e`'s answer, for one of the several creations it failed.
-fn shared_error(e: &sqlx::Error) -> ApiError {
-    let cause = anyhow::anyhow!("{e}");
-    if transient(e) {
-        ApiError::unavailable(cause)
-    } else {
-        ApiError::internal(cause)
-    }
 }
 
 /// Group commit: the creations waiting when a transaction starts are written in it, and

@@ -4,11 +4,12 @@
 //! and the per-user lock that orders a user's creations.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use api_service::db::{Db, PgDb, db_error, retry_once};
 use api_service::error::ApiError;
-use api_service::notes::{Created, NotesStore as _, PgNotes};
+use api_service::notes::{Created, Note, NotesStore as _, PG_PLAIN_WRITERS, PgNotes};
 use api_service::profile::{PgProfiles, ProfileStore as _};
 use axum::http::header;
 use axum::response::IntoResponse as _;
@@ -187,24 +188,7 @@ async fn a_users_creations_queue_behind_their_lock_and_no_one_elses() {
             .create("alice", &new_note("queued", 1_000), None)
             .await
     });
-    let queued = async {
-        loop {
-            let (waiting,): (i64,) = sqlx::query_as(
-                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-            .fetch_one(pool)
-            .await
-            .expect("pg_locks");
-            if waiting == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), queued)
-        .await
-        .expect("alice's creation waits for her lock");
+    lock_waiters(pool, 1).await;
 
     // Assert: meanwhile bob creates freely, and alice's note is not there yet.
     assert_eq!(
@@ -231,4 +215,194 @@ async fn a_users_creations_queue_behind_their_lock_and_no_one_elses() {
         order.into_iter().map(|(o,)| o).collect::<Vec<_>>(),
         ["bob", "alice"]
     );
+}
+
+/// Returns once `n` sessions of this database wait for an advisory lock.
+async fn lock_waiters(pool: &sqlx::PgPool, n: i64) {
+    let queued = async {
+        loop {
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(pool)
+            .await
+            .expect("pg_locks");
+            if waiting == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .unwrap_or_else(|_| panic!("{n} creations wait for a lock"));
+}
+
+/// Creations without a key made while every writer of them is busy: they queue, and are
+/// taken together once one is free. Every writer is first given a creation of `"holder"`'s
+/// own, waiting for their lock; `creations` (openid, note) are then queued, and the lock
+/// released. With `blocked`, that user's lock is held meanwhile by another session, which,
+/// once the batch waits for it, writes a note `"{blocked} 0"` of its own before it lets go.
+/// Their answers, in their order.
+async fn created_while_the_writers_are_busy(
+    b: &support::Backend,
+    creations: &[(&str, Note)],
+    blocked: Option<&str>,
+) -> Vec<Result<Created, ApiError>> {
+    let pool = pg(&b.db).pool();
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind("holder")
+        .execute(&mut *holder)
+        .await
+        .expect("take the holder's lock");
+    // One at a time, each taken by a writer of its own before the next.
+    let mut busy = Vec::new();
+    for n in 1..=PG_PLAIN_WRITERS {
+        let notes = b.notes.clone();
+        busy.push(tokio::spawn(async move {
+            notes.create("holder", &new_note("busy", 1_000), None).await
+        }));
+        lock_waiters(pool, i64::try_from(n).expect("a few")).await;
+    }
+
+    // Each creation is polled until it waits for its answer: it is then in the queue.
+    let mut queued: Vec<_> = creations
+        .iter()
+        .map(|(openid, note)| b.notes.create(openid, note, None))
+        .collect();
+    let mut cx = Context::from_waker(Waker::noop());
+    for creation in &mut queued {
+        assert!(creation.as_mut().poll(&mut cx).is_pending(), "queued");
+    }
+    let mut blocker = pool.begin().await.expect("begin");
+    if let Some(user) = blocked {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(user)
+            .execute(&mut *blocker)
+            .await
+            .expect("take the blocked user's lock");
+    }
+    holder.commit().await.expect("release the lock");
+    for writer in busy {
+        assert_eq!(writer.await.expect("task").expect("created"), Created::New);
+    }
+    let answers = futures_util::future::join_all(queued);
+    let Some(user) = blocked else {
+        blocker.rollback().await.expect("rollback");
+        return answers.await;
+    };
+    let release = async {
+        lock_waiters(pool, 1).await;
+        // The batch waits with nothing written, and its numbers are not drawn yet: the
+        // note written now is older in the user's listing than the batch's.
+        assert!(
+            titles(b.notes.as_ref(), creations[0].0, 20)
+                .await
+                .is_empty()
+        );
+        sqlx::query(
+            "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'body', 1000, 1000)",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(user)
+        .bind(format!("{user} 0"))
+        .execute(&mut *blocker)
+        .await
+        .expect("the blocker's note");
+        blocker
+            .commit()
+            .await
+            .expect("release the blocked user's lock");
+    };
+    let (answers, ()) = tokio::join!(answers, release);
+    answers
+}
+
+/// The transaction that wrote each of `openid`'s notes, oldest first.
+async fn writers_of(pool: &sqlx::PgPool, openid: &str) -> Vec<String> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT xmin::text FROM notes WHERE openid = $1 ORDER BY seq")
+            .bind(openid)
+            .fetch_all(pool)
+            .await
+            .expect("the notes' transactions");
+    rows.into_iter().map(|(x,)| x).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_queued_together_are_written_in_one_statement_in_their_order() {
+    const TEST: &str =
+        "postgres::creations_queued_together_are_written_in_one_statement_in_their_order";
+    let Some(b) = support::postgres(TEST).await else {
+        return;
+    };
+    let pool = pg(&b.db).pool();
+
+    let answers = created_while_the_writers_are_busy(
+        &b,
+        &[
+            ("bob", new_note("bob 1", 2_000)),
+            ("carol", new_note("carol 1", 2_000)),
+            ("bob", new_note("bob 2", 2_000)),
+        ],
+        Some("carol"),
+    )
+    .await;
+
+    for answer in answers {
+        assert_eq!(answer.expect("created"), Created::New);
+    }
+    // One transaction wrote all three, after carol's lock, and bob's in the order they came.
+    let (bob, carol) = (
+        writers_of(pool, "bob").await,
+        writers_of(pool, "carol").await,
+    );
+    assert_eq!((bob.len(), carol.len()), (2, 2));
+    assert_eq!([&bob[0], &bob[1]], [&carol[1], &carol[1]]);
+    assert_ne!(carol[0], carol[1], "the blocker's note is its own");
+    assert_eq!(
+        titles(b.notes.as_ref(), "bob", 20).await,
+        ["bob 2", "bob 1"]
+    );
+    assert_eq!(
+        titles(b.notes.as_ref(), "carol", 20).await,
+        ["carol 1", "carol 0"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_that_fails_its_batch_fails_alone() {
+    const TEST: &str = "postgres::a_creation_that_fails_its_batch_fails_alone";
+    let Some(b) = support::postgres(TEST).await else {
+        return;
+    };
+    let taken = new_note("first", 1_000);
+    assert_eq!(
+        b.notes.create("dave", &taken, None).await.expect("created"),
+        Created::New
+    );
+
+    // The second creation reuses a note id: its row cannot be written.
+    let answers = created_while_the_writers_are_busy(
+        &b,
+        &[
+            ("bob", new_note("bob", 2_000)),
+            ("erin", taken.clone()),
+            ("carol", new_note("carol", 2_000)),
+        ],
+        None,
+    )
+    .await;
+
+    let statuses: Vec<u16> = answers
+        .into_iter()
+        .map(|a| a.map_or_else(|e| e.status().as_u16(), |_| 201))
+        .collect();
+    assert_eq!(statuses, [201, 500, 201]);
+    assert_eq!(titles(b.notes.as_ref(), "bob", 20).await, ["bob"]);
+    assert_eq!(titles(b.notes.as_ref(), "carol", 20).await, ["carol"]);
+    assert!(titles(b.notes.as_ref(), "erin", 20).await.is_empty());
 }
