@@ -34,7 +34,7 @@ pub fn worker_threads(value: Option<&str>) -> Result<Option<NonZeroUsize>, &'sta
 /// frame at once: one `writev` per gRPC call on each side of the hop. The current-thread
 /// scheduler runs woken tasks in turn, so the requests ready together are written together.
 /// With one worker each, that took auth-service's CPU per `GET /v1/me` from 47-62 µs to 26-38
-/// and api-service's from 79-104 to 61-82 (wrk, 16 to 256 connections, README "Benchmarks").
+/// and api-service's from 79-104 to 61-82 (wrk, 16 to 256 connections; docs/benchmarks-history.md).
 ///
 /// The runtime also gets one task that only ticks every [`ANCHOR_PERIOD`]: see [`anchor`].
 pub fn build(threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
