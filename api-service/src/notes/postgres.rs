@@ -230,22 +230,17 @@ async fn create_keyed(
         .execute(&mut *tx)
         .await?;
 
-    // A key past its time is forgotten, purged or not.
-    sqlx::query(
-        "DELETE FROM note_idempotency \
-         WHERE openid = $1 AND key = $2 AND created_at < $3",
+    // A key past its time is forgotten, purged or not: deleted, and not read (the statement's
+    // reads see the rows as they were before it).
+    let first: Option<AnswerRow> = sqlx::query_as(
+        "WITH expired AS (DELETE FROM note_idempotency \
+             WHERE openid = $1 AND key = $2 AND created_at < $3) \
+         SELECT fingerprint, note_id, status, response FROM note_idempotency \
+         WHERE openid = $1 AND key = $2 AND created_at >= $3",
     )
     .bind(openid)
     .bind(idem.key.as_str())
     .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
-    .execute(&mut *tx)
-    .await?;
-    let first: Option<AnswerRow> = sqlx::query_as(
-        "SELECT fingerprint, note_id, status, response FROM note_idempotency \
-         WHERE openid = $1 AND key = $2",
-    )
-    .bind(openid)
-    .bind(idem.key.as_str())
     .fetch_optional(&mut *tx)
     .await?;
     if let Some((fingerprint, note_id, status, body)) = first {
@@ -259,27 +254,21 @@ async fn create_keyed(
         ));
     }
 
+    // The note and its key's first answer, in one statement (its created_at is now).
     insert_note(
-        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "WITH note AS (INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)) \
+         INSERT INTO note_idempotency \
+         (openid, key, fingerprint, note_id, status, response, created_at) \
+         VALUES ($2, $7, $8, $9, $10, $11, $5)",
         openid,
         note,
     )
-    .execute(&mut *tx)
-    .await?;
-
-    sqlx::query(
-        "INSERT INTO note_idempotency \
-         (openid, key, fingerprint, note_id, status, response, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(openid)
     .bind(idem.key.as_str())
     .bind(idem.fingerprint.as_bytes().as_slice())
     .bind(&idem.answer.note_id)
     .bind(i32::from(idem.answer.status))
     .bind(&idem.answer.body)
-    .bind(now)
     .execute(&mut *tx)
     .await?;
 
