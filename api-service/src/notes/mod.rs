@@ -24,7 +24,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 
-pub use postgres::{PLAIN_WRITERS as PG_PLAIN_WRITERS, PgNotes};
+pub use postgres::{CREATION_WRITERS as PG_CREATION_WRITERS, PgNotes};
 pub use store::SqliteNotes;
 
 use crate::error::ApiError;

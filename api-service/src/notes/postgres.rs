@@ -10,8 +10,9 @@
 //! (the default) on purpose: each statement after the lock sees what the previous holder
 //! committed, which a snapshot taken before the wait (REPEATABLE READ) would not.
 //!
-//! Creations without an `Idempotency-Key` are written together: see [`write_plain`].
+//! Creations are written together: see [`write_creations`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -33,55 +34,56 @@ pub struct PgNotes {
     /// When expired idempotency keys were last purged; the purge is a statement of its own,
     /// before a creation's transaction, and its failure does not fail the creation.
     purges: Arc<PurgeClock>,
-    /// The queue of creations without a key, to the tasks that write them ([`write_plain`]).
-    plain: mpsc::Sender<Plain>,
+    /// The queue of creations, to the tasks that write them ([`write_creations`]).
+    creations: mpsc::Sender<Job>,
 }
 
-/// Tasks writing creations without a key; each has at most one statement in flight, on
-/// one of the pool's [`crate::db`] connections (10), the others left to reads and keyed
-/// creations. More than one, so that a statement waiting for a user's lock (held by that
-/// user's keyed creation, or by another replica's statement) leaves other users' creations
-/// going.
-pub const PLAIN_WRITERS: usize = 4;
-/// Most creations one statement writes.
+/// Tasks writing creations; each has at most one statement or transaction in flight, on
+/// one of the pool's [`crate::db`] connections (10), the others left to reads. More than
+/// one, so that a batch waiting for a user's lock (held by another replica's batch, say)
+/// leaves other users' creations going.
+pub const CREATION_WRITERS: usize = 4;
+/// Most creations written together.
 const BATCH: usize = 64;
 /// Most creations waiting for a writer; a request past them waits for room.
 const QUEUED_CREATIONS: usize = 1024;
 
-/// A creation without a key, waiting to be written.
-struct Plain {
+/// A creation, waiting to be written.
+struct Job {
     openid: String,
     note: Note,
+    idempotent: Option<Idempotent>,
     reply: oneshot::Sender<Result<Created, ApiError>>,
 }
 
 impl PgNotes {
     /// Notes on `db` (every call answers 503 until its migrations have run), with the tasks
-    /// that write creations without a key (call from within a Tokio runtime; they end when
-    /// the last clone of this store is dropped).
+    /// that write creations (call from within a Tokio runtime; they end when the last clone
+    /// of this store is dropped).
     pub fn new(db: PgDb) -> Self {
-        let (plain, queued) = mpsc::channel(QUEUED_CREATIONS);
+        let (creations, queued) = mpsc::channel(QUEUED_CREATIONS);
         let queued = Arc::new(Mutex::new(queued));
-        for _ in 0..PLAIN_WRITERS {
-            tokio::spawn(write_plain(db.clone(), Arc::clone(&queued)));
+        for _ in 0..CREATION_WRITERS {
+            tokio::spawn(write_creations(db.clone(), Arc::clone(&queued)));
         }
         Self {
             db,
             purges: Arc::default(),
-            plain,
+            creations,
         }
     }
 }
 
-/// Writes the creations without a key, as one of [`PLAIN_WRITERS`] tasks: it takes what is
-/// queued (at most [`BATCH`]) and writes it in one statement, so that under load one round
-/// trip, one statement and one commit serve many creations; a creation that comes alone is
-/// written at once, since a writer is free. A batch that fails for a reason that may be
-/// one creation's own (not a lost connection or an overloaded server, which would fail
+/// Writes creations, as one of [`CREATION_WRITERS`] tasks: it takes what is queued (at most
+/// [`BATCH`]) and writes it together, so that under load a few round trips and one commit
+/// serve many creations; a creation that comes alone is written at once, since a writer is
+/// free. Without keys a batch is one statement ([`insert_plain`]); with keys one
+/// transaction of a few ([`write_keyed_batch`]). A batch that fails for a reason that may
+/// be one creation's own (not a lost connection or an overloaded server, which would fail
 /// them all alike) is written again creation by creation, so that one bad creation does not
 /// fail the others. Creations whose request is gone (timed out, client left) before their
 /// batch is taken are not written, as when a single statement is cancelled.
-async fn write_plain(db: PgDb, queued: Arc<Mutex<mpsc::Receiver<Plain>>>) {
+async fn write_creations(db: PgDb, queued: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         // The lock is held while waiting: the other writers wait for this one to have
@@ -89,8 +91,8 @@ async fn write_plain(db: PgDb, queued: Arc<Mutex<mpsc::Receiver<Plain>>>) {
         if queued.lock().await.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        batch.retain(|job: &Plain| !job.reply.is_closed());
-        let answers = write_plain_batch(&db, &batch).await;
+        batch.retain(|job: &Job| !job.reply.is_closed());
+        let answers = write_batch(&db, &batch).await;
         for (job, answer) in batch.drain(..).zip(answers) {
             let _gone = job.reply.send(answer);
         }
@@ -98,10 +100,17 @@ async fn write_plain(db: PgDb, queued: Arc<Mutex<mpsc::Receiver<Plain>>>) {
 }
 
 /// `batch`'s answers, in its order.
-async fn write_plain_batch(db: &PgDb, batch: &[Plain]) -> Vec<Result<Created, ApiError>> {
+async fn write_batch(db: &PgDb, batch: &[Job]) -> Vec<Result<Created, ApiError>> {
     if let ([_, _, ..], Ok(pool)) = (batch, db.ready_pool()) {
-        match insert_plain(pool, batch).await {
-            Ok(()) => return batch.iter().map(|_| Ok(Created::New)).collect(),
+        let written = if batch.iter().all(|job| job.idempotent.is_none()) {
+            insert_plain(pool, batch)
+                .await
+                .map(|()| batch.iter().map(|_| Ok(Created::New)).collect())
+        } else {
+            write_keyed_batch(pool, batch).await
+        };
+        match written {
+            Ok(answers) => return answers,
             // Nothing was written (the server said so); maybe one creation's fault.
             Err(e) if is_retryable(&e) || !transient(&e) => {
                 tracing::debug!(error = %e, size = batch.len(), "a batch of notes failed; writing each alone");
@@ -111,59 +120,269 @@ async fn write_plain_batch(db: &PgDb, batch: &[Plain]) -> Vec<Result<Created, Ap
     }
     let mut answers = Vec::with_capacity(batch.len());
     for job in batch {
-        answers.push(create_alone(db, &job.openid, &job.note).await);
+        answers.push(create_alone(db, job).await);
     }
     answers
 }
 
-/// One creation without a key, in a statement of its own.
-async fn create_alone(db: &PgDb, openid: &str, note: &Note) -> Result<Created, ApiError> {
+/// One creation, alone: without a key in a statement of its own, with one in a transaction.
+async fn create_alone(db: &PgDb, job: &Job) -> Result<Created, ApiError> {
     let pool = db.ready_pool()?;
-    retry_once(|| create_plain(pool, openid, note)).await
+    let (openid, note) = (job.openid.as_str(), &job.note);
+    match &job.idempotent {
+        None => retry_once(|| create_plain(pool, openid, note)).await,
+        Some(idem) => retry_once(|| create_keyed(pool, openid, note, idem)).await?,
+    }
 }
 
-/// Several creations without a key in one statement, so one transaction. Every user's
-/// advisory lock is taken before any row, and with it any `seq`, is made, as in
-/// [`create_plain`]: the aggregate reads all the locks before its one row is joined, and a
-/// subquery that calls a volatile function is not merged into the outer query. The locks
-/// are taken in the order of their keys, so two such statements (other writers, other
-/// replicas) never wait for each other in a cycle; a keyed creation holds one lock only.
-/// Rows are inserted in the batch's order (`WITH ORDINALITY`), so one user's creations
-/// in one batch get their numbers in the order they came.
-async fn insert_plain(pool: &PgPool, batch: &[Plain]) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(batch.len());
-    let mut openids = Vec::with_capacity(batch.len());
-    let mut titles = Vec::with_capacity(batch.len());
-    let mut bodies = Vec::with_capacity(batch.len());
-    let mut created = Vec::with_capacity(batch.len());
-    let mut updated = Vec::with_capacity(batch.len());
-    for job in batch {
-        ids.push(job.note.id.as_str());
-        openids.push(job.openid.as_str());
-        titles.push(job.note.title.as_str());
-        bodies.push(job.note.body.as_str());
-        created.push(job.note.created_at);
-        updated.push(job.note.updated_at);
+/// A subquery that takes the advisory lock of every openid in the `text[]` parameter `$n`,
+/// in the order of the locks' keys (so two statements taking several never wait for each
+/// other in a cycle; a creation alone takes one lock only), and answers one row once it
+/// holds them all (an aggregate reads all its input before its row). A subquery that calls
+/// a volatile function is not merged into the query around it.
+macro_rules! lock_users {
+    ($n:literal) => {
+        concat!(
+            "(SELECT count(*) FROM (SELECT pg_advisory_xact_lock(k) FROM \
+               (SELECT DISTINCT hashtextextended(o, 0) AS k FROM unnest(",
+            $n,
+            "::text[]) AS o ORDER BY k) AS keys) AS held)"
+        )
+    };
+}
+
+/// Appends the `INSERT` of `jobs`' notes, from the arrays `$1`-`$6` of [`NoteColumns`],
+/// made in their order (`WITH ORDINALITY`), so that one user's creations in one batch get
+/// their numbers in the order they came.
+macro_rules! insert_notes_from {
+    ($from:expr) => {
+        concat!(
+            "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
+             SELECT n.id, n.openid, n.title, n.body, n.created_at, n.updated_at FROM ",
+            $from,
+            "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
+               WITH ORDINALITY AS n(id, openid, title, body, created_at, updated_at, i) \
+             ORDER BY n.i"
+        )
+    };
+}
+
+/// Notes as the columns of one `INSERT … SELECT … FROM unnest(…)`.
+#[derive(Default)]
+struct NoteColumns<'a> {
+    ids: Vec<&'a str>,
+    openids: Vec<&'a str>,
+    titles: Vec<&'a str>,
+    bodies: Vec<&'a str>,
+    created: Vec<Millis>,
+    updated: Vec<Millis>,
+}
+
+impl<'a> NoteColumns<'a> {
+    fn push(&mut self, openid: &'a str, note: &'a Note) {
+        self.ids.push(note.id.as_str());
+        self.openids.push(openid);
+        self.titles.push(note.title.as_str());
+        self.bodies.push(note.body.as_str());
+        self.created.push(note.created_at);
+        self.updated.push(note.updated_at);
     }
-    sqlx::query(
-        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
-         SELECT n.id, n.openid, n.title, n.body, n.created_at, n.updated_at \
-         FROM (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(k) FROM \
-                 (SELECT DISTINCT hashtextextended(o, 0) AS k FROM unnest($2::text[]) AS o \
-                  ORDER BY k) AS keys) AS held) AS locked, \
-              unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
-                 WITH ORDINALITY AS n(id, openid, title, body, created_at, updated_at, i) \
-         ORDER BY n.i",
-    )
-    .bind(ids)
-    .bind(openids)
-    .bind(titles)
-    .bind(bodies)
-    .bind(created)
-    .bind(updated)
-    .execute(pool)
-    .await?;
+
+    /// `sql`, with these columns bound to its `$1`-`$6`.
+    fn bind(
+        self,
+        sql: &'static str,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .bind(self.ids)
+            .bind(self.openids)
+            .bind(self.titles)
+            .bind(self.bodies)
+            .bind(self.created)
+            .bind(self.updated)
+    }
+}
+
+/// Several creations without a key in one statement, so one transaction: every user's
+/// lock is taken ([`lock_users`]) before any row, and with it any `seq`, is made, as in
+/// [`create_plain`] (the lock's one row is joined before the rows are).
+async fn insert_plain(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
+    let mut notes = NoteColumns::default();
+    for job in batch {
+        notes.push(&job.openid, &job.note);
+    }
+    notes
+        .bind(insert_notes_from!(concat!(
+            lock_users!("$2"),
+            " AS locked, "
+        )))
+        .execute(pool)
+        .await?;
     Ok(())
+}
+
+/// A key's first answer as read back: openid, key, then [`AnswerRow`]'s columns and its
+/// `created_at`.
+type StoredAnswer = (String, String, Vec<u8>, String, i32, Vec<u8>, Millis);
+
+/// A key's first answer, as stored or as made earlier in the same batch.
+struct FirstAnswer {
+    fingerprint: Vec<u8>,
+    note_id: String,
+    status: i64,
+    body: Vec<u8>,
+    created_at: Millis,
+}
+
+/// Several creations, some with a key, in one transaction of a few statements whatever
+/// their number: every user's lock; the keys' first answers (those expired deleted, as
+/// [`create_keyed`] does); then the new notes and the new keys' answers in one statement.
+/// Each creation is answered as if the batch's creations had run one after another in
+/// their order, as [`create_keyed`] would: a key already answered (in the database, or by
+/// an earlier creation of the batch) replays that answer or refuses another request.
+async fn write_keyed_batch(
+    pool: &PgPool,
+    batch: &[Job],
+) -> Result<Vec<Result<Created, ApiError>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let openids: Vec<&str> = batch.iter().map(|job| job.openid.as_str()).collect();
+    sqlx::query(concat!("SELECT 1 FROM ", lock_users!("$1"), " AS locked"))
+        .bind(&openids)
+        .execute(&mut *tx)
+        .await?;
+
+    let mut asked = (Vec::new(), Vec::new(), Vec::new());
+    for job in batch {
+        if let Some(idem) = &job.idempotent {
+            asked.0.push(job.openid.as_str());
+            asked.1.push(idem.key.as_str());
+            asked
+                .2
+                .push(job.note.created_at.saturating_sub(IDEMPOTENCY_TTL_MILLIS));
+        }
+    }
+    // A key past its time for any creation that names it is deleted; each creation reads
+    // only what is not past its own time (below), as alone it would.
+    let stored: Vec<StoredAnswer> = sqlx::query_as(
+        "WITH asked AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
+                          AS a(openid, key, since)), \
+              expired AS (DELETE FROM note_idempotency i USING asked a \
+                          WHERE i.openid = a.openid AND i.key = a.key AND i.created_at < a.since) \
+         SELECT DISTINCT i.openid, i.key, i.fingerprint, i.note_id, i.status, i.response, \
+                i.created_at \
+         FROM note_idempotency i JOIN asked a ON i.openid = a.openid AND i.key = a.key \
+         WHERE i.created_at >= a.since",
+    )
+    .bind(&asked.0)
+    .bind(&asked.1)
+    .bind(&asked.2)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut first: HashMap<(String, String), FirstAnswer> = stored
+        .into_iter()
+        .map(
+            |(openid, key, fingerprint, note_id, status, body, created_at)| {
+                let answer = FirstAnswer {
+                    fingerprint,
+                    note_id,
+                    status: i64::from(status),
+                    body,
+                    created_at,
+                };
+                ((openid, key), answer)
+            },
+        )
+        .collect();
+
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut notes = NoteColumns::default();
+    let mut keys = KeyColumns::default();
+    for job in batch {
+        let Some(idem) = &job.idempotent else {
+            notes.push(&job.openid, &job.note);
+            answers.push(Ok(Created::New));
+            continue;
+        };
+        let now = job.note.created_at;
+        let since = now.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
+        let id = (job.openid.clone(), idem.key.as_str().to_owned());
+        if let Some(a) = first.get(&id).filter(|a| a.created_at >= since) {
+            answers.push(first_answer(
+                idem,
+                &a.fingerprint,
+                a.note_id.clone(),
+                a.status,
+                a.body.clone(),
+            ));
+            continue;
+        }
+        notes.push(&job.openid, &job.note);
+        keys.push(&job.openid, idem, now);
+        let answer = FirstAnswer {
+            fingerprint: idem.fingerprint.as_bytes().to_vec(),
+            note_id: idem.answer.note_id.clone(),
+            status: i64::from(idem.answer.status),
+            body: idem.answer.body.clone(),
+            created_at: now,
+        };
+        first.insert(id, answer);
+        answers.push(Ok(Created::New));
+    }
+
+    if !notes.ids.is_empty() {
+        // The notes, then the keys' answers, in one statement.
+        let sql = concat!(
+            "WITH made AS (",
+            insert_notes_from!(""),
+            ") INSERT INTO note_idempotency \
+               (openid, key, fingerprint, note_id, status, response, created_at) \
+             SELECT * FROM unnest($7::text[], $8::text[], $9::bytea[], $10::text[], \
+                                  $11::int4[], $12::bytea[], $13::int8[])"
+        );
+        keys.bind(notes.bind(sql)).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// Keys' first answers as the columns of one `INSERT … SELECT … FROM unnest(…)`.
+#[derive(Default)]
+struct KeyColumns<'a> {
+    openids: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    fingerprints: Vec<&'a [u8]>,
+    note_ids: Vec<&'a str>,
+    statuses: Vec<i32>,
+    bodies: Vec<&'a [u8]>,
+    created: Vec<Millis>,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn push(&mut self, openid: &'a str, idem: &'a Idempotent, now: Millis) {
+        self.openids.push(openid);
+        self.keys.push(idem.key.as_str());
+        self.fingerprints
+            .push(idem.fingerprint.as_bytes().as_slice());
+        self.note_ids.push(&idem.answer.note_id);
+        self.statuses.push(i32::from(idem.answer.status));
+        self.bodies.push(&idem.answer.body);
+        self.created.push(now);
+    }
+
+    /// `query`, with these columns bound to its next seven parameters.
+    fn bind(
+        self,
+        query: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.openids)
+            .bind(self.keys)
+            .bind(self.fingerprints)
+            .bind(self.note_ids)
+            .bind(self.statuses)
+            .bind(self.bodies)
+            .bind(self.created)
+    }
 }
 
 type Row = (i64, String, String, String, Millis, Millis);
@@ -302,16 +521,14 @@ impl NotesStore for PgNotes {
                 Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
             }
         }
-        if let Some(idem) = &idempotent {
-            return retry_once(|| create_keyed(pool, openid, note, idem)).await?;
-        }
         let (reply, answer) = oneshot::channel();
-        let job = Plain {
+        let job = Job {
             openid: openid.to_owned(),
             note: note.clone(),
+            idempotent,
             reply,
         };
-        self.plain.send(job).await.map_err(|_| writer_gone())?;
+        self.creations.send(job).await.map_err(|_| writer_gone())?;
         answer.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 

@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use api_service::db::{Db, PgDb, db_error, retry_once};
 use api_service::error::ApiError;
-use api_service::notes::{Created, Note, NotesStore as _, PG_PLAIN_WRITERS, PgNotes};
+use api_service::notes::{
+    Created, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NotesStore as _, PG_CREATION_WRITERS,
+    PgNotes,
+};
 use api_service::profile::{PgProfiles, ProfileStore as _};
 use axum::http::header;
 use axum::response::IntoResponse as _;
 
 use crate::support::{
-    self, create_database, fresh_database, migrated, new_note, open_postgres, postgres_admin, size,
-    titles,
+    self, create_database, fresh_database, idempotent, migrated, new_note, open_postgres,
+    postgres_admin, size, titles,
 };
 
 fn pg(db: &Db) -> &PgDb {
@@ -241,13 +244,14 @@ async fn lock_waiters(pool: &sqlx::PgPool, n: i64) {
 
 /// Creations without a key made while every writer of them is busy: they queue, and are
 /// taken together once one is free. Every writer is first given a creation of `"holder"`'s
-/// own, waiting for their lock; `creations` (openid, note) are then queued, and the lock
-/// released. With `blocked`, that user's lock is held meanwhile by another session, which,
+/// own, waiting for their lock; `creations` (openid, note, key) are then queued, and the lock
+/// released (a creation whose purge of expired keys is due would not be queued yet: none
+/// may be). With `blocked`, that user's lock is held meanwhile by another session, which,
 /// once the batch waits for it, writes a note `"{blocked} 0"` of its own before it lets go.
 /// Their answers, in their order.
 async fn created_while_the_writers_are_busy(
     b: &support::Backend,
-    creations: &[(&str, Note)],
+    creations: &[(&str, Note, Option<Idempotent>)],
     blocked: Option<&str>,
 ) -> Vec<Result<Created, ApiError>> {
     let pool = pg(&b.db).pool();
@@ -259,7 +263,7 @@ async fn created_while_the_writers_are_busy(
         .expect("take the holder's lock");
     // One at a time, each taken by a writer of its own before the next.
     let mut busy = Vec::new();
-    for n in 1..=PG_PLAIN_WRITERS {
+    for n in 1..=PG_CREATION_WRITERS {
         let notes = b.notes.clone();
         busy.push(tokio::spawn(async move {
             notes.create("holder", &new_note("busy", 1_000), None).await
@@ -270,7 +274,7 @@ async fn created_while_the_writers_are_busy(
     // Each creation is polled until it waits for its answer: it is then in the queue.
     let mut queued: Vec<_> = creations
         .iter()
-        .map(|(openid, note)| b.notes.create(openid, note, None))
+        .map(|(openid, note, key)| b.notes.create(openid, note, key.clone()))
         .collect();
     let mut cx = Context::from_waker(Waker::noop());
     for creation in &mut queued {
@@ -344,9 +348,9 @@ async fn creations_queued_together_are_written_in_one_statement_in_their_order()
     let answers = created_while_the_writers_are_busy(
         &b,
         &[
-            ("bob", new_note("bob 1", 2_000)),
-            ("carol", new_note("carol 1", 2_000)),
-            ("bob", new_note("bob 2", 2_000)),
+            ("bob", new_note("bob 1", 2_000), None),
+            ("carol", new_note("carol 1", 2_000), None),
+            ("bob", new_note("bob 2", 2_000), None),
         ],
         Some("carol"),
     )
@@ -389,9 +393,9 @@ async fn a_creation_that_fails_its_batch_fails_alone() {
     let answers = created_while_the_writers_are_busy(
         &b,
         &[
-            ("bob", new_note("bob", 2_000)),
-            ("erin", taken.clone()),
-            ("carol", new_note("carol", 2_000)),
+            ("bob", new_note("bob", 2_000), None),
+            ("erin", taken.clone(), None),
+            ("carol", new_note("carol", 2_000), None),
         ],
         None,
     )
@@ -405,4 +409,86 @@ async fn a_creation_that_fails_its_batch_fails_alone() {
     assert_eq!(titles(b.notes.as_ref(), "bob", 20).await, ["bob"]);
     assert_eq!(titles(b.notes.as_ref(), "carol", 20).await, ["carol"]);
     assert!(titles(b.notes.as_ref(), "erin", 20).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_creations_written_together_answer_as_one_after_another_would() {
+    const TEST: &str =
+        "postgres::keyed_creations_written_together_answer_as_one_after_another_would";
+    let Some(b) = support::postgres(TEST).await else {
+        return;
+    };
+    let pool = pg(&b.db).pool();
+    // The batch comes at `late`: erin's key was answered more than 48 hours before, dave's
+    // a moment before (its creation's purge of expired keys, due then, spares erin's: it
+    // is not yet 48 hours old at that moment; none is due again in the batch).
+    let late = 1_000 + IDEMPOTENCY_TTL_MILLIS + 1;
+    let old = new_note("old", 1_000);
+    let kept = new_note("kept", late - 10);
+    for (openid, note, key) in [("erin", &old, "old"), ("dave", &kept, "kept")] {
+        let made = b
+            .notes
+            .create(openid, note, Some(idempotent(key, note)))
+            .await;
+        assert_eq!(made.expect("created"), Created::New);
+    }
+    let first = new_note("bob", late);
+    let retry = Note::new(first.title.clone(), first.body.clone(), late);
+    let other = new_note("bob again", late);
+    let dave = Note::new(kept.title.clone(), kept.body.clone(), late);
+    let erin = Note::new(old.title.clone(), old.body.clone(), late);
+    let with_key = |key: &str, note: &Note| Some(idempotent(key, note));
+
+    let answers = created_while_the_writers_are_busy(
+        &b,
+        &[
+            ("bob", first.clone(), with_key("k", &first)),
+            ("carol", new_note("carol", late), None),
+            ("bob", retry.clone(), with_key("k", &retry)),
+            ("bob", other.clone(), with_key("k", &other)),
+            ("dave", dave.clone(), with_key("kept", &dave)),
+            ("erin", erin.clone(), with_key("old", &erin)),
+        ],
+        None,
+    )
+    .await;
+
+    let mut answers = answers.into_iter();
+    let mut next = || answers.next().expect("an answer");
+    assert_eq!(next().expect("bob's first"), Created::New);
+    assert_eq!(next().expect("carol's"), Created::New);
+    assert_eq!(
+        next().expect("bob's retry"),
+        Created::Replayed(idempotent("k", &first).answer)
+    );
+    let reused = next().expect_err("bob's key with another request");
+    assert_eq!(
+        (reused.status().as_u16(), reused.code()),
+        (422, "idempotency_key_reused")
+    );
+    assert_eq!(
+        next().expect("dave's retry"),
+        Created::Replayed(idempotent("kept", &kept).answer)
+    );
+    assert_eq!(next().expect("erin's, her key forgotten"), Created::New);
+
+    assert_eq!(titles(b.notes.as_ref(), "bob", 20).await, ["bob"]);
+    assert_eq!(titles(b.notes.as_ref(), "dave", 20).await, ["kept"]);
+    assert_eq!(titles(b.notes.as_ref(), "erin", 20).await, ["old", "old"]);
+    // One transaction wrote the batch's three notes.
+    let (bob, carol, erins) = (
+        writers_of(pool, "bob").await,
+        writers_of(pool, "carol").await,
+        writers_of(pool, "erin").await,
+    );
+    assert_eq!([&bob[0], &carol[0]], [&erins[1], &erins[1]]);
+    // erin's key now answers her new note.
+    let again = Note::new(old.title.clone(), old.body.clone(), late + 1);
+    assert_eq!(
+        b.notes
+            .create("erin", &again, Some(idempotent("old", &again)))
+            .await
+            .expect("erin's retry"),
+        Created::Replayed(idempotent("old", &erin).answer)
+    );
 }
