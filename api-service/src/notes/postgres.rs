@@ -6,7 +6,9 @@
 //! the openid: (1) their `seq` numbers are then drawn and committed in the same order, so a
 //! keyset page never skips a note that committed late under a smaller number; (2) concurrent
 //! retries of one `Idempotency-Key` are serialized, the first makes the note and the others
-//! find its answer. Other users are never blocked. The transactions run at READ COMMITTED
+//! find its answer. Another user waits only when written in one batch with a user whose lock
+//! is held (by another replica's batch, say), for as long as that short transaction. The
+//! transactions run at READ COMMITTED
 //! (the default) on purpose: each statement after the lock sees what the previous holder
 //! committed, which a snapshot taken before the wait (REPEATABLE READ) would not.
 //!
