@@ -343,7 +343,13 @@ struct HttpWorker {
     token: Option<String>,
     body: Option<String>,
     expect: StatusCode,
+    /// Each request with an `Idempotency-Key` of its own ([`KEYS`]).
+    keyed: bool,
 }
+
+/// The `Idempotency-Key`s sent so far: each request that carries one sends a new one, so
+/// that each makes a note (a key sent again would replay its first answer).
+static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl HttpWorker {
     async fn connect(
@@ -362,6 +368,7 @@ impl HttpWorker {
             token,
             body,
             expect,
+            keyed: false,
         })
     }
 
@@ -378,6 +385,10 @@ impl HttpWorker {
         }
         if self.body.is_some() {
             request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if self.keyed {
+            let key = KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            request = request.header("idempotency-key", format!("bench-{key}"));
         }
         let request = request.body(self.body.clone().unwrap_or_default())?;
         self.sender.ready().await?;
@@ -970,6 +981,8 @@ struct EdgeRequest {
     path: &'static str,
     body: Option<String>,
     expect: StatusCode,
+    /// Each request with an `Idempotency-Key` of its own.
+    keyed: bool,
 }
 
 impl EdgeRequest {
@@ -980,6 +993,7 @@ impl EdgeRequest {
             path,
             body: None,
             expect: StatusCode::OK,
+            keyed: false,
         }
     }
 
@@ -990,7 +1004,23 @@ impl EdgeRequest {
             path: "/v1/notes",
             body: Some(json!({"title": "bench", "body": "a note of the benchmark"}).to_string()),
             expect: StatusCode::CREATED,
+            keyed: false,
         }
+    }
+
+    /// [`Self::create_note`], each with an `Idempotency-Key` of its own, as a mini-program
+    /// that retries safely sends it.
+    fn create_note_with_key() -> Self {
+        Self {
+            keyed: true,
+            ..Self::create_note()
+        }
+    }
+
+    /// The line's name: method and path, and whether a key goes with each.
+    fn name(&self) -> String {
+        let key = if self.keyed { " (key)" } else { "" };
+        format!("{} {}{key}", self.method, self.path)
     }
 }
 
@@ -1011,24 +1041,24 @@ async fn edge_step(
         let token = tokens
             .get(i % tokens.len().max(1))
             .context("a step needs at least one user's token")?;
-        workers.push(
-            HttpWorker::connect(
-                pair.api.addr(),
-                request.method.clone(),
-                request.path,
-                Some(token.clone()),
-                request.body.clone(),
-                request.expect,
-            )
-            .await?,
-        );
+        let mut worker = HttpWorker::connect(
+            pair.api.addr(),
+            request.method.clone(),
+            request.path,
+            Some(token.clone()),
+            request.body.clone(),
+            request.expect,
+        )
+        .await?;
+        worker.keyed = request.keyed;
+        workers.push(worker);
     }
     let pids = [
         Some(pid_of(pair.api.process_mut())?),
         Some(pid_of(pair.auth.process_mut())?),
     ];
     let mut line = step(
-        &format!("{} {}", request.method, request.path),
+        &request.name(),
         pair.backend,
         HTTP1,
         workers,
@@ -1114,6 +1144,7 @@ async fn run() -> anyhow::Result<()> {
     let users = new_users(&pair, &args.concurrency).await?;
     let notes_token = login_new_user(&pair.sim, pair.auth.addr()).await?;
     let create = EdgeRequest::create_note();
+    let create_keyed = EdgeRequest::create_note_with_key();
     let mut poster = HttpWorker::connect(
         pair.api.addr(),
         create.method.clone(),
@@ -1164,7 +1195,7 @@ async fn run() -> anyhow::Result<()> {
         lines.push(notes);
     }
 
-    // Writes: Login against the simulator, POST /v1/notes.
+    // Writes: Login against the simulator, POST /v1/notes without and with a key.
     eprintln!("writes:");
     let echo16 = echo_lines
         .iter()
@@ -1177,16 +1208,18 @@ async fn run() -> anyhow::Result<()> {
             in_process: Some(hello),
             own_process: Some(own),
         };
-        let line = edge_step(
-            &mut pair,
-            &create,
-            &users,
-            hello.concurrency,
-            seconds,
-            bases,
-        )
-        .await?;
-        lines.push(line);
+        for request in [&create, &create_keyed] {
+            let line = edge_step(
+                &mut pair,
+                request,
+                &users,
+                hello.concurrency,
+                seconds,
+                bases,
+            )
+            .await?;
+            lines.push(line);
+        }
     }
 
     // PostgreSQL + Redis, when available.
@@ -1249,9 +1282,10 @@ async fn run() -> anyhow::Result<()> {
                     in_process: Some(hello),
                     own_process: Some(own),
                 };
-                lines.push(
-                    edge_step(&mut ext, &create, &users, hello.concurrency, seconds, bases).await?,
-                );
+                for request in [&create, &create_keyed] {
+                    let c = hello.concurrency;
+                    lines.push(edge_step(&mut ext, request, &users, c, seconds, bases).await?);
+                }
             }
             "measured".to_owned()
         }
