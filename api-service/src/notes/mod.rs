@@ -422,6 +422,93 @@ pub fn first_answer(
     }))
 }
 
+/// A key's first answer, as stored (with when) or as made earlier in the same batch.
+struct FirstAnswer {
+    fingerprint: Vec<u8>,
+    note_id: String,
+    status: i64,
+    body: Vec<u8>,
+    created_at: Millis,
+}
+
+/// The first answers of keys, by openid and key.
+type FirstAnswers = std::collections::HashMap<(String, String), FirstAnswer>;
+
+/// A key's first answer as read back: openid, key, fingerprint, note_id, status (`S`: each
+/// database's integer), response, created_at.
+type StoredRow<S> = (String, String, Vec<u8>, String, S, Vec<u8>, Millis);
+
+/// `stored` rows as [`FirstAnswers`] (a row read twice is the same row).
+fn first_answers<S: Into<i64>>(stored: impl IntoIterator<Item = StoredRow<S>>) -> FirstAnswers {
+    stored
+        .into_iter()
+        .map(
+            |(openid, key, fingerprint, note_id, status, body, created_at)| {
+                let answer = FirstAnswer {
+                    fingerprint,
+                    note_id,
+                    status: status.into(),
+                    body,
+                    created_at,
+                };
+                ((openid, key), answer)
+            },
+        )
+        .collect()
+}
+
+/// A creation waiting for the task that writes it, and where its answer goes.
+struct Job {
+    openid: String,
+    note: Note,
+    idempotent: Option<Idempotent>,
+    reply: tokio::sync::oneshot::Sender<Result<Created, ApiError>>,
+}
+
+/// How `batch`, written together, is answered, as if its creations had run one after
+/// another in their order: each one's answer, and the creations to write (their notes, and
+/// with a key the key's first answer). `first` holds the keys' first answers in the
+/// database that have not expired for some creation of the batch; a key answered there
+/// (and not expired at the creation's own time) or by an earlier creation of the batch
+/// replays that answer or refuses another request.
+fn plan_creations(
+    batch: &[Job],
+    mut first: FirstAnswers,
+) -> (Vec<Result<Created, ApiError>>, Vec<&Job>) {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut written = Vec::with_capacity(batch.len());
+    for job in batch {
+        let Some(idem) = &job.idempotent else {
+            answers.push(Ok(Created::New));
+            written.push(job);
+            continue;
+        };
+        let since = job.note.created_at.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
+        let id = (job.openid.clone(), idem.key.as_str().to_owned());
+        if let Some(a) = first.get(&id).filter(|a| a.created_at >= since) {
+            answers.push(first_answer(
+                idem,
+                &a.fingerprint,
+                a.note_id.clone(),
+                a.status,
+                a.body.clone(),
+            ));
+            continue;
+        }
+        let made = FirstAnswer {
+            fingerprint: idem.fingerprint.as_bytes().to_vec(),
+            note_id: idem.answer.note_id.clone(),
+            status: i64::from(idem.answer.status),
+            body: idem.answer.body.clone(),
+            created_at: job.note.created_at,
+        };
+        first.insert(id, made);
+        answers.push(Ok(Created::New));
+        written.push(job);
+    }
+    (answers, written)
+}
+
 /// The answer of a creation whose writer task is gone (it panicked).
 fn writer_gone() -> ApiError {
     ApiError::internal(anyhow::anyhow!("the notes writer has stopped"))

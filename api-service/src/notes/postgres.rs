@@ -14,7 +14,6 @@
 //!
 //! Creations are written together: see [`write_creations`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,8 +21,9 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
-    Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer, shared_error, writer_gone,
+    Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Job, Note, NoteBody, NoteId, NotePatch,
+    NoteTitle, NotesStore, Page, PageSize, PurgeClock, StoredRow, first_answer, first_answers,
+    plan_creations, shared_error, writer_gone,
 };
 use crate::db::{PgDb, is_retryable, retry_once, transient};
 use crate::error::ApiError;
@@ -49,14 +49,6 @@ pub const CREATION_WRITERS: usize = 4;
 const BATCH: usize = 64;
 /// Most creations waiting for a writer; a request past them waits for room.
 const QUEUED_CREATIONS: usize = 1024;
-
-/// A creation, waiting to be written.
-struct Job {
-    openid: String,
-    note: Note,
-    idempotent: Option<Idempotent>,
-    reply: oneshot::Sender<Result<Created, ApiError>>,
-}
 
 impl PgNotes {
     /// Notes on `db` (every call answers 503 until its migrations have run), with the tasks
@@ -223,19 +215,6 @@ async fn insert_plain(pool: &PgPool, batch: &[Job]) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// A key's first answer as read back: openid, key, then [`AnswerRow`]'s columns and its
-/// `created_at`.
-type StoredAnswer = (String, String, Vec<u8>, String, i32, Vec<u8>, Millis);
-
-/// A key's first answer, as stored or as made earlier in the same batch.
-struct FirstAnswer {
-    fingerprint: Vec<u8>,
-    note_id: String,
-    status: i64,
-    body: Vec<u8>,
-    created_at: Millis,
-}
-
 /// Several creations, some with a key, in one transaction of a few statements whatever
 /// their number: every user's lock; the keys' first answers (those expired deleted, as
 /// [`create_keyed`] does); then the new notes and the new keys' answers in one statement.
@@ -265,7 +244,7 @@ async fn write_keyed_batch(
     }
     // A key past its time for any creation that names it is deleted; each creation reads
     // only what is not past its own time (below), as alone it would.
-    let stored: Vec<StoredAnswer> = sqlx::query_as(
+    let stored: Vec<StoredRow<i32>> = sqlx::query_as(
         "WITH asked AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
                           AS a(openid, key, since)), \
               expired AS (DELETE FROM note_idempotency i USING asked a \
@@ -280,55 +259,14 @@ async fn write_keyed_batch(
     .bind(&asked.2)
     .fetch_all(&mut *tx)
     .await?;
-    let mut first: HashMap<(String, String), FirstAnswer> = stored
-        .into_iter()
-        .map(
-            |(openid, key, fingerprint, note_id, status, body, created_at)| {
-                let answer = FirstAnswer {
-                    fingerprint,
-                    note_id,
-                    status: i64::from(status),
-                    body,
-                    created_at,
-                };
-                ((openid, key), answer)
-            },
-        )
-        .collect();
-
-    let mut answers = Vec::with_capacity(batch.len());
+    let (answers, written) = plan_creations(batch, first_answers(stored));
     let mut notes = NoteColumns::default();
     let mut keys = KeyColumns::default();
-    for job in batch {
-        let Some(idem) = &job.idempotent else {
-            notes.push(&job.openid, &job.note);
-            answers.push(Ok(Created::New));
-            continue;
-        };
-        let now = job.note.created_at;
-        let since = now.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
-        let id = (job.openid.clone(), idem.key.as_str().to_owned());
-        if let Some(a) = first.get(&id).filter(|a| a.created_at >= since) {
-            answers.push(first_answer(
-                idem,
-                &a.fingerprint,
-                a.note_id.clone(),
-                a.status,
-                a.body.clone(),
-            ));
-            continue;
-        }
+    for job in written {
         notes.push(&job.openid, &job.note);
-        keys.push(&job.openid, idem, now);
-        let answer = FirstAnswer {
-            fingerprint: idem.fingerprint.as_bytes().to_vec(),
-            note_id: idem.answer.note_id.clone(),
-            status: i64::from(idem.answer.status),
-            body: idem.answer.body.clone(),
-            created_at: now,
-        };
-        first.insert(id, answer);
-        answers.push(Ok(Created::New));
+        if let Some(idem) = &job.idempotent {
+            keys.push(&job.openid, idem, job.note.created_at);
+        }
     }
 
     if !notes.ids.is_empty() {

@@ -9,8 +9,9 @@ use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NoteBody, NoteId, NotePatch,
-    NoteTitle, NotesStore, Page, PageSize, PurgeClock, first_answer, shared_error, writer_gone,
+    Created, Cursor, FirstAnswers, IDEMPOTENCY_TTL_MILLIS, Idempotent, Job, Note, NoteBody, NoteId,
+    NotePatch, NoteTitle, NotesStore, Page, PageSize, PurgeClock, StoredRow, first_answers,
+    plan_creations, shared_error, writer_gone,
 };
 use crate::db::{db_error, transient};
 use crate::error::ApiError;
@@ -46,14 +47,6 @@ impl SqliteNotes {
 const BATCH: usize = 64;
 /// Most creations waiting for the writer; a request past them waits for room.
 const QUEUED_CREATIONS: usize = 1024;
-
-/// One creation, waiting for its commit.
-struct Job {
-    openid: String,
-    note: Note,
-    idempotent: Option<Idempotent>,
-    reply: oneshot::Sender<Result<Created, ApiError>>,
-}
 
 /// Group commit: the creations waiting when a transaction starts are written in it, and
 /// each is answered once it is committed (`synchronous=FULL`: on disk), so one fsync serves
@@ -222,30 +215,78 @@ async fn write_batch_on(
             .await
             .map_err(Failed::Statement)?;
     }
-    // Creations without a key go in one statement per run of them (in their order); one
-    // with a key is its own lookup and writes.
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut plain: Vec<&Job> = Vec::new();
-    for job in batch {
-        let Some(idem) = &job.idempotent else {
-            plain.push(job);
-            answers.push(Ok(Created::New));
-            continue;
-        };
-        insert_plain(&mut tx, &plain)
+    let keyed: Vec<(&Job, &Idempotent)> = batch
+        .iter()
+        .filter_map(|job| job.idempotent.as_ref().map(|idem| (job, idem)))
+        .collect();
+    let first = if keyed.is_empty() {
+        FirstAnswers::default()
+    } else {
+        // The keys' first answers, then those expired for a creation of the batch deleted,
+        // in one round trip; each creation reads only what is not past its own time.
+        let mut query = QueryBuilder::<Sqlite>::new("WITH asked(openid, key, since) AS (");
+        push_asked(&mut query, &keyed);
+        query.push(
+            ") SELECT DISTINCT i.openid, i.key, i.fingerprint, i.note_id, i.status, \
+               i.response, i.created_at \
+             FROM note_idempotency i JOIN asked a ON i.openid = a.openid AND i.key = a.key \
+             WHERE i.created_at >= a.since; \
+             WITH asked(openid, key, since) AS (",
+        );
+        push_asked(&mut query, &keyed);
+        query.push(
+            ") DELETE FROM note_idempotency WHERE EXISTS (SELECT 1 FROM asked a \
+               WHERE a.openid = note_idempotency.openid AND a.key = note_idempotency.key \
+               AND note_idempotency.created_at < a.since)",
+        );
+        let stored: Vec<StoredRow<i64>> = query
+            .build_query_as()
+            .fetch_all(&mut *tx)
             .await
             .map_err(Failed::Statement)?;
-        plain.clear();
-        let answer = create_keyed(&mut tx, &job.openid, &job.note, idem)
+        first_answers(stored)
+    };
+    // The notes and the new keys' first answers, in one round trip.
+    let (answers, written) = plan_creations(batch, first);
+    if !written.is_empty() {
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        push_insert(&mut query, written.iter().copied());
+        let keys: Vec<(&Job, &Idempotent)> = written
+            .iter()
+            .filter_map(|job| job.idempotent.as_ref().map(|idem| (*job, idem)))
+            .collect();
+        if !keys.is_empty() {
+            query.push(
+                "; INSERT INTO note_idempotency \
+                 (openid, key, fingerprint, note_id, status, response, created_at) ",
+            );
+            query.push_values(keys, |mut row, (job, idem)| {
+                row.push_bind(job.openid.as_str())
+                    .push_bind(idem.key.as_str())
+                    .push_bind(idem.fingerprint.as_bytes().as_slice())
+                    .push_bind(idem.answer.note_id.as_str())
+                    .push_bind(i64::from(idem.answer.status))
+                    .push_bind(idem.answer.body.as_slice())
+                    .push_bind(job.note.created_at);
+            });
+        }
+        query
+            .build()
+            .execute(&mut *tx)
             .await
             .map_err(Failed::Statement)?;
-        answers.push(answer);
     }
-    insert_plain(&mut tx, &plain)
-        .await
-        .map_err(Failed::Statement)?;
     tx.commit().await.map_err(Failed::Transaction)?;
     Ok(answers)
+}
+
+/// Appends `VALUES` of the keyed creations' (openid, key, the oldest a first answer may be).
+fn push_asked(query: &mut QueryBuilder<Sqlite>, keyed: &[(&Job, &Idempotent)]) {
+    query.push_values(keyed, |mut row, (job, idem)| {
+        row.push_bind(job.openid.as_str())
+            .push_bind(idem.key.as_str())
+            .push_bind(job.note.created_at.saturating_sub(IDEMPOTENCY_TTL_MILLIS));
+    });
 }
 
 type Row = (i64, String, String, String, Millis, Millis);
@@ -261,8 +302,6 @@ fn note((_seq, id, title, body, created_at, updated_at): Row) -> Note {
     }
 }
 
-type AnswerRow = (Vec<u8>, String, i64, Vec<u8>);
-
 /// Purges the idempotency keys expired at `now` (once per period: [`PurgeClock`]).
 async fn purge_expired(conn: &mut SqliteConnection, now: Millis) -> Result<(), sqlx::Error> {
     let purged = sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
@@ -271,17 +310,6 @@ async fn purge_expired(conn: &mut SqliteConnection, now: Millis) -> Result<(), s
         .await?
         .rows_affected();
     tracing::debug!(purged, "expired idempotency keys purged");
-    Ok(())
-}
-
-/// Writes creations without a key, in one statement.
-async fn insert_plain(conn: &mut SqliteConnection, jobs: &[&Job]) -> Result<(), sqlx::Error> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let mut insert = QueryBuilder::<Sqlite>::new("");
-    push_insert(&mut insert, jobs.iter().copied());
-    insert.build().execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -296,67 +324,6 @@ fn push_insert<'a>(query: &mut QueryBuilder<Sqlite>, jobs: impl Iterator<Item = 
             .push_bind(job.note.created_at)
             .push_bind(job.note.updated_at);
     });
-}
-
-/// One creation with an `Idempotency-Key`, inside the writer's transaction: `Err` when a
-/// statement failed, otherwise the creation's answer (a refusal included).
-async fn create_keyed(
-    conn: &mut SqliteConnection,
-    openid: &str,
-    note: &Note,
-    idem: &Idempotent,
-) -> Result<Result<Created, ApiError>, sqlx::Error> {
-    let now = note.created_at;
-    let expired_before = now.saturating_sub(IDEMPOTENCY_TTL_MILLIS);
-    // A key past its time is forgotten, purged or not.
-    sqlx::query(
-        "DELETE FROM note_idempotency \
-         WHERE openid = $1 AND key = $2 AND created_at < $3",
-    )
-    .bind(openid)
-    .bind(idem.key.as_str())
-    .bind(expired_before)
-    .execute(&mut *conn)
-    .await?;
-    let first: Option<AnswerRow> = sqlx::query_as(
-        "SELECT fingerprint, note_id, status, response FROM note_idempotency \
-         WHERE openid = $1 AND key = $2",
-    )
-    .bind(openid)
-    .bind(idem.key.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some((fingerprint, note_id, status, body)) = first {
-        return Ok(first_answer(idem, &fingerprint, note_id, status, body));
-    }
-
-    sqlx::query(
-        "INSERT INTO notes (id, openid, title, body, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(note.id.as_str())
-    .bind(openid)
-    .bind(note.title.as_str())
-    .bind(note.body.as_str())
-    .bind(note.created_at)
-    .bind(note.updated_at)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO note_idempotency \
-         (openid, key, fingerprint, note_id, status, response, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(openid)
-    .bind(idem.key.as_str())
-    .bind(idem.fingerprint.as_bytes().as_slice())
-    .bind(&idem.answer.note_id)
-    .bind(i64::from(idem.answer.status))
-    .bind(&idem.answer.body)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(Ok(Created::New))
 }
 
 #[async_trait]
