@@ -465,6 +465,25 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<Created, ApiError>>,
 }
 
+/// `openid`'s creation of `note`, given to the task that writes `writer`'s queue: its
+/// answer once written.
+async fn written_by(
+    writer: &tokio::sync::mpsc::Sender<Job>,
+    openid: &str,
+    note: &Note,
+    idempotent: Option<Idempotent>,
+) -> Result<Created, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = Job {
+        openid: openid.to_owned(),
+        note: note.clone(),
+        idempotent,
+        reply,
+    };
+    writer.send(job).await.map_err(|_| writer_gone())?;
+    answer.await.unwrap_or_else(|_| Err(writer_gone()))
+}
+
 /// How `batch`, written together, is answered, as if its creations had run one after
 /// another in their order: each one's answer, and the creations to write (their notes, and
 /// with a key the key's first answer). `first` holds the keys' first answers in the

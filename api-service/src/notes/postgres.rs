@@ -18,12 +18,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 
 use super::{
     Created, Cursor, IDEMPOTENCY_TTL_MILLIS, Idempotent, Job, Note, NoteBody, NoteId, NotePatch,
     NoteTitle, NotesStore, Page, PageSize, PurgeClock, StoredRow, first_answer, first_answers,
-    plan_creations, shared_error, writer_gone,
+    plan_creations, shared_error, written_by,
 };
 use crate::db::{PgDb, is_retryable, retry_once, transient};
 use crate::error::ApiError;
@@ -461,15 +461,7 @@ impl NotesStore for PgNotes {
                 Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
             }
         }
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            openid: openid.to_owned(),
-            note: note.clone(),
-            idempotent,
-            reply,
-        };
-        self.creations.send(job).await.map_err(|_| writer_gone())?;
-        answer.await.unwrap_or_else(|_| Err(writer_gone()))
+        written_by(&self.creations, openid, note, idempotent).await
     }
 
     async fn list(

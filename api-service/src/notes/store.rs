@@ -6,12 +6,12 @@ use async_trait::async_trait;
 use shared::WriteTurn;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{
     Created, Cursor, FirstAnswers, IDEMPOTENCY_TTL_MILLIS, Idempotent, Job, Note, NoteBody, NoteId,
     NotePatch, NoteTitle, NotesStore, Page, PageSize, PurgeClock, StoredRow, first_answers,
-    plan_creations, shared_error, writer_gone,
+    plan_creations, shared_error, writer_gone, written_by,
 };
 use crate::db::{db_error, transient};
 use crate::error::ApiError;
@@ -338,17 +338,7 @@ impl NotesStore for SqliteNotes {
         note: &Note,
         idempotent: Option<Idempotent>,
     ) -> Result<Created, ApiError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            openid: openid.to_owned(),
-            note: note.clone(),
-            idempotent,
-            reply,
-        };
-        if self.writer.send(job).await.is_err() {
-            return Err(writer_gone());
-        }
-        answer.await.unwrap_or_else(|_| Err(writer_gone()))
+        written_by(&self.writer, openid, note, idempotent).await
     }
 
     async fn list(
