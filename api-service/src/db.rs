@@ -94,7 +94,13 @@ impl Db {
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
-        sqlx::migrate!("./migrations/sqlite")
+        let migrator = sqlx::migrate!("./migrations/sqlite");
+        let applied = shared::migrations::applied_sqlite(&pool)
+            .await
+            .context("cannot read the SQLite database's migration history")?;
+        shared::migrations::refuse_foreign(&applied, &migrator, "api-service (API_DATABASE_URL)")
+            .context("cannot apply the SQLite migrations")?;
+        migrator
             .run(&pool)
             .await
             .context("cannot apply the SQLite migrations")?;
@@ -231,10 +237,21 @@ async fn migrate_once(options: &PgConnectOptions) -> anyhow::Result<()> {
         .connect_with(options.clone())
         .await
         .context("cannot connect to PostgreSQL")?;
-    let migrated = sqlx::migrate!("./migrations/postgres")
-        .run(&pool)
-        .await
-        .context("cannot apply the PostgreSQL migrations");
+    let migrator = sqlx::migrate!("./migrations/postgres");
+    let migrated = match shared::migrations::applied_postgres(&pool).await {
+        Ok(applied) => {
+            match shared::migrations::refuse_foreign(
+                &applied,
+                &migrator,
+                "api-service (API_DATABASE_URL)",
+            ) {
+                Ok(()) => migrator.run(&pool).await.map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e.context("cannot read the database's migration history")),
+    }
+    .context("cannot apply the PostgreSQL migrations");
     pool.close().await;
     migrated
 }

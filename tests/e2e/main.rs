@@ -15,6 +15,7 @@ mod common;
 mod connection_age;
 mod local;
 mod metrics;
+mod one_database;
 mod postgres_down;
 mod redis_down;
 mod replicas;

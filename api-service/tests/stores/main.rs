@@ -37,4 +37,5 @@ macro_rules! on_every_backend {
 mod notes;
 mod postgres;
 mod profiles;
+mod schema;
 mod support;

@@ -163,10 +163,22 @@ impl PostgresStore {
             .max_connections(1)
             .acquire_timeout(MIGRATION_CONNECT_TIMEOUT)
             .connect_lazy_with(self.migration_options.clone());
-        let applied = MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}"));
+        let applied = match shared::migrations::applied_postgres(&pool).await {
+            Ok(history) => match shared::migrations::refuse_foreign(
+                &history,
+                &MIGRATOR,
+                "auth-service (AUTH_DATABASE_URL)",
+            ) {
+                Ok(()) => MIGRATOR
+                    .run(&pool)
+                    .await
+                    .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}")),
+                Err(e) => Err(anyhow!("cannot apply the PostgreSQL migrations: {e}")),
+            },
+            Err(e) => Err(anyhow!(
+                "cannot read the PostgreSQL migration history: {e:#}"
+            )),
+        };
         pool.close().await;
         applied?;
         self.ready.send_replace(true);

@@ -1422,3 +1422,68 @@ async fn a_second_opening_of_one_sqlite_file_is_refused_while_the_first_is_open(
         .await
         .expect("opens once the first is closed");
 }
+
+// ---------------------------------------------------------------------------------------
+// A database that holds the edge's schema (both services pointed at one database).
+
+#[tokio::test]
+async fn sqlite_refuses_a_file_that_holds_the_edges_schema_and_says_why() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("shared.db");
+    let edge = SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .expect("SQLite");
+    sqlx::migrate!("../api-service/migrations/sqlite")
+        .run(&edge)
+        .await
+        .expect("the edge's migrations");
+    edge.close().await;
+
+    let why = SqliteStore::open(&path)
+        .await
+        .map(|_| ())
+        .expect_err("a file with the edge's schema");
+
+    let why = format!("{why:#}");
+    assert!(why.contains("another program's schema"), "{why}");
+    assert!(
+        why.contains(
+            r#"its migration 1 is "profiles", where auth-service (AUTH_DATABASE_URL)'s is "init""#
+        ),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_database_that_holds_the_edges_schema_and_says_why() {
+    let Some(fixture) = Fixture::postgres("postgres_refuses_a_database_that_holds_the_edges").await
+    else {
+        return;
+    };
+    let Backend::Postgres(url) = &fixture.backend else {
+        unreachable!("a PostgreSQL fixture");
+    };
+    let edge = PgPool::connect(url).await.expect("PostgreSQL");
+    sqlx::migrate!("../api-service/migrations/postgres")
+        .run(&edge)
+        .await
+        .expect("the edge's migrations");
+    edge.close().await;
+    let store = PostgresStore::connect_lazy(&SecretString::from(url.clone())).expect("store");
+
+    let why = store.migrate().await.expect_err("the edge's schema");
+
+    let why = format!("{why:#}");
+    assert!(why.contains("another program's schema"), "{why}");
+    assert!(
+        why.contains(
+            r#"its migration 1 is "profiles", where auth-service (AUTH_DATABASE_URL)'s is "init""#
+        ),
+        "{why}"
+    );
+    assert!(!store.is_ready());
+}

@@ -1,0 +1,141 @@
+//! A database's migration history, checked before a service migrates it.
+//!
+//! auth-service and api-service each keep their schema's history in sqlx's
+//! `_sqlx_migrations` table, numbered from 1. Pointed at one database, the second service
+//! to start would find the first one's migration 1 there and sqlx would report that
+//! "migration 1 was previously applied but has been modified", which sends an operator
+//! looking for an edited file. [`refuse_foreign`] says what happened instead: the database
+//! holds another program's schema, and each service needs a database of its own.
+
+use anyhow::bail;
+use sqlx::migrate::Migrator;
+use sqlx::{PgPool, SqlitePool};
+
+/// The migrations applied to a PostgreSQL database (none when it has no history table), by
+/// version, with their descriptions.
+pub async fn applied_postgres(pool: &PgPool) -> anyhow::Result<Vec<(i64, String)>> {
+    // `to_regclass` looks the name up on the search path, as sqlx's migrator does.
+    let has_history: bool =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    if !has_history {
+        return Ok(Vec::new());
+    }
+    Ok(
+        sqlx::query_as("SELECT version, description FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// The migrations applied to an SQLite database, as [`applied_postgres`].
+pub async fn applied_sqlite(pool: &SqlitePool) -> anyhow::Result<Vec<(i64, String)>> {
+    let has_history: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+         WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !has_history {
+        return Ok(Vec::new());
+    }
+    Ok(
+        sqlx::query_as("SELECT version, description FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Fails when `applied` holds a migration that `ours` numbers the same but describes
+/// otherwise: the database belongs to another program. `service` names the service and the
+/// setting that chose the database, for the message (`api-service (API_DATABASE_URL)`).
+///
+/// Anything else is left to sqlx, which reports it well: an edited migration (same
+/// description, another checksum), or one it does not know (a newer release ran here).
+pub fn refuse_foreign(
+    applied: &[(i64, String)],
+    ours: &Migrator,
+    service: &str,
+) -> anyhow::Result<()> {
+    for (version, theirs) in applied {
+        let Some(mine) = ours.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        if mine.description != theirs.as_str() {
+            bail!(
+                "this database holds another program's schema: its migration {version} is \
+                 {theirs:?}, where {service}'s is {:?}. auth-service and api-service each need \
+                 a database of their own",
+                mine.description
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use sqlx::migrate::{Migration, MigrationType};
+
+    use super::*;
+
+    fn migrator(descriptions: &[&'static str]) -> Migrator {
+        Migrator::with_migrations(
+            descriptions
+                .iter()
+                .zip(1..)
+                .map(|(description, version)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(*description),
+                        MigrationType::Simple,
+                        sqlx::SqlStr::from_static("SELECT 1"),
+                        false,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn another_programs_history_is_named_as_such() {
+        let ours = migrator(&["profiles", "notes"]);
+        let applied = vec![(1, "init".to_owned()), (2, "sensitive data".to_owned())];
+        let e = refuse_foreign(&applied, &ours, "api-service (API_DATABASE_URL)")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("another program's schema"), "{e}");
+        assert!(
+            e.contains(
+                r#"its migration 1 is "init", where api-service (API_DATABASE_URL)'s is "profiles""#
+            ),
+            "{e}"
+        );
+        assert!(e.contains("a database of their own"), "{e}");
+    }
+
+    #[test]
+    fn our_own_history_passes_whole_partial_or_newer() {
+        let ours = migrator(&["profiles", "notes"]);
+        for applied in [
+            vec![],
+            vec![(1, "profiles".to_owned())],
+            vec![(1, "profiles".to_owned()), (2, "notes".to_owned())],
+            // A newer release's migration 3: sqlx's own error says it is missing here.
+            vec![
+                (1, "profiles".to_owned()),
+                (2, "notes".to_owned()),
+                (3, "tags".to_owned()),
+            ],
+        ] {
+            assert!(
+                refuse_foreign(&applied, &ours, "api-service").is_ok(),
+                "{applied:?}"
+            );
+        }
+    }
+}
