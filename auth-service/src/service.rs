@@ -931,13 +931,19 @@ impl AuthCore {
     async fn stored_phone(&self, openid: &str) -> Result<Option<PhoneNumber>, AuthError> {
         let phone = match self.store.phone(openid).await? {
             None => None,
-            Some(sealed) => {
-                let plain = self
-                    .keys
-                    .open(&sealed, openid.as_bytes())
-                    .map_err(AuthError::internal)?;
-                Some(serde_json::from_slice(&plain).map_err(AuthError::internal)?)
-            }
+            Some(sealed) => match self.keys.open(&sealed, openid.as_bytes()) {
+                Ok(plain) => Some(serde_json::from_slice(&plain).map_err(AuthError::internal)?),
+                // Sealed under an AUTH_TOKEN_KEY that has since changed: unreadable, as the
+                // sessions of that time are. The user has no number until one is bound
+                // again, where an error would fail every `GET /v1/me` of theirs.
+                Err(_) => {
+                    warn!(
+                        "a stored phone number does not open with this AUTH_TOKEN_KEY (it \
+                         changed since): answered as none until the user binds one again"
+                    );
+                    None
+                }
+            },
         };
         Ok(phone)
     }

@@ -325,6 +325,76 @@ async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() 
 }
 
 #[tokio::test]
+async fn auth_a_number_sealed_under_a_former_token_key_is_none_until_bound_again() {
+    // Arrange: a user with a number.
+    let mut w = world(&[]).await;
+    let (owner, token) = new_user(&w.sim, &mut w.client).await;
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13800138000").for_openid(&owner))
+        .await
+        .expect("mint a phone code");
+    phone(&mut w.client, &token, &code)
+        .await
+        .expect("the exchange");
+
+    // Act: AUTH_TOKEN_KEY changes (everyone is logged out) on the same database, and the
+    // user logs in again.
+    w.auth
+        .process_mut()
+        .stop(Duration::from_secs(20))
+        .await
+        .expect("auth-service stops");
+    let database = format!("sqlite://{}", w.auth.db_path().display());
+    let auth = AuthProcess::start(
+        &w.sim,
+        &[
+            ("AUTH_DATABASE_URL", database.as_str()),
+            (
+                "AUTH_TOKEN_KEY",
+                "a-new-token-key-after-a-rotation-0123456789",
+            ),
+        ],
+    )
+    .await
+    .expect("auth-service starts with a new key");
+    let mut client = auth.client().await.expect("client");
+    let minted = w
+        .sim
+        .mint_code(&MintCode::for_openid(&owner))
+        .await
+        .expect("mint");
+    let login = client
+        .login(login_request(&minted.code, None, "203.0.113.9"))
+        .await
+        .expect("login")
+        .into_inner();
+    let (token, _) = tokens(login.tokens.as_ref());
+
+    // Assert: no number (the old one cannot be read), not an error on every call.
+    assert_eq!(verify_phone(&mut client, &token).await, None);
+    let err = phone(&mut client, &token, "")
+        .await
+        .expect_err("no readable number");
+    assert_eq!(reason(&err), "PHONE_NOT_SET");
+    // Bound again, it is there.
+    let code = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13900139000").for_openid(&owner))
+        .await
+        .expect("mint a phone code");
+    phone(&mut client, &token, &code)
+        .await
+        .expect("the exchange");
+    assert_eq!(
+        verify_phone(&mut client, &token)
+            .await
+            .map(|p| p.pure_phone_number),
+        Some("13900139000".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
     let mut w = world(&[]).await;
     let (owner, token) = new_user(&w.sim, &mut w.client).await;

@@ -197,18 +197,53 @@ fn country_code(raw: &serde_json::Value) -> Option<String> {
 /// Turns an answer's body into `T`, or into WeChat's error when it carries a non-zero
 /// errcode. Malformed answers say what is wrong, never what they held.
 fn parse_answer<T: DeserializeOwned>(body: &[u8]) -> Result<T, WechatCallError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| WechatCallError::Malformed(format!("not JSON ({e})")))?;
-    let status = Status::deserialize(&value)
-        .map_err(|e| WechatCallError::Malformed(format!("bad errcode ({e})")))?;
+    let value: serde_json::Value = from_body(body)?;
+    let status: Status = deserialize(&value)?;
     if let Some(errcode) = status.errcode.filter(|c| *c != 0) {
         return Err(WechatCallError::Api(WechatErr {
             errcode,
             errmsg: status.errmsg.unwrap_or_default(),
         }));
     }
-    // serde's message names the field and the expected type, never the value.
-    T::deserialize(&value).map_err(|e| WechatCallError::Malformed(e.to_string()))
+    deserialize(&value)
+}
+
+/// An answer's body as one JSON value of type `T`, nothing after it.
+fn from_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WechatCallError> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let value = deserialize(&mut json)?;
+    json.end()
+        .map_err(|_| WechatCallError::Malformed("more than one JSON value".into()))?;
+    Ok(value)
+}
+
+/// Deserializes a WeChat answer; a failure says where, and what was wrong, never the value:
+/// serde's own message quotes a value of the wrong type (``invalid type: integer
+/// `13800138000`, expected a string``), which may be a phone number or a session_key, and
+/// these errors are logged.
+fn deserialize<'de, T: Deserialize<'de>>(
+    from: impl serde::Deserializer<'de, Error = serde_json::Error>,
+) -> Result<T, WechatCallError> {
+    use serde_json::error::Category;
+    serde_path_to_error::deserialize(from).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let why = match inner.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                format!(
+                    "not JSON (line {}, column {})",
+                    inner.line(),
+                    inner.column()
+                )
+            }
+            // "missing field `openid`" names a field, nothing it held.
+            Category::Data if inner.to_string().starts_with("missing field") => {
+                format!("{inner} at {path}")
+            }
+            Category::Data => format!("{path} has the wrong type or value"),
+        };
+        WechatCallError::Malformed(why)
+    })
 }
 
 impl WechatClient {
@@ -253,8 +288,7 @@ impl WechatClient {
             .bytes()
             .await
             .map_err(|e| WechatCallError::Unreachable(e.without_url()))?;
-        let raw: RawAnswer = serde_json::from_slice(&body)
-            .map_err(|e| WechatCallError::Malformed(format!("not JSON ({e})")))?;
+        let raw: RawAnswer = from_body(&body)?;
         if let Some(errcode) = raw.errcode.filter(|c| *c != 0) {
             return Err(WechatCallError::Api(WechatErr {
                 errcode,
@@ -430,6 +464,36 @@ mod tests {
         let ok: TokenAnswer =
             parse_answer(br#"{"access_token":"AT","expires_in":7200}"#).expect("a token");
         assert_eq!((ok.access_token.as_str(), ok.expires_in), ("AT", 7200));
+    }
+
+    #[test]
+    fn malformed_answers_name_the_field_never_its_value() {
+        let number = br#"{"phone_info":{"phoneNumber":13800138000,"purePhoneNumber":"1","countryCode":"86"}}"#;
+        let Err(WechatCallError::Malformed(why)) = parse_answer::<PhoneAnswer>(number) else {
+            panic!("a number where a string belongs is malformed");
+        };
+        assert!(!why.contains("13800138000"), "{why}");
+        assert!(why.contains("phone_info.phoneNumber"), "{why}");
+
+        let Err(WechatCallError::Malformed(why)) = parse_answer::<PhoneAnswer>(br#"{"errcode":0}"#)
+        else {
+            panic!("no phone_info is malformed");
+        };
+        assert!(why.contains("missing field `phone_info`"), "{why}");
+
+        for (body, secret) in [
+            (
+                &br#"{"openid":"o","session_key":1234567890123}"#[..],
+                "1234567890123",
+            ),
+            (br#"{"openid":"o","session_key":"a2V5"} {"x":1}"#, "a2V5"),
+            (br#"{"openid":["o-secret"]}"#, "o-secret"),
+        ] {
+            let Err(WechatCallError::Malformed(why)) = from_body::<RawAnswer>(body) else {
+                panic!("{} is malformed", String::from_utf8_lossy(body));
+            };
+            assert!(!why.contains(secret), "{why}");
+        }
     }
 
     #[test]
