@@ -986,7 +986,7 @@ impl AuthCore {
     /// The app's current WeChat access_token (renewed first when less than 5 minutes are
     /// left), for internal clients.
     pub async fn wechat_access_token(&self) -> Result<AppToken, AuthError> {
-        Ok(self.app_tokens.current().await?)
+        Ok(self.app_tokens.current_for_callers().await?)
     }
 
     /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor

@@ -861,6 +861,63 @@ async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
 }
 
 #[tokio::test]
+async fn auth_a_token_force_refreshed_on_one_replica_is_what_the_other_hands_out_next() {
+    let Some((sim, [a, b])) = two_replicas(
+        "auth_sensitive::auth_a_token_force_refreshed_on_one_replica_is_what_the_other_hands_out",
+    )
+    .await
+    else {
+        return;
+    };
+    let (mut client_a, mut client_b) = (
+        a.client().await.expect("client A"),
+        b.client().await.expect("client B"),
+    );
+    // Both replicas hold the first token in memory.
+    let first = client_b
+        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .await
+        .expect("the token")
+        .into_inner()
+        .access_token;
+    let on_a = client_a
+        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .await
+        .expect("the token")
+        .into_inner()
+        .access_token;
+    assert_eq!(on_a, first);
+
+    // Act: WeChat ends it; a phone exchange on replica A alone meets the 40001 and forces a
+    // refresh, which ends the first token for good.
+    let (openid, token) = new_user(&sim, &mut client_a).await;
+    let code = sim
+        .mint_phone_code(&MintPhoneCode::new("13300000000").for_openid(&openid))
+        .await
+        .expect("mint");
+    sim.invalidate_access_token(None).await.expect("invalidate");
+    phone(&mut client_a, &token, &code)
+        .await
+        .expect("the exchange, after one forced refresh");
+    let renewed = sim
+        .access_token()
+        .await
+        .expect("state")
+        .access_token
+        .expect("a new one");
+    assert_ne!(renewed, first);
+
+    // Assert: replica B hands out the new token, not the dead one it held.
+    let on_b = client_b
+        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .await
+        .expect("the token")
+        .into_inner()
+        .access_token;
+    assert_eq!(on_b, renewed);
+}
+
+#[tokio::test]
 async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_the_database_in_clear()
  {
     // Arrange: debug logs, and every path that touches sensitive data: logins on two devices,

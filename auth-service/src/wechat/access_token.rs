@@ -3,7 +3,9 @@
 //! with a generation that counts renewals) and in each process's memory.
 //!
 //! - Reading: memory while the token has more than [`RENEW_MARGIN`] left; else the database;
-//!   else a renewal.
+//!   else a renewal. For callers of `GetWechatAccessToken`, the stored generation is read
+//!   first ([`AccessTokens::current_for_callers`]): another replica's forced refresh ends the
+//!   token in memory.
 //! - Renewing (`force_refresh: false`): one task per process at a time (a process-wide
 //!   mutex), and one replica at a time: the renewer locks the token's row
 //!   ([`Store::lock_app_token`]), looks again, and asks WeChat only if no one renewed it
@@ -158,6 +160,26 @@ impl AccessTokens {
             }
             renewed => renewed,
         }
+    }
+
+    /// [`Self::current`] for a caller outside this process (`GetWechatAccessToken`), checked
+    /// against the store first: another replica's forced refresh ends the token this one
+    /// holds in memory at once, and only the stored generation tells. This process's own
+    /// calls skip the read: a refused token sends them to [`Self::invalidated`], which finds
+    /// the newer one.
+    pub async fn current_for_callers(&self) -> Result<AppToken, AccessTokenError> {
+        if let Some(stored) = self.store.app_token(self.wechat.appid()).await? {
+            let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if cached
+                .as_ref()
+                .is_some_and(|held| held.generation < stored.generation)
+            {
+                // Forgotten, not replaced here: `current` opens the stored one (or renews it
+                // when it is near its end) under its turn.
+                *cached = None;
+            }
+        }
+        self.current().await
     }
 
     /// WeChat refused `failed` as invalid or expired (40001/42001): a token that works,
