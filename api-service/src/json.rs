@@ -47,20 +47,26 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
     if !is_json(headers) {
         return Err(ApiError::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
     }
+    let not_json = |e: serde_json::Error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON for this request: {e}"),
+        )
+    };
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() && path != "." {
             ApiError::invalid(&path, "invalid_request", format!("{path}: {inner}"))
         } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("the body is not valid JSON for this request: {inner}"),
-            )
+            not_json(inner)
         }
-    })
+    })?;
+    // One JSON value and nothing after it but whitespace: `{"title":"a"}xyz` is not JSON.
+    de.end().map_err(not_json)?;
+    Ok(value)
 }
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -120,5 +126,24 @@ mod tests {
         assert_eq!(e.code(), "invalid_json");
         let e = parse::<Note>(&json_headers("text/plain"), b"{}").expect_err("media type");
         assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn anything_after_the_value_but_whitespace_is_invalid_json() {
+        let h = json_headers("application/json");
+        for bad in [
+            &br#"{"title":"a"}xyz"#[..],
+            br#"{"title":"a"}{"title":"b"}"#,
+            br#"{"title":"a"} 1"#,
+        ] {
+            let e = parse::<Note>(&h, bad).expect_err("trailing characters");
+            assert_eq!(
+                (e.status(), e.code()),
+                (StatusCode::BAD_REQUEST, "invalid_json"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(parse::<Note>(&h, b"{\"title\":\"a\"} \r\n\t").is_ok());
     }
 }

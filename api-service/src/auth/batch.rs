@@ -253,14 +253,19 @@ impl Verifier {
     }
 
     /// Watches the oldest queued item while every sender is busy: once it has waited
-    /// [`STALL`], sends one call of what is queued.
+    /// [`STALL`], sends one call of what is queued (in a task of its own, since it may be
+    /// as slow as the senders' calls), and looks again [`STALL`] later, until nothing is
+    /// queued: a queue longer than one call, or what arrives meanwhile, is not left to
+    /// wait for a sender.
     async fn watch(self: Arc<Self>) {
         let mut slot = Slot {
             verifier: &self,
             sender: false,
             armed: true,
         };
-        let batch = loop {
+        // When this watcher last sent a call: the next goes no sooner than STALL after it.
+        let mut sent: Option<Instant> = None;
+        loop {
             let due = {
                 let mut queue = self.lock();
                 let Some(oldest) = queue.waiting.first().map(|w| w.since) else {
@@ -268,17 +273,26 @@ impl Verifier {
                     slot.armed = false;
                     return;
                 };
-                if oldest.elapsed() >= STALL {
-                    queue.watching = false;
-                    slot.armed = false;
-                    break Self::take(&mut queue);
+                let due = sent.map_or(oldest, |sent| sent.max(oldest)) + STALL;
+                if Instant::now() >= due {
+                    Ok(Self::take(&mut queue))
+                } else {
+                    Err(due)
                 }
-                oldest + STALL
             };
-            tokio::time::sleep_until(due.into()).await;
-        };
-        self.calls.stall();
-        self.send(batch).await;
+            match due {
+                Err(due) => tokio::time::sleep_until(due.into()).await,
+                Ok(batch) => {
+                    sent = Some(Instant::now());
+                    // Empty when every queued request had gone: the next look ends it.
+                    if !batch.is_empty() {
+                        self.calls.stall();
+                        let verifier = Arc::clone(&self);
+                        drop(tokio::spawn(async move { verifier.send(batch).await }));
+                    }
+                }
+            }
+        }
     }
 
     /// Sends `waiting` (one call) and hands each its answer.
@@ -745,6 +759,63 @@ mod tests {
         assert_eq!(seen, expected(40));
         assert!(slow.try_join_next().is_none(), "a slow call ended first");
         assert!(calls.counts().2 >= 1, "no stall counted");
+        let slow = slow.join_all().await;
+        assert!(slow.iter().all(Result::is_ok));
+        settles(&client).await;
+    }
+
+    #[tokio::test]
+    async fn a_stall_longer_than_one_call_is_sent_call_after_call() {
+        // Arrange: both senders busy with calls that take SLOW
+        let (fake, client, calls) = serve(Batches::Answered).await;
+        let mut slow = tokio::task::JoinSet::new();
+        for i in 0..2 {
+            let client = client.clone();
+            slow.spawn(async move {
+                let ctx = CallContext::default();
+                client.verify(&ctx, &format!("slow-s{i}"), false).await
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(client.verifier.lock().senders, SENDERS);
+        // More than one call holds, all queued before anyone looks (by hand: no watcher yet).
+        let n = BATCH_MAX + 50;
+        let mut answers = Vec::new();
+        {
+            let mut queue = client.verifier.lock();
+            for i in 0..n {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push(Waiting {
+                    item: pb::VerifyBatchItem {
+                        request: Some(pb::VerifyRequest {
+                            access_token: format!("token-user{i}"),
+                            include_phone: false,
+                        }),
+                        request_id: format!("req-{i}"),
+                    },
+                    reply,
+                    since: Instant::now(),
+                });
+                answers.push(answer);
+            }
+        }
+        let last = pb::VerifyRequest {
+            access_token: "token-last".to_owned(),
+            include_phone: false,
+        };
+
+        // Act: one more request, the usual way (it starts the watcher), and nothing after it
+        let (answers, last) = tokio::join!(join_all(answers), client.verifier.verify(last, "last"));
+
+        // Assert: every one answered, in calls of at most a batch, while the slow calls wait
+        assert!(slow.try_join_next().is_none(), "a slow call ended first");
+        for (i, answer) in answers.into_iter().enumerate() {
+            let answer = answer.expect("answered").expect("verified");
+            assert_eq!(answer.openid, format!("user{i}"));
+        }
+        assert_eq!(last.expect("verified").openid, "last");
+        assert!(calls.counts().2 >= 2, "{:?}", calls.counts());
+        assert!(fake.largest_batch.load(Ordering::Relaxed) <= BATCH_MAX);
         let slow = slow.join_all().await;
         assert!(slow.iter().all(Result::is_ok));
         settles(&client).await;

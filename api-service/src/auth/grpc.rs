@@ -437,14 +437,14 @@ impl AuthApi for GrpcAuth {
     }
 
     async fn ready(&self) -> bool {
-        let answer = self
-            .health
-            .clone()
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        matches!(answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
+        // Under the same deadline as every other call: an auth-service that holds the
+        // connection but does not answer is not ready, and /readyz says so in time.
+        let mut request = Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(self.timeout);
+        let answer = tokio::time::timeout(self.timeout, self.health.clone().check(request)).await;
+        matches!(answer, Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving)
     }
 }
 

@@ -40,6 +40,7 @@ pub struct Identity {
 
 /// The device a login comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Device {
     /// A stable id the mini-program keeps for this install (at most 128 characters).
     #[serde(default)]

@@ -218,9 +218,10 @@ impl NotePatch {
 pub struct PageSize(u32);
 
 impl PageSize {
-    /// Checks `limit` as sent in the query string (absent: 20).
+    /// Checks `limit` as sent in the query string (absent or empty: 20, as an empty
+    /// `cursor` is the first page).
     pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
-        let Some(raw) = raw else {
+        let Some(raw) = raw.filter(|r| !r.is_empty()) else {
             return Ok(Self(DEFAULT_PAGE_SIZE));
         };
         match raw.parse::<u32>() {
@@ -624,9 +625,11 @@ mod tests {
     #[test]
     fn page_sizes_from_1_to_100_default_20() {
         assert_eq!(PageSize::parse(None).expect("default").get(), 20);
+        // `?limit=` is left out, as `?cursor=` is.
+        assert_eq!(PageSize::parse(Some("")).expect("empty").get(), 20);
         assert_eq!(PageSize::parse(Some("1")).expect("1").get(), 1);
         assert_eq!(PageSize::parse(Some("100")).expect("100").get(), 100);
-        for bad in ["0", "101", "x", "", "-1", "+5", " 5", "1.5", "99999999999"] {
+        for bad in ["0", "101", "x", " ", "-1", "+5", " 5", "1.5", "99999999999"] {
             let e = PageSize::parse(Some(bad)).expect_err(bad);
             assert_eq!(field_of(&e), (400, "invalid_argument"), "{bad:?}");
         }

@@ -121,7 +121,8 @@ pub async fn patch_me(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhoneBody {
-    /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code).
+    /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code); missing
+    /// or empty: 400 `invalid_code`, and auth-service is not asked for a number.
     #[serde(default)]
     pub code: String,
 }
@@ -147,6 +148,15 @@ pub async fn post_phone(
     auth: Authenticated,
     Json(body): Json<PhoneBody>,
 ) -> Result<axum::Json<PhoneNumber>, ApiError> {
+    // To auth-service an empty code means "the number already kept": never what this
+    // route was asked, so a client that sent none is told so, as a login without one is.
+    if body.code.is_empty() {
+        return Err(ApiError::invalid(
+            "code",
+            "invalid_code",
+            "code is missing or empty: send the code of the getPhoneNumber button",
+        ));
+    }
     let ctx = CallContext { request_id };
     let phone = state
         .auth

@@ -331,6 +331,51 @@ mod tests {
         assert_eq!((status, &body["status"]), (StatusCode::OK, &"ok".into()));
     }
 
+    #[tokio::test]
+    async fn an_auth_service_that_never_answers_is_not_ready() {
+        // Arrange: it takes the connection and never says a word; calls wait 200 ms.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let frozen = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let auth = Arc::new(
+            crate::auth::GrpcAuth::new(
+                &format!("http://{addr}"),
+                Duration::from_millis(200),
+                Duration::from_millis(200),
+                None,
+                crate::metrics::VerifyCalls::default(),
+            )
+            .expect("client"),
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = sqlite_state(auth, &dir.path().join("api.db")).await;
+        // The request's own limit is far off: reaching it would be a 408, not an answer.
+        let app = router(
+            state,
+            Limits {
+                body: 1024,
+                timeout: Duration::from_secs(10),
+            },
+        );
+
+        // Act
+        let (status, ct, body) = call(app, "/readyz").await;
+
+        // Assert: not ready because of auth-service alone.
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(ct.as_deref(), Some(JSON_UTF8));
+        assert_eq!(body["checks"]["auth_service"], false, "{body}");
+        assert_eq!(body["checks"]["database"], true, "{body}");
+        frozen.abort();
+    }
+
     /// Sends `method path` with `token` as the bearer and `body` as JSON.
     async fn send(
         app: Router,
@@ -421,6 +466,83 @@ mod tests {
                 include_phone: false
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn a_phone_request_without_a_code_is_refused_before_get_phone_number() {
+        use axum::http::Method;
+
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::with_phone("13800138000"));
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+        let app = router(state, limits());
+
+        for body in [serde_json::json!({}), serde_json::json!({"code": ""})] {
+            // Act
+            let (status, answer) = send(
+                app.clone(),
+                Method::POST,
+                "/v1/me/phone",
+                "alice",
+                Some(body.clone()),
+            )
+            .await;
+
+            // Assert: the client's mistake, named; auth-service only asked who is calling.
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+            assert_eq!(answer["error"]["code"], "invalid_code", "{body}: {answer}");
+            assert_eq!(answer["error"]["field"], "code", "{body}: {answer}");
+            assert_eq!(
+                auth.take_calls(),
+                [Call::Verify {
+                    include_phone: false
+                }],
+                "{body}"
+            );
+        }
+
+        // A code is still exchanged.
+        let body = serde_json::json!({"code": "phone-code-1"});
+        let (status, answer) = send(app, Method::POST, "/v1/me/phone", "alice", Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["phone_number"], "13800138000");
+        assert_eq!(
+            auth.take_calls(),
+            [
+                Call::Verify {
+                    include_phone: false
+                },
+                Call::PhoneNumber {
+                    code: "phone-code-1".to_owned()
+                }
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_device_field_is_refused_and_names_it() {
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::default());
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+        let body = serde_json::json!({"code": "abc", "device": {"idd": "my-phone"}});
+
+        // Act
+        let (status, answer) = send(
+            router(state, limits()),
+            axum::http::Method::POST,
+            "/v1/auth/login",
+            "",
+            Some(body),
+        )
+        .await;
+
+        // Assert: as an unknown field at the top level is (by its path), and no Login.
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+        assert_eq!(answer["error"]["field"], "device.idd", "{answer}");
+        assert_eq!(auth.take_calls(), []);
     }
 
     #[tokio::test]

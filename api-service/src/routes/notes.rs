@@ -88,7 +88,7 @@ fn some<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Page size, 1 to 100 (default 20).
+    /// Page size, 1 to 100 (default 20, also when sent empty).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page; absent for the first page.
