@@ -89,6 +89,24 @@ pub fn in_call<F: Future>(call: Call, work: F) -> TaskLocalFuture<Call, F> {
     CALL.scope(call, work)
 }
 
+/// Runs `work` on a task of its own, as part of the current task's call, to its end even if
+/// the caller stops waiting: a server drops a call's future when the client gives up (an
+/// HTTP/2 stream reset at the client's deadline), and work whose steps must all happen once
+/// one has (an end committed, then its mark in the shared cache; a code spent at WeChat,
+/// then remembered as used) must not stop between them. `None` if the task panicked or the
+/// runtime is shutting down.
+pub async fn to_completion<T, F>(work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let task = match CALL.try_with(Call::clone) {
+        Ok(call) => tokio::spawn(in_call(call, work)),
+        Err(_not_in_a_call) => tokio::spawn(work),
+    };
+    task.await.ok()
+}
+
 /// A tracing span of the task's call (`grpc`, with its method and request id), for work that
 /// leaves the task for a thread of its own and takes the current span along (sqlx runs
 /// SQLite's statements so, and logs there); `Span::none()` outside a call. It costs what a
@@ -526,5 +544,34 @@ mod tests {
         assert_eq!(out, r#"a\"b\\c\u0000\u001f\r\n\té"#);
         let parsed: String = serde_json::from_str(&format!("\"{out}\"")).expect("a JSON string");
         assert_eq!(parsed, "a\"b\\c\u{0}\u{1f}\r\n\té");
+    }
+
+    #[tokio::test]
+    async fn work_run_to_completion_ends_in_its_call_though_the_caller_stopped_waiting() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let work = async move {
+            let _ = wait.await;
+            let request_id = CALL.try_with(|call| call.request_id.clone()).ok();
+            let _ = finished.send(request_id);
+        };
+        let caller = tokio::spawn(in_call(
+            Call::new("/wxauth.v1.AuthService/Logout", "req-1"),
+            to_completion(work),
+        ));
+        tokio::task::yield_now().await;
+
+        // Act: the server drops the call's future (the client reset its stream).
+        caller.abort();
+        assert!(caller.await.is_err_and(|e| e.is_cancelled()));
+        go.send(()).expect("the work still waits");
+
+        // Assert: the work went on to its end, as part of its call.
+        assert_eq!(done.await.ok(), Some(Some("req-1".to_owned())));
+    }
+
+    #[tokio::test]
+    async fn to_completion_answers_what_the_work_did() {
+        assert_eq!(to_completion(async { 7 }).await, Some(7));
     }
 }

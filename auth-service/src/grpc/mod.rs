@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures_util::future::{join, join_all};
 use proto::v1::auth_service_server::AuthService;
 use proto::v1::{self as pb};
-use shared::telemetry::{Call, in_call};
+use shared::telemetry::{Call, in_call, to_completion};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{Device, Invalid, Millis, WechatCode, now_millis};
@@ -139,6 +139,24 @@ impl GrpcAuth {
         self.metrics
             .observe_call(method, outcome(&result), started.elapsed());
         result.map(Response::new).map_err(Status::from)
+    }
+
+    /// Runs a call that writes on a task of its own, to its end even if the client stops
+    /// waiting ([`to_completion`]): tonic drops a call's future when the client resets its
+    /// stream, as the edge does at its deadline, and a logout committed but not yet marked
+    /// `ended` in Redis, or a code spent at WeChat but not yet remembered as used, must not
+    /// stop there.
+    async fn to_the_end<T, F, Fut>(&self, call: F) -> Result<T, AuthError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Self) -> Fut,
+        Fut: Future<Output = Result<T, AuthError>> + Send + 'static,
+    {
+        to_completion(call(self.clone())).await.unwrap_or_else(|| {
+            Err(AuthError::internal(anyhow::anyhow!(
+                "the call's task ended before the call did"
+            )))
+        })
     }
 
     async fn login_call(
@@ -395,11 +413,12 @@ impl AuthService for GrpcAuth {
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer = request.remote_addr();
-        let call = async {
-            let result = self.login_call(request.into_inner(), peer).await;
-            self.metrics.login_outcome(outcome(&result));
+        let request = request.into_inner();
+        let call = self.to_the_end(move |this| async move {
+            let result = this.login_call(request, peer).await;
+            this.metrics.login_outcome(outcome(&result));
             result
-        };
+        });
         self.observed(path!("Login"), call).await
     }
 
@@ -426,16 +445,18 @@ impl AuthService for GrpcAuth {
         &self,
         request: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
-        self.observed(path!("Refresh"), self.refresh_call(request.get_ref()))
-            .await
+        let request = request.into_inner();
+        let call = self.to_the_end(move |this| async move { this.refresh_call(&request).await });
+        self.observed(path!("Refresh"), call).await
     }
 
     async fn logout(
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        self.observed(path!("Logout"), self.logout_call(request.get_ref()))
-            .await
+        let request = request.into_inner();
+        let call = self.to_the_end(move |this| async move { this.logout_call(&request).await });
+        self.observed(path!("Logout"), call).await
     }
 
     async fn list_sessions(
@@ -453,11 +474,10 @@ impl AuthService for GrpcAuth {
         &self,
         request: Request<pb::RevokeUserRequest>,
     ) -> Result<Response<pb::RevokeUserResponse>, Status> {
-        self.observed(
-            path!("RevokeUser"),
-            self.revoke_user_call(request.get_ref()),
-        )
-        .await
+        let request = request.into_inner();
+        let call =
+            self.to_the_end(move |this| async move { this.revoke_user_call(&request).await });
+        self.observed(path!("RevokeUser"), call).await
     }
 
     async fn list_session_events(
@@ -486,11 +506,10 @@ impl AuthService for GrpcAuth {
         &self,
         request: Request<pb::GetPhoneNumberRequest>,
     ) -> Result<Response<pb::GetPhoneNumberResponse>, Status> {
-        self.observed(
-            path!("GetPhoneNumber"),
-            self.get_phone_number_call(request.get_ref()),
-        )
-        .await
+        let request = request.into_inner();
+        let call =
+            self.to_the_end(move |this| async move { this.get_phone_number_call(&request).await });
+        self.observed(path!("GetPhoneNumber"), call).await
     }
 
     async fn get_wechat_access_token(
