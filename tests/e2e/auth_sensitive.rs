@@ -631,6 +631,43 @@ async fn auth_an_access_token_in_its_last_five_minutes_is_renewed_before_it_expi
     }
 }
 
+#[tokio::test]
+async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat_again() {
+    let mut w = world(&[]).await;
+    // A token that lives 4 minutes: in its renewal window from the start, still working.
+    w.sim
+        .set_access_token_lifetime(240)
+        .await
+        .expect("lifetime");
+    let mut token = async || {
+        w.client
+            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .await
+            .expect("the token")
+            .into_inner()
+            .access_token
+    };
+    let held = token().await;
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1
+    );
+
+    // Act: WeChat refuses every renewal; callers keep asking.
+    w.sim
+        .add_fault(&Fault::error(45009).on_endpoint("stable_token"))
+        .await
+        .expect("a failing stable_token");
+    let answers = [token().await, token().await, token().await];
+
+    // Assert: the working token each time, and one renewal tried for all of them.
+    assert!(answers.iter().all(|t| *t == held));
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        2
+    );
+}
+
 /// Two auth-service replicas on one PostgreSQL database and one Redis, or `None` to skip.
 async fn two_replicas(test: &str) -> Option<(SimProcess, [AuthProcess; 2])> {
     let External::Run(redis_url) = redis(test) else {

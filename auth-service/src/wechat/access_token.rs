@@ -10,7 +10,9 @@
 //!   mutex), and one replica at a time: the renewer locks the token's row
 //!   ([`Store::lock_app_token`]), looks again, and asks WeChat only if no one renewed it
 //!   meanwhile. WeChat answers a new token in the last 5 minutes of the old one, and the old
-//!   one keeps working until it expires, so a renewal never breaks a call in flight.
+//!   one keeps working until it expires, so a renewal never breaks a call in flight. When a
+//!   renewal fails, the held token is handed out while it works, and WeChat is asked again
+//!   [`RETRY_RENEWAL_AFTER`] later, not by every caller in turn.
 //! - A token WeChat refuses (40001/42001) is [`AccessTokens::invalidated`]: under the same
 //!   lock, if the row still holds the generation that failed, one forced refresh
 //!   (`force_refresh: true`, which ends the old token at once and is limited to 20 a day);
@@ -32,6 +34,11 @@ use crate::store::{AppTokenLock, Store, StoreError, StoredAppToken};
 /// A token with less than this left is renewed (WeChat makes the next one in the last 5
 /// minutes of the current one).
 pub const RENEW_MARGIN: Duration = Duration::from_secs(300);
+
+/// After a renewal failed while the held token still works, how long it is handed out without
+/// asking WeChat again: each caller would otherwise take its turn and wait up to
+/// `AUTH_WECHAT_TIMEOUT` for the same failure.
+const RETRY_RENEWAL_AFTER: Duration = Duration::from_secs(15);
 
 /// The app's access_token as handed out.
 #[derive(Clone)]
@@ -96,6 +103,9 @@ pub struct AccessTokens {
     cached: Mutex<Option<AppToken>>,
     /// One renewal (or look at the database) at a time in this process.
     turn: tokio::sync::Mutex<()>,
+    /// When the last renewal failed while the held token still worked, if that was the
+    /// last renewal tried.
+    failed_renewal: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for AccessTokens {
@@ -117,6 +127,7 @@ impl AccessTokens {
             context,
             cached: Mutex::new(None),
             turn: tokio::sync::Mutex::new(()),
+            failed_renewal: Mutex::new(None),
         }
     }
 
@@ -141,6 +152,13 @@ impl AccessTokens {
             self.remember(&token);
             return Ok(token);
         }
+        // A renewal failed a moment ago: the token held still works, and WeChat is not asked
+        // again so soon.
+        if let Some(token) = self.cached().filter(|t| t.expires_at > now_millis())
+            && self.renewal_failed_recently()
+        {
+            return Ok(token);
+        }
         // Renewal: hold the row, look again (another replica may have renewed it while this
         // one waited for the lock), and only then ask WeChat.
         let lock = self.store.lock_app_token(self.wechat.appid()).await?;
@@ -153,7 +171,11 @@ impl AccessTokens {
         match self.renew(lock, false).await {
             // WeChat failed in the token's last minutes: it still works until it expires.
             Err(e) if held.as_ref().is_some_and(|t| t.expires_at > now_millis()) => {
-                warn!(error = %e, "could not renew the app's access_token; using it until it expires");
+                warn!(error = %e, retry_after = ?RETRY_RENEWAL_AFTER, "could not renew the app's access_token; using it until it expires");
+                *self
+                    .failed_renewal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
                 let token = held.ok_or(e)?;
                 self.remember(&token);
                 Ok(token)
@@ -243,6 +265,10 @@ impl AccessTokens {
             expires_at,
             generation: stored.generation,
         };
+        *self
+            .failed_renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         self.remember(&token);
         Ok(token)
     }
@@ -281,6 +307,13 @@ impl AccessTokens {
             expires_at: stored.expires_at,
             generation: stored.generation,
         })
+    }
+
+    fn renewal_failed_recently(&self) -> bool {
+        self.failed_renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < RETRY_RENEWAL_AFTER)
     }
 
     fn cached(&self) -> Option<AppToken> {
