@@ -37,6 +37,47 @@ pub enum Stamp {
     Unusable,
 }
 
+/// The value of a stamp's key while writes run: `writing:<n>`, `n` the writes running (an
+/// older replica's plain `writing` counts as one). A stamp is made only where the key is
+/// absent (`SET NX`), so none can be made while a write runs: not even after another,
+/// concurrent write has ended (with a plain `writing` that one's end deleted the mark, and a
+/// read could then keep, under a new stamp, what the database held before the other write
+/// committed; if the other write then failed to delete that stamp, the stale copy stayed
+/// in use for the stamp's life).
+pub const WRITING: &str = "writing";
+
+/// Whether a stamp key's value says that a write runs.
+pub fn is_writing(value: &str) -> bool {
+    value.starts_with(WRITING)
+}
+
+/// Lua: a write begins. KEYS[1] the stamp's key, ARGV[1] the mark's life in ms (each start
+/// renews it). Returns the writes now running.
+pub const WRITE_STARTED_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+local n = 0
+if v then
+  local m = string.match(v, '^writing:(%d+)$')
+  if m then n = tonumber(m) elseif v == 'writing' then n = 1 end
+end
+redis.call('SET', KEYS[1], 'writing:' .. (n + 1), 'PX', ARGV[1])
+return n + 1
+";
+
+/// Lua: a write ended (committed or not). One write less; with none left the key goes, and
+/// the next read makes a new stamp. KEYS[1] the stamp's key. Returns the writes still
+/// running.
+pub const WRITE_ENDED_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+local m = v and string.match(v, '^writing:(%d+)$')
+if m and tonumber(m) > 1 then
+  redis.call('SET', KEYS[1], 'writing:' .. (tonumber(m) - 1), 'KEEPTTL')
+  return tonumber(m) - 1
+end
+redis.call('DEL', KEYS[1])
+return 0
+";
+
 /// The bounded map of key → kept value; with a capacity of 0 it keeps nothing.
 pub struct Kept<V> {
     map: Option<Cache<String, (Option<String>, V)>>,

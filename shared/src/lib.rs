@@ -12,6 +12,6 @@ mod redis;
 pub mod runtime;
 pub mod telemetry;
 
-pub use kept::{Kept, Read, Stamp, Write};
+pub use kept::{Kept, Read, Stamp, WRITE_ENDED_LUA, WRITE_STARTED_LUA, WRITING, Write, is_writing};
 pub use one_process::{OneProcess, TURN_WAIT, WriteTurn};
 pub use redis::LazyRedis;

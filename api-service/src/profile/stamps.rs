@@ -6,8 +6,9 @@
 //! - absent: no stamp yet, or it lapsed; a read makes one (`SET NX`, random, for
 //!   [`STAMP_FOR`]) before it reads the database, and keeps what it read under it;
 //! - random hex: the stamp now; a profile read under it is current while it stays;
-//! - `writing`: a change runs (set before it starts, deleted when it ends; if the delete
-//!   fails, it lapses after [`WRITING_FOR`]); nothing is kept, and nothing kept is used.
+//! - `writing:<n>`: `n` changes run ([`shared::WRITING`]: set before a change starts, one
+//!   less when it ends and deleted with the last; if that fails, it lapses after
+//!   [`WRITING_FOR`]); nothing is kept, nothing kept is used, and no stamp is made.
 //!
 //! A change replaces the stamp before it touches the database, and a random stamp never
 //! comes back, so a copy read before the change is never used after it has begun.
@@ -22,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use redis::RedisError;
 use redis::aio::ConnectionManager;
+use redis::{RedisError, Script};
 use secrecy::SecretString;
 use shared::{LazyRedis, Stamp};
 use tracing::warn;
@@ -37,8 +38,6 @@ const STAMP_FOR: Duration = Duration::from_secs(24 * 3600);
 /// The longest a change keeps the stamp at `writing` if it cannot delete it (far above
 /// one database write; until then that user's profile is read from the database).
 const WRITING_FOR: Duration = Duration::from_secs(300);
-/// The stamp of a profile being changed.
-const WRITING: &str = "writing";
 /// The most one call may take, connecting included.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// At most one warning about Redis failures per this long (in milliseconds).
@@ -47,6 +46,9 @@ const WARN_EVERY_MS: u64 = 10_000;
 /// The stamps of profiles in one Redis.
 pub struct Stamps {
     redis: LazyRedis,
+    /// [`shared::WRITE_STARTED_LUA`] and [`shared::WRITE_ENDED_LUA`].
+    write_started: Script,
+    write_ended: Script,
     /// When the last warning was logged (ms since the epoch).
     warned_at: AtomicU64,
 }
@@ -65,6 +67,8 @@ impl Stamps {
     pub fn new(url: &SecretString) -> anyhow::Result<Self> {
         Ok(Self {
             redis: LazyRedis::new(url).map_err(|e| e.context("API_REDIS_URL is not usable"))?,
+            write_started: Script::new(shared::WRITE_STARTED_LUA),
+            write_ended: Script::new(shared::WRITE_ENDED_LUA),
             warned_at: AtomicU64::new(0),
         })
     }
@@ -85,7 +89,7 @@ impl Stamps {
             .await;
         match got {
             Ok(None) => Stamp::Missing,
-            Ok(Some(s)) if s == WRITING => Stamp::Unusable,
+            Ok(Some(s)) if shared::is_writing(&s) => Stamp::Unusable,
             Ok(Some(s)) => Stamp::Current(s),
             Err(e) => {
                 self.warn(&e);
@@ -126,13 +130,12 @@ impl Stamps {
     /// go on: the other replicas could not be told.
     pub async fn write_started(&self, openid: &str) -> Result<(), ApiError> {
         self.call("SET writing", |mut conn| async move {
-            redis::cmd("SET")
-                .arg(Self::key(openid))
-                .arg(WRITING)
-                .arg("PX")
+            self.write_started
+                .key(Self::key(openid))
                 .arg(ms(WRITING_FOR))
-                .query_async::<()>(&mut conn)
+                .invoke_async::<i64>(&mut conn)
                 .await
+                .map(drop)
         })
         .await
         .map_err(|e| {
@@ -146,10 +149,11 @@ impl Stamps {
     pub async fn write_ended(&self, openid: &str) {
         let deleted = self
             .call("DEL", |mut conn| async move {
-                redis::cmd("DEL")
-                    .arg(Self::key(openid))
-                    .query_async::<()>(&mut conn)
+                self.write_ended
+                    .key(Self::key(openid))
+                    .invoke_async::<i64>(&mut conn)
                     .await
+                    .map(drop)
             })
             .await;
         if let Err(e) = deleted {

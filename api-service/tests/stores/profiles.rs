@@ -5,6 +5,7 @@ use api_service::profile::{
     AvatarUrl, KeptProfiles, Nickname, PgProfiles, ProfilePatch, ProfileStore as _, Stamps,
 };
 use secrecy::SecretString;
+use shared::Stamp;
 use tokio::task::JoinSet;
 
 use crate::support::Backend;
@@ -178,6 +179,37 @@ async fn a_change_through_one_replica_is_what_the_other_answers_next() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_profile_stamp_is_made_while_any_change_runs() {
+    const TEST: &str = "profiles::no_profile_stamp_is_made_while_any_change_runs";
+    let Some(redis) = crate::support::redis_url(TEST) else {
+        return;
+    };
+    let (a, b) = (
+        Stamps::new(&SecretString::from(redis.clone())).expect("a Redis URL"),
+        Stamps::new(&SecretString::from(redis)).expect("a Redis URL"),
+    );
+    let openid = format!("o-{}", uuid::Uuid::new_v4().simple());
+    // Two changes of one profile overlap, on two replicas.
+    a.write_started(&openid).await.expect("A starts");
+    b.write_started(&openid).await.expect("B starts");
+
+    // Act: A's change ends first; B's has not (and may never say so: its end may fail).
+    a.write_ended(&openid).await;
+
+    // Assert: no stamp is made, and none is usable, until B's change ends too.
+    assert_eq!(a.get(&openid).await, Stamp::Unusable);
+    assert_eq!(a.make(&openid).await, None);
+    b.write_ended(&openid).await;
+    assert_eq!(a.get(&openid).await, Stamp::Missing);
+    let made = a.make(&openid).await;
+    assert!(made.is_some());
+    assert_eq!(
+        b.get(&openid).await,
+        Stamp::Current(made.unwrap_or_default())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

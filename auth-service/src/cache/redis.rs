@@ -9,7 +9,7 @@
 //!   never over an `ended`) or `ended` (set over anything), expiring with its TTL;
 //! - `wxauth:<appid>:phone:<openid>`: the stamp of a user's phone number (see
 //!   [`super::PhoneStamp`]): random hex made by a read (`SET NX`, for [`PHONE_STAMP_FOR`]),
-//!   or `writing` while a write of the number runs.
+//!   or `writing:<n>` while `n` writes of the number run ([`shared::WRITING`]).
 //!
 //! Each decision is one atomic step on the server (a Lua script), so replicas racing on one
 //! code or one counter agree. Nothing needs sweeping: Redis expires the keys.
@@ -48,8 +48,6 @@ const CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a phone number's stamp lives: when it lapses, the next read makes another, and
 /// the numbers kept under the old one are read again once.
 const PHONE_STAMP_FOR: Duration = Duration::from_secs(24 * 3600);
-/// The stamp of a number being written.
-const WRITING: &str = "writing";
 
 /// Claims a code: `SET NX` when free, else tells what holds it.
 /// KEYS[1] the code's key; ARGV[1] the in-flight TTL (ms). Returns 0 acquired, 1 in
@@ -96,6 +94,9 @@ pub struct RedisCache {
     claim: Script,
     release: Script,
     hit: Script,
+    /// [`shared::WRITE_STARTED_LUA`] and [`shared::WRITE_ENDED_LUA`], for phone stamps.
+    write_started: Script,
+    write_ended: Script,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -119,6 +120,8 @@ impl RedisCache {
             claim: Script::new(CLAIM_LUA),
             release: Script::new(RELEASE_LUA),
             hit: Script::new(HIT_LUA),
+            write_started: Script::new(shared::WRITE_STARTED_LUA),
+            write_ended: Script::new(shared::WRITE_ENDED_LUA),
         })
     }
 
@@ -182,7 +185,7 @@ fn session_mark(mark: Option<&[u8]>) -> Result<Option<SessionMark>, CacheError> 
 fn phone_stamp(stamp: Option<Vec<u8>>) -> PhoneStamp {
     match stamp.map(String::from_utf8) {
         None => PhoneStamp::Missing,
-        Some(Ok(s)) if s == WRITING => PhoneStamp::Unusable,
+        Some(Ok(s)) if shared::is_writing(&s) => PhoneStamp::Unusable,
         Some(Ok(s)) => PhoneStamp::Current(s),
         Some(Err(_)) => PhoneStamp::Unusable,
     }
@@ -524,13 +527,12 @@ impl Cache for RedisCache {
     async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError> {
         within("phone write started", async {
             let mut conn = self.connection().await?;
-            redis::cmd("SET")
-                .arg(self.phone_key(openid))
-                .arg(WRITING)
-                .arg("PX")
+            self.write_started
+                .key(self.phone_key(openid))
                 .arg(ms(ttl))
-                .query_async::<()>(&mut conn)
+                .invoke_async::<i64>(&mut conn)
                 .await
+                .map(drop)
                 .map_err(failed("phone write started"))
         })
         .await
@@ -539,10 +541,11 @@ impl Cache for RedisCache {
     async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
         within("phone write ended", async {
             let mut conn = self.connection().await?;
-            redis::cmd("DEL")
-                .arg(self.phone_key(openid))
-                .query_async::<()>(&mut conn)
+            self.write_ended
+                .key(self.phone_key(openid))
+                .invoke_async::<i64>(&mut conn)
                 .await
+                .map(drop)
                 .map_err(failed("phone write ended"))
         })
         .await

@@ -464,6 +464,43 @@ async fn a_released_claim_never_erases_a_used_mark() {
     assert_eq!(claim(&b, &code, IN_FLIGHT_TTL).await, CodeClaim::Used);
 }
 
+#[tokio::test]
+async fn no_phone_stamp_is_made_while_any_write_of_the_number_runs() {
+    let External::Run(url) =
+        support::redis("cache::no_phone_stamp_is_made_while_any_write_of_the_number_runs")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let (a, b) = (redis_at(&url, &appid), redis_at(&url, &appid));
+    let openid = "o-stamped";
+    let ttl = Duration::from_secs(60);
+    // Two writes of one number overlap, on two replicas.
+    a.phone_write_started(openid, ttl).await.expect("A starts");
+    b.phone_write_started(openid, ttl).await.expect("B starts");
+
+    // Act: A's write ends first; B's has not (and may never say so: its end may fail).
+    a.phone_write_ended(openid).await.expect("A ends");
+
+    // Assert: no stamp can be made, and none is usable, until B's write ends too.
+    assert_eq!(
+        a.phone_stamp(openid).await.expect("read"),
+        PhoneStamp::Unusable
+    );
+    assert_eq!(a.new_phone_stamp(openid).await.expect("make"), None);
+    b.phone_write_ended(openid).await.expect("B ends");
+    assert_eq!(
+        a.phone_stamp(openid).await.expect("read"),
+        PhoneStamp::Missing
+    );
+    let made = a.new_phone_stamp(openid).await.expect("make");
+    assert!(made.is_some());
+    assert_eq!(
+        b.phone_stamp(openid).await.expect("read"),
+        PhoneStamp::Current(made.unwrap_or_default())
+    );
+}
+
 // ---- Redis away ----
 
 #[tokio::test]
