@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
 use tracing::{error, info, warn};
 
 use crate::cache::{
@@ -984,9 +986,24 @@ impl AuthCore {
     }
 
     /// The app's current WeChat access_token (renewed first when less than 5 minutes are
-    /// left), for internal clients.
-    pub async fn wechat_access_token(&self) -> Result<AppToken, AuthError> {
-        Ok(self.app_tokens.current_for_callers().await?)
+    /// left), for internal clients; when WeChat `refused` the current one (40001/42001), a
+    /// forced refresh's. A refused token that is no longer (or never was) the current one
+    /// changes nothing.
+    pub async fn wechat_access_token(&self, refused: Option<&str>) -> Result<AppToken, AuthError> {
+        let current = self.app_tokens.current_for_callers().await?;
+        let Some(refused) = refused else {
+            return Ok(current);
+        };
+        let is_current: bool = current
+            .secret()
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(refused.as_bytes())
+            .into();
+        if !is_current {
+            return Ok(current);
+        }
+        Ok(self.app_tokens.invalidated(&current).await?)
     }
 
     /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor

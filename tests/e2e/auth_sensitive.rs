@@ -544,7 +544,7 @@ async fn auth_get_wechat_access_token_answers_the_one_token_behind_client_keys()
     let w = world(&[("AUTH_CLIENT_KEYS", CLIENT_KEY)]).await;
     let mut keyless = w.auth.client_with_key(None).await.expect("client");
     let err = keyless
-        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await
         .expect_err("an internal RPC");
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -559,7 +559,7 @@ async fn auth_get_wechat_access_token_answers_the_one_token_behind_client_keys()
     for _ in 0..3 {
         seen.push(
             client
-                .get_wechat_access_token(GetWechatAccessTokenRequest {})
+                .get_wechat_access_token(GetWechatAccessTokenRequest::default())
                 .await
                 .expect("the token")
                 .into_inner(),
@@ -590,7 +590,7 @@ async fn auth_an_access_token_in_its_last_five_minutes_is_renewed_before_it_expi
     let mut w = world(&[]).await;
     let mut token = async || {
         w.client
-            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .get_wechat_access_token(GetWechatAccessTokenRequest::default())
             .await
             .expect("the token")
             .into_inner()
@@ -641,7 +641,7 @@ async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat
         .expect("lifetime");
     let mut token = async || {
         w.client
-            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .get_wechat_access_token(GetWechatAccessTokenRequest::default())
             .await
             .expect("the token")
             .into_inner()
@@ -666,6 +666,43 @@ async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat
         w.sim.endpoint_calls("stable_token").await.expect("calls"),
         2
     );
+}
+
+#[tokio::test]
+async fn auth_a_caller_that_reports_the_current_token_refused_gets_one_forced_refresh() {
+    let mut w = world(&[]).await;
+    let mut token = async |refused: &str| {
+        w.client
+            .get_wechat_access_token(GetWechatAccessTokenRequest {
+                refused_access_token: refused.to_owned(),
+            })
+            .await
+            .expect("the token")
+            .into_inner()
+            .access_token
+    };
+    let first = token("").await;
+    // A token that is not ours, reported refused, changes nothing.
+    assert_eq!(token("not-a-token-of-ours").await, first);
+
+    // Act: WeChat ends the token behind auth-service's back; an internal caller meets the
+    // 40001 and says so, twice (say two of its workers did).
+    let ended = w
+        .sim
+        .invalidate_access_token(None)
+        .await
+        .expect("invalidate");
+    assert_eq!(ended, vec![first.clone()]);
+    let renewed = token(&first).await;
+    let again = token(&first).await;
+
+    // Assert: one forced refresh, and the new token for both.
+    assert_ne!(renewed, first);
+    assert_eq!(again, renewed);
+    assert_eq!(token("").await, renewed);
+    let state = w.sim.access_token().await.expect("state");
+    assert_eq!(state.force_refreshes_today, 1);
+    assert_eq!(state.access_token.as_deref(), Some(renewed.as_str()));
 }
 
 /// Two auth-service replicas on one PostgreSQL database and one Redis, or `None` to skip.
@@ -838,7 +875,7 @@ async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
     for client in &clients {
         let answer = client
             .clone()
-            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .get_wechat_access_token(GetWechatAccessTokenRequest::default())
             .await
             .expect("the token")
             .into_inner();
@@ -889,7 +926,7 @@ async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
     for client in &clients {
         let answer = client
             .clone()
-            .get_wechat_access_token(GetWechatAccessTokenRequest {})
+            .get_wechat_access_token(GetWechatAccessTokenRequest::default())
             .await
             .expect("the token")
             .into_inner();
@@ -912,13 +949,13 @@ async fn auth_a_token_force_refreshed_on_one_replica_is_what_the_other_hands_out
     );
     // Both replicas hold the first token in memory.
     let first = client_b
-        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await
         .expect("the token")
         .into_inner()
         .access_token;
     let on_a = client_a
-        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await
         .expect("the token")
         .into_inner()
@@ -946,7 +983,7 @@ async fn auth_a_token_force_refreshed_on_one_replica_is_what_the_other_hands_out
 
     // Assert: replica B hands out the new token, not the dead one it held.
     let on_b = client_b
-        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await
         .expect("the token")
         .into_inner()
@@ -1002,7 +1039,7 @@ async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_th
     phone(&mut w.client, &token, "").await.expect("read back");
     let _replay = phone(&mut w.client, &token, &code).await;
     w.client
-        .get_wechat_access_token(GetWechatAccessTokenRequest {})
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await
         .expect("the token");
     w.sim

@@ -364,8 +364,10 @@ impl GrpcAuth {
 
     async fn get_wechat_access_token_call(
         &self,
+        r: &pb::GetWechatAccessTokenRequest,
     ) -> Result<pb::GetWechatAccessTokenResponse, AuthError> {
-        let token = self.core.wechat_access_token().await?;
+        let refused = Some(r.refused_access_token.as_str()).filter(|t| !t.is_empty());
+        let token = self.core.wechat_access_token(refused).await?;
         Ok(pb::GetWechatAccessTokenResponse {
             access_token: secrecy::ExposeSecret::expose_secret(token.secret()).to_owned(),
             expires_at: Some(timestamp(token.expires_at())),
@@ -514,13 +516,14 @@ impl AuthService for GrpcAuth {
 
     async fn get_wechat_access_token(
         &self,
-        _request: Request<pb::GetWechatAccessTokenRequest>,
+        request: Request<pb::GetWechatAccessTokenRequest>,
     ) -> Result<Response<pb::GetWechatAccessTokenResponse>, Status> {
-        self.observed(
-            path!("GetWechatAccessToken"),
-            self.get_wechat_access_token_call(),
-        )
-        .await
+        // A renewal or forced refresh, once asked of WeChat, is stored whatever the caller.
+        let request = request.into_inner();
+        let call = self.to_the_end(move |this| async move {
+            this.get_wechat_access_token_call(&request).await
+        });
+        self.observed(path!("GetWechatAccessToken"), call).await
     }
 }
 
