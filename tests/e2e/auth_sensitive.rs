@@ -224,7 +224,7 @@ async fn auth_decrypt_data_tells_bad_input_from_another_apps_watermark() {
 async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() {
     let mut w = world(&[]).await;
     let (owner, owner_token) = new_user(&w.sim, &mut w.client).await;
-    let (_, other_token) = new_user(&w.sim, &mut w.client).await;
+    let (other, other_token) = new_user(&w.sim, &mut w.client).await;
     let code = w
         .sim
         .mint_phone_code(&MintPhoneCode::new("13800138000").for_openid(&owner))
@@ -290,7 +290,11 @@ async fn auth_phone_number_is_exchanged_once_kept_and_shown_only_to_its_owner() 
         .expect("format");
     let hk = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("61234567").country_code("852"))
+        .mint_phone_code(
+            &MintPhoneCode::new("61234567")
+                .country_code("852")
+                .for_openid(&other),
+        )
         .await
         .expect("mint");
     let got_hk = phone(&mut w.client, &other_token, &hk)
@@ -402,7 +406,7 @@ async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
     // Eight racing requests with one code (WeChat slow, so that they overlap): one call.
     let code = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("13700137000"))
+        .mint_phone_code(&MintPhoneCode::new("13700137000").for_openid(&owner))
         .await
         .expect("mint");
     w.sim
@@ -453,7 +457,7 @@ async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
     // WeChat busy once: retried once, and it works.
     let busy = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("13500135000"))
+        .mint_phone_code(&MintPhoneCode::new("13500135000").for_openid(&owner))
         .await
         .expect("mint");
     w.sim
@@ -473,7 +477,7 @@ async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
     // WeChat unreachable: WECHAT_UNAVAILABLE, and the code stays usable.
     let dropped = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("13400134000"))
+        .mint_phone_code(&MintPhoneCode::new("13400134000").for_openid(&owner))
         .await
         .expect("mint");
     w.sim
@@ -504,10 +508,10 @@ async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
 #[tokio::test]
 async fn auth_an_expired_access_token_is_force_refreshed_once_and_the_exchange_retried() {
     let mut w = world(&[]).await;
-    let (_, token) = new_user(&w.sim, &mut w.client).await;
+    let (owner, token) = new_user(&w.sim, &mut w.client).await;
     let first = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("13300133000"))
+        .mint_phone_code(&MintPhoneCode::new("13300133000").for_openid(&owner))
         .await
         .expect("mint");
     phone(&mut w.client, &token, &first)
@@ -522,7 +526,7 @@ async fn auth_an_expired_access_token_is_force_refreshed_once_and_the_exchange_r
     w.sim.expire_access_token(None).await.expect("expire");
     let code = w
         .sim
-        .mint_phone_code(&MintPhoneCode::new("13300133001"))
+        .mint_phone_code(&MintPhoneCode::new("13300133001").for_openid(&owner))
         .await
         .expect("mint");
     let got = phone(&mut w.client, &token, &code)
@@ -883,9 +887,9 @@ async fn auth_replicas_share_one_access_token_and_one_forced_refresh() {
     }
 
     // One code raced on both replicas: one (billed) call, through the shared claim.
-    let (_, token) = new_user(&sim, &mut clients[0].clone()).await;
+    let (owner, token) = new_user(&sim, &mut clients[0].clone()).await;
     let code = sim
-        .mint_phone_code(&MintPhoneCode::new("13199999999"))
+        .mint_phone_code(&MintPhoneCode::new("13199999999").for_openid(&owner))
         .await
         .expect("mint");
     sim.add_fault(
