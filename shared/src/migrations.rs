@@ -11,6 +11,9 @@ use anyhow::bail;
 use sqlx::migrate::Migrator;
 use sqlx::{PgPool, SqlitePool};
 
+/// The history sqlx keeps of the migrations applied, on either database.
+const HISTORY: &str = "SELECT version, description FROM _sqlx_migrations ORDER BY version";
+
 /// The migrations applied to a PostgreSQL database (none when it has no history table), by
 /// version, with their descriptions.
 pub async fn applied_postgres(pool: &PgPool) -> anyhow::Result<Vec<(i64, String)>> {
@@ -22,11 +25,7 @@ pub async fn applied_postgres(pool: &PgPool) -> anyhow::Result<Vec<(i64, String)
     if !has_history {
         return Ok(Vec::new());
     }
-    Ok(
-        sqlx::query_as("SELECT version, description FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_as(HISTORY).fetch_all(pool).await?)
 }
 
 /// The migrations applied to an SQLite database, as [`applied_postgres`].
@@ -40,11 +39,7 @@ pub async fn applied_sqlite(pool: &SqlitePool) -> anyhow::Result<Vec<(i64, Strin
     if !has_history {
         return Ok(Vec::new());
     }
-    Ok(
-        sqlx::query_as("SELECT version, description FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_as(HISTORY).fetch_all(pool).await?)
 }
 
 /// Fails when `applied` holds a migration that `ours` numbers the same but describes
