@@ -208,8 +208,16 @@ impl Application {
         };
 
         info!(listener = "grpc", listen_addr = %self.local_addr, "listening");
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+        // A peer that vanished (its node gone, a half-open connection) is found by TCP
+        // keep-alive: after 30 s of silence, probes every 10 s, closed after 3 unanswered,
+        // about a minute in all. Not by HTTP/2 pings: with them hyper reads the clock and
+        // takes a lock on every frame of every call.
+        let incoming = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(30)))
+            .with_keepalive_interval(Some(Duration::from_secs(10)))
+            .with_keepalive_retries(Some(3));
+        let mut builder = Server::builder();
         if let Some(age) = self.settings.max_connection_age {
             // Clients reconnect after `age` (GOAWAY; calls in flight finish), which is how a
             // ClusterIP Service spreads them over new replicas. No max_connection_age_grace:

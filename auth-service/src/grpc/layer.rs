@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use secrecy::{ExposeSecret, SecretString};
 use shared::telemetry::{Call, in_call};
 use subtle::ConstantTimeEq;
@@ -16,8 +16,9 @@ use tower::{Layer, Service};
 
 use super::status::DOMAIN;
 
-const REQUEST_ID: &str = "x-request-id";
-const CLIENT_KEY: &str = "x-client-key";
+// Names made once: a `&str` name is parsed again on every lookup and insert.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const CLIENT_KEY: HeaderName = HeaderName::from_static("x-client-key");
 
 /// Services any caller may use, whatever `AUTH_CLIENT_KEYS` says.
 const OPEN_PREFIXES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
@@ -82,6 +83,14 @@ pub(super) fn well_formed_id(b: &[u8]) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
+/// A request id for a call that came without a well-formed one: a UUID, formatted on the
+/// stack (no `String` on the way to the header value).
+fn made_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
+}
+
 /// Whether `given` equals one of `keys`, comparing every key in constant time.
 fn key_matches(keys: &[SecretString], given: Option<&HeaderValue>) -> bool {
     let Some(given) = given else {
@@ -110,15 +119,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let request_id = match req.headers().get(REQUEST_ID) {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let request_id = match req.headers().get(&REQUEST_ID) {
             Some(v) if well_formed(v) => v.clone(),
-            _ => {
-                let made = uuid::Uuid::new_v4().to_string();
-                let v = HeaderValue::from_str(&made).unwrap_or(HeaderValue::from_static("-"));
-                req.headers_mut().insert(REQUEST_ID, v.clone());
-                v
-            }
+            _ => made_id(),
         };
         // Every line logged while the call is served carries it (a task-local, not a span:
         // `shared::telemetry`).
@@ -128,7 +132,7 @@ where
         let open = OPEN_PREFIXES.iter().any(|p| path.starts_with(p));
         let allowed = open
             || self.client_keys.is_empty()
-            || key_matches(&self.client_keys, req.headers().get(CLIENT_KEY));
+            || key_matches(&self.client_keys, req.headers().get(&CLIENT_KEY));
 
         // Take the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
@@ -166,6 +170,15 @@ mod tests {
         assert!(!well_formed(&HeaderValue::from_static("a b")));
         let long = "a".repeat(129);
         assert!(!well_formed(&HeaderValue::from_str(&long).expect("ascii")));
+    }
+
+    #[test]
+    fn made_ids_are_well_formed_uuids_and_differ() {
+        let (a, b) = (made_id(), made_id());
+        assert!(well_formed(&a), "{a:?}");
+        assert_ne!(a, b);
+        let parsed = a.to_str().ok().and_then(|s| uuid::Uuid::parse_str(s).ok());
+        assert_eq!(parsed.map(|u| u.get_version_num()), Some(4), "{a:?}");
     }
 
     #[test]
