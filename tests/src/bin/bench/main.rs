@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p tests --bin bench [-- --seconds N] [--concurrency 1,16,64,128,256]
-//!                                             [--sessions N] [--service-workers N]
+//!                                             [--sessions N] [--service-workers N] [--rounds N]
 //! ```
 //! It starts the real binaries (simulator, auth-service, api-service) on embedded defaults, and
 //! again on PostgreSQL + Redis when `WXAUTH_TEST_PG_URL` and `WXAUTH_TEST_REDIS_URL` are set.
@@ -13,7 +13,9 @@
 //! few cores did better with one each than with one per core each). Each bare server runs
 //! twice: in this process (`baseline`, the issue's ratio) and alone in a process of its own
 //! with the services' runtime rule (`bench --serve`, `baseline-proc`, the `vs proc` column).
-//! The table it
+//! The lines compared are measured as a group, interleaved: each line's `--seconds` cut into
+//! `--rounds` slices, the group's slices taken in turn, so that the machine's drift falls on
+//! the baselines and the services alike ([`measure`]). The table it
 //! prints is also written as JSON to `target/bench/latest.json`, with issue 8's targets judged
 //! on the run's own lines (`targets.rs`). It fails (exit 1) on any error answer or when a
 //! revoked token is not refused on the very next call; a missed target is reported, not fatal.
@@ -64,6 +66,8 @@ struct Args {
     sessions: usize,
     /// Tokio worker threads of each service (`AUTH_WORKER_THREADS`, `API_WORKER_THREADS`).
     service_workers: usize,
+    /// Slices each step is cut into, interleaved with the slices of its baselines.
+    rounds: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -73,6 +77,7 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: vec![1, 16, 64, 128, 256],
         sessions: 100_000,
         service_workers: 1,
+        rounds: 4,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -80,6 +85,7 @@ fn parse_args() -> anyhow::Result<Args> {
         match arg.as_str() {
             "--seconds" => args.seconds = value("--seconds")?.parse()?,
             "--sessions" => args.sessions = value("--sessions")?.parse()?,
+            "--rounds" => args.rounds = value("--rounds")?.parse()?,
             "--service-workers" => {
                 args.service_workers = value("--service-workers")?.parse()?;
             }
@@ -92,15 +98,19 @@ fn parse_args() -> anyhow::Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--seconds N (2)] [--concurrency 1,16,64,128,256] [--sessions N (100000)] \
-                     [--service-workers N (1)]"
+                     [--service-workers N (1)] [--rounds N (4)]"
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if args.seconds == 0 || args.service_workers == 0 || args.concurrency.contains(&0) {
-        bail!("--seconds, --service-workers and every --concurrency must be at least 1");
+    if args.seconds == 0
+        || args.service_workers == 0
+        || args.rounds == 0
+        || args.concurrency.contains(&0)
+    {
+        bail!("--seconds, --service-workers, --rounds and every --concurrency must be at least 1");
     }
     Ok(args)
 }
@@ -229,7 +239,7 @@ trait Worker: Send + 'static {
     fn call(&mut self) -> impl Future<Output = Outcome> + Send;
 }
 
-/// What one step measured, before CPU is added.
+/// What one step (or one slice of it) measured, before CPU is added.
 struct Measured {
     requests: u64,
     errors: u64,
@@ -237,15 +247,40 @@ struct Measured {
     hist: Histogram<u64>,
 }
 
-/// Runs `workers` concurrently for `seconds` (or until they are done).
-async fn drive<W: Worker>(workers: Vec<W>, seconds: u64) -> anyhow::Result<Measured> {
+/// Nanoseconds, 1 ns to 60 s, 3 significant digits.
+fn latencies() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000_000, 3)?)
+}
+
+impl Measured {
+    fn nothing() -> anyhow::Result<Self> {
+        Ok(Self {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            hist: latencies()?,
+        })
+    }
+
+    /// Adds the figures of another slice of the same step.
+    fn add(&mut self, slice: &Self) -> anyhow::Result<()> {
+        self.requests += slice.requests;
+        self.errors += slice.errors;
+        self.elapsed += slice.elapsed;
+        self.hist.add(&slice.hist)?;
+        Ok(())
+    }
+}
+
+/// Runs `workers` concurrently for `time` (or until they are done), then gives them back
+/// for the step's next slice.
+async fn drive<W: Worker>(workers: Vec<W>, time: Duration) -> anyhow::Result<(Vec<W>, Measured)> {
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(seconds);
+    let deadline = start + time;
     let mut tasks = tokio::task::JoinSet::new();
     for mut worker in workers {
         tasks.spawn(async move {
-            // Nanoseconds, 1 ns to 60 s, 3 significant digits.
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            let mut hist = latencies()?;
             let (mut requests, mut errors) = (0u64, 0u64);
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -259,23 +294,76 @@ async fn drive<W: Worker>(workers: Vec<W>, seconds: u64) -> anyhow::Result<Measu
                 requests += 1;
                 hist.saturating_record(ns.max(1));
             }
-            anyhow::Ok((hist, requests, errors))
+            anyhow::Ok((worker, hist, requests, errors))
         });
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut hist = latencies()?;
     let (mut requests, mut errors) = (0, 0);
+    let mut back = Vec::with_capacity(tasks.len());
     while let Some(done) = tasks.join_next().await {
-        let (h, r, e) = done??;
+        let (w, h, r, e) = done??;
+        back.push(w);
         hist.add(h)?;
         requests += r;
         errors += e;
     }
-    Ok(Measured {
+    let measured = Measured {
         requests,
         errors,
         elapsed: start.elapsed(),
         hist,
-    })
+    };
+    Ok((back, measured))
+}
+
+/// A step's workers, run one slice of time after another.
+trait Slices: Send {
+    fn run(
+        &mut self,
+        time: Duration,
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<Measured>> + Send + '_>>;
+}
+
+struct Workers<W>(Vec<W>);
+
+impl<W: Worker> Slices for Workers<W> {
+    fn run(
+        &mut self,
+        time: Duration,
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<Measured>> + Send + '_>> {
+        Box::pin(async move {
+            let (workers, measured) = drive(std::mem::take(&mut self.0), time).await?;
+            self.0 = workers;
+            Ok(measured)
+        })
+    }
+}
+
+/// What a line is, before it is measured.
+struct Head {
+    name: String,
+    backend: String,
+    transport: String,
+    /// Whose CPU is counted (`None`: this process).
+    pids: Vec<Option<u32>>,
+    cpu_label: &'static str,
+}
+
+/// One line to measure: what it is, and its connected workers.
+struct Contender {
+    head: Head,
+    concurrency: usize,
+    workers: Box<dyn Slices>,
+}
+
+impl Contender {
+    fn new<W: Worker>(head: Head, workers: Vec<W>) -> Self {
+        Self {
+            head,
+            concurrency: workers.len(),
+            workers: Box::new(Workers(workers)),
+        }
+    }
 }
 
 /// A bare tonic unary call: the standard health service's Check.
@@ -505,20 +593,58 @@ struct Line {
     ratio_own_process: Option<f64>,
 }
 
-/// Measures a step: the workers, then the CPU of `pids` (`None`: this process) over it.
-async fn step<W: Worker>(
-    name: &str,
-    backend: &str,
-    transport: &str,
-    workers: Vec<W>,
+/// The pause between two slices of a group, so that what one slice leaves running (a
+/// session's `last_active_at` written late, SQLite's checkpoint after a burst of commits)
+/// is not counted against the next.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Measures `contenders` for `seconds` each, interleaved: each one's time is cut into
+/// `rounds` slices, and round `r` runs one slice of each, starting from the `r`-th. A drift
+/// of the machine (these VMs' neighbours come and go within seconds) then falls on every
+/// line of the group alike, instead of on whichever ran while it lasted.
+async fn measure(
+    mut contenders: Vec<Contender>,
     seconds: u64,
-    pids: &[Option<u32>],
-    cpu_label: &str,
-) -> anyhow::Result<Line> {
-    let concurrency = workers.len();
-    let before = cpu_of(pids)?;
-    let m = drive(workers, seconds).await?;
-    let cpu = cpu_of(pids)? - before;
+    rounds: u32,
+) -> anyhow::Result<Vec<Line>> {
+    let n = contenders.len();
+    let slice = Duration::from_secs(seconds) / rounds;
+    let mut totals = Vec::with_capacity(n);
+    for _ in 0..n {
+        totals.push((Measured::nothing()?, 0.0_f64));
+    }
+    for round in 0..usize::try_from(rounds)? {
+        for i in 0..n {
+            let k = (i + round) % n;
+            let (Some(c), Some((m, cpu))) = (contenders.get_mut(k), totals.get_mut(k)) else {
+                continue;
+            };
+            let before = cpu_of(&c.head.pids)?;
+            let measured = c.workers.run(slice).await?;
+            *cpu += cpu_of(&c.head.pids)? - before;
+            m.add(&measured)?;
+            if n > 1 {
+                tokio::time::sleep(SETTLE).await;
+            }
+        }
+    }
+    Ok(contenders
+        .into_iter()
+        .zip(totals)
+        .map(|(c, (m, cpu))| line_of(c.head, c.concurrency, &m, cpu))
+        .collect())
+}
+
+/// One contender measured alone, in one piece.
+async fn step(contender: Contender, seconds: u64) -> anyhow::Result<Line> {
+    measure(vec![contender], seconds, 1)
+        .await?
+        .pop()
+        .context("a step measured nothing")
+}
+
+/// The line of what `head` names, from its figures and the CPU its processes used.
+fn line_of(head: Head, concurrency: usize, m: &Measured, cpu: f64) -> Line {
     #[allow(
         clippy::cast_precision_loss,
         reason = "request counts are far below 2^52"
@@ -528,9 +654,9 @@ async fn step<W: Worker>(
     #[allow(clippy::cast_precision_loss, reason = "nanoseconds below 60 s")]
     let ms = |q: f64| m.hist.value_at_quantile(q) as f64 / 1e6;
     let line = Line {
-        name: name.to_owned(),
-        backend: backend.to_owned(),
-        transport: transport.to_owned(),
+        name: head.name,
+        backend: head.backend,
+        transport: head.transport,
         concurrency,
         requests: m.requests,
         errors: m.errors,
@@ -540,7 +666,7 @@ async fn step<W: Worker>(
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         cpu_us_per_request: cpu / requests * 1e6,
-        cpu_of: cpu_label.to_owned(),
+        cpu_of: head.cpu_label.to_owned(),
         baseline: None,
         ratio: None,
         ratio_own_process: None,
@@ -555,7 +681,27 @@ async fn step<W: Worker>(
         line.p99_ms,
         line.errors
     );
-    Ok(line)
+    line
+}
+
+/// A group measured by [`measure`] whose first two lines are the bare server in this
+/// process and alone in its own: every later line compared with both.
+fn against_baselines(mut lines: Vec<Line>) -> anyhow::Result<Vec<Line>> {
+    if lines.len() < 2 {
+        bail!("a group needs its two baselines");
+    }
+    let rest = lines.split_off(2);
+    let bases = Baselines {
+        in_process: lines.first(),
+        own_process: lines.get(1),
+    };
+    let mut compared = Vec::with_capacity(rest.len());
+    for mut line in rest {
+        bases.compare(&mut line);
+        compared.push(line);
+    }
+    lines.extend(compared);
+    Ok(lines)
 }
 
 fn compare(line: &mut Line, baseline: &Line) {
@@ -805,26 +951,23 @@ async fn login_step(pair: &mut Pair, seconds: u64, echo16: Option<&Line>) -> any
     eprintln!("  minting {n_codes} login codes at the simulator...");
     let codes = Arc::new(Mutex::new(mint_codes(&pair.sim, n_codes).await?));
     let chans = channels(pair.auth.addr(), 1).await?;
-    let workers = (0..WRITE_CONCURRENCY)
+    let workers: Vec<_> = (0..WRITE_CONCURRENCY)
         .map(|_| LoginWorker {
             client: AuthServiceClient::new(chans[0].clone()),
             codes: codes.clone(),
         })
         .collect();
-    let pids = [
-        Some(pid_of(pair.auth.process_mut())?),
-        Some(pid_of(pair.sim.process_mut())?),
-    ];
-    let mut login = step(
-        "Login (simulator)",
-        pair.backend,
-        &transport_grpc(1),
-        workers,
-        seconds,
-        &pids,
-        "auth-service + wechat-sim",
-    )
-    .await?;
+    let head = Head {
+        name: "Login (simulator)".to_owned(),
+        backend: pair.backend.to_owned(),
+        transport: transport_grpc(1),
+        pids: vec![
+            Some(pid_of(pair.auth.process_mut())?),
+            Some(pid_of(pair.sim.process_mut())?),
+        ],
+        cpu_label: "auth-service + wechat-sim",
+    };
+    let mut login = step(Contender::new(head, workers), seconds).await?;
     if let Some(base) = echo16 {
         compare(&mut login, base);
     }
@@ -873,96 +1016,134 @@ async fn start_pair(
 }
 
 /// The bare tonic echo at `addr`: in this process (`pid` None) or in a process of its own.
-async fn echo_step(
+async fn echo_contender(
     addr: SocketAddr,
     pid: Option<u32>,
     conns: usize,
     concurrency: usize,
-    seconds: u64,
-) -> anyhow::Result<Line> {
+) -> anyhow::Result<Contender> {
     let chans = channels(addr, conns).await?;
-    let workers = (0..concurrency)
+    let workers: Vec<_> = (0..concurrency)
         .map(|w| EchoWorker(HealthClient::new(chans[w % conns].clone())))
         .collect();
-    let (backend, cpu_label) = baseline_labels(pid);
-    step(
-        "bare tonic Health/Check",
-        backend,
-        &transport_grpc(conns),
+    Ok(Contender::new(
+        baseline_head("bare tonic Health/Check", transport_grpc(conns), pid),
         workers,
-        seconds,
-        &[pid],
-        cpu_label,
-    )
-    .await
+    ))
 }
 
 /// The bare axum hello at `addr`: in this process (`pid` None) or in a process of its own.
-async fn hello_step(
+async fn hello_contender(
     addr: SocketAddr,
     pid: Option<u32>,
     concurrency: usize,
-    seconds: u64,
-) -> anyhow::Result<Line> {
+) -> anyhow::Result<Contender> {
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         workers.push(
             HttpWorker::connect(addr, Method::GET, "/hello", None, None, StatusCode::OK).await?,
         );
     }
-    let (backend, cpu_label) = baseline_labels(pid);
-    step(
-        "bare axum GET /hello",
-        backend,
-        HTTP1,
+    Ok(Contender::new(
+        baseline_head("bare axum GET /hello", HTTP1.to_owned(), pid),
         workers,
-        seconds,
-        &[pid],
-        cpu_label,
-    )
-    .await
+    ))
 }
 
-/// The backend and CPU labels of a baseline line.
-fn baseline_labels(pid: Option<u32>) -> (&'static str, &'static str) {
-    match pid {
+/// The head of a baseline line: in this process (`pid` None) or in a process of its own.
+fn baseline_head(name: &str, transport: String, pid: Option<u32>) -> Head {
+    let (backend, cpu_label) = match pid {
         None => ("baseline", "bench process (server + load generator)"),
         Some(_) => ("baseline-proc", "bare server process"),
+    };
+    Head {
+        name: name.to_owned(),
+        backend: backend.to_owned(),
+        transport,
+        pids: vec![pid],
+        cpu_label,
     }
 }
 
-/// The gRPC lines of one connection mode and concurrency: Verify (with its revocation check),
-/// compared with the bare echo's `bases`.
-async fn verify_step(
+/// The bare servers a group of lines is compared with, in this process and in their own.
+struct Bare {
+    echo: SocketAddr,
+    hello: SocketAddr,
+    echo_proc: OwnProcess,
+    hello_proc: OwnProcess,
+}
+
+impl Bare {
+    /// The bare echo twice (this process, its own), for a group of gRPC lines.
+    async fn echoes(&self, conns: usize, concurrency: usize) -> anyhow::Result<Vec<Contender>> {
+        Ok(vec![
+            echo_contender(self.echo, None, conns, concurrency).await?,
+            echo_contender(
+                self.echo_proc.addr,
+                Some(self.echo_proc.pid()?),
+                conns,
+                concurrency,
+            )
+            .await?,
+        ])
+    }
+
+    /// The bare hello twice (this process, its own), for a group of HTTP lines.
+    async fn hellos(&self, concurrency: usize) -> anyhow::Result<Vec<Contender>> {
+        Ok(vec![
+            hello_contender(self.hello, None, concurrency).await?,
+            hello_contender(
+                self.hello_proc.addr,
+                Some(self.hello_proc.pid()?),
+                concurrency,
+            )
+            .await?,
+        ])
+    }
+}
+
+/// `Verify` of a new user's live token at `pair`'s auth-service, and that token (to check
+/// its revocation after the step).
+async fn verify_contender(
     pair: &mut Pair,
     conns: usize,
     concurrency: usize,
-    seconds: u64,
-    bases: Baselines<'_>,
-) -> anyhow::Result<Line> {
+) -> anyhow::Result<(Contender, String)> {
     let addr = pair.auth.addr();
     let token = login_new_user(&pair.sim, addr).await?;
     let chans = channels(addr, conns).await?;
-    let workers = (0..concurrency)
+    let workers: Vec<_> = (0..concurrency)
         .map(|w| VerifyWorker {
             client: AuthServiceClient::new(chans[w % conns].clone()),
             token: token.clone(),
         })
         .collect();
-    let pid = pid_of(pair.auth.process_mut())?;
-    let mut line = step(
-        "Verify",
-        pair.backend,
-        &transport_grpc(conns),
-        workers,
-        seconds,
-        &[Some(pid)],
-        "auth-service",
-    )
-    .await?;
-    bases.compare(&mut line);
-    check_revocation(addr, &token).await?;
-    Ok(line)
+    let head = Head {
+        name: "Verify".to_owned(),
+        backend: pair.backend.to_owned(),
+        transport: transport_grpc(conns),
+        pids: vec![Some(pid_of(pair.auth.process_mut())?)],
+        cpu_label: "auth-service",
+    };
+    Ok((Contender::new(head, workers), token))
+}
+
+/// The gRPC group of one connection mode and concurrency: the bare echo twice and `Verify`
+/// interleaved, then the revocation check (the token logged out must be refused on the
+/// very next call).
+async fn verify_group(
+    pair: &mut Pair,
+    bare: &Bare,
+    conns: usize,
+    concurrency: usize,
+    args: &Args,
+) -> anyhow::Result<Vec<Line>> {
+    let mut group = bare.echoes(conns, concurrency).await?;
+    let (verify, token) = verify_contender(pair, conns, concurrency).await?;
+    group.push(verify);
+    let lines = against_baselines(measure(group, args.seconds, args.rounds).await?)?;
+    check_revocation(pair.auth.addr(), &token).await?;
+    Ok(lines)
 }
 
 fn transport_grpc(conns: usize) -> String {
@@ -1024,18 +1205,14 @@ impl EdgeRequest {
     }
 }
 
-/// `request` at the edge with `token`, `concurrency` connections, compared with the bare
-/// hello's `bases`.
-/// A step of `request` at `concurrency` connections, connection `i` as the user of
+/// `request` at `pair`'s edge on `concurrency` connections, connection `i` as the user of
 /// `tokens[i % tokens.len()]`.
-async fn edge_step(
+async fn edge_contender(
     pair: &mut Pair,
     request: &EdgeRequest,
     tokens: &[String],
     concurrency: usize,
-    seconds: u64,
-    bases: Baselines<'_>,
-) -> anyhow::Result<Line> {
+) -> anyhow::Result<Contender> {
     let mut workers = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
         let token = tokens
@@ -1053,22 +1230,33 @@ async fn edge_step(
         worker.keyed = request.keyed;
         workers.push(worker);
     }
-    let pids = [
-        Some(pid_of(pair.api.process_mut())?),
-        Some(pid_of(pair.auth.process_mut())?),
-    ];
-    let mut line = step(
-        &request.name(),
-        pair.backend,
-        HTTP1,
-        workers,
-        seconds,
-        &pids,
-        "api-service + auth-service",
-    )
-    .await?;
-    bases.compare(&mut line);
-    Ok(line)
+    let head = Head {
+        name: request.name(),
+        backend: pair.backend.to_owned(),
+        transport: HTTP1.to_owned(),
+        pids: vec![
+            Some(pid_of(pair.api.process_mut())?),
+            Some(pid_of(pair.auth.process_mut())?),
+        ],
+        cpu_label: "api-service + auth-service",
+    };
+    Ok(Contender::new(head, workers))
+}
+
+/// An HTTP group at one concurrency: the bare hello twice and each of `requests` (each
+/// request's connections as `tokens` says), interleaved.
+async fn edge_group(
+    pair: &mut Pair,
+    bare: &Bare,
+    requests: &[(&EdgeRequest, &[String])],
+    concurrency: usize,
+    args: &Args,
+) -> anyhow::Result<Vec<Line>> {
+    let mut group = bare.hellos(concurrency).await?;
+    for (request, tokens) in requests {
+        group.push(edge_contender(pair, request, tokens, concurrency).await?);
+    }
+    against_baselines(measure(group, args.seconds, args.rounds).await?)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -1106,34 +1294,31 @@ async fn run() -> anyhow::Result<()> {
     );
 
     let mut pair = start_pair("embedded", args.service_workers, &[], &[]).await?;
-    let echo_addr = start_echo().await?;
-    let hello_addr = start_hello().await?;
-    let echo_proc = OwnProcess::start("echo", args.service_workers).await?;
-    let hello_proc = OwnProcess::start("hello", args.service_workers).await?;
+    let bare = Bare {
+        echo: start_echo().await?,
+        hello: start_hello().await?,
+        echo_proc: OwnProcess::start("echo", args.service_workers).await?,
+        hello_proc: OwnProcess::start("hello", args.service_workers).await?,
+    };
     let mut lines: Vec<Line> = Vec::new();
-    let seconds = args.seconds;
 
     // gRPC: bare echo vs Verify, over one connection and over four.
     eprintln!("gRPC:");
-    let mut echo_lines: Vec<Line> = Vec::new();
-    let mut echo_own_lines: Vec<Line> = Vec::new();
     for conns in [1usize, 4] {
         for &c in &args.concurrency {
-            let echo = echo_step(echo_addr, None, conns, c, seconds).await?;
-            let own = echo_step(echo_proc.addr, Some(echo_proc.pid()?), conns, c, seconds).await?;
-            let bases = Baselines {
-                in_process: Some(&echo),
-                own_process: Some(&own),
-            };
-            let verify = verify_step(&mut pair, conns, c, seconds, bases).await?;
-            lines.push(echo.clone());
-            lines.push(own.clone());
-            echo_lines.push(echo);
-            echo_own_lines.push(own);
-            lines.push(verify);
+            lines.extend(verify_group(&mut pair, &bare, conns, c, &args).await?);
         }
     }
     println!("revocation: ok (checked after each Verify step)");
+    // Login's ratio: over the in-process echo on one connection at its concurrency.
+    let echo16 = lines
+        .iter()
+        .find(|l| {
+            l.backend == "baseline"
+                && l.concurrency == WRITE_CONCURRENCY
+                && l.transport == transport_grpc(1)
+        })
+        .cloned();
 
     // HTTP/1.1 keep-alive: bare axum vs /v1/me and /v1/notes.
     eprintln!("HTTP/1.1:");
@@ -1160,69 +1345,26 @@ async fn run() -> anyhow::Result<()> {
             bail!("POST /v1/notes #{i} answered {status}");
         }
     }
-    let mut hello_lines: Vec<Line> = Vec::new();
-    let mut hello_own_lines: Vec<Line> = Vec::new();
+    let me = EdgeRequest::get("/v1/me");
+    let page = EdgeRequest::get("/v1/notes?limit=20");
+    let reads = [
+        (&me, &users[..]),
+        (&page, std::slice::from_ref(&notes_token)),
+    ];
     for &c in &args.concurrency {
-        let hello = hello_step(hello_addr, None, c, seconds).await?;
-        let own = hello_step(hello_proc.addr, Some(hello_proc.pid()?), c, seconds).await?;
-        let bases = Baselines {
-            in_process: Some(&hello),
-            own_process: Some(&own),
-        };
-        let me = edge_step(
-            &mut pair,
-            &EdgeRequest::get("/v1/me"),
-            &users,
-            c,
-            seconds,
-            bases,
-        )
-        .await?;
-        let notes = edge_step(
-            &mut pair,
-            &EdgeRequest::get("/v1/notes?limit=20"),
-            std::slice::from_ref(&notes_token),
-            c,
-            seconds,
-            bases,
-        )
-        .await?;
-        lines.push(hello.clone());
-        lines.push(own.clone());
-        hello_lines.push(hello);
-        hello_own_lines.push(own);
-        lines.push(me);
-        lines.push(notes);
+        lines.extend(edge_group(&mut pair, &bare, &reads, c, &args).await?);
     }
 
-    // Writes: Login against the simulator, POST /v1/notes without and with a key.
+    // Writes: Login against the simulator, POST /v1/notes without and with a key (on SQLite
+    // committed in groups, so how many wait together is what their speed depends on).
     eprintln!("writes:");
-    let echo16 = echo_lines
-        .iter()
-        .find(|l| l.concurrency == WRITE_CONCURRENCY && l.transport == transport_grpc(1));
-    lines.push(login_step(&mut pair, seconds, echo16).await?);
-    // Note creations at each concurrency step: on SQLite they are committed in groups, so
-    // how many wait together is what their speed depends on.
-    for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
-        let bases = Baselines {
-            in_process: Some(hello),
-            own_process: Some(own),
-        };
-        for request in [&create, &create_keyed] {
-            let line = edge_step(
-                &mut pair,
-                request,
-                &users,
-                hello.concurrency,
-                seconds,
-                bases,
-            )
-            .await?;
-            lines.push(line);
-        }
+    lines.push(login_step(&mut pair, args.seconds, echo16.as_ref()).await?);
+    let writes = [(&create, &users[..]), (&create_keyed, &users[..])];
+    for &c in &args.concurrency {
+        lines.extend(edge_group(&mut pair, &bare, &writes, c, &args).await?);
     }
 
-    // PostgreSQL + Redis, when available.
+    // PostgreSQL + Redis, when available: the same groups, each with its baselines again.
     let external_note = match external_urls().await? {
         None => {
             let why = "WXAUTH_TEST_PG_URL and WXAUTH_TEST_REDIS_URL are not both set \
@@ -1247,45 +1389,19 @@ async fn run() -> anyhow::Result<()> {
             .await?;
             for conns in [1usize, 4] {
                 for &c in &args.concurrency {
-                    let same =
-                        |l: &&Line| l.concurrency == c && l.transport == transport_grpc(conns);
-                    let bases = Baselines {
-                        in_process: echo_lines.iter().find(same),
-                        own_process: echo_own_lines.iter().find(same),
-                    };
-                    lines.push(verify_step(&mut ext, conns, c, seconds, bases).await?);
+                    lines.extend(verify_group(&mut ext, &bare, conns, c, &args).await?);
                 }
             }
             let users = new_users(&ext, &args.concurrency).await?;
             for &c in &args.concurrency {
-                let at = |l: &&Line| l.concurrency == c;
-                let bases = Baselines {
-                    in_process: hello_lines.iter().find(at),
-                    own_process: hello_own_lines.iter().find(at),
-                };
-                lines.push(
-                    edge_step(
-                        &mut ext,
-                        &EdgeRequest::get("/v1/me"),
-                        &users,
-                        c,
-                        seconds,
-                        bases,
-                    )
-                    .await?,
-                );
+                let reads = [(&me, &users[..])];
+                lines.extend(edge_group(&mut ext, &bare, &reads, c, &args).await?);
             }
             eprintln!("writes:");
-            lines.push(login_step(&mut ext, seconds, echo16).await?);
-            for (hello, own) in hello_lines.iter().zip(&hello_own_lines) {
-                let bases = Baselines {
-                    in_process: Some(hello),
-                    own_process: Some(own),
-                };
-                for request in [&create, &create_keyed] {
-                    let c = hello.concurrency;
-                    lines.push(edge_step(&mut ext, request, &users, c, seconds, bases).await?);
-                }
+            lines.push(login_step(&mut ext, args.seconds, echo16.as_ref()).await?);
+            let writes = [(&create, &users[..]), (&create_keyed, &users[..])];
+            for &c in &args.concurrency {
+                lines.extend(edge_group(&mut ext, &bare, &writes, c, &args).await?);
             }
             "measured".to_owned()
         }
@@ -1336,7 +1452,8 @@ async fn run() -> anyhow::Result<()> {
         "cpu_model": cpu_model,
         "load_generator": "in-process tokio workers with hdrhistogram; shares the cores with the servers, nothing pinned",
         "service_worker_threads": args.service_workers,
-        "seconds_per_step": seconds,
+        "seconds_per_step": args.seconds,
+        "rounds_per_step": args.rounds,
         "concurrency": args.concurrency,
         "lines": lines,
         "revocation": "ok",
@@ -1437,4 +1554,95 @@ async fn fill_sessions(pair: &Pair, n: usize) -> anyhow::Result<u64> {
         retries += done??;
     }
     Ok(retries)
+}
+
+// Not `mod tests`: that name would hide the `tests` crate (the harness) in this file's paths.
+#[cfg(test)]
+mod measuring {
+    use super::*;
+
+    /// A worker that notes, in a shared log, when the slices start going to it.
+    struct Logged {
+        id: usize,
+        log: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Worker for Logged {
+        async fn call(&mut self) -> Outcome {
+            if let Ok(mut log) = self.log.lock()
+                && log.last() != Some(&self.id)
+            {
+                log.push(self.id);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Outcome::Ok
+        }
+    }
+
+    fn head(name: &str) -> Head {
+        Head {
+            name: name.to_owned(),
+            backend: "test".to_owned(),
+            transport: "none".to_owned(),
+            pids: vec![None],
+            cpu_label: "this process",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_runs_in_slices_that_rotate_each_round() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let group = (0..3)
+            .map(|id| {
+                let worker = Logged {
+                    id,
+                    log: log.clone(),
+                };
+                Contender::new(head(&id.to_string()), vec![worker])
+            })
+            .collect();
+        let lines = measure(group, 1, 3).await.expect("measured");
+        let order = log.lock().map(|l| l.clone()).unwrap_or_default();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        let names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["0", "1", "2"]);
+        for line in &lines {
+            // Each line's time is its three slices of a third of a second.
+            assert!((0.99..1.5).contains(&line.seconds), "{}", line.seconds);
+            assert!(line.requests > 100, "{}", line.requests);
+        }
+    }
+
+    #[tokio::test]
+    async fn later_lines_of_a_group_are_compared_with_its_two_baselines() {
+        let line = |name: &str, rps: f64| {
+            let mut m = Measured::nothing().expect("histogram");
+            m.requests = 1;
+            m.elapsed = Duration::from_secs(1);
+            let mut l = line_of(head(name), 1, &m, 0.0);
+            l.requests_per_second = rps;
+            l
+        };
+        let lines = against_baselines(vec![
+            line("in", 1000.0),
+            line("own", 800.0),
+            line("a", 500.0),
+            line("b", 400.0),
+        ])
+        .expect("two baselines");
+        let ratios: Vec<_> = lines
+            .iter()
+            .map(|l| (l.ratio, l.ratio_own_process))
+            .collect();
+        assert_eq!(
+            ratios,
+            [
+                (None, None),
+                (None, None),
+                (Some(0.5), Some(0.625)),
+                (Some(0.4), Some(0.5))
+            ]
+        );
+        assert!(against_baselines(vec![line("alone", 1.0)]).is_err());
+    }
 }
