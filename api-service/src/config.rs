@@ -40,6 +40,8 @@ pub enum DatabaseSettings {
     Postgres {
         /// The whole URL; it may carry a password, so it is a secret (never in Debug or logs).
         url: SecretString,
+        /// `API_DATABASE_MAX_CONNECTIONS`: the most connections this process opens.
+        max_connections: u32,
     },
 }
 
@@ -143,7 +145,9 @@ impl Settings {
                 Some(SecretString::from(url.trim().to_owned()))
             }
         };
-        let database = database(get("API_DATABASE_URL"))?;
+        let pool_size = shared::postgres::pool_size(get("API_DATABASE_MAX_CONNECTIONS").as_deref())
+            .map_err(|problem| bad("API_DATABASE_MAX_CONNECTIONS", problem))?;
+        let database = database(get("API_DATABASE_URL"), pool_size)?;
 
         let tls = match (get("API_TLS_CERT"), get("API_TLS_KEY")) {
             (Some(cert), Some(key)) => Some(TlsSettings {
@@ -248,7 +252,7 @@ fn duration(
         .map_err(|_| bad(name, "must be a duration like 500ms, 3s or 1m"))
 }
 
-fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
+fn database(url: Option<String>, max_connections: u32) -> Result<DatabaseSettings, ConfigError> {
     const NAME: &str = "API_DATABASE_URL";
     let url = url.unwrap_or_else(|| "sqlite://./data/api.db".into());
     let url = url.trim();
@@ -273,6 +277,7 @@ fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
         }
         return Ok(DatabaseSettings::Postgres {
             url: SecretString::from(url),
+            max_connections,
         });
     }
     Err(bad(NAME, "must start with sqlite:// or postgres://"))
@@ -310,7 +315,7 @@ mod tests {
 
     #[test]
     fn malformed_settings_are_named_without_their_value() {
-        let cases: [(&'static str, &str); 15] = [
+        let cases: [(&'static str, &str); 18] = [
             ("API_HTTP_ADDR", "localhost:80"),
             ("API_AUTH_URL", "grpc-server"),
             ("API_AUTH_URL", "https://auth-service:50051"),
@@ -328,6 +333,9 @@ mod tests {
             ("API_WORKER_THREADS", "-3"),
             ("API_WORKER_THREADS", "5000"),
             ("API_WORKER_THREADS", "all"),
+            ("API_DATABASE_MAX_CONNECTIONS", "-2"),
+            ("API_DATABASE_MAX_CONNECTIONS", "5000"),
+            ("API_DATABASE_MAX_CONNECTIONS", "many"),
             ("API_TLS_CERT", "/tmp/cert.pem"),
         ];
         for (name, value) in cases {
@@ -378,12 +386,29 @@ mod tests {
             "postgresql://api:pw-secret@db.internal/api?sslmode=require",
         ] {
             let s = load(&[("API_DATABASE_URL", url)]).expect(url);
-            let DatabaseSettings::Postgres { url: ref kept } = s.database else {
+            let DatabaseSettings::Postgres {
+                url: ref kept,
+                max_connections,
+            } = s.database
+            else {
                 panic!("{url} must select PostgreSQL");
             };
             assert_eq!(kept.expose_secret(), url);
+            assert_eq!(max_connections, 10);
             let printed = format!("{s:?}");
             assert!(!printed.contains("pw-secret"), "{printed}");
         }
+        let s = load(&[
+            ("API_DATABASE_URL", "postgres://api@db/api"),
+            ("API_DATABASE_MAX_CONNECTIONS", "25"),
+        ])
+        .expect("valid");
+        assert!(matches!(
+            s.database,
+            DatabaseSettings::Postgres {
+                max_connections: 25,
+                ..
+            }
+        ));
     }
 }

@@ -34,8 +34,6 @@ const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const PG_STATEMENT_TIMEOUT: &str = "5s";
 /// Longest a PostgreSQL session may sit idle inside a transaction before the server ends it.
 const PG_IDLE_IN_TRANSACTION_TIMEOUT: &str = "15s";
-/// PostgreSQL connections per replica.
-const PG_MAX_CONNECTIONS: u32 = 10;
 /// A pooled PostgreSQL connection idle longer than this is pinged before use (a server
 /// restart or a dropped idle connection is then noticed before a request's statement).
 const PG_PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
@@ -61,7 +59,10 @@ impl Db {
     pub async fn open(settings: &DatabaseSettings) -> anyhow::Result<Self> {
         match settings {
             DatabaseSettings::Sqlite { path } => Self::open_sqlite(path).await,
-            DatabaseSettings::Postgres { url } => Ok(Self::Postgres(PgDb::open(url)?)),
+            DatabaseSettings::Postgres {
+                url,
+                max_connections,
+            } => Ok(Self::Postgres(PgDb::open(url, *max_connections)?)),
         }
     }
 
@@ -134,9 +135,10 @@ pub struct PgDb {
 }
 
 impl PgDb {
-    /// A lazy pool on `url` (nothing is connected yet) and the background task that migrates
-    /// the database, retrying until it succeeds or every handle of this `PgDb` is dropped.
-    pub fn open(url: &SecretString) -> anyhow::Result<Self> {
+    /// A lazy pool on `url` (nothing is connected yet; at most `max_connections` at a time)
+    /// and the background task that migrates the database, retrying until it succeeds or
+    /// every handle of this `PgDb` is dropped.
+    pub fn open(url: &SecretString, max_connections: u32) -> anyhow::Result<Self> {
         // The parse error is not passed on: it could quote the URL, password included.
         let base = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|_| anyhow::anyhow!("API_DATABASE_URL is not a valid PostgreSQL URL"))?
@@ -149,7 +151,7 @@ impl PgDb {
             ),
         ]);
         let pool = PgPoolOptions::new()
-            .max_connections(PG_MAX_CONNECTIONS)
+            .max_connections(max_connections)
             .acquire_timeout(PG_ACQUIRE_TIMEOUT)
             .idle_timeout(Duration::from_secs(300))
             // sqlx pings every connection it hands out by default: one more network round trip
@@ -396,15 +398,19 @@ mod tests {
     async fn postgres_starts_unmigrated_and_answers_503_while_unreachable() {
         // Nothing listens on port 1: the pool is lazy, so opening succeeds anyway.
         let url = SecretString::from("postgres://api:pw-secret@127.0.0.1:1/api");
-        let db = Db::open(&DatabaseSettings::Postgres { url })
-            .await
-            .expect("a lazy pool opens without PostgreSQL");
+        let db = Db::open(&DatabaseSettings::Postgres {
+            url,
+            max_connections: 3,
+        })
+        .await
+        .expect("a lazy pool opens without PostgreSQL");
         assert_eq!(db.backend(), "postgres");
         assert!(!format!("{db:?}").contains("pw-secret"));
         assert!(!db.ping().await);
         let Db::Postgres(pg) = &db else {
             panic!("postgres:// must select PostgreSQL");
         };
+        assert_eq!(pg.pool.options().get_max_connections(), 3);
         let e = pg.ready_pool().expect_err("not migrated");
         assert_eq!(
             (e.status(), e.code()),

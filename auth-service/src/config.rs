@@ -43,6 +43,8 @@ pub enum DatabaseSettings {
     Postgres {
         /// `postgres://USER:PASSWORD@HOST:PORT/DB` (a secret: it may hold the password).
         url: SecretString,
+        /// `AUTH_DATABASE_MAX_CONNECTIONS`: the most connections this process opens.
+        max_connections: u32,
     },
 }
 
@@ -122,7 +124,10 @@ impl Settings {
         let grpc_addr = addr(&get, "AUTH_GRPC_ADDR", "127.0.0.1:50051")?;
         let metrics_addr = addr(&get, "AUTH_METRICS_ADDR", "127.0.0.1:9101")?;
 
-        let database = database(get("AUTH_DATABASE_URL"))?;
+        let pool_size =
+            shared::postgres::pool_size(get("AUTH_DATABASE_MAX_CONNECTIONS").as_deref())
+                .map_err(|problem| bad("AUTH_DATABASE_MAX_CONNECTIONS", problem))?;
+        let database = database(get("AUTH_DATABASE_URL"), pool_size)?;
         let redis_url = get("AUTH_REDIS_URL").map(redis_url).transpose()?;
 
         let appid = required("WECHAT_APPID")?;
@@ -272,7 +277,7 @@ fn redis_url(url: String) -> Result<SecretString, ConfigError> {
     Ok(url)
 }
 
-fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
+fn database(url: Option<String>, max_connections: u32) -> Result<DatabaseSettings, ConfigError> {
     const NAME: &str = "AUTH_DATABASE_URL";
     let url = url.unwrap_or_else(|| "sqlite://./data/auth.db".into());
     let url = url.trim();
@@ -297,6 +302,7 @@ fn database(url: Option<String>) -> Result<DatabaseSettings, ConfigError> {
         }
         return Ok(DatabaseSettings::Postgres {
             url: SecretString::from(url.to_owned()),
+            max_connections,
         });
     }
     Err(bad(
@@ -408,6 +414,9 @@ mod tests {
             ("AUTH_WORKER_THREADS", "-3"),
             ("AUTH_WORKER_THREADS", "5000"),
             ("AUTH_WORKER_THREADS", "two"),
+            ("AUTH_DATABASE_MAX_CONNECTIONS", "-2"),
+            ("AUTH_DATABASE_MAX_CONNECTIONS", "5000"),
+            ("AUTH_DATABASE_MAX_CONNECTIONS", "many"),
         ];
         for (name, value) in cases {
             let mut env = base();
@@ -462,11 +471,30 @@ mod tests {
             env.insert("AUTH_DATABASE_URL", url.to_string());
             let s = load(&env).expect(url);
             assert!(
-                matches!(s.database, DatabaseSettings::Postgres { url: ref u } if u.expose_secret() == url),
+                matches!(s.database, DatabaseSettings::Postgres { url: ref u, .. } if u.expose_secret() == url),
                 "{url}"
             );
             assert!(!format!("{s:?}").contains("pw-secret"), "{url}");
         }
+    }
+
+    #[test]
+    fn the_postgres_pool_is_10_unless_set() {
+        let pool = |size: Option<&str>| {
+            let mut env = base();
+            env.insert("AUTH_DATABASE_URL", "postgres://auth@db/wxauth".to_string());
+            if let Some(size) = size {
+                env.insert("AUTH_DATABASE_MAX_CONNECTIONS", size.to_string());
+            }
+            match load(&env).expect("valid").database {
+                DatabaseSettings::Postgres {
+                    max_connections, ..
+                } => Some(max_connections),
+                DatabaseSettings::Sqlite { .. } => None,
+            }
+        };
+        assert_eq!(pool(None), Some(10));
+        assert_eq!(pool(Some("25")), Some(25));
     }
 
     #[test]

@@ -68,9 +68,12 @@ impl Application {
                 (Arc::new(CallSpanned(SqliteStore::open(path).await?)), None)
             }
             // Nothing is connected here: the service starts while PostgreSQL is down.
-            DatabaseSettings::Postgres { url } => {
-                let pg =
-                    PostgresStore::connect_lazy(url).context("cannot use AUTH_DATABASE_URL")?;
+            DatabaseSettings::Postgres {
+                url,
+                max_connections,
+            } => {
+                let pg = PostgresStore::connect_lazy(url, *max_connections)
+                    .context("cannot use AUTH_DATABASE_URL")?;
                 (Arc::new(pg.clone()), Some(pg))
             }
         };

@@ -2,12 +2,13 @@
 //! binary starts ([`runtime`]), the lock that keeps an SQLite database to the one process
 //! that opened it ([`OneProcess`]) and the order of its writes there ([`WriteTurn`]), a Redis connection made on first use ([`LazyRedis`]),
 //! the rule that keeps values read from a database current in memory ([`Kept`]), the check
-//! that a database's migration history is the service's own ([`migrations`]), and the
-//! services' logs ([`telemetry`]).
+//! that a database's migration history is the service's own ([`migrations`]), the size of a
+//! PostgreSQL pool ([`postgres`]), and the services' logs ([`telemetry`]).
 
 mod kept;
 pub mod migrations;
 mod one_process;
+pub mod postgres;
 mod redis;
 pub mod runtime;
 pub mod telemetry;

@@ -306,9 +306,12 @@ mod tests {
 
         // Nothing listens on port 1: the pool is lazy and the migrations wait in the background.
         let url = SecretString::from("postgres://api:pw@127.0.0.1:1/api");
-        let db = crate::db::Db::open(&crate::config::DatabaseSettings::Postgres { url })
-            .await
-            .expect("starts without PostgreSQL");
+        let db = crate::db::Db::open(&crate::config::DatabaseSettings::Postgres {
+            url,
+            max_connections: shared::postgres::DEFAULT_POOL_SIZE,
+        })
+        .await
+        .expect("starts without PostgreSQL");
         let crate::db::Db::Postgres(pg) = &db else {
             panic!("postgres:// opens PostgreSQL");
         };

@@ -86,6 +86,7 @@ pub(crate) async fn postgres(test: &str) -> Option<Backend> {
 pub(crate) async fn open_postgres(url: &str) -> Db {
     Db::open(&DatabaseSettings::Postgres {
         url: SecretString::from(url),
+        max_connections: shared::postgres::DEFAULT_POOL_SIZE,
     })
     .await
     .expect("a lazy PostgreSQL pool opens")

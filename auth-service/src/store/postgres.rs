@@ -49,8 +49,6 @@ use crate::domain::{
 /// so replicas starting together apply each migration once.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Connections per replica.
-const MAX_CONNECTIONS: u32 = 10;
 /// How long a call waits for a connection (or for PostgreSQL to accept one).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A pooled connection idle longer than this is pinged before use (a server restart or a
@@ -98,9 +96,10 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Builds the store for `url` without connecting: the pool connects on first use, and
-    /// nothing answers until [`Self::migrate`] succeeded. Call within a Tokio runtime.
-    pub fn connect_lazy(url: &SecretString) -> anyhow::Result<Self> {
+    /// Builds the store for `url` without connecting: the pool connects on first use (at most
+    /// `max_connections` at a time), and nothing answers until [`Self::migrate`] succeeded.
+    /// Call within a Tokio runtime.
+    pub fn connect_lazy(url: &SecretString, max_connections: u32) -> anyhow::Result<Self> {
         // The parser's message could quote the URL, password included: it is dropped.
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|_| anyhow!("not a valid PostgreSQL URL"))?
@@ -112,7 +111,7 @@ impl PostgresStore {
             options.get_database().unwrap_or_default()
         );
         let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+            .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             // sqlx pings every connection it hands out by default: one more network round
             // trip per statement. Only a connection that sat idle for a while is pinged (a
@@ -1071,9 +1070,11 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::postgres::DEFAULT_POOL_SIZE;
 
     fn store(url: &str) -> PostgresStore {
-        PostgresStore::connect_lazy(&SecretString::from(url.to_owned())).expect("valid URL")
+        PostgresStore::connect_lazy(&SecretString::from(url.to_owned()), DEFAULT_POOL_SIZE)
+            .expect("valid URL")
     }
 
     #[tokio::test]
@@ -1099,6 +1100,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_pool_is_as_large_as_asked() {
+        let url = SecretString::from("postgres://auth@db.internal:5432/wxauth".to_owned());
+        for size in [1, DEFAULT_POOL_SIZE, 40] {
+            let s = PostgresStore::connect_lazy(&url, size).expect("valid URL");
+            assert_eq!(s.pool.options().get_max_connections(), size);
+        }
+    }
+
+    #[tokio::test]
     async fn debug_output_hides_the_password() {
         let s = store("postgresql://auth:pw-secret@db.internal:6432/wxauth");
         let shown = format!("{s:?}");
@@ -1108,9 +1118,10 @@ mod tests {
 
     #[test]
     fn a_malformed_url_is_refused_without_echoing_it() {
-        let err = PostgresStore::connect_lazy(&SecretString::from(
-            "postgres://auth:pw-secret@host:port/db".to_owned(),
-        ))
+        let err = PostgresStore::connect_lazy(
+            &SecretString::from("postgres://auth:pw-secret@host:port/db".to_owned()),
+            DEFAULT_POOL_SIZE,
+        )
         .expect_err("bad port");
         assert!(!format!("{err:#}").contains("pw-secret"));
     }

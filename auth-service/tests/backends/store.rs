@@ -15,6 +15,7 @@ use auth_service::store::{
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
+use shared::postgres::DEFAULT_POOL_SIZE;
 use sqlx::{PgPool, SqlitePool};
 
 use crate::support::{External, postgres_database};
@@ -75,8 +76,11 @@ impl Fixture {
             Backend::Postgres(url) => {
                 let pgs: Vec<PostgresStore> = (0..n)
                     .map(|_| {
-                        PostgresStore::connect_lazy(&SecretString::from(url.clone()))
-                            .expect("PostgreSQL store")
+                        PostgresStore::connect_lazy(
+                            &SecretString::from(url.clone()),
+                            DEFAULT_POOL_SIZE,
+                        )
+                        .expect("PostgreSQL store")
                     })
                     .collect();
                 let migrations = pgs.iter().map(|pg| {
@@ -1473,7 +1477,8 @@ async fn postgres_refuses_a_database_that_holds_the_edges_schema_and_says_why() 
         .await
         .expect("the edge's migrations");
     edge.close().await;
-    let store = PostgresStore::connect_lazy(&SecretString::from(url.clone())).expect("store");
+    let store = PostgresStore::connect_lazy(&SecretString::from(url.clone()), DEFAULT_POOL_SIZE)
+        .expect("store");
 
     let why = store.migrate().await.expect_err("the edge's schema");
 
