@@ -191,6 +191,11 @@ impl ApiError {
     pub fn code(&self) -> &str {
         &self.0.body.code
     }
+
+    /// The message for humans.
+    pub fn message(&self) -> &str {
+        &self.0.body.message
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -51,15 +51,29 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
-            format!("the body is not valid JSON for this request: {e}"),
+            format!(
+                "the body is not valid JSON for this request: {}",
+                without_value(&e)
+            ),
         )
     };
+    // Every body this API takes is an object. serde would also fill a struct from an array,
+    // field by field in order (`["a title","a body"]` made a note): refused here. Nested
+    // values are left to their types.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() && path != "." {
-            ApiError::invalid(&path, "invalid_request", format!("{path}: {inner}"))
+            let message = format!("{path}: {}", without_value(&inner));
+            ApiError::invalid(&path, "invalid_request", message)
         } else {
             not_json(inner)
         }
@@ -67,6 +81,28 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
     // One JSON value and nothing after it but whitespace: `{"title":"a"}xyz` is not JSON.
     de.end().map_err(not_json)?;
     Ok(value)
+}
+
+/// serde_json's message, less the value it found when that was of the wrong type or out of
+/// range: `invalid type: string "wxr_…", expected u32` quotes what the client sent, which may
+/// be a token or a code sent in the wrong field, and an error body ends up in client and
+/// proxy logs. Syntax errors and missing or unknown fields name no value.
+fn without_value(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    for (prefix, what) in [
+        ("invalid type: ", "wrong type"),
+        ("invalid value: ", "invalid value"),
+    ] {
+        if text.starts_with(prefix) {
+            // serde writes `{found}, expected {what the type takes}` and serde_json adds the
+            // position: the found value is before the last `, expected `.
+            return match text.rfind(", expected ") {
+                Some(at) => format!("{what}{}", &text[at..]),
+                None => what.to_owned(),
+            };
+        }
+    }
+    text
 }
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -126,6 +162,64 @@ mod tests {
         assert_eq!(e.code(), "invalid_json");
         let e = parse::<Note>(&json_headers("text/plain"), b"{}").expect_err("media type");
         assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn errors_never_quote_the_value_sent() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Login {
+            #[allow(dead_code)]
+            code: String,
+            #[allow(dead_code)]
+            limit: Option<u8>,
+        }
+        let h = json_headers("application/json");
+        for (body, field) in [
+            (&br#"{"code": 123456789}"#[..], "code"),
+            (br#"{"code": ["wxr_secret-token"]}"#, "code"),
+            (br#"{"code": "a", "limit": "wxr_secret-token"}"#, "limit"),
+            (br#"{"code": "a", "limit": 987654}"#, "limit"),
+            (
+                br#"{"code": {"x": "wxr_secret-token, expected ok"}}"#,
+                "code",
+            ),
+        ] {
+            let e = parse::<Login>(&h, body).expect_err("wrong type");
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(e.code(), "invalid_request", "{text}");
+            let m = e.message();
+            assert!(m.starts_with(field), "{text}: {m}");
+            assert!(m.contains("expected"), "{text}: {m}");
+            for secret in ["123456789", "wxr_secret-token", "987654"] {
+                assert!(!m.contains(secret), "{text}: {m}");
+            }
+        }
+        // At the top level too.
+        let e = parse::<Login>(&h, br#""wxr_secret-token""#).expect_err("not an object");
+        assert_eq!(e.code(), "invalid_json");
+        assert!(!e.message().contains("wxr_secret"), "{}", e.message());
+    }
+
+    #[test]
+    fn only_an_object_is_a_body() {
+        let h = json_headers("application/json");
+        for bad in [
+            &br#"["a title"]"#[..],
+            b" [] ",
+            b"null",
+            br#""a title""#,
+            b"5",
+            b"",
+        ] {
+            let e = parse::<Note>(&h, bad).expect_err("not an object");
+            assert_eq!(
+                (e.status(), e.code()),
+                (StatusCode::BAD_REQUEST, "invalid_json"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(parse::<Note>(&h, b" \n{\"title\":\"a\"}").is_ok());
     }
 
     #[test]

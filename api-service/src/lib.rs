@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod notes;
 pub mod profile;
+mod redact;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -21,7 +21,7 @@ pub enum AuthError {
     #[error("invalid code: {0}")]
     InvalidCode(Invalid),
     /// The login code was already exchanged; WeChat was not called again.
-    #[error("this code was already used to log in")]
+    #[error("this code was already used")]
     CodeUsed,
     /// Some other input is malformed.
     #[error("{0}")]
@@ -36,7 +36,7 @@ pub enum AuthError {
     #[error("WeChat's rate limit for this user was reached; try again in a minute")]
     WechatRateLimited(WechatErr),
     /// WeChat blocks this user as high-risk (40226).
-    #[error("WeChat blocked this login as high-risk")]
+    #[error("WeChat blocked this user as high-risk")]
     WechatRiskyUser(WechatErr),
     /// WeChat answered -1 twice.
     #[error("WeChat is busy; try again")]

@@ -660,7 +660,7 @@ impl AuthCore {
             .keys
             .open_for_token(old, sealed)
             .map_err(AuthError::internal)?;
-        let p: SealedPair = serde_json::from_slice(&plain).map_err(AuthError::internal)?;
+        let p: SealedPair = serde_json::from_slice(&plain).map_err(unreadable)?;
         let token = |kind, raw: &str| {
             Token::parse(kind, raw)
                 .ok_or_else(|| AuthError::internal(anyhow::anyhow!("bad sealed pair")))
@@ -934,7 +934,7 @@ impl AuthCore {
         let phone = match self.store.phone(openid).await? {
             None => None,
             Some(sealed) => match self.keys.open(&sealed, openid.as_bytes()) {
-                Ok(plain) => Some(serde_json::from_slice(&plain).map_err(AuthError::internal)?),
+                Ok(plain) => Some(serde_json::from_slice(&plain).map_err(unreadable)?),
                 // Sealed under an AUTH_TOKEN_KEY that has since changed: unreadable, as the
                 // sessions of that time are. The user has no number until one is bound
                 // again, where an error would fail every `GET /v1/me` of theirs.
@@ -1100,6 +1100,18 @@ fn wechat_error(e: WechatErr) -> AuthError {
     }
 }
 
+/// A sealed value (a token pair, a phone number) that opened but does not parse: an internal
+/// error that says where the parse failed, never what the value held (serde_json's message
+/// quotes a value of the wrong type, and internal errors are logged).
+fn unreadable(e: serde_json::Error) -> AuthError {
+    AuthError::internal(anyhow::anyhow!(
+        "a sealed value does not parse ({:?} error at line {} column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1136,6 +1148,20 @@ mod tests {
                 AuthError::WechatError(Some(_))
             ));
         }
+    }
+
+    #[test]
+    fn an_unreadable_sealed_value_is_not_quoted() {
+        let e = serde_json::from_slice::<PhoneNumber>(br#"{"phone_number": 13800138000}"#)
+            .expect_err("a number where a string goes");
+        assert!(
+            e.to_string().contains("13800138000"),
+            "serde quotes it: {e}"
+        );
+        let AuthError::Internal(cause) = unreadable(e) else {
+            panic!("internal");
+        };
+        assert!(!format!("{cause:?}").contains("13800138000"), "{cause:?}");
     }
 
     #[test]

@@ -9,36 +9,56 @@ use super::{CallContext, Identity, TOKEN_MAX};
 use crate::error::ApiError;
 use crate::metrics::VerifyOutcome;
 use crate::middleware::RequestId;
+use crate::redact::redacted_debug;
 use crate::state::AppState;
 
 /// The raw bearer token of a request (for the auth endpoints that pass it on as it is).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(AUTHORIZATION) else {
-            return Err(ApiError::unauthorized(
+        let missing = || {
+            ApiError::unauthorized(
                 "token_missing",
                 "send the access token as Authorization: Bearer <token>",
-            ));
+            )
         };
+        let mut values = parts.headers.get_all(AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
+            return Err(missing());
+        };
+        // Two tokens in one request: which one is the caller is not ours to guess.
+        if values.next().is_some() {
+            return Err(ApiError::unauthorized(
+                "token_invalid",
+                "send one Authorization header, not several",
+            ));
+        }
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .filter(|t| !t.is_empty())
+            .map(|v| v.split_once(' ').unwrap_or((v, "")))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "token_invalid",
                     "the Authorization header is not `Bearer <token>`",
                 )
             })?;
+        if token.is_empty() {
+            // `Bearer` and no token: a client whose token was empty.
+            return Err(missing());
+        }
         // What auth-service would answer, without asking it: no token it issues is this
         // long, and a huge one must not weigh on the calls it would share.
         if token.len() > TOKEN_MAX {
@@ -52,13 +72,15 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
 }
 
 /// A request whose token auth-service has just vouched for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Authenticated {
     /// Who the caller is (`phone` is `None`: not asked for).
     pub identity: Identity,
     /// The token it presented.
     pub token: String,
 }
+
+redacted_debug!(Authenticated { identity; token });
 
 /// [`Authenticated`], with the user's kept phone number in `identity.phone`, from the same
 /// single `Verify` call (`include_phone`): for the routes that show the number.
@@ -135,6 +157,40 @@ mod tests {
             .await
             .expect_err("refused");
         assert_eq!(e.status(), axum::http::StatusCode::UNAUTHORIZED);
+        assert_eq!(e.code(), "token_invalid");
+    }
+
+    #[tokio::test]
+    async fn the_header_is_one_bearer_token() {
+        let code =
+            |r: Result<BearerToken, ApiError>| r.map(|t| t.0).map_err(|e| e.code().to_owned());
+        assert_eq!(code(bearer("Bearer abc").await), Ok("abc".to_owned()));
+        assert_eq!(code(bearer("bearer  abc ").await), Ok("abc".to_owned()));
+        for empty in ["Bearer", "Bearer ", "bearer   "] {
+            assert_eq!(
+                code(bearer(empty).await),
+                Err("token_missing".to_owned()),
+                "{empty:?}"
+            );
+        }
+        for wrong in ["Basic dXNlcjpwdw==", "abc", "Token abc", ""] {
+            assert_eq!(
+                code(bearer(wrong).await),
+                Err("token_invalid".to_owned()),
+                "{wrong:?}"
+            );
+        }
+
+        // Two headers: refused, whichever is valid.
+        let request = Request::builder()
+            .header(AUTHORIZATION, "Bearer abc")
+            .header(AUTHORIZATION, "Bearer def")
+            .body(())
+            .expect("a request");
+        let (mut parts, ()) = request.into_parts();
+        let e = BearerToken::from_request_parts(&mut parts, &())
+            .await
+            .expect_err("ambiguous");
         assert_eq!(e.code(), "token_invalid");
     }
 }

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use proto::v1::auth_service_client::AuthServiceClient;
 use proto::v1::{self as pb};
 use secrecy::{ExposeSecret, SecretString};
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -99,11 +99,15 @@ impl GrpcAuth {
             .build(connector);
         let connection: Connection = http.map_err(unreachable as fn(_) -> Status);
         let client_key = match client_key {
-            Some(k) => Some(
-                k.expose_secret()
+            Some(k) => {
+                let mut key: MetadataValue<Ascii> = k
+                    .expose_secret()
                     .parse()
-                    .map_err(|_| anyhow::anyhow!("API_AUTH_CLIENT_KEY is not valid metadata"))?,
-            ),
+                    .map_err(|_| anyhow::anyhow!("API_AUTH_CLIENT_KEY is not valid metadata"))?;
+                // Never in a header map's Debug output, never in HPACK's table.
+                key.set_sensitive(true);
+                Some(key)
+            }
             None => None,
         };
         let client = AuthServiceClient::with_origin(connection.clone(), origin.clone());
@@ -391,8 +395,14 @@ impl AuthApi for GrpcAuth {
             },
         );
         let r = within(ctx, self.timeout, self.client.clone().decrypt_data(req)).await?;
+        // The error names where, never what: the text is the user's decrypted data.
         serde_json::from_str(&r.data_json).map_err(|e| {
-            ApiError::auth_unavailable(anyhow::anyhow!("DecryptData gave no JSON: {e}"))
+            ApiError::auth_unavailable(anyhow::anyhow!(
+                "DecryptData gave no JSON ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
         })
     }
 

@@ -23,6 +23,7 @@ pub(crate) const PHONE_NOT_SET: &str = "PHONE_NOT_SET";
 pub use grpc::GrpcAuth;
 
 use crate::error::ApiError;
+use crate::redact::redacted_debug;
 
 /// Who the caller is, as `Verify` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +55,7 @@ pub struct Device {
 }
 
 /// A token pair as the contract shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
     /// Send as `Authorization: Bearer` on business requests.
     pub access_token: String,
@@ -72,6 +73,11 @@ pub struct TokenPair {
     pub is_new_user: bool,
 }
 
+redacted_debug!(TokenPair {
+    token_type, expires_in, refresh_expires_in, openid, is_new_user;
+    access_token, refresh_token
+});
+
 /// A live session of the caller's user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SessionItem {
@@ -88,7 +94,7 @@ pub struct SessionItem {
 }
 
 /// The user's phone number, as WeChat confirmed it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PhoneNumber {
     /// With the country code when it is not mainland China's (`+1 2025550123`), as WeChat gives it.
     pub phone_number: String,
@@ -97,6 +103,8 @@ pub struct PhoneNumber {
     /// The country code (`86`).
     pub country_code: String,
 }
+
+redacted_debug!(PhoneNumber { ; phone_number, pure_phone_number, country_code });
 
 /// What the edge passes along with every call: the request id and, for logins, the client.
 #[derive(Debug, Clone, Default)]

@@ -1,6 +1,7 @@
 //! `/v1/auth/*`: login, refresh, logout and the session list, passed to auth-service with the
 //! client's IP and device, its verdicts mapped to the contract's statuses and codes.
 
+use crate::redact::redacted_debug;
 use axum::Extension;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -15,7 +16,7 @@ use crate::middleware::RequestId;
 use crate::state::AppState;
 
 /// `POST /v1/auth/login`'s body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     /// The code from `wx.login()`: 1 to 128 characters of `[A-Za-z0-9_-]`, single use.
@@ -26,14 +27,18 @@ pub struct LoginBody {
     pub device: Option<Device>,
 }
 
+redacted_debug!(LoginBody { device; code });
+
 /// `POST /v1/auth/refresh`'s body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     /// The refresh token of the current pair.
     #[serde(default)]
     pub refresh_token: Option<String>,
 }
+
+redacted_debug!(RefreshBody { ; refresh_token });
 
 /// `POST /v1/auth/logout`'s body (optional).
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -123,7 +128,7 @@ pub async fn refresh(
 /// End this session, or every session of the user.
 #[utoipa::path(
     post, path = "/v1/auth/logout", tag = "auth",
-    request_body(content = Option<LogoutBody>, description = "Optional; `{\"all\": true}` ends every session"),
+    request_body(content = LogoutBody, description = "Optional (no body, or an empty one, ends this session); `{\"all\": true}` ends every session"),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Sessions ended", body = LogoutAnswer),

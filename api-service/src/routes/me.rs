@@ -1,5 +1,6 @@
 //! `/v1/me`: the caller's profile, readable and writable by its owner only.
 
+use crate::redact::redacted_debug;
 use axum::Extension;
 use axum::extract::State;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -14,7 +15,7 @@ use crate::state::AppState;
 use crate::time::Rfc3339;
 
 /// The caller's profile.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Me {
     /// The user's openid.
     pub openid: String,
@@ -33,6 +34,11 @@ pub struct Me {
     #[schema(value_type = String)]
     pub updated_at: Rfc3339,
 }
+
+redacted_debug!(Me {
+    openid, unionid, nickname, avatar_url, created_at, updated_at;
+    phone_number
+});
 
 /// `PATCH /v1/me`'s body: a field left out is unchanged, a `null` clears it.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -118,7 +124,7 @@ pub async fn patch_me(
 }
 
 /// `POST /v1/me/phone`'s body.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhoneBody {
     /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code); missing
@@ -127,6 +133,8 @@ pub struct PhoneBody {
     pub code: String,
 }
 
+redacted_debug!(PhoneBody { ; code });
+
 /// Confirm the caller's phone number with the code of the getPhoneNumber button.
 #[utoipa::path(
     post, path = "/v1/me/phone", tag = "profile",
@@ -134,8 +142,9 @@ pub struct PhoneBody {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The number, kept with the profile and shown to its owner only", body = PhoneNumber),
-        (status = 400, description = "invalid_code, code_used, wechat_invalid_code, invalid_request, invalid_json", body = ErrorEnvelope),
+        (status = 400, description = "invalid_code, code_used, wechat_invalid_code, wechat_code_used, invalid_request, invalid_json", body = ErrorEnvelope),
         (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 403, description = "wechat_risky_user", body = ErrorEnvelope),
         (status = 415, description = "unsupported_media_type", body = ErrorEnvelope),
         (status = 429, description = "wechat_rate_limited", body = ErrorEnvelope),
         (status = 502, description = "wechat_error", body = ErrorEnvelope),

@@ -83,7 +83,7 @@ async fn no_such_route() -> ApiError {
 
 /// Every route, and its description.
 fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (routes, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(auth::login))
         .routes(routes!(auth::refresh))
         .routes(routes!(auth::logout))
@@ -100,7 +100,106 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(openapi_json))
-        .split_for_parts()
+        .split_for_parts();
+    (routes, optional_logout_body(with_framework_answers(doc)))
+}
+
+/// Logout's body may be left out (or empty), but never `null`: utoipa writes a body typed
+/// `LogoutBody` as required and one typed `Option<LogoutBody>` as "or null", so the type is
+/// the former and this says it is optional.
+fn optional_logout_body(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{RefOr, Required};
+    let body = doc
+        .paths
+        .paths
+        .get_mut("/v1/auth/logout")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|op| op.request_body.as_mut());
+    if let Some(RefOr::T(body)) = body {
+        body.required = Some(Required::False);
+    }
+    doc
+}
+
+/// The document with what every operation may answer besides its own answers, the layers'
+/// errors (a body that is not a JSON object, too large or of another media type; a request
+/// over `API_REQUEST_TIMEOUT`), and the headers the answers carry: `X-Request-Id` on every
+/// one, `WWW-Authenticate` on 401, `Retry-After` on 429 and 503 (where the error says when
+/// to come back).
+fn with_framework_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{
+        ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type,
+    };
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    let header = |kind: Type, description: &str| {
+        RefOr::T(
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(kind)))
+                .description(Some(description))
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.put,
+            &mut item.delete,
+        ];
+        for op in operations.into_iter().flatten() {
+            let answers = &mut op.responses.responses;
+            if op.request_body.is_some() {
+                answers.entry("400".into()).or_insert_with(|| {
+                    error("invalid_json (not a JSON object), invalid_request (with field)")
+                });
+                answers
+                    .entry("413".into())
+                    .or_insert_with(|| error("payload_too_large (over API_BODY_LIMIT)"));
+                answers
+                    .entry("415".into())
+                    .or_insert_with(|| error("unsupported_media_type"));
+            }
+            answers
+                .entry("408".into())
+                .or_insert_with(|| error("request_timeout (over API_REQUEST_TIMEOUT)"));
+            for (status, answer) in answers.iter_mut() {
+                let RefOr::T(answer) = answer else { continue };
+                answer.headers.insert(
+                    "X-Request-Id".into(),
+                    header(Type::String, "The request's id, echoed when well formed"),
+                );
+                if status == "401" {
+                    answer.headers.insert(
+                        "WWW-Authenticate".into(),
+                        header(Type::String, "Bearer error=\"invalid_token\""),
+                    );
+                }
+                if status == "429" || status == "503" {
+                    answer.headers.insert(
+                        "Retry-After".into(),
+                        header(
+                            Type::Integer,
+                            "Seconds to wait before trying again, when known",
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    doc
 }
 
 /// The OpenAPI document of this API.
@@ -176,6 +275,48 @@ mod tests {
         }
         assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn every_operation_lists_the_layers_errors_and_the_answers_headers() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi().to_json().expect("json")).expect("valid json");
+        for (method, path) in CONTRACT {
+            let op = &doc["paths"][path][method];
+            let answers = op["responses"].as_object().expect("responses");
+            assert!(answers.contains_key("408"), "{method} {path}");
+            if op["requestBody"].is_object() {
+                for status in ["400", "413", "415"] {
+                    assert!(answers.contains_key(status), "{method} {path} {status}");
+                }
+            }
+            for (status, answer) in answers {
+                let headers = &answer["headers"];
+                assert!(
+                    headers["X-Request-Id"].is_object(),
+                    "{method} {path} {status}"
+                );
+                if status == "401" {
+                    assert!(headers["WWW-Authenticate"].is_object(), "{method} {path}");
+                }
+                if status == "429" || status == "503" {
+                    assert!(
+                        headers["Retry-After"].is_object(),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+        // The server refuses `null` as logout's body: the document does not offer it.
+        let logout = &doc["paths"]["/v1/auth/logout"]["post"]["requestBody"];
+        let schema = &logout["content"]["application/json"]["schema"];
+        assert_eq!(
+            schema["$ref"], "#/components/schemas/LogoutBody",
+            "{schema}"
+        );
+        assert_eq!(logout["required"], false, "{logout}");
+        let phone = &doc["paths"]["/v1/me/phone"]["post"]["responses"];
+        assert!(phone["403"].is_object());
     }
 
     /// A state whose auth-service is never called and whose database is a fresh file in a

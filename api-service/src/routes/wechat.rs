@@ -2,6 +2,7 @@
 //! `getPhoneNumber`/`getUserInfo`, decrypted by auth-service (the only holder of the user's
 //! session_key) and returned with its watermark checked.
 
+use crate::redact::redacted_debug;
 use axum::Extension;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use crate::middleware::RequestId;
 use crate::state::AppState;
 
 /// `POST /v1/wechat/decrypt`'s body, as the mini-program API hands it over.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecryptBody {
     /// `encryptedData`, base64.
@@ -25,13 +26,17 @@ pub struct DecryptBody {
     pub iv: String,
 }
 
+redacted_debug!(DecryptBody { ; encrypted_data, iv });
+
 /// The decrypted data.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Decrypted {
     /// The decrypted JSON object, `watermark` included.
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
+
+redacted_debug!(Decrypted { ; data });
 
 /// Decrypt encryptedData with the caller's session_key.
 #[utoipa::path(
