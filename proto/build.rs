@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// The messages whose Debug lib.rs writes (`redacted_debug!`).
+const REDACTED: &[&str] = &[
+    "TokenPair",
+    "LoginRequest",
+    "VerifyRequest",
+    "RefreshRequest",
+    "LogoutRequest",
+    "ListSessionsRequest",
+    "DecryptDataRequest",
+    "DecryptDataResponse",
+    "GetPhoneNumberRequest",
+    "GetPhoneNumberResponse",
+    "GetWechatAccessTokenRequest",
+    "GetWechatAccessTokenResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Neither prost-build nor tonic-prost-build emits rerun-if-changed on their own.
     println!("cargo:rerun-if-changed=wxauth");
@@ -17,6 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("wxauth_v1_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
-    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    // Messages that carry a token, a code, a phone number, encryptedData or what it decrypts
+    // to: their Debug is written by hand in lib.rs, with those fields' values left out.
+    tonic_prost_build::configure()
+        .skip_debug(REDACTED.iter().map(|m| format!(".wxauth.v1.{m}")))
+        .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

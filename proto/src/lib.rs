@@ -15,6 +15,40 @@ pub mod wxauth {
 
 pub use wxauth::v1;
 
+/// `impl Debug` for a generated message (left without one by `build.rs`), showing the fields
+/// before `;` and only the names of those after it: tokens, codes, phone numbers and user
+/// data never reach a log line through a message's Debug.
+macro_rules! redacted_debug {
+    ($($ty:ident { $($shown:ident),* ; $($hidden:ident),+ })+) => {$(
+        impl std::fmt::Debug for v1::$ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(stringify!($shown), &self.$shown))*
+                    $(.field(stringify!($hidden), &format_args!("<redacted>")))+
+                    .finish()
+            }
+        }
+    )+};
+}
+
+redacted_debug! {
+    TokenPair {
+        token_type, expires_in, refresh_expires_in, access_expires_at, refresh_expires_at;
+        access_token, refresh_token
+    }
+    LoginRequest { device, client_ip; code }
+    VerifyRequest { include_phone; access_token }
+    RefreshRequest { ; refresh_token }
+    LogoutRequest { all; access_token }
+    ListSessionsRequest { ; access_token }
+    DecryptDataRequest { ; access_token, encrypted_data, iv }
+    DecryptDataResponse { ; data_json }
+    GetPhoneNumberRequest { ; access_token, code }
+    GetPhoneNumberResponse { ; phone_number, pure_phone_number, country_code }
+    GetWechatAccessTokenRequest { ; refused_access_token }
+    GetWechatAccessTokenResponse { expires_at; access_token }
+}
+
 /// The encoded `FileDescriptorSet` of every proto file, imports included, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wxauth_v1_descriptor");
 
@@ -48,5 +82,101 @@ mod tests {
         assert_eq!(back.code(), Code::Unauthenticated);
         assert_eq!(back.message(), "revoked");
         assert_eq!(back.details(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn messages_with_secrets_print_their_names_only() {
+        use super::v1;
+        let s = || "s3cret-13800138000".to_owned();
+        let pair = v1::TokenPair {
+            access_token: s(),
+            refresh_token: s(),
+            token_type: "Bearer".to_owned(),
+            ..Default::default()
+        };
+        let shown = [
+            format!("{pair:?}"),
+            format!(
+                "{:?}",
+                v1::LoginResponse {
+                    tokens: Some(pair.clone()),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::LoginRequest {
+                    code: s(),
+                    client_ip: "203.0.113.1".to_owned(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::VerifyBatchItem {
+                    request: Some(v1::VerifyRequest {
+                        access_token: s(),
+                        include_phone: true,
+                    }),
+                    request_id: "r-1".to_owned(),
+                }
+            ),
+            format!("{:?}", v1::RefreshRequest { refresh_token: s() }),
+            format!(
+                "{:?}",
+                v1::LogoutRequest {
+                    access_token: s(),
+                    all: true
+                }
+            ),
+            format!("{:?}", v1::ListSessionsRequest { access_token: s() }),
+            format!(
+                "{:?}",
+                v1::DecryptDataRequest {
+                    access_token: s(),
+                    encrypted_data: s(),
+                    iv: s(),
+                }
+            ),
+            format!("{:?}", v1::DecryptDataResponse { data_json: s() }),
+            format!(
+                "{:?}",
+                v1::GetPhoneNumberRequest {
+                    access_token: s(),
+                    code: s(),
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::VerifyResponse {
+                    phone: Some(v1::GetPhoneNumberResponse {
+                        phone_number: s(),
+                        pure_phone_number: s(),
+                        country_code: s(),
+                    }),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::GetWechatAccessTokenRequest {
+                    refused_access_token: s()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::GetWechatAccessTokenResponse {
+                    access_token: s(),
+                    expires_at: None,
+                }
+            ),
+        ];
+        for text in &shown {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+        assert!(shown[0].contains("Bearer"), "{}", shown[0]);
+        assert!(shown[2].contains("203.0.113.1"), "{}", shown[2]);
+        assert!(shown[3].contains("r-1"), "{}", shown[3]);
     }
 }
