@@ -83,15 +83,17 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
     Ok(value)
 }
 
-/// serde_json's message, less the value it found when that was of the wrong type or out of
-/// range: `invalid type: string "wxr_…", expected u32` quotes what the client sent, which may
-/// be a token or a code sent in the wrong field, and an error body ends up in client and
-/// proxy logs. Syntax errors and missing or unknown fields name no value.
+/// serde_json's message, less the value it found when that was of the wrong type, out of
+/// range or not one of an enum's: `invalid type: string "wxr_…", expected u32` quotes what
+/// the client sent, which may be a token or a code sent in the wrong field, and an error body
+/// ends up in client and proxy logs. Syntax errors and missing fields name no value; an
+/// unknown field is named (the key, not its value), so that a typo can be found.
 fn without_value(e: &serde_json::Error) -> String {
     let text = e.to_string();
     for (prefix, what) in [
         ("invalid type: ", "wrong type"),
         ("invalid value: ", "invalid value"),
+        ("unknown variant ", "unknown value"),
     ] {
         if text.starts_with(prefix) {
             // serde writes `{found}, expected {what the type takes}` and serde_json adds the
@@ -198,6 +200,25 @@ mod tests {
         let e = parse::<Login>(&h, br#""wxr_secret-token""#).expect_err("not an object");
         assert_eq!(e.code(), "invalid_json");
         assert!(!e.message().contains("wxr_secret"), "{}", e.message());
+    }
+
+    #[test]
+    fn an_unknown_enum_value_is_not_quoted_either() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Platform {
+            Ios,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct Device {
+            #[allow(dead_code)]
+            platform: Platform,
+        }
+        let h = json_headers("application/json");
+        let e = parse::<Device>(&h, br#"{"platform": "wxr_secret-token"}"#).expect_err("unknown");
+        assert_eq!(e.code(), "invalid_request");
+        assert!(!e.message().contains("wxr_secret"), "{}", e.message());
+        assert!(e.message().contains("ios"), "{}", e.message());
     }
 
     #[test]
