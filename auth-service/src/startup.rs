@@ -213,8 +213,9 @@ impl Application {
         info!(listener = "grpc", listen_addr = %self.local_addr, "listening");
         // A peer that vanished (its node gone, a half-open connection) is found by TCP
         // keep-alive: after 30 s of silence, probes every 10 s, closed after 3 unanswered,
-        // about a minute in all. Not by HTTP/2 pings: with them hyper reads the clock and
-        // takes a lock on every frame of every call.
+        // about a minute in all (while an answer of ours is unacknowledged, the kernel's
+        // retransmission limit applies instead, about 15 minutes). Not by HTTP/2 pings: with
+        // them hyper reads the clock and takes a lock on every frame of every call.
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(30)))
