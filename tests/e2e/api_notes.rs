@@ -295,6 +295,8 @@ async fn every_validation_rule_answers_400_naming_its_field() {
         list("limit=0", "limit"),
         list("limit=101", "limit"),
         list("limit=x", "limit"),
+        list("limit=1&limit=2", "limit").by_json(),
+        list("cursor=a&cursor=b", "cursor").by_json(),
         list("cursor=not-a-cursor!", "cursor"),
         list("cursor=AAAAAAAAAAAA", "cursor"),
     ]);

@@ -230,11 +230,20 @@ pub async fn list_notes(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<axum::Json<NoteList>, ApiError> {
     let Query(query) = query.map_err(|e| {
-        ApiError::new(
+        // Its only failure with these fields: one of them sent twice (`limit=1&limit=2`).
+        let text = e.body_text();
+        let error = ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            format!("the query string is malformed: {}", e.body_text()),
-        )
+            format!("the query string is malformed: {text}"),
+        );
+        match ["limit", "cursor"]
+            .into_iter()
+            .find(|field| text.contains(&format!("`{field}`")))
+        {
+            Some(field) => error.with_field(field),
+            None => error,
+        }
     })?;
     let size = PageSize::parse(query.limit.as_deref())?;
     let cursor = Cursor::parse(query.cursor.as_deref())?;
