@@ -139,15 +139,23 @@ impl NoteBody {
     }
 }
 
-/// A note's id: a random UUID (v4), lower-case and hyphenated; never sequential, so ids
-/// tell nothing about how many notes exist or when one was made.
+/// A note's id: a UUID, lower-case and hyphenated. New ids are version 7: the creation's
+/// millisecond, then a counter and random bits (74 of the 128 bits are random or counter),
+/// so consecutive ids sort together and each new note lands at the end of the `id` index
+/// instead of on a random page of it. With version 4 ids every creation dirtied a random
+/// leaf of that index: more pages written to the WAL per commit and to the database per
+/// checkpoint, and read back once the index outgrew SQLite's page cache (wrk, `POST
+/// /v1/notes` at 16 connections on SQLite: 12.9-14.4k -> 17.2-18.4k req/s, 70-79 -> 58-64
+/// µs of CPU a request). An id tells when its note was made, which the note says anyway
+/// (`created_at`), and nothing of how many notes exist; ids are not secrets, since a note
+/// is found only among its owner's. Ids issued before (version 4) stay valid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NoteId(String);
 
 impl NoteId {
-    /// A fresh random id.
-    pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+    /// A new id, later in order than every id made before it by this process.
+    pub fn fresh() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
     }
 
     /// The id from a URL, or `None` when it is not one we could have issued (the caller
@@ -188,7 +196,7 @@ impl Note {
     /// A new note, made at `now`, with a fresh id.
     pub fn new(title: NoteTitle, body: NoteBody, now: Millis) -> Self {
         Self {
-            id: NoteId::random(),
+            id: NoteId::fresh(),
             title,
             body,
             created_at: now,
@@ -608,10 +616,19 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_random_canonical_uuids() {
-        let a = NoteId::random();
-        let b = NoteId::random();
-        assert_ne!(a, b);
+    fn ids_are_canonical_uuids_in_creation_order() {
+        // Many within one millisecond too: each later in order than the one before.
+        let ids: Vec<NoteId> = (0..1000).map(|_| NoteId::fresh()).collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0].as_str() < pair[1].as_str(), "{pair:?}");
+        }
+        let a = ids[0].clone();
+        // Ids made before version 7 are still found.
+        let v4 = "0b0a4a3e-8d0c-4f3b-9e2a-1c5d6e7f8a9b";
+        assert_eq!(
+            NoteId::parse(v4).map(NoteId::into_string).as_deref(),
+            Some(v4)
+        );
         assert_eq!(NoteId::parse(a.as_str()), Some(a.clone()));
         let upper = a.as_str().to_uppercase();
         let simple = a.as_str().replace('-', "");

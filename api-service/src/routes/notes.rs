@@ -27,7 +27,7 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Note)]
 pub struct NoteJson {
-    /// Its id (a random UUID).
+    /// Its id (a UUID).
     pub id: String,
     /// 1 to 100 characters.
     pub title: String,
@@ -377,7 +377,7 @@ mod tests {
     fn any_id_that_is_not_a_note_id_is_not_found() {
         let e = note_id(Ok(Path("42".to_owned()))).expect_err("sequential");
         assert_eq!((e.status(), e.code()), (StatusCode::NOT_FOUND, "not_found"));
-        let id = NoteId::random();
+        let id = NoteId::fresh();
         assert_eq!(
             note_id(Ok(Path(id.as_str().to_owned()))).expect("a note id"),
             id

@@ -78,7 +78,7 @@ async fn notes_are_scoped_to_their_owner(b: Backend) {
         b.notes.get("alice", &n.id).await.expect_err("gone"),
         b.notes.delete("alice", &n.id).await.expect_err("twice"),
         b.notes
-            .get("alice", &NoteId::random())
+            .get("alice", &NoteId::fresh())
             .await
             .expect_err("never made"),
     ] {
