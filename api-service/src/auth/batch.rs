@@ -43,9 +43,12 @@ use crate::metrics::VerifyCalls;
 pub(super) const BATCH_MAX: usize = 256;
 
 /// Sender tasks that keep sending while anything is queued. One would leave everything
-/// behind each call; two measured best (wrk, `GET /v1/me` at 64 connections: 38.6k, 43.3k
-/// and 38.3k req/s with one, two and four, against 20k sending every `Verify` alone).
-const SENDERS: usize = 2;
+/// behind each call. With wrk at 64 connections two measured best (`GET /v1/me`: 38.6k,
+/// 43.3k and 38.3k req/s with one, two and four, against 20k sending every `Verify` alone);
+/// in the bench three beat two at 4 and 16 in flight and tie from 64 on (at 16, three
+/// rounds each, interleaved: 34.9-37.7k -> 39.6-40.8k req/s embedded; on PostgreSQL + Redis
+/// 18.4-19.4k -> 20.9-22.0k, 52-54 -> 43-45 µs of CPU a request), and four tie with three.
+const SENDERS: usize = 3;
 
 /// How long the oldest queued `Verify` waits for a sender before one more call is sent.
 const STALL: Duration = Duration::from_millis(5);
@@ -740,10 +743,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_call_does_not_hold_up_the_others() {
-        // Arrange: both senders busy with calls that take SLOW
+        // Arrange: every sender busy with calls that take SLOW
         let (_fake, client, calls) = serve(Batches::Answered).await;
         let mut slow = tokio::task::JoinSet::new();
-        for i in 0..2 {
+        for i in 0..SENDERS {
             let client = client.clone();
             slow.spawn(async move {
                 let ctx = CallContext::default();
@@ -766,10 +769,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_stall_longer_than_one_call_is_sent_call_after_call() {
-        // Arrange: both senders busy with calls that take SLOW
+        // Arrange: every sender busy with calls that take SLOW
         let (fake, client, calls) = serve(Batches::Answered).await;
         let mut slow = tokio::task::JoinSet::new();
-        for i in 0..2 {
+        for i in 0..SENDERS {
             let client = client.clone();
             slow.spawn(async move {
                 let ctx = CallContext::default();
