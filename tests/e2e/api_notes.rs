@@ -105,7 +105,8 @@ fn is_rfc3339_utc_millis(t: &str) -> bool {
             .all(|(i, c)| [4, 7, 10, 13, 16, 19, 23].contains(&i) || c.is_ascii_digit())
 }
 
-fn is_uuid_v4(id: &str) -> bool {
+/// A new note's id: a UUID version 7 (time-ordered), lower-case and hyphenated.
+fn is_uuid_v7(id: &str) -> bool {
     let b = id.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| {
@@ -115,7 +116,7 @@ fn is_uuid_v4(id: &str) -> bool {
                 c.is_ascii_digit() || (b'a'..=b'f').contains(c)
             }
         })
-        && b[14] == b'4'
+        && b[14] == b'7'
         && b"89ab".contains(&b[19])
 }
 
@@ -126,7 +127,7 @@ fn assert_note(note: &Value, title: &str, body: &str) {
         Some(5),
         "{note}"
     );
-    assert!(is_uuid_v4(str_of(note, "id")), "{note}");
+    assert!(is_uuid_v7(str_of(note, "id")), "{note}");
     assert_eq!(note["title"], title, "{note}");
     assert_eq!(note["body"], body, "{note}");
     assert!(is_rfc3339_utc_millis(str_of(note, "created_at")), "{note}");
