@@ -58,8 +58,8 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
         )
     };
     // Every body this API takes is an object. serde would also fill a struct from an array,
-    // field by field in order (`["a title","a body"]` made a note): refused here. Nested
-    // values are left to their types.
+    // field by field in order (`["a title","a body"]` made a note): refused here. A nested
+    // object's field refuses an array with `optional_object`.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -105,6 +105,50 @@ fn without_value(e: &serde_json::Error) -> String {
         }
     }
     text
+}
+
+/// For a field that holds an optional object (`#[serde(default, deserialize_with =
+/// "crate::json::optional_object")]`): a JSON object or `null`, nothing else. serde would
+/// also fill the struct from an array, field by field in order (`"device": ["my-phone",
+/// "ios"]`), as it would a whole body ([`parse`] refuses that at the top): here such a
+/// value is the wrong type, a 400 that names the field. Inside the object, fields are
+/// checked, and named in errors, as before.
+pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct ObjectOrNull<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for ObjectOrNull<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(
+            self,
+            deserializer: D2,
+        ) -> Result<Self::Value, D2::Error> {
+            // Any other kind of value falls to the visitor's default: the wrong type.
+            deserializer.deserialize_any(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+
+    deserializer.deserialize_option(ObjectOrNull(std::marker::PhantomData))
 }
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -241,6 +285,60 @@ mod tests {
             );
         }
         assert!(parse::<Note>(&h, b" \n{\"title\":\"a\"}").is_ok());
+    }
+
+    #[test]
+    fn a_nested_object_given_as_an_array_is_the_wrong_type() {
+        use crate::routes::auth::LoginBody;
+        let h = json_headers("application/json");
+        for bad in [
+            &br#"{"code":"c","device":["my-phone","ios"]}"#[..],
+            br#"{"code":"c","device":"my-phone"}"#,
+            br#"{"code":"c","device":5}"#,
+        ] {
+            let e = parse::<LoginBody>(&h, bad).expect_err("device is not an object");
+            assert_eq!(
+                (e.status(), e.code()),
+                (StatusCode::BAD_REQUEST, "invalid_request"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(
+                e.message().starts_with("device: wrong type"),
+                "{}",
+                e.message()
+            );
+            assert!(!e.message().contains("my-phone"), "{}", e.message());
+        }
+        // An object, null or nothing: as before, with its own fields checked and named.
+        let body = parse::<LoginBody>(&h, br#"{"code":"c","device":{"id":"d","platform":"ios"}}"#)
+            .expect("an object");
+        let device = body.device.expect("a device");
+        assert_eq!(
+            (device.id.as_deref(), device.platform.as_deref()),
+            (Some("d"), Some("ios"))
+        );
+        for none in [&br#"{"code":"c","device":null}"#[..], br#"{"code":"c"}"#] {
+            assert!(
+                parse::<LoginBody>(&h, none)
+                    .expect("no device")
+                    .device
+                    .is_none()
+            );
+        }
+        let e = parse::<LoginBody>(&h, br#"{"code":"c","device":{"id":5}}"#).expect_err("id");
+        assert!(
+            e.message().starts_with("device.id: wrong type"),
+            "{}",
+            e.message()
+        );
+        let e = parse::<LoginBody>(&h, br#"{"code":"c","device":{"colour":"red"}}"#)
+            .expect_err("unknown field");
+        assert!(
+            e.message().starts_with("device.colour: unknown field"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

@@ -488,6 +488,14 @@ async fn the_frameworks_own_errors_have_the_contract_shape() {
         .await
         .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
 
+    // A nested object given as an array is the wrong type, not filled in order.
+    let array = json!({"code": "a-code", "device": ["my-phone", "ios"]});
+    let refused = e
+        .send(Method::POST, "/v1/auth/login", None, Some(array))
+        .await;
+    refused.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    assert_eq!(refused.body["error"]["field"], "device", "{}", refused.body);
+
     let raw = |ct: &'static str, body: &'static str| {
         let e = &e;
         async move {

@@ -23,7 +23,7 @@ pub struct LoginBody {
     #[serde(default)]
     pub code: Option<String>,
     /// The device, optional: a login with the `id` of a live session replaces it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::optional_object")]
     pub device: Option<Device>,
 }
 
