@@ -139,16 +139,18 @@ impl NoteBody {
     }
 }
 
-/// A note's id: a UUID, lower-case and hyphenated. New ids are version 7: the creation's
-/// millisecond, then a counter and random bits (74 of the 128 bits are random or counter),
-/// so consecutive ids sort together and each new note lands at the end of the `id` index
-/// instead of on a random page of it. With version 4 ids every creation dirtied a random
-/// leaf of that index: more pages written to the WAL per commit and to the database per
-/// checkpoint, and read back once the index outgrew SQLite's page cache (wrk, `POST
-/// /v1/notes` at 16 connections on SQLite: 12.9-14.4k -> 17.2-18.4k req/s, 70-79 -> 58-64
-/// µs of CPU a request). An id tells when its note was made, which the note says anyway
-/// (`created_at`), and nothing of how many notes exist; ids are not secrets, since a note
-/// is found only among its owner's. Ids issued before (version 4) stay valid.
+/// A note's id: a UUID, lower-case and hyphenated. New ids are version 7 (uuid's `now_v7`):
+/// the creation's millisecond, a 42-bit counter that starts at a random value each
+/// millisecond and counts up within it, and 32 random bits. Consecutive ids sort together,
+/// so each new note lands at the end of the `id` index instead of on a random page of it.
+/// With version 4 ids every creation dirtied a random leaf of that index: more pages
+/// written to the WAL per commit and to the database per checkpoint, and read back once the
+/// index outgrew SQLite's page cache (wrk, `POST /v1/notes` at 16 connections on SQLite:
+/// 12.9-14.4k -> 17.2-18.4k req/s, 70-79 -> 58-64 µs of CPU a request). An id tells when
+/// its note was made, which the note says anyway (`created_at`); two ids of one millisecond
+/// from one replica tell how many were made between them, and nothing more of how many
+/// notes exist. Ids are not secrets: a note is found only among its owner's, another's id
+/// answers 404 as an unknown one. Ids issued before (version 4) stay valid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NoteId(String);
 
