@@ -107,6 +107,21 @@ fn without_value(e: &serde_json::Error) -> String {
     text
 }
 
+/// For a `code` field (`#[serde(default, deserialize_with = "crate::json::code")]`): a
+/// string is the code; anything else (`null`, a number, an object) is no code, which the
+/// route answers as it answers a missing one: 400 `invalid_code`, field `code` (the contract
+/// calls every malformed code that), instead of a type error.
+pub(crate) fn code<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize as _;
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(code) => Some(code),
+        _ => None,
+    })
+}
+
 /// For a field that holds an optional object (`#[serde(default, deserialize_with =
 /// "crate::json::optional_object")]`): a JSON object or `null`, nothing else. serde would
 /// also fill the struct from an array, field by field in order (`"device": ["my-phone",

@@ -338,10 +338,19 @@ async fn login_errors_carry_the_contract_status_code_and_wechat_details() {
         a.assert_error(StatusCode::BAD_REQUEST, "invalid_code");
         assert_eq!(a.body["error"]["field"], "code");
     }
-    let missing = e
-        .send(Method::POST, "/v1/auth/login", None, Some(json!({})))
-        .await;
-    missing.assert_error(StatusCode::BAD_REQUEST, "invalid_code");
+    // No code, or a value that is no string: the same answer as a malformed code.
+    for body in [
+        json!({}),
+        json!({"code": null}),
+        json!({"code": 123}),
+        json!({"code": {"code": "abc"}}),
+    ] {
+        let missing = e
+            .send(Method::POST, "/v1/auth/login", None, Some(body.clone()))
+            .await;
+        missing.assert_error(StatusCode::BAD_REQUEST, "invalid_code");
+        assert_eq!(missing.body["error"]["field"], "code", "{body}");
+    }
 
     let used = e.sim.mint_code(&MintCode::default()).await.expect("mint");
     assert_eq!(login(used.code.clone()).await.status, StatusCode::OK);

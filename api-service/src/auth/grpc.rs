@@ -24,8 +24,8 @@ use tracing::{error, warn};
 
 use super::batch::Verifier;
 use super::{
-    AuthApi, AuthResult, CallContext, Device, Identity, PHONE_NOT_SET, PhoneNumber, SessionItem,
-    TokenPair, http_status_for,
+    AuthApi, AuthResult, CallContext, Device, Identity, PHONE_NOT_SET, PhoneNumber, SessionDevice,
+    SessionItem, TokenPair, http_status_for,
 };
 use crate::error::ApiError;
 use crate::metrics::VerifyCalls;
@@ -366,7 +366,7 @@ impl AuthApi for GrpcAuth {
                 let d = s.device.unwrap_or_default();
                 SessionItem {
                     session_id: s.session_id,
-                    device: Device {
+                    device: SessionDevice {
                         id: non_empty(d.id),
                         platform: non_empty(d.platform),
                         model: non_empty(d.model),

@@ -54,6 +54,21 @@ pub struct Device {
     pub model: Option<String>,
 }
 
+/// The device a live session was opened from, as `GET /v1/auth/sessions` shows it: each
+/// field always there, `null` when the login did not say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct SessionDevice {
+    /// The id the mini-program gave at login, or null.
+    #[schema(required = true)]
+    pub id: Option<String>,
+    /// The platform given at login, or null.
+    #[schema(required = true)]
+    pub platform: Option<String>,
+    /// The model given at login, or null.
+    #[schema(required = true)]
+    pub model: Option<String>,
+}
+
 /// A token pair as the contract shows it.
 #[derive(Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
@@ -84,7 +99,7 @@ pub struct SessionItem {
     /// The session's id.
     pub session_id: String,
     /// The device it was opened from.
-    pub device: Device,
+    pub device: SessionDevice,
     /// When it was opened (RFC 3339, UTC).
     pub created_at: String,
     /// When it was last used (RFC 3339, UTC; moves at most once a minute).

@@ -19,8 +19,10 @@ use crate::state::AppState;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
-    /// The code from `wx.login()`: 1 to 128 characters of `[A-Za-z0-9_-]`, single use.
-    #[serde(default)]
+    /// The code from `wx.login()`: 1 to 128 characters of `[A-Za-z0-9_-]`, single use
+    /// (missing, `null` or not a string: 400 `invalid_code`).
+    #[serde(default, deserialize_with = "crate::json::code")]
+    #[schema(value_type = Option<String>)]
     pub code: Option<String>,
     /// The device, optional: a login with the `id` of a live session replaces it.
     #[serde(default, deserialize_with = "crate::json::optional_object")]

@@ -20,12 +20,16 @@ pub struct Me {
     /// The user's openid.
     pub openid: String,
     /// The user's unionid, or null.
+    #[schema(required = true)]
     pub unionid: Option<String>,
     /// The nickname, or null.
+    #[schema(required = true)]
     pub nickname: Option<String>,
     /// The avatar URL, or null.
+    #[schema(required = true)]
     pub avatar_url: Option<String>,
     /// The phone number, or null until set through `POST /v1/me/phone`.
+    #[schema(required = true)]
     pub phone_number: Option<String>,
     /// When the profile was first seen (RFC 3339, UTC).
     #[schema(value_type = String)]
@@ -127,10 +131,12 @@ pub async fn patch_me(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhoneBody {
-    /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code); missing
-    /// or empty: 400 `invalid_code`, and auth-service is not asked for a number.
-    #[serde(default)]
-    pub code: String,
+    /// The code from `<button open-type="getPhoneNumber">` (not the wx.login code); missing,
+    /// empty, `null` or not a string: 400 `invalid_code`, and auth-service is not asked for a
+    /// number.
+    #[serde(default, deserialize_with = "crate::json::code")]
+    #[schema(value_type = Option<String>)]
+    pub code: Option<String>,
 }
 
 redacted_debug!(PhoneBody { ; code });
@@ -159,17 +165,17 @@ pub async fn post_phone(
 ) -> Result<axum::Json<PhoneNumber>, ApiError> {
     // To auth-service an empty code means "the number already kept": never what this
     // route was asked, so a client that sent none is told so, as a login without one is.
-    if body.code.is_empty() {
+    let Some(code) = body.code.filter(|c| !c.is_empty()) else {
         return Err(ApiError::invalid(
             "code",
             "invalid_code",
-            "code is missing or empty: send the code of the getPhoneNumber button",
+            "code is missing, empty or not a string: send the code of the getPhoneNumber button",
         ));
-    }
+    };
     let ctx = CallContext { request_id };
     let phone = state
         .auth
-        .phone_number(&ctx, &auth.token, &body.code)
+        .phone_number(&ctx, &auth.token, &code)
         .await?
         .ok_or_else(|| {
             ApiError::auth_unavailable(anyhow::anyhow!(

@@ -123,7 +123,7 @@ fn optional_logout_body(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::O
 
 /// The document with what every operation may answer besides its own answers, the layers'
 /// errors (a body that is not a JSON object, too large or of another media type; a request
-/// over `API_REQUEST_TIMEOUT`), and the headers the answers carry: `X-Request-Id` on every
+/// over `API_REQUEST_TIMEOUT`; a failure on our side, a caught panic among them), and the headers the answers carry: `X-Request-Id` on every
 /// one, `WWW-Authenticate` on 401, `Retry-After` on 429 and 503 (where the error says when
 /// to come back).
 fn with_framework_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
@@ -175,6 +175,9 @@ fn with_framework_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi:
             answers
                 .entry("408".into())
                 .or_insert_with(|| error("request_timeout (over API_REQUEST_TIMEOUT)"));
+            answers.entry("500".into()).or_insert_with(|| {
+                error("internal (a failure on our side; the request id finds it in the logs)")
+            });
             for (status, answer) in answers.iter_mut() {
                 let RefOr::T(answer) = answer else { continue };
                 answer.headers.insert(
@@ -284,7 +287,9 @@ mod tests {
         for (method, path) in CONTRACT {
             let op = &doc["paths"][path][method];
             let answers = op["responses"].as_object().expect("responses");
-            assert!(answers.contains_key("408"), "{method} {path}");
+            for status in ["408", "500"] {
+                assert!(answers.contains_key(status), "{method} {path} {status}");
+            }
             if op["requestBody"].is_object() {
                 for status in ["400", "413", "415"] {
                     assert!(answers.contains_key(status), "{method} {path} {status}");
@@ -317,6 +322,87 @@ mod tests {
         assert_eq!(logout["required"], false, "{logout}");
         let phone = &doc["paths"]["/v1/me/phone"]["post"]["responses"];
         assert!(phone["403"].is_object());
+    }
+
+    /// Every field an answer always carries (as `null` when unknown) is `required` in the
+    /// document, so that generated clients do not type it as possibly absent. The fields
+    /// left out of an answer when they have no value are listed here.
+    #[test]
+    fn every_field_an_answer_always_carries_is_required() {
+        const SOMETIMES_ABSENT: &[(&str, &str)] = &[
+            ("ErrorBody", "field"),
+            ("ErrorBody", "wechat"),
+            ("Health", "checks"),
+        ];
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi().to_json().expect("json")).expect("valid json");
+        let schemas = &doc["components"]["schemas"];
+        // The schemas the answers name, and the schemas those name, transitively.
+        let mut pending: Vec<String> = Vec::new();
+        collect_refs(&doc["paths"], &mut |name, in_response| {
+            if in_response {
+                pending.push(name);
+            }
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(name) = pending.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let schema = &schemas[&name];
+            assert!(schema.is_object(), "{name} is referenced but not defined");
+            collect_refs(schema, &mut |inner, _| pending.push(inner));
+            let Some(properties) = schema["properties"].as_object() else {
+                continue;
+            };
+            let required: Vec<&str> = schema["required"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            for property in properties.keys() {
+                let absent = SOMETIMES_ABSENT.contains(&(name.as_str(), property.as_str()));
+                assert_eq!(
+                    required.contains(&property.as_str()),
+                    !absent,
+                    "{name}.{property}: always sent is required, sometimes absent is not"
+                );
+            }
+        }
+        for name in ["Me", "SessionItem", "TokenPair", "Note", "NoteList"] {
+            assert!(
+                seen.contains(name),
+                "{name} is not among the answers' schemas"
+            );
+        }
+    }
+
+    /// Calls `found(schema name, under a `responses` key)` for every `$ref` inside `value`.
+    fn collect_refs(value: &serde_json::Value, found: &mut impl FnMut(String, bool)) {
+        fn walk(v: &serde_json::Value, in_response: bool, found: &mut impl FnMut(String, bool)) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (key, inner) in map {
+                        if key == "$ref" {
+                            if let Some(name) = inner
+                                .as_str()
+                                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                            {
+                                found(name.to_owned(), in_response);
+                            }
+                        } else {
+                            walk(inner, in_response || key == "responses", found);
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for inner in items {
+                        walk(inner, in_response, found);
+                    }
+                }
+                _ => {}
+            }
+        }
+        walk(value, false, found);
     }
 
     /// A state whose auth-service is never called and whose database is a fresh file in a
@@ -622,7 +708,13 @@ mod tests {
         let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
         let app = router(state, limits());
 
-        for body in [serde_json::json!({}), serde_json::json!({"code": ""})] {
+        for body in [
+            serde_json::json!({}),
+            serde_json::json!({"code": ""}),
+            serde_json::json!({"code": null}),
+            serde_json::json!({"code": 123}),
+            serde_json::json!({"code": ["phone-code-1"]}),
+        ] {
             // Act
             let (status, answer) = send(
                 app.clone(),
