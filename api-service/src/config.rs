@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+/// `API_BODY_LIMIT`'s default: room for the largest note the contract allows even from a
+/// client that writes every character as a JSON escape (a character outside the BMP as two
+/// `\uXXXX`, 12 bytes: 10,100 of them are 121,200 bytes), as Python's `json.dumps` does.
+pub const DEFAULT_BODY_LIMIT: usize = 128 * 1024;
+
 /// A setting that is missing or malformed.
 #[derive(Debug, thiserror::Error)]
 #[error("setting {name}: {problem}")]
@@ -164,7 +169,7 @@ impl Settings {
         };
 
         let body_limit = match get("API_BODY_LIMIT") {
-            None => 64 * 1024,
+            None => DEFAULT_BODY_LIMIT,
             Some(v) => v
                 .trim()
                 .parse::<usize>()
@@ -295,6 +300,23 @@ mod tests {
     }
 
     #[test]
+    fn the_default_body_limit_takes_the_largest_note_however_it_is_escaped() {
+        use crate::notes::{BODY_MAX_CHARS, TITLE_MAX_CHARS};
+        let escaped = |n: usize| "\\ud83d\\ude00".repeat(n);
+        let body = format!(
+            r#"{{"title": "{}", "body": "{}"}}"#,
+            escaped(TITLE_MAX_CHARS),
+            escaped(BODY_MAX_CHARS)
+        );
+        let note: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+        assert_eq!(
+            note["body"].as_str().map(|b| b.chars().count()),
+            Some(BODY_MAX_CHARS)
+        );
+        assert!(body.len() <= DEFAULT_BODY_LIMIT, "{} bytes", body.len());
+    }
+
+    #[test]
     fn defaults_follow_the_contract() {
         let s = load(&[]).expect("valid");
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
@@ -305,7 +327,7 @@ mod tests {
         assert!(
             matches!(s.database, DatabaseSettings::Sqlite { ref path } if path.ends_with("data/api.db"))
         );
-        assert_eq!(s.body_limit, 65536);
+        assert_eq!(s.body_limit, 131_072);
         assert_eq!(s.worker_threads, None);
         let s = load(&[("API_WORKER_THREADS", "3")]).expect("valid");
         assert_eq!(s.worker_threads.map(NonZeroUsize::get), Some(3));
