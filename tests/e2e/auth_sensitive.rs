@@ -144,6 +144,57 @@ async fn auth_decrypt_data_opens_data_of_either_device_until_two_rotations_later
 }
 
 #[tokio::test]
+async fn a_login_that_keeps_the_session_key_does_not_push_the_previous_one_out() {
+    // Arrange: A logs in (key 1), B logs in (key 2, key 1 previous); data sealed with each.
+    let mut w = world(&[]).await;
+    let (a, _) = w.login_as(None, Some("device-a")).await;
+    let (b, login_b) = w.login_as(Some(&a.openid), Some("device-b")).await;
+    let (token_b, _) = tokens(login_b.tokens.as_ref());
+    let sealed_with = |key: &str, steps: u64| Encrypt::with_session_key(key, run_data(steps));
+    let from_a = w
+        .sim
+        .encrypt(&sealed_with(&a.session_key, 1))
+        .await
+        .expect("encrypt");
+    let from_b = w
+        .sim
+        .encrypt(&sealed_with(&b.session_key, 2))
+        .await
+        .expect("encrypt");
+
+    // Act: a third login at which WeChat hands out the same key again (it *may* rotate).
+    let kept = w
+        .sim
+        .mint_code(&MintCode {
+            keep_session_key: true,
+            ..MintCode::for_openid(&a.openid)
+        })
+        .await
+        .expect("mint");
+    assert_eq!(
+        kept.session_key, b.session_key,
+        "the simulator kept the key"
+    );
+    let login_c = w
+        .client
+        .login(login_request(&kept.code, Some("device-c"), "203.0.113.7"))
+        .await
+        .expect("login")
+        .into_inner();
+    let (token_c, _) = tokens(login_c.tokens.as_ref());
+
+    // Assert: the key before it is still held (a rotation would have pushed key 1 out).
+    for token in [&token_b, &token_c] {
+        for (data, steps) in [(&from_a, 1), (&from_b, 2)] {
+            let answer = decrypt(&mut w.client, token, data)
+                .await
+                .expect("both keys are still held");
+            assert_eq!(json_of(&answer)["stepInfoList"][0]["step"], steps);
+        }
+    }
+}
+
+#[tokio::test]
 async fn auth_decrypt_data_tells_bad_input_from_another_apps_watermark() {
     let mut w = world(&[]).await;
     let (minted, login) = w.login_as(None, None).await;

@@ -77,6 +77,9 @@ pub struct MintCode {
     /// Mints the code for another app; `None`: the simulator's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub appid: Option<String>,
+    /// A known user keeps its session_key (no rotation at this login).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_session_key: bool,
 }
 
 impl MintCode {

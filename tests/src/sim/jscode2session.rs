@@ -169,6 +169,8 @@ struct MintBody {
     #[serde(default)]
     with_unionid: bool,
     appid: Option<String>,
+    #[serde(default)]
+    keep_session_key: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -201,7 +203,7 @@ async fn mint_login_code(
 
     let minted = state.with_world(|world| -> Result<MintAnswer, RandomError> {
         let now = world.clock.now();
-        let user = world.users.log_in(openid, unionid)?;
+        let user = world.users.log_in(openid, unionid, body.keep_session_key)?;
         let code = world.login_codes.mint(user.openid(), &appid, now)?;
         Ok(MintAnswer {
             code,
@@ -210,7 +212,12 @@ async fn mint_login_code(
             session_key: user.session_key().to_owned(),
         })
     })?;
-    tracing::info!(openid = %minted.openid, %appid, "login code minted, session_key rotated");
+    tracing::info!(
+        openid = %minted.openid,
+        %appid,
+        rotated = !body.keep_session_key,
+        "login code minted"
+    );
     Ok(Json(minted))
 }
 

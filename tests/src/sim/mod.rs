@@ -146,8 +146,11 @@
 //! A given `openid` or `unionid` must be 1 to 128 printable ASCII characters without spaces, a
 //! given `appid` ASCII letters and digits.
 //!
-//! Minting rotates the user's session_key: a fresh one replaces the current one, which moves to
-//! the user's history. Answer: 200
+//! - `keep_session_key: true` leaves a known user's session_key as it is (WeChat *may* rotate
+//!   it at a login, WECHAT.md §2); a new user gets one all the same.
+//!
+//! Minting rotates the user's session_key (unless `keep_session_key`): a fresh one replaces the
+//! current one, which moves to the user's history. Answer: 200
 //! `{"code": "…", "openid": "…", "unionid": "…"|null, "session_key": "<the new current key>"}`.
 //! Codes are 32 characters of `[A-Za-z0-9]` starting with `0`; openids and unionids are `o`
 //! followed by 27 URL-safe base64 characters; session keys are the base64 (24 characters) of 16

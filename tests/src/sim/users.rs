@@ -59,11 +59,14 @@ impl Users {
     }
 
     /// What `wx.login()` does to a user: creates it when `openid` is `None` or unknown, and
-    /// gives it a fresh session_key, the current one moving to its history.
+    /// gives it a fresh session_key, the current one moving to its history; with
+    /// `keep_session_key`, a known user keeps its current key (WeChat *may* rotate at a
+    /// login, WECHAT.md §2; a new user always gets one).
     pub(crate) fn log_in(
         &mut self,
         openid: Option<String>,
         unionid: UnionidChange,
+        keep_session_key: bool,
     ) -> Result<&User, RandomError> {
         // Every random value first, so that a failure leaves the user as it was.
         let openid = match openid {
@@ -88,8 +91,10 @@ impl Users {
         let user = match self.by_openid.entry(openid) {
             Entry::Occupied(entry) => {
                 let user = entry.into_mut();
-                let previous = std::mem::replace(&mut user.session_key, session_key);
-                user.previous_session_keys.push(previous);
+                if !keep_session_key {
+                    let previous = std::mem::replace(&mut user.session_key, session_key);
+                    user.previous_session_keys.push(previous);
+                }
                 user
             }
             Entry::Vacant(entry) => {
@@ -166,7 +171,9 @@ mod tests {
     #[test]
     fn a_login_without_openid_creates_a_user_without_unionid() {
         let mut users = Users::default();
-        let user = users.log_in(None, UnionidChange::Keep).expect("random");
+        let user = users
+            .log_in(None, UnionidChange::Keep, false)
+            .expect("random");
         assert!(user.openid().starts_with('o'));
         assert_eq!(user.unionid(), None);
         assert!(user.previous_session_keys.is_empty());
@@ -176,27 +183,47 @@ mod tests {
     fn each_login_rotates_the_session_key_and_keeps_the_old_ones() {
         let mut users = Users::default();
         let first = users
-            .log_in(Some("oAlice".into()), UnionidChange::Keep)
+            .log_in(Some("oAlice".into()), UnionidChange::Keep, false)
             .expect("random")
             .session_key()
             .to_owned();
         let second = users
-            .log_in(Some("oAlice".into()), UnionidChange::Keep)
+            .log_in(Some("oAlice".into()), UnionidChange::Keep, false)
             .expect("random")
             .session_key()
             .to_owned();
         let user = users
-            .log_in(Some("oAlice".into()), UnionidChange::Keep)
+            .log_in(Some("oAlice".into()), UnionidChange::Keep, false)
             .expect("random");
         assert_ne!(user.session_key(), second);
         assert_eq!(user.previous_session_keys, [first, second]);
     }
 
     #[test]
+    fn a_login_that_keeps_the_session_key_leaves_key_and_history_alone() {
+        let mut users = Users::default();
+        let first = users
+            .log_in(Some("oErin".into()), UnionidChange::Keep, true)
+            .expect("random")
+            .session_key()
+            .to_owned();
+        let user = users
+            .log_in(Some("oErin".into()), UnionidChange::Keep, true)
+            .expect("random");
+        assert_eq!(user.session_key(), first);
+        assert!(user.previous_session_keys.is_empty());
+        let user = users
+            .log_in(Some("oErin".into()), UnionidChange::Keep, false)
+            .expect("random");
+        assert_ne!(user.session_key(), first);
+        assert_eq!(user.previous_session_keys, [first]);
+    }
+
+    #[test]
     fn rotating_replaces_the_key_and_keeps_the_old_one() {
         let mut users = Users::default();
         let first = users
-            .log_in(Some("oDave".into()), UnionidChange::Keep)
+            .log_in(Some("oDave".into()), UnionidChange::Keep, false)
             .expect("random")
             .session_key()
             .to_owned();
@@ -218,18 +245,18 @@ mod tests {
     fn ensure_one_keeps_an_existing_unionid_and_set_replaces_it() {
         let mut users = Users::default();
         users
-            .log_in(Some("oBob".into()), UnionidChange::Set("oU1".into()))
+            .log_in(Some("oBob".into()), UnionidChange::Set("oU1".into()), false)
             .expect("random");
         let user = users
-            .log_in(Some("oBob".into()), UnionidChange::EnsureOne)
+            .log_in(Some("oBob".into()), UnionidChange::EnsureOne, false)
             .expect("random");
         assert_eq!(user.unionid(), Some("oU1"));
         let user = users
-            .log_in(Some("oBob".into()), UnionidChange::Set("oU2".into()))
+            .log_in(Some("oBob".into()), UnionidChange::Set("oU2".into()), false)
             .expect("random");
         assert_eq!(user.unionid(), Some("oU2"));
         let user = users
-            .log_in(Some("oCarol".into()), UnionidChange::EnsureOne)
+            .log_in(Some("oCarol".into()), UnionidChange::EnsureOne, false)
             .expect("random");
         assert!(user.unionid().is_some_and(|u| u.len() == 28));
     }
