@@ -30,9 +30,28 @@ pub fn init<W>(sink: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,hyper=warn,tower=warn"));
+    let (filter, unreadable) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let _already_set = tracing::subscriber::set_global_default(subscriber(sink, filter));
+    if unreadable {
+        tracing::warn!(
+            default = DEFAULT_LOG_FILTER,
+            "RUST_LOG is not a log filter; using the default"
+        );
+    }
+}
+
+/// The log filter when `RUST_LOG` is unset (or unreadable): the services' own lines from
+/// `info`, those of sqlx, h2, hyper and tower from `warn`.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,h2=warn,hyper=warn,tower=warn";
+
+/// The filter `RUST_LOG`'s value asks for, and whether that value had to be set aside as
+/// unreadable (the default then applies, and [`init`] says so once it can log).
+fn log_filter(value: Option<&str>) -> (EnvFilter, bool) {
+    match value.map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, false),
+        Some(Err(_)) => (EnvFilter::new(DEFAULT_LOG_FILTER), true),
+        None => (EnvFilter::new(DEFAULT_LOG_FILTER), false),
+    }
 }
 
 /// The subscriber [`init`] installs.
@@ -337,6 +356,28 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unreadable_rust_log_falls_back_to_the_default_and_says_so() {
+        let (filter, unreadable) = log_filter(Some("info,auth_service=debug"));
+        assert!(!unreadable);
+        assert_eq!(filter.to_string(), "auth_service=debug,info");
+        let (filter, unreadable) = log_filter(None);
+        assert!(!unreadable);
+        assert_eq!(
+            filter.to_string(),
+            EnvFilter::new(DEFAULT_LOG_FILTER).to_string()
+        );
+        for bad in ["info,sqlx=loud", "=", "[{"] {
+            let (filter, unreadable) = log_filter(Some(bad));
+            assert!(unreadable, "{bad}");
+            assert_eq!(
+                filter.to_string(),
+                EnvFilter::new(DEFAULT_LOG_FILTER).to_string()
+            );
+        }
+    }
+
     use std::sync::{Arc, Mutex, PoisonError};
 
     use serde_json::{Value, json};
