@@ -109,6 +109,22 @@ pub struct Settings {
 /// Smallest accepted length, in bytes, of `AUTH_TOKEN_KEY` and of each client key.
 const MIN_SECRET_BYTES: usize = 32;
 
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+/// The longest accepted value of a duration setting, and how the error names it.
+type Max = (Duration, &'static str);
+/// The longest accepted value of each duration setting: far above any sensible one, and low
+/// enough that no arithmetic done with it (`AUTH_WECHAT_TIMEOUT * 8`, `Instant + ttl`, a
+/// timestamp) can overflow at run time.
+const WECHAT_TIMEOUT_MAX: Max = (Duration::from_secs(MINUTE), "1m");
+const ACCESS_TTL_MAX: Max = (Duration::from_secs(30 * DAY), "30d");
+const REFRESH_TTL_MAX: Max = (Duration::from_secs(3650 * DAY), "3650d");
+const REFRESH_GRACE_MAX: Max = (Duration::from_secs(5 * MINUTE), "5m");
+const MAX_CONNECTION_AGE_MAX: Max = (Duration::from_secs(30 * DAY), "30d");
+const DRAIN_DELAY_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
+const SHUTDOWN_GRACE_MAX: Max = (Duration::from_secs(HOUR), "1h");
+
 impl Settings {
     /// Reads the settings from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -138,16 +154,16 @@ impl Settings {
             return Err(bad("WECHAT_APPID", "must be letters, digits, `_` or `-`"));
         }
         let secret = SecretString::from(required("WECHAT_SECRET")?);
-        let api_base = get("WECHAT_API_BASE").unwrap_or_else(|| "https://api.weixin.qq.com".into());
-        let api_base = reqwest::Url::parse(&api_base)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| bad("WECHAT_API_BASE", "must be an http:// or https:// URL"))?;
+        let api_base = api_base(
+            get("WECHAT_API_BASE")
+                .as_deref()
+                .unwrap_or("https://api.weixin.qq.com"),
+        )?;
         let wechat = WechatSettings {
             appid,
             secret,
             api_base,
-            timeout: duration(&get, "AUTH_WECHAT_TIMEOUT", "5s")?,
+            timeout: duration(&get, "AUTH_WECHAT_TIMEOUT", "5s", WECHAT_TIMEOUT_MAX)?,
         };
 
         let token_key = SecretString::from(required("AUTH_TOKEN_KEY")?);
@@ -204,16 +220,21 @@ impl Settings {
             wechat,
             token_key,
             session_policy,
-            access_ttl: duration(&get, "AUTH_ACCESS_TTL", "2h")?,
-            refresh_ttl: duration(&get, "AUTH_REFRESH_TTL", "30d")?,
-            refresh_grace: duration(&get, "AUTH_REFRESH_GRACE", "10s")?,
+            access_ttl: duration(&get, "AUTH_ACCESS_TTL", "2h", ACCESS_TTL_MAX)?,
+            refresh_ttl: duration(&get, "AUTH_REFRESH_TTL", "30d", REFRESH_TTL_MAX)?,
+            refresh_grace: duration(&get, "AUTH_REFRESH_GRACE", "10s", REFRESH_GRACE_MAX)?,
             login_rate,
             client_keys,
             metrics_addr,
-            max_connection_age: Some(duration(&get, "AUTH_MAX_CONNECTION_AGE", "0s")?)
-                .filter(|d| !d.is_zero()),
-            drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s")?,
-            shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s")?,
+            max_connection_age: Some(duration(
+                &get,
+                "AUTH_MAX_CONNECTION_AGE",
+                "0s",
+                MAX_CONNECTION_AGE_MAX,
+            )?)
+            .filter(|d| !d.is_zero()),
+            drain_delay: duration(&get, "AUTH_DRAIN_DELAY", "0s", DRAIN_DELAY_MAX)?,
+            shutdown_grace: duration(&get, "AUTH_SHUTDOWN_GRACE", "20s", SHUTDOWN_GRACE_MAX)?,
             verify_cache_size,
             worker_threads,
         };
@@ -242,17 +263,44 @@ fn addr(
         .map_err(|_| bad(name, "must be an address like 127.0.0.1:50051"))
 }
 
+/// A duration setting, at most `max`.
 fn duration(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
     default: &str,
+    (max, max_text): Max,
 ) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim()).map_err(|e| {
-        bad(
-            name,
-            format!("must be a duration like 10s, 2h or 30d ({e})"),
-        )
-    })
+    let d =
+        humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim()).map_err(|e| {
+            bad(
+                name,
+                format!("must be a duration like 10s, 2h or 30d ({e})"),
+            )
+        })?;
+    if d > max {
+        return Err(bad(name, format!("must be at most {max_text}")));
+    }
+    Ok(d)
+}
+
+/// `WECHAT_API_BASE`, its path ending with `/`: the calls' paths are joined to it
+/// (`Url::join("sns/jscode2session")`), which would replace a last segment without one
+/// (`http://gw/wechat` would call `http://gw/sns/jscode2session`) and drop any query or
+/// fragment (refused, then).
+fn api_base(raw: &str) -> Result<reqwest::Url, ConfigError> {
+    const NAME: &str = "WECHAT_API_BASE";
+    let mut url = reqwest::Url::parse(raw.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| bad(NAME, "must be an http:// or https:// URL"))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad(NAME, "must have no query (`?…`) or fragment (`#…`)"));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
 }
 
 /// Checks `AUTH_REDIS_URL` as redis-rs will read it, without echoing it (it may hold a
@@ -495,6 +543,66 @@ mod tests {
         };
         assert_eq!(pool(None), Some(10));
         assert_eq!(pool(Some("25")), Some(25));
+    }
+
+    #[test]
+    fn every_duration_has_an_upper_bound_named_at_start_up() {
+        // Each setting at its bound is taken; a second more, or an absurd value that would
+        // overflow the arithmetic done with it (`AUTH_WECHAT_TIMEOUT * 8`, `Instant + ttl`),
+        // stops start-up naming the setting.
+        for (name, max) in [
+            ("AUTH_WECHAT_TIMEOUT", "1m"),
+            ("AUTH_ACCESS_TTL", "30d"),
+            ("AUTH_REFRESH_TTL", "3650d"),
+            ("AUTH_REFRESH_GRACE", "5m"),
+            ("AUTH_MAX_CONNECTION_AGE", "30d"),
+            ("AUTH_DRAIN_DELAY", "10m"),
+            ("AUTH_SHUTDOWN_GRACE", "1h"),
+        ] {
+            let mut env = base();
+            env.insert(name, max.into());
+            if let Err(e) = load(&env) {
+                panic!("{name}={max} is refused: {e}");
+            }
+            for over in [format!("{max} 1s"), "100000000000y".into()] {
+                let mut env = base();
+                env.insert(name, over.clone());
+                let err = load(&env).expect_err(&over);
+                assert_eq!(err.name, name, "{over}: {err}");
+                assert!(
+                    err.to_string().ends_with(&format!("at most {max}")),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_wechat_api_base_keeps_its_path_prefix() {
+        for (given, want) in [
+            ("http://gw/wechat", "http://gw/wechat/sns/jscode2session"),
+            ("http://gw/wechat/", "http://gw/wechat/sns/jscode2session"),
+            (
+                "http://127.0.0.1:9000/a/b",
+                "http://127.0.0.1:9000/a/b/sns/jscode2session",
+            ),
+            (
+                "https://api.weixin.qq.com",
+                "https://api.weixin.qq.com/sns/jscode2session",
+            ),
+        ] {
+            let mut env = base();
+            env.insert("WECHAT_API_BASE", given.into());
+            let base = load(&env).expect(given).wechat.api_base;
+            let joined = base.join("sns/jscode2session").expect("joins");
+            assert_eq!(joined.as_str(), want, "{given}");
+        }
+        // A query or a fragment would be dropped by every join: refused, not ignored.
+        for given in ["http://gw/wechat?x=1", "http://gw/wechat#top"] {
+            let mut env = base();
+            env.insert("WECHAT_API_BASE", given.into());
+            assert_eq!(load(&env).expect_err(given).name, "WECHAT_API_BASE");
+        }
     }
 
     #[test]
