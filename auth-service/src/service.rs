@@ -47,6 +47,15 @@ const ENDED_FOR: Duration = Duration::from_secs(600);
 const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
+/// The pauses before each retry of a phone number's write that failed for a moment (SQLite's
+/// write turn busy, PostgreSQL unavailable): WeChat has answered and billed the number and
+/// the code is spent, so a write that gave up at once would lose it. Four attempts over a
+/// few seconds, in the call's task that runs to its end even if the caller went away.
+const PHONE_WRITE_RETRIES: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
 
 impl From<StoreError> for AuthError {
     fn from(e: StoreError) -> Self {
@@ -863,24 +872,50 @@ impl AuthCore {
             .finish_code(&code_key, exchanged.is_ok(), USED_CODE_TTL)
             .await?;
         let phone = exchanged?;
-        let plain = serde_json::to_vec(&phone).map_err(AuthError::internal)?;
+        self.store_phone(&id.openid, &phone).await?;
+        Ok(phone)
+    }
+
+    /// Keeps `phone` (just answered, and billed, by WeChat) with the user, sealed; a write
+    /// that fails for a moment is tried again ([`PHONE_WRITE_RETRIES`]).
+    async fn store_phone(&self, openid: &str, phone: &PhoneNumber) -> Result<(), AuthError> {
+        let plain = serde_json::to_vec(phone).map_err(AuthError::internal)?;
         let sealed = self
             .keys
-            .seal(&plain, id.openid.as_bytes())
+            .seal(&plain, openid.as_bytes())
             .map_err(AuthError::internal)?;
-        let write = self.phones.write_started(&id.openid);
-        let stored = self
-            .store
-            .set_phone(&id.openid, &sealed, now_millis())
-            .await;
+        let write = self.phones.write_started(openid);
+        let mut pauses = PHONE_WRITE_RETRIES.iter();
+        let stored = loop {
+            match self.store.set_phone(openid, &sealed, now_millis()).await {
+                Err(StoreError::Unavailable(e)) if let Some(pause) = pauses.next() => {
+                    warn!(
+                        openid = %openid,
+                        error = %e,
+                        retry_in = ?pause,
+                        "could not store a phone number; retrying"
+                    );
+                    tokio::time::sleep(*pause).await;
+                }
+                stored => break stored,
+            }
+        };
         drop(write);
+        let stored = stored.inspect_err(|e| {
+            error!(
+                openid = %openid,
+                error = %e,
+                "a phone number WeChat answered (and billed) could not be stored: the user must \
+                 bind it again with a new code"
+            );
+        });
         if !stored? {
             return Err(AuthError::internal(anyhow::anyhow!(
                 "the user of a verified token is not in the store"
             )));
         }
-        info!(openid = %id.openid, "phone number stored");
-        Ok(phone)
+        info!(openid = %openid, "phone number stored");
+        Ok(())
     }
 
     /// The user's kept phone number, `None` when none is kept: from memory when this
@@ -1007,7 +1042,8 @@ impl AuthCore {
     }
 
     /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor
-    /// pairs cleared after the grace window, cache swept.
+    /// pairs cleared a margin after the grace window (`store::SUCCESSOR_MARGIN`: never one a
+    /// refresh within the window by its own clock may still be owed), cache swept.
     pub async fn housekeeping(&self) -> Result<(), AuthError> {
         let now = now_millis();
         self.cache.sweep().await;
@@ -1114,7 +1150,201 @@ fn unreadable(e: serde_json::Error) -> AuthError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
     use super::*;
+    use crate::cache::MemoryCache;
+    use crate::store::{
+        AccessRecord, AppTokenLock, LoginOutcome, SealedSessionKeys, StoredAppToken,
+    };
+
+    /// A store whose `set_phone` fails its first `failures` calls (with a transient error, or
+    /// a lasting one), then keeps the number; nothing else of it is used by these tests.
+    #[derive(Debug)]
+    struct FlakyPhones {
+        failures: AtomicUsize,
+        lasting: bool,
+        attempts: AtomicUsize,
+        kept: Mutex<Option<Vec<u8>>>,
+    }
+
+    impl FlakyPhones {
+        fn failing(failures: usize, lasting: bool) -> Arc<Self> {
+            Arc::new(Self {
+                failures: AtomicUsize::new(failures),
+                lasting,
+                attempts: AtomicUsize::new(0),
+                kept: Mutex::new(None),
+            })
+        }
+
+        fn attempts(&self) -> usize {
+            self.attempts.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Store for FlakyPhones {
+        async fn set_phone(
+            &self,
+            _openid: &str,
+            sealed: &[u8],
+            _now: Millis,
+        ) -> Result<bool, StoreError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let failed = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            match (failed, self.lasting) {
+                (true, false) => Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "database is locked"
+                ))),
+                (true, true) => Err(StoreError::Other(anyhow::anyhow!("constraint failed"))),
+                (false, _) => {
+                    *self.kept.lock().expect("lock") = Some(sealed.to_vec());
+                    Ok(true)
+                }
+            }
+        }
+
+        async fn phone(&self, _openid: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.kept.lock().expect("lock").clone())
+        }
+
+        async fn login(&self, _: NewLogin) -> Result<LoginOutcome, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn find_access(&self, _: &TokenHash) -> Result<Option<AccessRecord>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn touch(&self, _: &str, _: Millis, _: Millis) -> Result<(), StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn rotate(&self, _: Rotation) -> Result<RotateOutcome, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn end_sessions(
+            &self,
+            _: EndTarget<'_>,
+            _: EndReason,
+            _: Millis,
+        ) -> Result<Vec<String>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn list_sessions(&self, _: &str, _: Millis) -> Result<Vec<SessionInfo>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn user_exists(&self, _: &str) -> Result<bool, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn list_events(
+            &self,
+            _: &str,
+            _: Option<i64>,
+            _: u32,
+        ) -> Result<Vec<SessionEvent>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn expire_sessions(&self, _: Option<&str>, _: Millis) -> Result<u32, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn purge(&self, _: Millis, _: Millis, _: Millis) -> Result<u64, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn session_keys(&self, _: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn app_token(&self, _: &str) -> Result<Option<StoredAppToken>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn lock_app_token(&self, _: &str) -> Result<Box<dyn AppTokenLock>, StoreError> {
+            unreachable!("not used by these tests")
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            unreachable!("not used by these tests")
+        }
+    }
+
+    /// The core over `store`, with the in-process cache; WeChat is never called here.
+    fn core_over(store: Arc<dyn Store>) -> AuthCore {
+        let _already = rustls::crypto::ring::default_provider().install_default();
+        let env: std::collections::HashMap<&str, String> = [
+            ("WECHAT_APPID", "wx1234567890abcdef".to_owned()),
+            ("WECHAT_SECRET", "s3cr3t-value".to_owned()),
+            ("AUTH_TOKEN_KEY", "k".repeat(32)),
+            ("WECHAT_API_BASE", "http://127.0.0.1:1/".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("settings");
+        AuthCore::new(
+            store,
+            Arc::new(MemoryCache::new()),
+            WechatClient::new(&settings.wechat).expect("client"),
+            Arc::new(Keys::derive(&settings.token_key)),
+            Policy::from_settings(&settings),
+        )
+    }
+
+    fn number() -> PhoneNumber {
+        PhoneNumber {
+            phone_number: "13800138000".into(),
+            pure_phone_number: "13800138000".into(),
+            country_code: "86".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_billed_phone_number_whose_write_fails_for_a_moment_is_kept_on_retry() {
+        let store = FlakyPhones::failing(2, false);
+        let core = core_over(store.clone());
+
+        core.store_phone("o1", &number())
+            .await
+            .expect("kept after two failed writes");
+
+        assert_eq!(store.attempts(), 3);
+        assert_eq!(core.stored_phone("o1").await.expect("read"), Some(number()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_phone_number_write_that_keeps_failing_gives_up_within_seconds() {
+        let store = FlakyPhones::failing(usize::MAX, false);
+        let core = core_over(store.clone());
+        let started = tokio::time::Instant::now();
+
+        let err = core
+            .store_phone("o1", &number())
+            .await
+            .expect_err("never stored");
+
+        assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
+        assert_eq!(store.attempts(), 4);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took <= Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!(core.stored_phone("o1").await.expect("read"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_store_error_is_not_retried() {
+        let store = FlakyPhones::failing(1, true);
+        let core = core_over(store.clone());
+
+        let err = core
+            .store_phone("o1", &number())
+            .await
+            .expect_err("not stored");
+
+        assert!(matches!(err, AuthError::Internal(_)), "{err:?}");
+        assert_eq!(store.attempts(), 1);
+    }
 
     fn err(code: i64) -> WechatErr {
         WechatErr {

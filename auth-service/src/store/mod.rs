@@ -145,6 +145,8 @@ pub struct StoredAppToken {
     pub sealed: Vec<u8>,
     /// When WeChat said it expires.
     pub expires_at: Millis,
+    /// When WeChat answered it (the renewal that stored it; 0 if unknown).
+    pub renewed_at: Millis,
     /// Counts the renewals: 1 for the first token stored, one more each time it is replaced.
     /// Two readers holding the same generation hold the same token.
     pub generation: i64,
@@ -232,7 +234,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError>;
 
     /// Deletes token rows dead for longer than `keep` and clears successor pairs older than
-    /// `grace`; returns how many rows changed.
+    /// `grace` plus [`SUCCESSOR_MARGIN`] ([`successors_rotated_before`]); returns how many
+    /// rows changed.
     async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError>;
 
     /// The user's newest and previous session_keys, sealed; `None` for an unknown user.
@@ -259,6 +262,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Completes once the store answers calls: at once for a store that is ready when
     /// built (SQLite migrates while opening); PostgreSQL's once its migrations are applied.
     async fn ready(&self) {}
+}
+
+/// How long past the refresh grace window [`Store::purge`] keeps a rotated refresh token's
+/// successor pair. A refresh decides "within the grace window" by its own clock, read before
+/// its rotation reaches the database, maybe on another replica than the purger's: a
+/// successor cleared the moment the window closed by the purger's clock could be one such a
+/// refresh is still owed, and it would then be taken for reuse and end a legitimate session.
+/// A minute covers a refresh's time in flight and the replicas' clock skew; the refresh
+/// itself still refuses a token presented after the window.
+pub const SUCCESSOR_MARGIN: Millis = 60_000;
+
+/// Successor pairs of rotations before this instant are cleared by a purge at `now`.
+pub(crate) fn successors_rotated_before(now: Millis, grace: Millis) -> Millis {
+    now.saturating_sub(grace.saturating_add(SUCCESSOR_MARGIN))
 }
 
 /// A device read back from a row's three columns.

@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use super::{
     AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
     SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -690,7 +691,7 @@ impl PostgresStore {
         n += sqlx::query(
             "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1",
         )
-        .bind(now.saturating_sub(grace))
+        .bind(successors_rotated_before(now, grace))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -735,6 +736,7 @@ impl AppTokenLock for PgAppTokenLock {
         Ok(StoredAppToken {
             sealed,
             expires_at,
+            renewed_at: now,
             generation,
         })
     }
@@ -745,12 +747,16 @@ impl AppTokenLock for PgAppTokenLock {
     }
 }
 
-/// A stored token row's columns: the token is NULL (and generation 0) before the first one.
-fn app_token_row(row: Option<(Option<Vec<u8>>, Option<Millis>, i64)>) -> Option<StoredAppToken> {
+/// A stored token row's columns (`token, expires_at, updated_at, generation`).
+type AppTokenRow = (Option<Vec<u8>>, Option<Millis>, Option<Millis>, i64);
+
+/// A stored token row: the token is NULL (and generation 0) before the first one.
+fn app_token_row(row: Option<AppTokenRow>) -> Option<StoredAppToken> {
     match row? {
-        (Some(sealed), Some(expires_at), generation) => Some(StoredAppToken {
+        (Some(sealed), Some(expires_at), renewed_at, generation) => Some(StoredAppToken {
             sealed,
             expires_at,
+            renewed_at: renewed_at.unwrap_or(0),
             generation,
         }),
         _ => None,
@@ -780,8 +786,8 @@ impl PostgresStore {
         .bind(appid)
         .execute(&mut *tx)
         .await?;
-        let row: (Option<Vec<u8>>, Option<Millis>, i64) = sqlx::query_as(
-            "SELECT token, expires_at, generation FROM wechat_access_tokens \
+        let row: AppTokenRow = sqlx::query_as(
+            "SELECT token, expires_at, updated_at, generation FROM wechat_access_tokens \
              WHERE appid = $1 FOR UPDATE",
         )
         .bind(appid)
@@ -1035,8 +1041,9 @@ impl Store for PostgresStore {
 
     async fn app_token(&self, appid: &str) -> Result<Option<StoredAppToken>, StoreError> {
         self.check_ready()?;
-        let row: Option<(Option<Vec<u8>>, Option<Millis>, i64)> = sqlx::query_as(
-            "SELECT token, expires_at, generation FROM wechat_access_tokens WHERE appid = $1",
+        let row: Option<AppTokenRow> = sqlx::query_as(
+            "SELECT token, expires_at, updated_at, generation FROM wechat_access_tokens \
+             WHERE appid = $1",
         )
         .bind(appid)
         .fetch_optional(&self.pool)

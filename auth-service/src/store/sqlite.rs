@@ -22,6 +22,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use super::{
     AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
     SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -314,6 +315,7 @@ impl AppTokenLock for SqliteAppTokenLock {
         Ok(StoredAppToken {
             sealed,
             expires_at,
+            renewed_at: now,
             generation,
         })
     }
@@ -327,18 +329,22 @@ async fn read_app_token<'c>(
     conn: impl sqlx::SqliteExecutor<'c>,
     appid: &str,
 ) -> Result<Option<StoredAppToken>, StoreError> {
-    let row: Option<(Vec<u8>, Millis, i64)> = sqlx::query_as(
-        "SELECT token, expires_at, generation FROM wechat_access_tokens WHERE appid = $1",
+    let row: Option<(Vec<u8>, Millis, Millis, i64)> = sqlx::query_as(
+        "SELECT token, expires_at, updated_at, generation FROM wechat_access_tokens \
+         WHERE appid = $1",
     )
     .bind(appid)
     .fetch_optional(conn)
     .await
     .map_err(map_err)?;
-    Ok(row.map(|(sealed, expires_at, generation)| StoredAppToken {
-        sealed,
-        expires_at,
-        generation,
-    }))
+    Ok(row.map(
+        |(sealed, expires_at, renewed_at, generation)| StoredAppToken {
+            sealed,
+            expires_at,
+            renewed_at,
+            generation,
+        },
+    ))
 }
 
 #[async_trait]
@@ -746,7 +752,7 @@ impl Store for SqliteStore {
         n += sqlx::query(
             "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1",
         )
-        .bind(now.saturating_sub(grace))
+        .bind(successors_rotated_before(now, grace))
         .execute(&mut *tx)
         .await
         .map_err(map_err)?

@@ -2,10 +2,11 @@
 //! replica, fetched with `stable_token`, kept sealed in the database (one row per appid,
 //! with a generation that counts renewals) and in each process's memory.
 //!
-//! - Reading: memory while the token has more than [`RENEW_MARGIN`] left; else the database;
-//!   else a renewal. For callers of `GetWechatAccessToken`, the stored generation is read
-//!   first ([`AccessTokens::current_for_callers`]): another replica's forced refresh ends the
-//!   token in memory.
+//! - Reading: memory while the token has more than [`RENEW_MARGIN`] left (or, for a token
+//!   WeChat answered with less than that, for [`SHORT_TOKEN_HOLD`] after it answered); else
+//!   the database; else a renewal. For callers of `GetWechatAccessToken`, the stored
+//!   generation is read first ([`AccessTokens::current_for_callers`]): another replica's
+//!   forced refresh ends the token in memory.
 //! - Renewing (`force_refresh: false`): one task per process at a time (a process-wide
 //!   mutex), and one replica at a time: the renewer locks the token's row
 //!   ([`Store::lock_app_token`]), looks again, and asks WeChat only if no one renewed it
@@ -35,6 +36,12 @@ use crate::store::{AppTokenLock, Store, StoreError, StoredAppToken};
 /// minutes of the current one).
 pub const RENEW_MARGIN: Duration = Duration::from_secs(300);
 
+/// A token WeChat answered with [`RENEW_MARGIN`] or less left (stable_token answers the current
+/// token while it is valid) is handed out this long after the answer, or half its remaining
+/// life if that is shorter, before WeChat is asked again: renewing it "in its last five
+/// minutes" at once would make every call ask WeChat again, for the same token.
+const SHORT_TOKEN_HOLD: Duration = Duration::from_secs(60);
+
 /// After a renewal failed while the held token still works, how long it is handed out without
 /// asking WeChat again: each caller would otherwise take its turn and wait up to
 /// `AUTH_WECHAT_TIMEOUT` for the same failure.
@@ -45,6 +52,8 @@ const RETRY_RENEWAL_AFTER: Duration = Duration::from_secs(15);
 pub struct AppToken {
     token: SecretString,
     expires_at: Millis,
+    /// When WeChat answered it.
+    renewed_at: Millis,
     generation: i64,
 }
 
@@ -64,8 +73,16 @@ impl AppToken {
         self.generation
     }
 
+    /// Whether it is handed out without asking WeChat first: until [`RENEW_MARGIN`] before
+    /// its expiry, and in any case for [`SHORT_TOKEN_HOLD`] (at most half the life it had
+    /// left) after WeChat answered it.
     fn fresh(&self, now: Millis) -> bool {
-        self.expires_at.saturating_sub(now) > millis(RENEW_MARGIN)
+        let usual = self.expires_at.saturating_sub(millis(RENEW_MARGIN));
+        let life_left = self.expires_at.saturating_sub(self.renewed_at).max(0);
+        let held = self
+            .renewed_at
+            .saturating_add(millis(SHORT_TOKEN_HOLD).min(life_left / 2));
+        now < usual.max(held)
     }
 }
 
@@ -73,6 +90,7 @@ impl std::fmt::Debug for AppToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppToken")
             .field("expires_at", &self.expires_at)
+            .field("renewed_at", &self.renewed_at)
             .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
@@ -131,7 +149,8 @@ impl AccessTokens {
         }
     }
 
-    /// A token with more than [`RENEW_MARGIN`] left, renewed first if need be.
+    /// A token with more than [`RENEW_MARGIN`] left (or one WeChat answered with less, within
+    /// its [`SHORT_TOKEN_HOLD`]), renewed first if need be.
     pub async fn current(&self) -> Result<AppToken, AccessTokenError> {
         if let Some(token) = self.cached().filter(|t| t.fresh(now_millis())) {
             return Ok(token);
@@ -263,6 +282,7 @@ impl AccessTokens {
         let token = AppToken {
             token: fetched.token,
             expires_at,
+            renewed_at: stored.renewed_at,
             generation: stored.generation,
         };
         *self
@@ -305,6 +325,7 @@ impl AccessTokens {
         Some(AppToken {
             token: SecretString::from(token),
             expires_at: stored.expires_at,
+            renewed_at: stored.renewed_at,
             generation: stored.generation,
         })
     }
@@ -339,21 +360,123 @@ impl AccessTokens {
 mod tests {
     use super::*;
 
+    const NOW: Millis = 1_700_000_000_000;
+
+    /// A token WeChat answered two hours before it expires, at `expires_at - 7200 s`.
     fn token(expires_at: Millis, generation: i64) -> AppToken {
+        answered(expires_at - 7_200_000, expires_at, generation)
+    }
+
+    fn answered(renewed_at: Millis, expires_at: Millis, generation: i64) -> AppToken {
         AppToken {
             token: SecretString::from("AT-secret-value".to_owned()),
             expires_at,
+            renewed_at,
             generation,
         }
     }
 
     #[test]
     fn a_token_is_renewed_in_its_last_five_minutes() {
-        let now = 1_700_000_000_000;
+        let now = NOW;
         assert!(token(now + 7_200_000, 1).fresh(now));
         assert!(token(now + 300_001, 1).fresh(now));
         assert!(!token(now + 300_000, 1).fresh(now));
         assert!(!token(now - 1, 1).fresh(now));
+    }
+
+    #[test]
+    fn a_token_answered_with_little_left_is_held_a_minute_or_half_its_life() {
+        // 200 s left when WeChat answered it: held 60 s, then due.
+        let short = answered(NOW, NOW + 200_000, 1);
+        assert!(short.fresh(NOW));
+        assert!(short.fresh(NOW + 59_999));
+        assert!(!short.fresh(NOW + 60_000));
+        // 30 s left: held half of it, 15 s.
+        let shorter = answered(NOW, NOW + 30_000, 1);
+        assert!(shorter.fresh(NOW + 14_999));
+        assert!(!shorter.fresh(NOW + 15_000));
+        // Already expired when answered (a clock behind WeChat's): never held.
+        assert!(!answered(NOW, NOW - 1, 1).fresh(NOW));
+        // Unknown answer time (0): the usual rule.
+        assert!(!answered(0, NOW + 200_000, 1).fresh(NOW));
+    }
+
+    /// The app's tokens over an SQLite store in `dir` that holds a token answered by WeChat
+    /// at `renewed_at` to expire at `expires_at` (generation 1); WeChat itself refuses every
+    /// connection, so a renewal tried shows as a failed one.
+    async fn stored_token(
+        dir: &tempfile::TempDir,
+        renewed_at: Millis,
+        expires_at: Millis,
+    ) -> AccessTokens {
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("auth.db"))
+            .await
+            .expect("SQLite store");
+        let keys = Arc::new(Keys::derive(&SecretString::from("k".repeat(32))));
+        // As at start-up: the process's rustls provider (installed once; later calls no-op).
+        let _already = rustls::crypto::ring::default_provider().install_default();
+        let wechat = WechatClient::new(&crate::config::WechatSettings {
+            appid: "wxtest".into(),
+            secret: SecretString::from("s3cr3t".to_owned()),
+            api_base: reqwest::Url::parse("http://127.0.0.1:1/").expect("url"),
+            timeout: Duration::from_secs(2),
+        })
+        .expect("client");
+        let tokens = AccessTokens::new(Arc::new(store.clone()), wechat, keys.clone());
+        let sealed = keys
+            .seal(b"AT-short-lived", tokens.context.as_bytes())
+            .expect("seal");
+        let lock = store.lock_app_token("wxtest").await.expect("lock");
+        lock.replace(sealed, expires_at, renewed_at)
+            .await
+            .expect("replace");
+        tokens
+    }
+
+    fn renewal_tried(tokens: &AccessTokens) -> bool {
+        tokens
+            .failed_renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_just_answered_with_little_left_is_not_asked_for_again() {
+        // WeChat answered a token with 200 s left (less than the renewal margin) a moment ago.
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let now = now_millis();
+        let tokens = stored_token(&dir, now, now + 200_000).await;
+
+        let mut calls = Vec::new();
+        let tokens = Arc::new(tokens);
+        for _ in 0..10 {
+            let tokens = tokens.clone();
+            calls.push(tokio::spawn(async move { tokens.current().await }));
+        }
+        for call in calls {
+            let token = call.await.expect("join").expect("a token");
+            assert_eq!(token.generation(), 1);
+            assert_eq!(token.secret().expose_secret(), "AT-short-lived");
+        }
+        assert!(
+            !renewal_tried(&tokens),
+            "WeChat was asked again for a token it answered a moment ago"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_lived_token_is_renewed_once_its_hold_is_over() {
+        // Answered 100 s ago with 200 s left: held for 60 s, so due now; the renewal fails
+        // (WeChat unreachable) and the token, still valid, is handed out meanwhile.
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let now = now_millis();
+        let tokens = stored_token(&dir, now - 100_000, now + 100_000).await;
+
+        let token = tokens.current().await.expect("the held token");
+        assert_eq!(token.generation(), 1);
+        assert!(renewal_tried(&tokens), "a due token was not renewed");
     }
 
     #[test]

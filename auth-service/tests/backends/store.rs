@@ -11,7 +11,8 @@ use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, S
 use auth_service::store::postgres::PostgresStore;
 use auth_service::store::sqlite::SqliteStore;
 use auth_service::store::{
-    EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoredAppToken,
+    EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SUCCESSOR_MARGIN, SealedSessionKeys,
+    Store, StoredAppToken,
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
@@ -211,6 +212,7 @@ contract! {
     expire_sessions_records_each_end_once(store);
     login_expires_lapsed_sessions_before_the_policy(store);
     purge_deletes_dead_tokens_and_clears_successors(store);
+    purge_keeps_the_successor_a_refresh_within_grace_is_owed(store);
     ping_answers_once_ready(store);
     parallel_rotations_of_one_token_rotate_once(replicas);
     parallel_logins_of_one_user_keep_the_session_limit(replicas);
@@ -937,20 +939,16 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
         other => panic!("expected AlreadyRotated, got {other:?}"),
     };
 
-    // Within the grace window: nothing to do.
-    assert_eq!(
-        store
-            .purge(T0 + MIN + 5 * SEC, KEEP, GRACE)
-            .await
-            .expect("purge"),
-        0
-    );
-    assert_eq!(kept_successor().await, Some(successor("n1")));
+    // Within the grace window, and within the margin kept past it: nothing to do.
+    for now in [T0 + MIN + 5 * SEC, T0 + MIN + GRACE + SUCCESSOR_MARGIN] {
+        assert_eq!(store.purge(now, KEEP, GRACE).await.expect("purge"), 0);
+        assert_eq!(kept_successor().await, Some(successor("n1")));
+    }
 
-    // Past it: the successor pair goes, the rotation stays known.
+    // Past both: the successor pair goes, the rotation stays known.
     assert_eq!(
         store
-            .purge(T0 + MIN + 11 * SEC, KEEP, GRACE)
+            .purge(T0 + MIN + GRACE + SUCCESSOR_MARGIN + 1, KEEP, GRACE)
             .await
             .expect("purge"),
         1
@@ -988,6 +986,46 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
         store.rotate(rotation("n1", "n2", T0 + 40 * DAY)).await,
         Ok(RotateOutcome::NotFound)
     ));
+}
+
+/// A refresh decides "within the grace window" by its own clock, read before its rotation
+/// reaches the database (and on another replica than the purger's): the purger, a moment
+/// later by its clock, must not have cleared the successor that refresh is owed.
+async fn purge_keeps_the_successor_a_refresh_within_grace_is_owed(store: Arc<dyn Store>) {
+    const KEEP: Millis = DAY;
+    const GRACE: Millis = 10 * SEC;
+    let rotated_at = T0 + MIN;
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .rotate(rotation("s1", "n1", rotated_at))
+        .await
+        .expect("rotate");
+
+    // The purger runs just past the grace window by its clock...
+    store
+        .purge(rotated_at + GRACE + 2 * SEC, KEEP, GRACE)
+        .await
+        .expect("purge");
+    // ... and a parallel refresh whose clock reads just inside it comes in after.
+    match store
+        .rotate(rotation("s1", "late", rotated_at + GRACE - SEC))
+        .await
+        .expect("rotate")
+    {
+        RotateOutcome::AlreadyRotated {
+            rotated_at: at,
+            successor: kept,
+            ..
+        } => {
+            assert_eq!(at, rotated_at);
+            assert_eq!(
+                kept,
+                Some(successor("n1")),
+                "the successor a refresh within grace is owed was cleared"
+            );
+        }
+        other => panic!("expected AlreadyRotated, got {other:?}"),
+    }
 }
 
 async fn ping_answers_once_ready(store: Arc<dyn Store>) {
@@ -1219,6 +1257,7 @@ async fn app_token_round_trips_sealed_and_counts_generations(store: Arc<dyn Stor
     let want = StoredAppToken {
         sealed: first.clone(),
         expires_at: T0 + 2 * HOUR,
+        renewed_at: T0,
         generation: 1,
     };
     assert_eq!(stored, want);
@@ -1249,6 +1288,7 @@ async fn app_token_round_trips_sealed_and_counts_generations(store: Arc<dyn Stor
         Some(StoredAppToken {
             sealed: second,
             expires_at: T0 + 4 * HOUR,
+            renewed_at: T0 + 2 * HOUR,
             generation: 2,
         })
     );
