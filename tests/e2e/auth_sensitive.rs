@@ -651,20 +651,32 @@ async fn auth_an_access_token_in_its_last_five_minutes_is_renewed_before_it_expi
             .into_inner()
             .access_token
     };
-    // Tokens that live 4 minutes: each is already in its renewal window when issued.
-    w.sim
-        .set_access_token_lifetime(240)
-        .await
-        .expect("lifetime");
+    // Tokens that live 10 s, which WeChat never issues: each is already in its renewal window
+    // (the last 5 minutes) when issued. Such a token is held for half its life (at most a
+    // minute) after WeChat answered it, not renewed at every call, then renewed.
+    w.sim.set_access_token_lifetime(10).await.expect("lifetime");
     let short = token().await;
+    assert_eq!(token().await, short, "held, not renewed at every call");
+    tokio::time::sleep(SHORT_TOKEN_HELD).await;
     let renewed = token().await;
     assert_ne!(short, renewed, "renewed before it expired");
+    // Renewals never force: the token replaced still works until its own end.
+    let state = w.sim.access_token().await.expect("state");
+    assert_eq!(state.force_refreshes_today, 0);
+    let info = state
+        .tokens
+        .iter()
+        .find(|i| i.access_token == short)
+        .expect("issued");
+    assert_eq!(info.status, "valid", "{info:?}");
 
-    // Normal lifetimes again: one more renewal, then the token is simply reused.
+    // Normal lifetimes again: one more renewal once the short token's hold is over, then the
+    // token is simply reused.
     w.sim
         .set_access_token_lifetime(7200)
         .await
         .expect("lifetime");
+    tokio::time::sleep(SHORT_TOKEN_HELD).await;
     let long = token().await;
     assert_ne!(long, renewed);
     assert_eq!(token().await, long);
@@ -673,27 +685,16 @@ async fn auth_an_access_token_in_its_last_five_minutes_is_renewed_before_it_expi
         w.sim.endpoint_calls("stable_token").await.expect("calls"),
         3
     );
-    // Renewals never force: the tokens they replaced still work until their own end.
-    let state = w.sim.access_token().await.expect("state");
-    assert_eq!(state.force_refreshes_today, 0);
-    for t in [&short, &renewed] {
-        let info = state
-            .tokens
-            .iter()
-            .find(|i| &i.access_token == t)
-            .expect("issued");
-        assert_eq!(info.status, "valid", "{info:?}");
-    }
 }
+
+/// A little more than auth-service holds a 10 s token WeChat answered (half its life).
+const SHORT_TOKEN_HELD: Duration = Duration::from_millis(5_500);
 
 #[tokio::test]
 async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat_again() {
     let mut w = world(&[]).await;
-    // A token that lives 4 minutes: in its renewal window from the start, still working.
-    w.sim
-        .set_access_token_lifetime(240)
-        .await
-        .expect("lifetime");
+    // A token that lives 10 s: in its renewal window from the start, still working.
+    w.sim.set_access_token_lifetime(10).await.expect("lifetime");
     let mut token = async || {
         w.client
             .get_wechat_access_token(GetWechatAccessTokenRequest::default())
@@ -708,11 +709,19 @@ async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat
         1
     );
 
-    // Act: WeChat refuses every renewal; callers keep asking.
+    // Act: WeChat refuses every renewal; once the token's hold is over (half its life),
+    // callers keep asking.
     w.sim
         .add_fault(&Fault::error(45009).on_endpoint("stable_token"))
         .await
         .expect("a failing stable_token");
+    assert_eq!(token().await, held, "held");
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1,
+        "a held token is not renewed"
+    );
+    tokio::time::sleep(SHORT_TOKEN_HELD).await;
     let answers = [token().await, token().await, token().await];
 
     // Assert: the working token each time, and one renewal tried for all of them.

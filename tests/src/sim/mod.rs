@@ -70,7 +70,8 @@
 //!   `expires_in`, as long as more than 5 minutes of it remain. With 5 minutes or less left (or
 //!   none at all, or the current one invalidated or expired), a new token is issued with the
 //!   full lifetime, and the previous one keeps working until its own end: during those
-//!   minutes both work. (With a lifetime of 5 minutes or less, every call issues a new one.)
+//!   minutes both work. (With a lifetime of 5 minutes or less, every call issues a new one:
+//!   a situation for tests only, since WeChat never issues a token that short.)
 //! - `force_refresh: true`: every stable token that still works ends at once (40001 from now
 //!   on) and a new one is issued. As WeChat documents: a force refresh less than 30 s (on the
 //!   simulator's clock) after the previous successful one *does not refresh*: it answers as
