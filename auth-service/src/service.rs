@@ -1047,12 +1047,15 @@ impl AuthCore {
     pub async fn housekeeping(&self) -> Result<(), AuthError> {
         let now = now_millis();
         self.cache.sweep().await;
-        let expired = self.store.expire_sessions(None, now).await?;
+        // Both run whatever the other did: a failing expiry must not stop dead rows from
+        // being deleted, nor the other way round.
+        let expired = self.store.expire_sessions(None, now).await;
         // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
         let purged = self
             .store
             .purge(now, 86_400_000, millis(self.policy.refresh_grace))
-            .await?;
+            .await;
+        let (expired, purged) = (expired?, purged?);
         if expired > 0 || purged > 0 {
             info!(expired, purged, "housekeeping");
         }
@@ -1162,13 +1165,15 @@ mod tests {
     };
 
     /// A store whose `set_phone` fails its first `failures` calls (with a transient error, or
-    /// a lasting one), then keeps the number; nothing else of it is used by these tests.
+    /// a lasting one), then keeps the number, and whose housekeeping expiry always fails
+    /// while its purge counts its runs; nothing else of it is used by these tests.
     #[derive(Debug)]
     struct FlakyPhones {
         failures: AtomicUsize,
         lasting: bool,
         attempts: AtomicUsize,
         kept: Mutex<Option<Vec<u8>>>,
+        purges: AtomicUsize,
     }
 
     impl FlakyPhones {
@@ -1178,6 +1183,7 @@ mod tests {
                 lasting,
                 attempts: AtomicUsize::new(0),
                 kept: Mutex::new(None),
+                purges: AtomicUsize::new(0),
             })
         }
 
@@ -1250,10 +1256,13 @@ mod tests {
             unreachable!("not used by these tests")
         }
         async fn expire_sessions(&self, _: Option<&str>, _: Millis) -> Result<u32, StoreError> {
-            unreachable!("not used by these tests")
+            Err(StoreError::Unavailable(anyhow::anyhow!(
+                "canceling statement due to statement timeout"
+            )))
         }
         async fn purge(&self, _: Millis, _: Millis, _: Millis) -> Result<u64, StoreError> {
-            unreachable!("not used by these tests")
+            self.purges.fetch_add(1, Ordering::SeqCst);
+            Ok(0)
         }
         async fn session_keys(&self, _: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
             unreachable!("not used by these tests")
@@ -1330,6 +1339,24 @@ mod tests {
             "{took:?}"
         );
         assert_eq!(core.stored_phone("o1").await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn a_failing_expiry_does_not_keep_housekeeping_from_purging() {
+        let store = FlakyPhones::failing(0, false);
+        let core = core_over(store.clone());
+
+        let outcome = core.housekeeping().await;
+
+        assert!(
+            matches!(outcome, Err(AuthError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            store.purges.load(Ordering::SeqCst),
+            1,
+            "purged all the same"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -273,6 +273,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 /// itself still refuses a token presented after the window.
 pub const SUCCESSOR_MARGIN: Millis = 60_000;
 
+/// [`Store::purge`]'s statement that clears the successor pairs of rotations before `$1`, on
+/// both backends (public for the tests that check it finds its rows by index).
+pub const CLEAR_SUCCESSORS: &str =
+    "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1";
+
 /// Successor pairs of rotations before this instant are cleared by a purge at `now`.
 pub(crate) fn successors_rotated_before(now: Millis, grace: Millis) -> Millis {
     now.saturating_sub(grace.saturating_add(SUCCESSOR_MARGIN))

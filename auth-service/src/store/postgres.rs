@@ -37,8 +37,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
-    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, LoginOutcome, NewLogin, Owner,
+    RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
     successors_rotated_before,
 };
 use crate::crypto::TokenHash;
@@ -46,9 +46,31 @@ use crate::domain::{
     EndReason, EventKind, LiveSession, Millis, SessionEvent, SessionInfo, plan_evictions,
 };
 
-/// The schema, embedded. sqlx's PostgreSQL migrator holds an advisory lock while it runs,
-/// so replicas starting together apply each migration once.
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+/// The schema, embedded.
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    // Replicas starting together take turns on [`MIGRATION_LOCK`] instead of sqlx's lock,
+    // whose `pg_advisory_lock` waits inside a statement: `CREATE INDEX CONCURRENTLY` (0003,
+    // 0004) waits for every open transaction, that waiting statement among them, while its
+    // holder waits for the index: a deadlock, seen with two replicas starting at once.
+    migrator.set_locking(false);
+    migrator
+}
+
+/// The advisory lock (per database) a replica holds while it migrates; others poll for it
+/// with `pg_try_advisory_lock`, holding no transaction open while they wait.
+const MIGRATION_LOCK: i64 = 0x7778_6175_7468_0001;
+/// How often a replica asks for [`MIGRATION_LOCK`] again while another migrates.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(200);
+/// The indexes the migrations build `CONCURRENTLY`, outside a transaction: a build cut short
+/// (a pod restarted mid-migration, as a startup probe does to a slow one) leaves the index
+/// behind, INVALID, and its migration unapplied, whose next run would then stop at "already
+/// exists" for good. Such a leftover is dropped before the migrations run, under
+/// [`MIGRATION_LOCK`], while no one else can be building it.
+pub const CONCURRENT_INDEXES: [&str; 2] = [
+    "refresh_tokens_successors_by_rotation",
+    "sessions_live_by_refresh_expiry",
+];
 
 /// How long a call waits for a connection (or for PostgreSQL to accept one).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -157,28 +179,59 @@ impl PostgresStore {
         if let Err(e) = probe.close().await {
             debug!(error = %e, "closing the probe connection failed");
         }
-        // The migrator runs on a one-connection pool: over a `&mut PgConnection` its future
-        // cannot be spawned ("implementation of `Acquire` is not general enough", sqlx #2016).
+        // Two connections: one holds the migration lock, the migrator runs on the other (over
+        // a `&mut PgConnection` its future cannot be spawned: "implementation of `Acquire` is
+        // not general enough", sqlx #2016).
         let pool = PgPoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .acquire_timeout(MIGRATION_CONNECT_TIMEOUT)
             .connect_lazy_with(self.migration_options.clone());
-        let applied = match shared::migrations::applied_postgres(&pool).await {
-            Ok(history) => match shared::migrations::refuse_foreign(
+        let applied = async {
+            let mut lock = pool.acquire().await?;
+            while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .fetch_one(&mut *lock)
+                .await?
+            {
+                tokio::time::sleep(MIGRATION_LOCK_POLL).await;
+            }
+            let leftovers: Vec<String> = sqlx::query_scalar(
+                "SELECT c.relname::TEXT FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE NOT i.indisvalid AND pg_table_is_visible(c.oid) AND c.relname = ANY($1)",
+            )
+            .bind(&CONCURRENT_INDEXES[..])
+            .fetch_all(&mut *lock)
+            .await?;
+            for index in CONCURRENT_INDEXES.iter().filter(|i| leftovers.iter().any(|l| l == *i)) {
+                warn!(%index, "dropping an index whose concurrent build was cut short; it is built again");
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {index}"
+                )))
+                .execute(&mut *lock)
+                .await?;
+            }
+            let history = shared::migrations::applied_postgres(&pool)
+                .await
+                .map_err(|e| anyhow!("cannot read the PostgreSQL migration history: {e:#}"))?;
+            let migrator = migrator();
+            shared::migrations::refuse_foreign(
                 &history,
-                &MIGRATOR,
+                &migrator,
                 "auth-service (AUTH_DATABASE_URL)",
-            ) {
-                Ok(()) => MIGRATOR
-                    .run(&pool)
-                    .await
-                    .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}")),
-                Err(e) => Err(anyhow!("cannot apply the PostgreSQL migrations: {e}")),
-            },
-            Err(e) => Err(anyhow!(
-                "cannot read the PostgreSQL migration history: {e:#}"
-            )),
-        };
+            )
+            .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}"))?;
+            migrator
+                .run(&pool)
+                .await
+                .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}"))?;
+            // Released with its connection too, should this fail.
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *lock)
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
         pool.close().await;
         applied?;
         self.ready.send_replace(true);
@@ -383,6 +436,36 @@ async fn record_event(
     Ok(())
 }
 
+/// The expiry statement of [`expire_in`]: marks at most 1000 live sessions past their
+/// refresh expiry (`$1`: now) as ended (`$3`: the reason) and records each end (`$4`: the
+/// event's kind), narrowed by `$whose`. The outer conditions are checked again on rows
+/// another transaction changed meanwhile: a session ended or extended concurrently is left
+/// alone.
+macro_rules! expire {
+    ($whose:literal) => {
+        concat!(
+            "WITH ended AS (\
+             UPDATE sessions SET ended_at = refresh_expires_at, end_reason = $3 \
+             WHERE id IN (SELECT id FROM sessions WHERE ended_at IS NULL \
+             AND refresh_expires_at <= $1 ",
+            $whose,
+            " ORDER BY id LIMIT 1000) \
+             AND ended_at IS NULL AND refresh_expires_at <= $1 \
+             RETURNING id, openid, ended_at, created_at) \
+             INSERT INTO session_events (openid, session_id, kind, reason, at) \
+             SELECT openid, id, $4, $3, ended_at FROM ended ORDER BY created_at, id \
+             RETURNING session_id"
+        )
+    };
+}
+
+/// [`expire_in`] for one user (`$2`: the openid), as a login runs it.
+const EXPIRE_USERS_SESSIONS: &str = expire!("AND openid = $2");
+
+/// [`expire_in`] for everyone (`$2`: NULL), as housekeeping runs it (public for the test
+/// that checks it finds its rows by index).
+pub const EXPIRE_DUE_SESSIONS: &str = expire!("AND $2::TEXT IS NULL");
+
 /// Marks sessions past their refresh expiry as ended (`expired`, at that instant), at most
 /// 1000 per call, with their events; returns how many.
 async fn expire_in(
@@ -390,30 +473,11 @@ async fn expire_in(
     openid: Option<&str>,
     now: Millis,
 ) -> Result<u32, sqlx::Error> {
-    // The outer conditions are checked again on rows another transaction changed
-    // meanwhile: a session ended or extended concurrently is left alone.
-    macro_rules! expire {
-        ($whose:literal) => {
-            concat!(
-                "WITH ended AS (\
-                 UPDATE sessions SET ended_at = refresh_expires_at, end_reason = $3 \
-                 WHERE id IN (SELECT id FROM sessions WHERE ended_at IS NULL \
-                 AND refresh_expires_at <= $1 ",
-                $whose,
-                " ORDER BY id LIMIT 1000) \
-                 AND ended_at IS NULL AND refresh_expires_at <= $1 \
-                 RETURNING id, openid, ended_at, created_at) \
-                 INSERT INTO session_events (openid, session_id, kind, reason, at) \
-                 SELECT openid, id, $4, $3, ended_at FROM ended ORDER BY created_at, id \
-                 RETURNING session_id"
-            )
-        };
-    }
     // Two statements, not one with `($2 IS NULL OR openid = $2)`: a generic plan cannot use
     // the user's index through that OR, so a login could scan every live session.
     let statement = match openid {
-        Some(_) => expire!("AND openid = $2"),
-        None => expire!("AND $2::TEXT IS NULL"),
+        Some(_) => EXPIRE_USERS_SESSIONS,
+        None => EXPIRE_DUE_SESSIONS,
     };
     let ended: Vec<(String,)> = sqlx::query_as(statement)
         .bind(now)
@@ -688,13 +752,11 @@ impl PostgresStore {
                 .await?
                 .rows_affected();
         }
-        n += sqlx::query(
-            "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1",
-        )
-        .bind(successors_rotated_before(now, grace))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        n += sqlx::query(CLEAR_SUCCESSORS)
+            .bind(successors_rotated_before(now, grace))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(n)
     }

@@ -20,8 +20,8 @@ use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
-    AccessRecord, AppTokenLock, EndTarget, LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation,
-    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, LoginOutcome, NewLogin, Owner,
+    RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
     successors_rotated_before,
 };
 use crate::crypto::TokenHash;
@@ -227,13 +227,10 @@ async fn expire_in(
             .await
         }
         None => {
-            sqlx::query_as(
-                "SELECT id, refresh_expires_at FROM sessions \
-                 WHERE ended_at IS NULL AND refresh_expires_at <= $1 LIMIT 1000",
-            )
-            .bind(now)
-            .fetch_all(&mut *conn)
-            .await
+            sqlx::query_as(DUE_SESSIONS)
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await
         }
     }
     .map_err(map_err)?;
@@ -245,6 +242,11 @@ async fn expire_in(
     }
     Ok(n)
 }
+
+/// Housekeeping's look for live sessions past their refresh expiry (`$1`: now), at most 1000
+/// (public for the test that checks it finds them by index).
+pub const DUE_SESSIONS: &str = "SELECT id, refresh_expires_at FROM sessions \
+     WHERE ended_at IS NULL AND refresh_expires_at <= $1 LIMIT 1000";
 
 async fn insert_tokens(
     conn: &mut SqliteConnection,
@@ -749,14 +751,12 @@ impl Store for SqliteStore {
                 .map_err(map_err)?
                 .rows_affected();
         }
-        n += sqlx::query(
-            "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1",
-        )
-        .bind(successors_rotated_before(now, grace))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
+        n += sqlx::query(CLEAR_SUCCESSORS)
+            .bind(successors_rotated_before(now, grace))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
         tx.commit().await?;
         Ok(n)
     }

@@ -11,8 +11,8 @@ use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, S
 use auth_service::store::postgres::PostgresStore;
 use auth_service::store::sqlite::SqliteStore;
 use auth_service::store::{
-    EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SUCCESSOR_MARGIN, SealedSessionKeys,
-    Store, StoredAppToken,
+    CLEAR_SUCCESSORS, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SUCCESSOR_MARGIN,
+    SealedSessionKeys, Store, StoredAppToken,
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
@@ -213,6 +213,7 @@ contract! {
     login_expires_lapsed_sessions_before_the_policy(store);
     purge_deletes_dead_tokens_and_clears_successors(store);
     purge_keeps_the_successor_a_refresh_within_grace_is_owed(store);
+    housekeeping_finds_its_rows_by_index(store, raw);
     ping_answers_once_ready(store);
     parallel_rotations_of_one_token_rotate_once(replicas);
     parallel_logins_of_one_user_keep_the_session_limit(replicas);
@@ -988,6 +989,74 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
     ));
 }
 
+/// Housekeeping runs every 5 minutes over tables that only grow (a refresh token row per
+/// rotation for 31 days, every session ever opened): each of its look-ups must reach its rows
+/// through an index made for it, not by reading the table. On PostgreSQL sequential scans are
+/// priced out for the test, and the plan must name that index (a walk of the whole primary
+/// key would read every row too).
+async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
+    use auth_service::store::postgres::EXPIRE_DUE_SESSIONS;
+    use auth_service::store::sqlite::DUE_SESSIONS;
+    const SUCCESSORS: &str = "refresh_tokens_successors_by_rotation";
+    const DUE: &str = "sessions_live_by_refresh_expiry";
+    // The schema is the store's (it migrated on opening); a row or two, as a live one has.
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .rotate(rotation("s1", "n1", T0 + MIN))
+        .await
+        .expect("rotate");
+
+    let plans: Vec<(String, &str)> = match &raw {
+        Raw::Sqlite(pool) => {
+            let mut plans = Vec::new();
+            for (sql, index) in [(CLEAR_SUCCESSORS, SUCCESSORS), (DUE_SESSIONS, DUE)] {
+                let rows: Vec<(i64, i64, i64, String)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                        .bind(T0)
+                        .fetch_all(pool)
+                        .await
+                        .expect("the plan");
+                let plan: Vec<String> = rows.into_iter().map(|(_, _, _, detail)| detail).collect();
+                plans.push((plan.join("\n"), index));
+            }
+            plans
+        }
+        Raw::Postgres(pool) => {
+            let mut conn = pool.acquire().await.expect("a connection");
+            sqlx::query("SET enable_seqscan = off")
+                .execute(&mut *conn)
+                .await
+                .expect("set");
+            let successors: Vec<(String,)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {CLEAR_SUCCESSORS}")))
+                    .bind(T0)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .expect("the plan");
+            let due: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN {EXPIRE_DUE_SESSIONS}"
+            )))
+            .bind(T0)
+            .bind(None::<String>)
+            .bind("expired")
+            .bind("end")
+            .fetch_all(&mut *conn)
+            .await
+            .expect("the plan");
+            let text = |rows: Vec<(String,)>| {
+                rows.into_iter()
+                    .map(|(line,)| line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            vec![(text(successors), SUCCESSORS), (text(due), DUE)]
+        }
+    };
+    for (plan, index) in plans {
+        assert!(plan.contains(index), "not through {index}:\n{plan}");
+    }
+}
+
 /// A refresh decides "within the grace window" by its own clock, read before its rotation
 /// reaches the database (and on another replica than the purger's): the purger, a moment
 /// later by its clock, must not have cleared the successor that refresh is owed.
@@ -1531,4 +1600,75 @@ async fn postgres_refuses_a_database_that_holds_the_edges_schema_and_says_why() 
         "{why}"
     );
     assert!(!store.is_ready());
+}
+
+#[tokio::test]
+async fn postgres_builds_again_an_index_whose_concurrent_build_was_cut_short() {
+    let Some(fixture) =
+        Fixture::postgres("postgres_builds_again_an_index_whose_build_was_cut").await
+    else {
+        return;
+    };
+    let Backend::Postgres(url) = &fixture.backend else {
+        unreachable!("a PostgreSQL fixture");
+    };
+    let store = fixture.store().await;
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .rotate(rotation("s1", "n1", T0 + MIN))
+        .await
+        .expect("rotate");
+    store.login(login("o2", "s2", T0)).await.expect("login");
+    store
+        .rotate(rotation("s2", "n2", T0 + MIN))
+        .await
+        .expect("rotate");
+    // Arrange: migration 3 as a build cut short leaves it: unapplied, its index INVALID
+    // (a unique build over two equal keys fails after creating the index, as a kill would).
+    let raw = PgPool::connect(url).await.expect("PostgreSQL");
+    for sql in [
+        "DROP INDEX refresh_tokens_successors_by_rotation",
+        "DELETE FROM _sqlx_migrations WHERE version = 3",
+    ] {
+        sqlx::query(sql).execute(&raw).await.expect(sql);
+    }
+    sqlx::query(
+        "CREATE UNIQUE INDEX CONCURRENTLY refresh_tokens_successors_by_rotation \
+         ON refresh_tokens (rotated_at) WHERE successor IS NOT NULL",
+    )
+    .execute(&raw)
+    .await
+    .expect_err("two successors rotated at the same instant");
+    let valid = async || -> Vec<(String, bool)> {
+        sqlx::query_as(
+            "SELECT c.relname::TEXT, i.indisvalid FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = 'refresh_tokens_successors_by_rotation'",
+        )
+        .fetch_all(&raw)
+        .await
+        .expect("pg_index")
+    };
+    assert_eq!(
+        valid().await,
+        [("refresh_tokens_successors_by_rotation".to_owned(), false)]
+    );
+
+    // Act: a replica starts.
+    let replica = PostgresStore::connect_lazy(&SecretString::from(url.clone()), DEFAULT_POOL_SIZE)
+        .expect("store");
+    replica.migrate().await.expect("migrated");
+
+    // Assert: the leftover was dropped and the index built again, valid; migration 3 applied.
+    assert_eq!(
+        valid().await,
+        [("refresh_tokens_successors_by_rotation".to_owned(), true)]
+    );
+    let applied: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = 3)")
+            .fetch_one(&raw)
+            .await
+            .expect("history");
+    assert!(applied);
+    assert!(replica.is_ready());
 }
