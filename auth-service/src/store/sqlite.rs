@@ -137,14 +137,18 @@ fn map_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
             StoreError::Unavailable(e.into())
         }
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6): another writer held the file too long.
-        sqlx::Error::Database(ref d)
-            if matches!(d.code().as_deref(), Some("5") | Some("6") | Some("517")) =>
-        {
+        sqlx::Error::Database(ref d) if busy(d.code().as_deref()) => {
             StoreError::Unavailable(e.into())
         }
         other => StoreError::Other(other.into()),
     }
+}
+
+/// SQLITE_BUSY (5) and SQLITE_LOCKED (6), and their extended codes (`BUSY_RECOVERY` 261,
+/// `LOCKED_SHAREDCACHE` 262, `BUSY_SNAPSHOT` 517, `BUSY_TIMEOUT` 773), which sqlx reports:
+/// another writer held the file too long; as api-service sorts them (`db::transient`).
+fn busy(code: Option<&str>) -> bool {
+    matches!(code, Some("5" | "6" | "261" | "262" | "517" | "773"))
 }
 
 /// Ends one live session inside a transaction and records why; false if it was not live.
@@ -835,6 +839,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn busy_and_locked_are_told_by_their_extended_codes_too() {
+        for code in ["5", "6", "261", "262", "517", "773"] {
+            assert!(busy(Some(code)), "{code}");
+        }
+        // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CORRUPT, SQLITE_FULL, none: something is wrong.
+        for code in [Some("2067"), Some("11"), Some("13"), None] {
+            assert!(!busy(code), "{code:?}");
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_waiting_for_their_turn_leave_reads_answering() {
