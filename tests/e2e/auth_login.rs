@@ -268,6 +268,44 @@ async fn wechat_hanging_or_dropping_is_wechat_unavailable_within_the_timeout() {
 }
 
 #[tokio::test]
+async fn a_login_whose_answer_was_lost_after_wechat_used_the_code_asks_for_a_new_one() {
+    // Arrange: WeChat exchanges the code, then the connection drops before its answer.
+    let mut w = world(&[]).await;
+    let minted = w.sim.mint_code(&MintCode::default()).await.expect("mint");
+    w.sim
+        .add_fault(&Fault::drop_after_processing().for_code(&minted.code).once())
+        .await
+        .expect("fault");
+    let request = || login_request(&minted.code, None, "203.0.113.1");
+
+    // Act / Assert: no answer; the code is not remembered as used here (no success was
+    // seen), so the retry asks WeChat, which says it is spent: the client calls wx.login again.
+    let err = w
+        .client
+        .login(request())
+        .await
+        .expect_err("the answer was lost");
+    assert_eq!(reason(&err), "WECHAT_UNAVAILABLE");
+    let err = w
+        .client
+        .login(request())
+        .await
+        .expect_err("spent at WeChat");
+    assert_eq!(reason(&err), "WECHAT_CODE_USED");
+    assert_eq!(meta(&err, "wechat_errcode").as_deref(), Some("40163"));
+    assert_eq!(w.sim.code_calls(&minted.code).await.expect("calls"), 2);
+    let fresh = w
+        .sim
+        .mint_code(&MintCode::for_openid(&minted.openid))
+        .await
+        .expect("mint");
+    w.client
+        .login(login_request(&fresh.code, None, "203.0.113.1"))
+        .await
+        .expect("a new code logs in");
+}
+
+#[tokio::test]
 async fn wechat_unreachable_is_wechat_unavailable() {
     // Arrange: a simulator that is gone.
     let mut w = world(&[("AUTH_WECHAT_TIMEOUT", "1s")]).await;

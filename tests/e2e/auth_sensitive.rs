@@ -548,6 +548,37 @@ async fn auth_phone_code_races_and_wechat_errors_make_no_second_billed_call() {
         .await
         .expect("a later try works");
 
+    // WeChat exchanged (and billed) the code, but its answer was lost: nothing here can
+    // tell that from a call WeChat never saw, so the code is released and a retry asks
+    // WeChat once more, which says the code is spent; a new code from the button binds it.
+    let lost = w
+        .sim
+        .mint_phone_code(&MintPhoneCode::new("13300133000").for_openid(&owner))
+        .await
+        .expect("mint");
+    w.sim
+        .add_fault(
+            &Fault::drop_after_processing()
+                .on_endpoint("getuserphonenumber")
+                .for_code(&lost)
+                .once(),
+        )
+        .await
+        .expect("fault");
+    let err = phone(&mut w.client, &token, &lost)
+        .await
+        .expect_err("the answer was lost");
+    assert_eq!(reason(&err), "WECHAT_UNAVAILABLE");
+    let err = phone(&mut w.client, &token, &lost)
+        .await
+        .expect_err("spent at WeChat");
+    assert_eq!(reason(&err), "WECHAT_INVALID_CODE");
+    assert_eq!(w.sim.code_calls(&lost).await.expect("calls"), 2);
+    let kept = verify_phone(&mut w.client, &token)
+        .await
+        .expect("the number bound before");
+    assert_ne!(kept.pure_phone_number, "13300133000");
+
     // Malformed codes never reach WeChat.
     let err = phone(&mut w.client, &token, "bad code!")
         .await

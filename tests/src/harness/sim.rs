@@ -138,6 +138,8 @@ pub struct Fault {
     pub hang: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub drop: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub drop_after: bool,
     /// `None`: every matching call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u32>,
@@ -172,6 +174,15 @@ impl Fault {
     pub fn drop_connection() -> Self {
         Self {
             drop: true,
+            ..Self::default()
+        }
+    }
+
+    /// Process the call (a code used, a number billed), then close the connection without
+    /// answering.
+    pub fn drop_after_processing() -> Self {
+        Self {
+            drop_after: true,
             ..Self::default()
         }
     }

@@ -18,6 +18,9 @@ use super::wechat::{Endpoint, WechatError};
 pub(crate) enum FaultAction {
     /// Close the connection without answering.
     Drop,
+    /// Process the call (a code used, a number billed), then close the connection without
+    /// answering: WeChat did its part, the answer was lost on the way.
+    DropAfter,
     /// Never answer.
     Hang,
     /// Wait `delay`, then answer `error`, or process the call normally when there is none.
@@ -119,6 +122,8 @@ struct FaultBody {
     hang: bool,
     #[serde(default)]
     drop: bool,
+    #[serde(default)]
+    drop_after: bool,
     times: Option<u32>,
 }
 
@@ -145,6 +150,19 @@ impl TryFrom<FaultBody> for NewFault {
             return Err(ControlError::bad_request("errmsg needs an errcode"));
         }
         let answers = body.errcode.is_some() || body.delay_ms.is_some();
+        if body.drop_after {
+            if answers || body.hang || body.drop {
+                return Err(ControlError::bad_request(
+                    "drop_after excludes errcode, errmsg, delay_ms, hang and drop",
+                ));
+            }
+            return Ok(Self {
+                endpoint: body.endpoint.unwrap_or(Endpoint::Jscode2session),
+                code: body.code,
+                action: FaultAction::DropAfter,
+                times: body.times,
+            });
+        }
         let action = match (body.hang, body.drop) {
             (true, true) => {
                 return Err(ControlError::bad_request(
@@ -160,7 +178,7 @@ impl TryFrom<FaultBody> for NewFault {
             (false, true) => FaultAction::Drop,
             (false, false) if !answers => {
                 return Err(ControlError::bad_request(
-                    "a fault needs one of errcode, delay_ms, hang or drop",
+                    "a fault needs one of errcode, delay_ms, hang, drop or drop_after",
                 ));
             }
             (false, false) => FaultAction::Answer {

@@ -220,8 +220,8 @@
 //! ## `POST /sim/faults`: make WeChat misbehave
 //!
 //! Body: `{"endpoint": "jscode2session", "code": "…", "errcode": N, "errmsg": "…",
-//! "delay_ms": N, "hang": bool, "drop": bool, "times": N}`, all optional but at least one of
-//! `errcode`, `delay_ms`, `hang`, `drop`.
+//! "delay_ms": N, "hang": bool, "drop": bool, "drop_after": bool, "times": N}`, all optional
+//! but at least one of `errcode`, `delay_ms`, `hang`, `drop`, `drop_after`.
 //!
 //! - `endpoint`: which WeChat call it applies to: `jscode2session` (the default),
 //!   `stable_token`, `token`, `getuserphonenumber`, `checksession` or `resetusersessionkey`;
@@ -233,10 +233,13 @@
 //! - `delay_ms`: wait this long before answering; without `errcode`, the call is then processed
 //!   normally (a pure slow answer);
 //! - `hang: true`: never answer (the call is released when the client goes away);
-//! - `drop: true`: close the connection without answering;
+//! - `drop: true`: close the connection without answering, before the call has any effect;
+//! - `drop_after: true`: process the call in full (a code used, a number billed, a success
+//!   counted), then close the connection without answering: WeChat did its part and the answer
+//!   was lost on the way, which a client cannot tell from `drop`;
 //! - `times`: how many calls it applies to (at least 1); omitted, it applies to every call.
 //!
-//! `hang` and `drop` exclude each other and every other effect. For each call, the first active
+//! `hang`, `drop` and `drop_after` exclude each other and every other effect. For each call, the first active
 //! fault that matches, in the order they were added, is used and one of its `times` consumed;
 //! an exhausted fault is removed. A call a fault applies to is still counted. Answer: 200
 //! `{"id": N}`.
@@ -317,6 +320,7 @@ pub fn router(state: SimState) -> Router {
         .merge(control::router())
         .fallback(control::no_such_route)
         .method_not_allowed_fallback(control::method_not_allowed)
+        .layer(middleware::from_fn(wechat::drop_after_processing))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }

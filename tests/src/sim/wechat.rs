@@ -263,6 +263,11 @@ pub(crate) async fn begin_call(
     })?;
     match action {
         FaultAction::Drop => Some(server::drop_connection()),
+        FaultAction::DropAfter => {
+            // The handler goes on; `drop_after_processing` then drops its answer.
+            let _outside_the_layer = DROP_AFTER.try_with(|drop| drop.set(true));
+            None
+        }
         FaultAction::Hang => {
             let _released = HungCall(endpoint);
             match std::future::pending::<Infallible>().await {}
@@ -274,6 +279,32 @@ pub(crate) async fn begin_call(
             error.map(|error| error.answer(endpoint))
         }
     }
+}
+
+tokio::task_local! {
+    /// Set by a `drop_after` fault for the call being answered.
+    static DROP_AFTER: std::cell::Cell<bool>;
+}
+
+/// The layer that carries out `drop_after` faults: the call is processed in full, then its
+/// answer is replaced by a dropped connection.
+pub(crate) async fn drop_after_processing(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    DROP_AFTER
+        .scope(std::cell::Cell::new(false), async move {
+            let answer = next.run(request).await;
+            if DROP_AFTER.with(std::cell::Cell::get) {
+                tracing::info!(
+                    "dropping the connection after processing the call, as a fault asked"
+                );
+                server::drop_connection()
+            } else {
+                answer
+            }
+        })
+        .await
 }
 
 /// Logs when a hung call is let go, which shows that hanging leaks nothing.
