@@ -311,6 +311,12 @@ mod tests {
             parse(r#"{"hang":true}"#).expect("valid").action,
             FaultAction::Hang
         );
+        assert_eq!(
+            parse(r#"{"drop_after":true,"endpoint":"getuserphonenumber"}"#)
+                .expect("valid")
+                .action,
+            FaultAction::DropAfter
+        );
     }
 
     #[test]
@@ -323,6 +329,10 @@ mod tests {
             r#"{"errmsg":"x"}"#,
             r#"{"errcode":-1,"times":0}"#,
             r#"{"errcode":-1,"code":""}"#,
+            r#"{"drop_after":true,"drop":true}"#,
+            r#"{"drop_after":true,"hang":true}"#,
+            r#"{"drop_after":true,"errcode":-1}"#,
+            r#"{"drop_after":true,"delay_ms":5}"#,
         ] {
             assert!(
                 matches!(parse(json), Err(ControlError::BadRequest(_))),
