@@ -211,6 +211,17 @@ async fn a_code_minted_for_another_appid_is_invalid() -> anyhow::Result<()> {
 
     // Assert
     assert_error(&body, 40029);
+    // A login in another app does not touch this app's users: naming one is refused, and
+    // the user's session_key is unchanged.
+    let ours = mint_new(&sim).await?;
+    let foreign = sim
+        .mint_code(&MintCode {
+            appid: Some("wx0ther00000000001".into()),
+            ..MintCode::for_openid(&ours.openid)
+        })
+        .await;
+    assert!(foreign.is_err(), "{foreign:?}");
+    assert_eq!(sim.user(&ours.openid).await?.session_key, ours.session_key);
     Ok(())
 }
 

@@ -200,6 +200,12 @@ async fn mint_login_code(
         Some(appid) => check_appid(appid)?,
         None => state.settings().appid.clone(),
     };
+    // A wx.login in another app is another user there: it must not rotate one of ours.
+    if appid != state.settings().appid && openid.is_some() {
+        return Err(ControlError::bad_request(
+            "a code for another appid cannot name an openid (that user belongs to this app)",
+        ));
+    }
 
     let minted = state.with_world(|world| -> Result<MintAnswer, RandomError> {
         let now = world.clock.now();

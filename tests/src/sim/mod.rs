@@ -142,7 +142,8 @@
 //! - `unionid` sets the user's unionid (at creation or later); `with_unionid: true` gives the
 //!   user a random unionid unless it already has one (giving both is a 400);
 //! - `appid` (default: the simulator's) mints the code for another app, so exchanging it with
-//!   the simulator's appid gives 40029.
+//!   the simulator's appid gives 40029 (with an `openid` too it is a 400: a login in another
+//!   app must not rotate one of this app's users' keys).
 //!
 //! A given `openid` or `unionid` must be 1 to 128 printable ASCII characters without spaces, a
 //! given `appid` ASCII letters and digits.
