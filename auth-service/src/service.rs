@@ -1342,6 +1342,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn verify_moves_a_sessions_last_activity_at_most_once_a_minute() {
+        // Arrange: a session opened two minutes ago and idle since, on a real store.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("auth.db"))
+                .await
+                .expect("the store"),
+        );
+        let core = core_over(store.clone());
+        let keys = Keys::derive(&secrecy::SecretString::from("k".repeat(32)));
+        let token = Token::generate(TokenKind::Access).expect("random");
+        let now = now_millis();
+        let opened = now - 120_000;
+        store
+            .login(NewLogin {
+                openid: "o1".into(),
+                unionid: None,
+                session_key_sealed: vec![1],
+                session_key_fp: [1; 32],
+                session_id: "s1".into(),
+                device: crate::domain::Device::default(),
+                access: (keys.token_hash(&token), now + 3_600_000),
+                refresh: (TokenHash([9; 32]), now + 86_400_000),
+                policy: crate::domain::SessionPolicy::Multi { max: 5 },
+                now: opened,
+            })
+            .await
+            .expect("login");
+        let last_active =
+            async || store.list_sessions("o1", now_millis()).await.expect("list")[0].last_active_at;
+        assert_eq!(last_active().await, opened);
+
+        // Act: a Verify; its write is off the request's path, so wait for it (bounded).
+        core.verify(token.expose()).await.expect("verify");
+        let mut moved = last_active().await;
+        for _ in 0..100 {
+            if moved >= now {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            moved = last_active().await;
+        }
+
+        // Assert: it moved to the Verify's time; another Verify within the minute (from
+        // memory) writes nothing more.
+        assert!(
+            moved >= now,
+            "last_active_at {moved} never moved past {now}"
+        );
+        core.verify(token.expose()).await.expect("verify");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(last_active().await, moved);
+    }
+
+    #[tokio::test]
     async fn a_failing_expiry_does_not_keep_housekeeping_from_purging() {
         let store = FlakyPhones::failing(0, false);
         let core = core_over(store.clone());
