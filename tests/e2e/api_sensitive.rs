@@ -3,8 +3,10 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tests::harness::sim::{Encrypt, MintCode, MintPhoneCode, MintedCode};
+use tests::harness::sim::{Encrypt, Fault, MintCode, MintPhoneCode, MintedCode};
 use tests::harness::{ApiProcess, AuthProcess, SimProcess};
+
+use crate::api_common::api_world;
 
 struct Edge {
     sim: SimProcess,
@@ -234,23 +236,37 @@ async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
         .await
         .expect("phone code");
 
+    // Each call succeeds (an error answer would carry no session_key trivially).
     let mut answers = Vec::new();
-    answers.push(e.decrypt(&token_b, &sealed).await.1);
-    answers.push(
-        e.send(
-            Method::POST,
-            "/v1/me/phone",
-            &token_a,
-            Some(json!({"code": code})),
-        )
-        .await
-        .1,
-    );
-    answers.push(e.send(Method::GET, "/v1/me", &token_b, None).await.1);
-    answers.push(
-        e.send(Method::GET, "/v1/auth/sessions", &token_a, None)
-            .await
-            .1,
+    for (what, (status, answer)) in [
+        ("decrypt", e.decrypt(&token_b, &sealed).await),
+        (
+            "phone",
+            e.send(
+                Method::POST,
+                "/v1/me/phone",
+                &token_a,
+                Some(json!({"code": code})),
+            )
+            .await,
+        ),
+        ("me", e.send(Method::GET, "/v1/me", &token_b, None).await),
+        (
+            "sessions",
+            e.send(Method::GET, "/v1/auth/sessions", &token_a, None)
+                .await,
+        ),
+    ] {
+        assert_eq!(status, StatusCode::OK, "{what}: {answer}");
+        answers.push(answer);
+    }
+    assert_eq!(answers[0]["data"]["openGId"], "g", "{}", answers[0]);
+    assert_eq!(answers[1]["phone_number"], "13912345678", "{}", answers[1]);
+    assert_eq!(
+        answers[3]["items"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        answers[3]
     );
 
     // No answer carries a session_key (the phone number is in its owner's answers by design).
@@ -289,4 +305,92 @@ async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
         let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
         assert!(!bytes.windows(11).any(|w| w == b"13912345678"));
     }
+}
+
+#[tokio::test]
+async fn wechat_errors_of_the_phone_exchange_carry_the_contract_status_code_and_wechat_details() {
+    let w = api_world(&[], &[]).await;
+    let user = w.login().await;
+    let phone_code = || {
+        let w = &w;
+        let openid = user.openid.clone();
+        async move {
+            w.sim
+                .mint_phone_code(&MintPhoneCode::new("13700137000").for_openid(openid))
+                .await
+                .expect("phone code")
+        }
+    };
+
+    // CONTRACT.md, Login errors: WeChat's own errors pass through, for the phone too.
+    let cases = [
+        (40029, StatusCode::BAD_REQUEST, "wechat_invalid_code", 1),
+        (40163, StatusCode::BAD_REQUEST, "wechat_code_used", 1),
+        (
+            45011,
+            StatusCode::TOO_MANY_REQUESTS,
+            "wechat_rate_limited",
+            1,
+        ),
+        (40226, StatusCode::FORBIDDEN, "wechat_risky_user", 1),
+        // -1 is retried once, then passed on.
+        (-1, StatusCode::SERVICE_UNAVAILABLE, "wechat_busy", 2),
+        (61450, StatusCode::BAD_GATEWAY, "wechat_error", 1),
+    ];
+    let mut rate_limited_code = None;
+    for (errcode, status, code, calls) in cases {
+        let phone = phone_code().await;
+        let mut fault = Fault::error(errcode)
+            .on_endpoint("getuserphonenumber")
+            .for_code(&phone);
+        fault.errmsg = Some(format!("simulated {errcode}, rid: 6650ab12-{errcode}"));
+        w.sim.add_fault(&fault).await.expect("fault");
+
+        let a = w
+            .send(
+                Method::POST,
+                "/v1/me/phone",
+                Some(&user.access_token),
+                Some(json!({"code": phone})),
+                &[],
+            )
+            .await;
+        let error = a.error(status, code);
+        assert_eq!(error["wechat"]["errcode"], errcode, "{error}");
+        assert_eq!(
+            error["wechat"]["errmsg"],
+            format!("simulated {errcode}, rid: 6650ab12-{errcode}"),
+            "{error}"
+        );
+        assert_eq!(
+            w.sim.code_calls(&phone).await.expect("calls"),
+            calls,
+            "errcode {errcode}: the exchange was asked a wrong number of times"
+        );
+        if errcode == 45011 {
+            rate_limited_code = Some(phone);
+        }
+    }
+
+    // No number was kept by a refused exchange.
+    let me = w
+        .send(Method::GET, "/v1/me", Some(&user.access_token), None, &[])
+        .await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.text());
+    assert!(me.json()["phone_number"].is_null(), "{}", me.text());
+
+    // A code WeChat refused for a moment (rate limited) is not used up: once WeChat answers
+    // again, the same code binds the number.
+    w.sim.clear_faults().await.expect("clear faults");
+    let again = w
+        .send(
+            Method::POST,
+            "/v1/me/phone",
+            Some(&user.access_token),
+            Some(json!({"code": rate_limited_code.expect("the 45011 case ran")})),
+            &[],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert_eq!(again.json()["phone_number"], "13700137000");
 }
