@@ -16,7 +16,7 @@ use tests::harness::sim::{APPID, Encrypt, Encrypted, Fault, MintCode, MintPhoneC
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tonic::{Code, Status};
 
-use crate::common::{login_request, meta, reason, tokens, world};
+use crate::common::{login_request, meta, random_client_ip, reason, tokens, world};
 
 const CLIENT_KEY: &str = "client-key-sensitive-0123456789abcdef";
 
@@ -75,11 +75,12 @@ fn json_of(answer: &DecryptDataResponse) -> Value {
     serde_json::from_str(&answer.data_json).expect("data_json is JSON")
 }
 
-/// Mints a code for a new user, logs in on `client`; answers (openid, access token).
+/// Mints a code for a new user, logs in on `client` from an address of its own; answers
+/// (openid, access token).
 async fn new_user(sim: &SimProcess, client: &mut AuthClient) -> (String, String) {
     let minted = sim.mint_code(&MintCode::default()).await.expect("mint");
     let login = client
-        .login(login_request(&minted.code, None, "203.0.113.9"))
+        .login(login_request(&minted.code, None, &random_client_ip()))
         .await
         .expect("login")
         .into_inner();

@@ -10,6 +10,8 @@ use tests::harness::external::{External, postgres_database, redis};
 use tests::harness::sim::{Fault, MintCode};
 use tests::harness::{ApiProcess, AuthProcess, SimProcess};
 
+use crate::common::random_client_ip;
+
 /// The two-by-two deployment.
 struct Cluster {
     sim: SimProcess,
@@ -53,17 +55,11 @@ async fn cluster(test: &str, auth_env: &[(&str, &str)]) -> Option<Cluster> {
     api_env_a.push(("API_WORKER_THREADS", "2"));
     let api_a = ApiProcess::start(&a, &api_env_a).await.expect("api A");
     let api_b = ApiProcess::start(&b, &api_env).await.expect("api B");
-    let random = uuid::Uuid::new_v4().as_u128();
-    let client_ip = format!(
-        "2001:db8:{:x}:{:x}::1",
-        random & 0xffff,
-        (random >> 16) & 0xffff
-    );
     Some(Cluster {
         sim,
         _auth: [a, b],
         api: [api_a, api_b],
-        client_ip,
+        client_ip: random_client_ip(),
     })
 }
 

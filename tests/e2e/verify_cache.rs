@@ -21,7 +21,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, tokens, verify_openid, wait_for_redis_health};
+use crate::common::{
+    login_request, random_client_ip, reason, tokens, verify_openid, wait_for_redis_health,
+};
 
 struct Pair {
     sim: SimProcess,
@@ -66,13 +68,13 @@ async fn pair(test: &str, with_redis: bool, extra: &[(&str, &str)]) -> Option<Pa
 }
 
 impl Pair {
-    /// Logs `openid` (a new user when None) in on replica A.
+    /// Logs `openid` (a new user when None) in on replica A, from an address of its own.
     async fn login(&mut self, openid: Option<&str>) -> (MintedCode, LoginResponse) {
         let mint = openid.map_or_else(MintCode::default, MintCode::for_openid);
         let minted = self.sim.mint_code(&mint).await.expect("mint");
         let answer = self
             .a
-            .login(login_request(&minted.code, None, "203.0.113.9"))
+            .login(login_request(&minted.code, None, &random_client_ip()))
             .await
             .expect("login")
             .into_inner();

@@ -186,14 +186,28 @@ async fn an_end_mark_wins_over_alive_and_alive_never_replaces_one(c: &dyn Cache)
     c.mark_ended(&[], live).await.expect("nothing to mark");
 }
 
+/// Reads `session_id`'s mark until there is none (panics after [`PATIENCE`]).
+async fn wait_until_unmarked(c: &dyn Cache, session_id: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match mark(c, session_id).await {
+            None => return,
+            Some(other) if Instant::now() > deadline => {
+                panic!("still {other:?} after {PATIENCE:?}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 async fn a_mark_lapses(c: &dyn Cache) {
     let s = code();
-    c.mark_alive(&s, Duration::from_millis(200))
+    // Long enough that the first read is well inside it, short next to `PATIENCE`.
+    c.mark_alive(&s, Duration::from_secs(2))
         .await
         .expect("mark_alive");
     assert_eq!(mark(c, &s).await, Some(SessionMark::Alive));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(mark(c, &s).await, None);
+    wait_until_unmarked(c, &s).await;
 }
 
 async fn many_marks_are_read_at_once_in_order(c: &dyn Cache) {
@@ -653,6 +667,18 @@ async fn stamp(c: &dyn Cache, openid: &str) -> PhoneStamp {
     c.phone_stamp(openid).await.expect("phone_stamp answers")
 }
 
+/// Reads `openid`'s phone stamp until it is `want` (panics after [`PATIENCE`]).
+async fn wait_until_stamp(c: &dyn Cache, openid: &str, want: PhoneStamp) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match stamp(c, openid).await {
+            got if got == want => return,
+            other if Instant::now() > deadline => panic!("still {other:?} after {PATIENCE:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 #[tokio::test]
 async fn in_memory_a_phone_stamp_is_always_local() {
     let c = MemoryCache::new();
@@ -719,12 +745,12 @@ async fn a_phone_write_that_never_ends_lapses() {
         return;
     };
     let openid = code();
-    c.phone_write_started(&openid, Duration::from_millis(200))
+    // Long enough that the first read is well inside it, short next to `PATIENCE`.
+    c.phone_write_started(&openid, Duration::from_secs(2))
         .await
         .expect("phone_write_started");
     assert_eq!(stamp(&c, &openid).await, PhoneStamp::Unusable);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stamp(&c, &openid).await, PhoneStamp::Missing);
+    wait_until_stamp(&c, &openid, PhoneStamp::Missing).await;
 }
 
 #[tokio::test]
