@@ -24,7 +24,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 
-pub use postgres::{CREATION_WRITERS as PG_CREATION_WRITERS, PgNotes};
+pub use postgres::{
+    CREATION_WRITERS as PG_CREATION_WRITERS, PURGE_BATCH as PG_PURGE_BATCH, PgNotes,
+};
 pub use store::SqliteNotes;
 
 use crate::error::ApiError;

@@ -33,8 +33,8 @@ use crate::time::Millis;
 #[derive(Debug, Clone)]
 pub struct PgNotes {
     db: PgDb,
-    /// When expired idempotency keys were last purged; the purge is a statement of its own,
-    /// before a creation's transaction, and its failure does not fail the creation.
+    /// When expired idempotency keys were last purged; the purge runs in a task of its own,
+    /// started by the creation that finds it due ([`purge_expired_keys`]).
     purges: Arc<PurgeClock>,
     /// The queue of creations, to the tasks that write them ([`write_creations`]).
     creations: mpsc::Sender<Job>,
@@ -435,6 +435,40 @@ async fn create_keyed(
     Ok(Ok(Created::New))
 }
 
+/// Most expired idempotency keys one purge statement deletes: each statement stays far
+/// within the pool's statement timeout however many expired (after a long stop, say).
+pub const PURGE_BATCH: u64 = 10_000;
+
+/// Deletes the idempotency keys answered before `before`, [`PURGE_BATCH`] a statement, until
+/// none is left. A failure stops it (logged); expired keys are ignored when read, and the
+/// next purge takes them.
+async fn purge_expired_keys(pool: sqlx::PgPool, before: Millis) {
+    let mut purged = 0;
+    loop {
+        let done = sqlx::query(
+            "DELETE FROM note_idempotency WHERE (openid, key) IN \
+             (SELECT openid, key FROM note_idempotency WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::try_from(PURGE_BATCH).unwrap_or(i64::MAX))
+        .execute(&pool)
+        .await;
+        match done {
+            Ok(done) => {
+                purged += done.rows_affected();
+                if done.rows_affected() < PURGE_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, purged, "purging expired idempotency keys failed");
+                return;
+            }
+        }
+    }
+    tracing::debug!(purged, "expired idempotency keys purged");
+}
+
 #[async_trait]
 impl NotesStore for PgNotes {
     async fn create(
@@ -446,20 +480,11 @@ impl NotesStore for PgNotes {
         let pool = self.db.ready_pool()?;
         let now = note.created_at;
         if self.purges.due(now) {
-            match sqlx::query("DELETE FROM note_idempotency WHERE created_at < $1")
-                .bind(now.saturating_sub(IDEMPOTENCY_TTL_MILLIS))
-                .execute(pool)
-                .await
-            {
-                Ok(done) => {
-                    tracing::debug!(
-                        purged = done.rows_affected(),
-                        "expired idempotency keys purged"
-                    );
-                }
-                // Expired keys are ignored when read; the next purge takes them.
-                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
-            }
+            // Off the request's path: however many keys expired, no creation waits for them.
+            tokio::spawn(purge_expired_keys(
+                pool.clone(),
+                now.saturating_sub(IDEMPOTENCY_TTL_MILLIS),
+            ));
         }
         written_by(&self.creations, openid, note, idempotent).await
     }

@@ -11,7 +11,7 @@ use api_service::db::{Db, PgDb, db_error, retry_once};
 use api_service::error::ApiError;
 use api_service::notes::{
     Created, IDEMPOTENCY_TTL_MILLIS, Idempotent, Note, NotesStore as _, PG_CREATION_WRITERS,
-    PgNotes,
+    PG_PURGE_BATCH, PgNotes,
 };
 use api_service::profile::{PgProfiles, ProfileStore as _};
 use axum::http::header;
@@ -245,8 +245,7 @@ async fn lock_waiters(pool: &sqlx::PgPool, n: i64) {
 /// Creations without a key made while every writer of them is busy: they queue, and are
 /// taken together once one is free. Every writer is first given a creation of `"holder"`'s
 /// own, waiting for their lock; `creations` (openid, note, key) are then queued, and the lock
-/// released (a creation whose purge of expired keys is due would not be queued yet: none
-/// may be). With `blocked`, that user's lock is held meanwhile by another session, which,
+/// released. With `blocked`, that user's lock is held meanwhile by another session, which,
 /// once the batch waits for it, writes a note `"{blocked} 0"` of its own before it lets go.
 /// Their answers, in their order.
 async fn created_while_the_writers_are_busy(
@@ -409,6 +408,61 @@ async fn a_creation_that_fails_its_batch_fails_alone() {
     assert_eq!(titles(b.notes.as_ref(), "bob", 20).await, ["bob"]);
     assert_eq!(titles(b.notes.as_ref(), "carol", 20).await, ["carol"]);
     assert!(titles(b.notes.as_ref(), "erin", 20).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_many_expired_keys_takes_them_all_in_batches() {
+    const TEST: &str = "postgres::a_purge_of_many_expired_keys_takes_them_all_in_batches";
+    let Some(b) = support::postgres(TEST).await else {
+        return;
+    };
+    let pool = pg(&b.db).pool();
+    // Arrange: two and a half batches of keys expired long ago (a purge that did not run
+    // for a while), and one that has not.
+    let expired = i64::try_from(PG_PURGE_BATCH * 5 / 2).expect("small");
+    sqlx::query(
+        "INSERT INTO note_idempotency (openid, key, fingerprint, note_id, status, response, \
+         created_at) SELECT 'old-user', 'k' || n, '\\x00', 'n', 201, '\\x00', 1000 \
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(expired)
+    .execute(pool)
+    .await
+    .expect("expired keys");
+    let now = 1_000 + IDEMPOTENCY_TTL_MILLIS + 24 * 60 * 60 * 1000;
+    sqlx::query(
+        "INSERT INTO note_idempotency (openid, key, fingerprint, note_id, status, response, \
+         created_at) VALUES ('other', 'recent', '\\x00', 'n', 201, '\\x00', $1)",
+    )
+    .bind(now - 1_000)
+    .execute(pool)
+    .await
+    .expect("a recent key");
+
+    // Act: the process's first creation finds the purge due.
+    let fresh = new_note("fresh", now);
+    b.notes
+        .create("bob", &fresh, Some(idempotent("fresh", &fresh)))
+        .await
+        .expect("created");
+
+    // Assert: every expired key goes, in as many statements as it takes; the recent one
+    // and the new one stay.
+    let mut rows = b.idempotency_rows().await;
+    for _ in 0..300 {
+        if rows == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rows = b.idempotency_rows().await;
+    }
+    assert_eq!(rows, 2, "the recent key and the new one are left");
+    let (left,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM note_idempotency WHERE key IN ('recent', 'fresh')")
+            .fetch_one(pool)
+            .await
+            .expect("count");
+    assert_eq!(left, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
