@@ -12,6 +12,7 @@ use tests::harness::{ApiProcess, AuthProcess, Process, SimProcess};
 use tokio::task::JoinSet;
 
 use crate::api_common::{Caller, api_world};
+use crate::common::{stop_and_read_logs, wait_for_log_line};
 use crate::metrics::{VERIFY_BATCH, auth_calls, sample, scrape};
 
 const JSON_UTF8: &str = "application/json; charset=utf-8";
@@ -700,11 +701,14 @@ async fn request_ids_are_echoed_or_made_and_reach_auth_service() {
     .await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header("x-request-id"), Some("edge-req-42"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        e.auth.logs().iter().any(|l| l.contains("edge-req-42")),
-        "auth-service never saw the request id"
-    );
+    // Read as the lines arrive, within a deadline.
+    let seen = wait_for_log_line(|| e.auth.logs(), |l| l.contains("edge-req-42")).await;
+    if let Err(logs) = seen {
+        panic!(
+            "auth-service never saw the request id; its logs:\n{}",
+            logs.join("\n")
+        );
+    }
 
     let made = send(
         &e.api,
@@ -718,6 +722,103 @@ async fn request_ids_are_echoed_or_made_and_reach_auth_service() {
     let id = made.header("x-request-id").expect("an id");
     assert_ne!(id, "bad id!");
     assert_eq!(id.len(), 36);
+}
+
+#[tokio::test]
+async fn with_debug_logs_no_token_code_or_client_key_reaches_the_edges_logs() {
+    // Arrange: a client key on both sides, and the edge's debug logs: every line it can write.
+    let key = "edge-log-client-key-0123456789abcdef0123";
+    let mut e = edge(
+        &[("AUTH_CLIENT_KEYS", key)],
+        &[("RUST_LOG", "debug"), ("API_AUTH_CLIENT_KEY", key)],
+    )
+    .await;
+    let m = e.sim.mint_code(&MintCode::default()).await.expect("mint");
+    let call = |id: &'static str| [("x-request-id", id)];
+
+    // Act: a login, a refresh, business requests (a read and a write), a logout.
+    let login = send(
+        &e.api,
+        Method::POST,
+        "/v1/auth/login",
+        None,
+        Some(json!({"code": m.code})),
+        &call("logs-login"),
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::OK, "{}", login.body);
+    let refreshed = send(
+        &e.api,
+        Method::POST,
+        "/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": token(&login.body, "refresh_token")})),
+        &call("logs-refresh"),
+    )
+    .await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{}", refreshed.body);
+    let access = token(&refreshed.body, "access_token");
+    let me = send(
+        &e.api,
+        Method::GET,
+        "/v1/me",
+        Some(&access),
+        None,
+        &call("logs-me"),
+    )
+    .await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    let note = send(
+        &e.api,
+        Method::POST,
+        "/v1/notes",
+        Some(&access),
+        Some(json!({"title": "t", "body": "b"})),
+        &call("logs-note"),
+    )
+    .await;
+    assert_eq!(note.status, StatusCode::CREATED, "{}", note.body);
+    let out = send(
+        &e.api,
+        Method::POST,
+        "/v1/auth/logout",
+        Some(&access),
+        None,
+        &call("logs-logout"),
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+
+    // Assert: the edge's logs, read once it has exited and every line it wrote is in; each
+    // request left lines (debug is on), and none of them holds a secret.
+    let logs = stop_and_read_logs(e.api.process_mut()).await;
+    for id in [
+        "logs-login",
+        "logs-refresh",
+        "logs-me",
+        "logs-note",
+        "logs-logout",
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains(id) && l.contains("DEBUG")),
+            "no debug line of request {id}: the logs were not captured\n{logs}"
+        );
+    }
+    let mut secrets = vec![m.code.clone(), key.to_owned()];
+    for pair in [&login.body, &refreshed.body] {
+        secrets.push(token(pair, "access_token"));
+        secrets.push(token(pair, "refresh_token"));
+    }
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "api-service logged {s}");
+        // A token's random part alone counts too.
+        if let Some(body) = s.strip_prefix("wxa_").or_else(|| s.strip_prefix("wxr_")) {
+            assert!(
+                !logs.contains(body),
+                "api-service logged a token body of {s}"
+            );
+        }
+    }
 }
 
 /// A port nobody listens on now (bound, read, released).

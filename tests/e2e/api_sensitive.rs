@@ -7,6 +7,7 @@ use tests::harness::sim::{Encrypt, Fault, MintCode, MintPhoneCode, MintedCode};
 use tests::harness::{ApiProcess, AuthProcess, SimProcess};
 
 use crate::api_common::api_world;
+use crate::common::stop_and_read_logs;
 
 struct Edge {
     sim: SimProcess,
@@ -15,9 +16,16 @@ struct Edge {
 }
 
 async fn edge() -> Edge {
+    edge_with(&[]).await
+}
+
+/// [`edge`] with settings `api_env` for api-service.
+async fn edge_with(api_env: &[(&str, &str)]) -> Edge {
     let sim = SimProcess::start().await.expect("simulator");
     let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
-    let api = ApiProcess::start(&auth, &[]).await.expect("api-service");
+    let api = ApiProcess::start(&auth, api_env)
+        .await
+        .expect("api-service");
     Edge { sim, auth, api }
 }
 
@@ -219,7 +227,8 @@ async fn a_phone_code_is_exchanged_once_and_the_number_shown_to_its_owner_only()
 
 #[tokio::test]
 async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
-    let e = edge().await;
+    // Debug logs on the edge: the most it ever writes.
+    let mut e = edge_with(&[("RUST_LOG", "debug")]).await;
     let (a, token_a) = e.login(None, "phone").await;
     let (b, token_b) = e.login(Some(&a.openid), "tablet").await;
     let sealed = e
@@ -282,13 +291,8 @@ async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
     }
     assert_eq!(answers[2]["phone_number"], "13912345678");
 
-    // api-service never holds either: not in its logs, not in its database files.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let logs = e.api.logs().join("\n");
+    // api-service never holds either: not in its database files (read while it runs)...
     let secrets = [keys[0], keys[1], "13912345678"];
-    for s in secrets {
-        assert!(!logs.contains(s), "api-service logged {s}");
-    }
     for entry in std::fs::read_dir(e.api.data_dir()).expect("data dir") {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read");
@@ -299,6 +303,15 @@ async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
                 path.display()
             );
         }
+    }
+    // ...nor in its logs, read once it has exited and every line it wrote is in.
+    let logs = stop_and_read_logs(e.api.process_mut()).await;
+    assert!(
+        logs.contains("/v1/me/phone") && logs.contains("/v1/wechat/decrypt"),
+        "the requests' debug lines were not captured:\n{logs}"
+    );
+    for s in secrets {
+        assert!(!logs.contains(s), "api-service logged {s}");
     }
     // And auth-service keeps the number sealed, not in clear.
     for entry in std::fs::read_dir(e.auth.data_dir()).expect("data dir") {

@@ -11,7 +11,7 @@ use tests::harness::{AuthProcess, Process, SimProcess};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, tokens, world};
+use crate::common::{login_request, reason, stop_and_read_logs, tokens, wait_for_log_line, world};
 
 const KEY_A: &str = "client-key-a-0123456789abcdef0123456789";
 const KEY_B: &str = "client-key-b-0123456789abcdef0123456789";
@@ -131,15 +131,15 @@ async fn request_ids_are_echoed_or_made_and_logged() {
     assert_ne!(made, "has spaces in it");
     assert_eq!(made.len(), 36, "{made}");
 
-    // The login's log line carries the caller's id.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let logs = w.auth.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("req-e2e-0001") && l.contains("\"login\"")),
-        "no log line with the request id:\n{}",
-        logs.join("\n")
-    );
+    // The login's log line carries the caller's id (read as it arrives, within a deadline).
+    let line = wait_for_log_line(
+        || w.auth.logs(),
+        |l| l.contains("req-e2e-0001") && l.contains("\"login\""),
+    )
+    .await;
+    if let Err(logs) = line {
+        panic!("no log line with the request id:\n{}", logs.join("\n"));
+    }
 }
 
 #[tokio::test]
@@ -327,10 +327,12 @@ async fn no_token_session_key_secret_or_key_reaches_the_logs_or_the_database_in_
         })
         .await
         .expect("logout");
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // Assert: the logs.
-    let logs = w.auth.logs().join("\n");
+    // Assert: every file of the database (main file, WAL, shared memory), while it runs.
+    assert_no_secret_in_files(w.auth.data_dir(), &secrets, &raw_keys);
+
+    // Assert: the logs, read once the process has exited and every line it wrote is in.
+    let logs = stop_and_read_logs(w.auth.process_mut()).await;
     assert!(logs.contains("\"login\""), "the logs are being captured");
     for s in &secrets {
         assert!(!logs.contains(s.as_str()), "the logs contain a secret: {s}");
@@ -339,21 +341,26 @@ async fn no_token_session_key_secret_or_key_reaches_the_logs_or_the_database_in_
             assert!(!logs.contains(body), "the logs contain a token body");
         }
     }
+    // And the database as the stopped process left it (every write landed, WAL folded in).
+    assert_no_secret_in_files(w.auth.data_dir(), &secrets, &raw_keys);
+}
 
-    // Assert: every file of the database (main file, WAL, shared memory).
+/// Every file in `dir` (the database, its WAL and shared memory) holds none of `secrets`, no
+/// raw session_key and no token prefix.
+fn assert_no_secret_in_files(dir: &std::path::Path, secrets: &[String], raw_keys: &[Vec<u8>]) {
     let mut files = 0;
-    for entry in std::fs::read_dir(w.auth.data_dir()).expect("data dir") {
+    for entry in std::fs::read_dir(dir).expect("data dir") {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read db file");
         files += 1;
-        for s in &secrets {
+        for s in secrets {
             assert!(
                 !contains(&bytes, s.as_bytes()),
                 "{} holds a secret in clear: {s}",
                 path.display()
             );
         }
-        for k in &raw_keys {
+        for k in raw_keys {
             assert!(
                 !contains(&bytes, k),
                 "{} holds a raw session_key",

@@ -16,7 +16,9 @@ use tests::harness::sim::{APPID, Encrypt, Encrypted, Fault, MintCode, MintPhoneC
 use tests::harness::{AuthClient, AuthProcess, SimProcess};
 use tonic::{Code, Status};
 
-use crate::common::{login_request, meta, random_client_ip, reason, tokens, world};
+use crate::common::{
+    login_request, meta, random_client_ip, reason, stop_and_read_logs, tokens, world,
+};
 
 const CLIENT_KEY: &str = "client-key-sensitive-0123456789abcdef";
 
@@ -1154,10 +1156,12 @@ async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_th
     let state = w.sim.access_token().await.expect("state");
     assert!(state.tokens.len() >= 2, "{state:?}");
     secrets.extend(state.tokens.iter().map(|t| t.access_token.clone()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // Assert: the logs.
-    let logs = w.auth.logs().join("\n");
+    // Assert: every file of the database (main file, WAL, shared memory), while it runs.
+    assert_no_secret_in_files(w.auth.data_dir(), &secrets, &raw_keys);
+
+    // Assert: the logs, read once the process has exited and every line it wrote is in.
+    let logs = stop_and_read_logs(w.auth.process_mut()).await;
     assert!(
         logs.contains("phone number stored"),
         "the logs are being captured"
@@ -1165,21 +1169,26 @@ async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_th
     for s in &secrets {
         assert!(!logs.contains(s.as_str()), "the logs contain a secret: {s}");
     }
+    // And the database as the stopped process left it (every write landed, WAL folded in).
+    assert_no_secret_in_files(w.auth.data_dir(), &secrets, &raw_keys);
+}
 
-    // Assert: every file of the database (main file, WAL, shared memory).
+/// Every file in `dir` (the database, its WAL and shared memory) holds none of `secrets` and
+/// no raw session_key.
+fn assert_no_secret_in_files(dir: &std::path::Path, secrets: &[String], raw_keys: &[Vec<u8>]) {
     let mut files = 0;
-    for entry in std::fs::read_dir(w.auth.data_dir()).expect("data dir") {
+    for entry in std::fs::read_dir(dir).expect("data dir") {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read db file");
         files += 1;
-        for s in &secrets {
+        for s in secrets {
             assert!(
                 !contains(&bytes, s.as_bytes()),
                 "{} holds a secret in clear: {s}",
                 path.display()
             );
         }
-        for k in &raw_keys {
+        for k in raw_keys {
             assert!(
                 !contains(&bytes, k),
                 "{} holds a raw session_key",

@@ -178,3 +178,49 @@ pub(crate) async fn wait_for_redis_health(auth: &AuthProcess, want: ServingStatu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits (at most 30 s) for a log line that satisfies `wanted`, reading `logs()` as lines
+/// arrive rather than once after a guessed sleep: answers the line, or every line read by
+/// the deadline (for the caller's failure message).
+pub(crate) async fn wait_for_log_line(
+    logs: impl Fn() -> Vec<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<String, Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = logs();
+        if let Some(line) = lines.iter().find(|l| wanted(l)) {
+            return Ok(line.clone());
+        }
+        if Instant::now() >= deadline {
+            return Err(lines);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops `process` gracefully (SIGTERM), checks that it exits 0, and answers every line it
+/// wrote: read after the exit, once its pipes are drained, so that no line is still on its
+/// way when a test looks for what must not be there. The logs must hold the services' own
+/// `stopped` line (written once serving is over), so an empty or cut-short capture cannot
+/// pass for clean logs.
+pub(crate) async fn stop_and_read_logs(process: &mut tests::harness::Process) -> String {
+    let code = process
+        .stop(Duration::from_secs(30))
+        .await
+        .expect("the process stops on SIGTERM");
+    let logs = process.logs();
+    assert_eq!(
+        code,
+        Some(0),
+        "a graceful stop exits 0; output:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs.iter().any(|l| l.contains(r#""message":"stopped""#)),
+        "the logs were not captured to the end (no \"stopped\" line in {} lines):\n{}",
+        logs.len(),
+        logs.join("\n")
+    );
+    logs.join("\n")
+}

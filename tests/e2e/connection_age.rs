@@ -1,14 +1,17 @@
 //! `AUTH_MAX_CONNECTION_AGE`: auth-service ends every connection gracefully after that age, so
 //! clients connect again (through a ClusterIP Service, to whichever replica kube-proxy picks)
-//! and new replicas get their share. Counted at a proxy between client and server; and through
-//! api-service under load, where no request may fail while its connection is recycled.
+//! and new replicas get their share. Counted at a proxy between client and server: for a
+//! plain gRPC client, and for api-service under load, where no request may fail while its
+//! connection is recycled.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use proto::v1::VerifyRequest;
 use proto::v1::auth_service_client::AuthServiceClient;
 use tests::harness::proxy::Proxy;
-use tests::harness::{AuthProcess, SimProcess};
+use tests::harness::{ApiProcess, AuthProcess, SimProcess};
 use tonic::Code;
 
 /// Calls Verify through a proxy every 100 ms for 3 s; returns how many connections the
@@ -59,17 +62,31 @@ async fn without_a_max_age_one_connection_serves_every_call() {
 
 #[tokio::test]
 async fn the_edge_rides_recycled_connections_without_failing_a_request() {
-    // api-service's own client this time: every second auth-service ends the connection
-    // (GOAWAY) while calls are in flight on it, and the edge connects again.
-    let w = crate::api_common::api_world(&[("AUTH_MAX_CONNECTION_AGE", "1s")], &[]).await;
+    // Arrange: api-service's own client this time, reaching auth-service through a proxy
+    // that counts its connections: every second auth-service ends the connection (GOAWAY)
+    // while calls are in flight on it, and the edge connects again.
+    let sim = SimProcess::start().await.expect("sim");
+    let auth = AuthProcess::start(&sim, &[("AUTH_MAX_CONNECTION_AGE", "1s")])
+        .await
+        .expect("auth-service");
+    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
+    let api = ApiProcess::start_for(&format!("http://{}", proxy.addr()), &[], true)
+        .await
+        .expect("api-service");
+    let w = crate::api_common::ApiWorld { sim, auth, api };
     let access = w.login().await.access_token;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+
+    // Act: eight callers, each sending its next request as soon as the last is answered,
+    // for at least 3.5 s and until the edge has made two connections of its own while they
+    // ran (or 15 s have passed: the count below fails then).
+    let before = proxy.connections();
+    let stop = Arc::new(AtomicBool::new(false));
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let (caller, access) = (w.caller(), access.clone());
+        let (caller, access, stop) = (w.caller(), access.clone(), stop.clone());
         callers.spawn(async move {
             let (mut answered, mut failed) = (0u32, Vec::new());
-            while tokio::time::Instant::now() < deadline {
+            while !stop.load(Ordering::Relaxed) {
                 let a = caller
                     .send(reqwest::Method::GET, "/v1/me", Some(&access), None, &[])
                     .await;
@@ -82,11 +99,32 @@ async fn the_edge_rides_recycled_connections_without_failing_a_request() {
             (answered, failed)
         });
     }
-    let mut answered = 0;
-    while let Some(done) = callers.join_next().await {
-        let (ok, failed) = done.expect("a caller");
-        assert!(failed.is_empty(), "requests failed: {failed:?}");
-        answered += ok;
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline
+        && (started.elapsed() < Duration::from_millis(3500) || proxy.connections() - before < 2)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(answered >= 100, "only {answered} answers in 3.5 s");
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    while let Some(done) = callers.join_next().await {
+        let (answered, failed) = done.expect("a caller");
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+        answers.push(answered);
+    }
+    let made = proxy.connections() - before;
+
+    // Assert: the connection was recycled under the callers (more than one made while they
+    // ran), and every request of every caller was answered.
+    assert!(
+        made >= 2,
+        "{made} connection(s) to auth-service in {:?} of requests with a 1 s max age: \
+         AUTH_MAX_CONNECTION_AGE did not end the edge's connection",
+        started.elapsed()
+    );
+    assert!(
+        answers.iter().all(|&a| a > 0),
+        "a caller got no answer at all: {answers:?}"
+    );
 }

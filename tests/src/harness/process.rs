@@ -274,8 +274,20 @@ async fn pump<R>(
 ) where
     R: tokio::io::AsyncRead + Unpin,
 {
-    let mut lines = BufReader::new(reader).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    // Bytes, not `lines()`: a line that is not UTF-8 would end `lines()` there, losing
+    // every later line (and breaking the child's pipe), so that a scan of the logs for what
+    // must not be there could pass on a cut-off capture. Such a line is kept, lossily.
+    let mut reader = BufReader::new(reader);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(raw.strip_suffix(b"\n").unwrap_or(&raw))
+            .trim_end_matches('\r')
+            .to_owned();
         if echo {
             eprintln!("[{name}] {line}");
         }
@@ -313,6 +325,17 @@ mod tests {
         let (listener, addr) = parse_listen_line(line).expect("a listen line");
         assert_eq!(listener, "grpc");
         assert_eq!(addr.port(), 4242);
+    }
+
+    #[tokio::test]
+    async fn a_line_that_is_not_utf8_is_kept_and_the_lines_after_it_too() {
+        let output: &[u8] = b"first\nbad \xff byte\r\nlast";
+        let logs = Arc::new(Mutex::new(Vec::new()));
+
+        pump("t".into(), output, logs.clone(), None, false).await;
+
+        let logs = logs.lock().expect("logs").clone();
+        assert_eq!(logs, ["first", "bad \u{fffd} byte", "last"]);
     }
 
     #[test]
