@@ -568,9 +568,11 @@ impl AuthCore {
 
     /// Tells the cache that sessions just ended (their end is committed), so no replica
     /// answers `Verify` for them from memory. A cache that does not take the marks is
-    /// tried again in the background for as long as an `Alive` mark can live.
+    /// tried again in the background for as long as an `Alive` mark can live. Written even
+    /// when this process keeps no `Verify` memory itself: other replicas on a shared cache
+    /// may, and would otherwise go on reading their `Alive` marks.
     async fn ended_now(&self, session_ids: Vec<String>) {
-        if session_ids.is_empty() || self.verified.is_off() {
+        if session_ids.is_empty() {
             return;
         }
         let Err(e) = self.cache.mark_ended(&session_ids, ENDED_FOR).await else {
@@ -1278,10 +1280,20 @@ mod tests {
         }
     }
 
-    /// The core over `store`, with the in-process cache; WeChat is never called here.
+    /// The core over `store`, with an in-process cache of its own; WeChat is never called.
     fn core_over(store: Arc<dyn Store>) -> AuthCore {
+        core_with(store, Arc::new(MemoryCache::new()), &[])
+    }
+
+    /// The core over `store` and `cache` (a cache shared by several cores stands for Redis
+    /// shared by replicas), with `settings` beside the required ones; WeChat is never called.
+    fn core_with(
+        store: Arc<dyn Store>,
+        cache: Arc<dyn crate::cache::Cache>,
+        settings: &[(&'static str, &str)],
+    ) -> AuthCore {
         let _already = rustls::crypto::ring::default_provider().install_default();
-        let env: std::collections::HashMap<&str, String> = [
+        let mut env: std::collections::HashMap<&str, String> = [
             ("WECHAT_APPID", "wx1234567890abcdef".to_owned()),
             ("WECHAT_SECRET", "s3cr3t-value".to_owned()),
             ("AUTH_TOKEN_KEY", "k".repeat(32)),
@@ -1289,10 +1301,11 @@ mod tests {
         ]
         .into_iter()
         .collect();
+        env.extend(settings.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("settings");
         AuthCore::new(
             store,
-            Arc::new(MemoryCache::new()),
+            cache,
             WechatClient::new(&settings.wechat).expect("client"),
             Arc::new(Keys::derive(&settings.token_key)),
             Policy::from_settings(&settings),
@@ -1341,20 +1354,20 @@ mod tests {
         assert_eq!(core.stored_phone("o1").await.expect("read"), None);
     }
 
-    #[tokio::test]
-    async fn verify_moves_a_sessions_last_activity_at_most_once_a_minute() {
-        // Arrange: a session opened two minutes ago and idle since, on a real store.
-        let dir = tempfile::tempdir().expect("a temporary directory");
+    /// A real SQLite store in `dir` holding user `o1`'s session `s1`, opened at `opened`
+    /// (its last activity), and the session's access token (keyed as [`core_with`]'s).
+    async fn store_with_a_session(
+        dir: &tempfile::TempDir,
+        opened: Millis,
+    ) -> (Arc<dyn Store>, Token) {
         let store: Arc<dyn Store> = Arc::new(
             crate::store::sqlite::SqliteStore::open(&dir.path().join("auth.db"))
                 .await
                 .expect("the store"),
         );
-        let core = core_over(store.clone());
         let keys = Keys::derive(&secrecy::SecretString::from("k".repeat(32)));
         let token = Token::generate(TokenKind::Access).expect("random");
         let now = now_millis();
-        let opened = now - 120_000;
         store
             .login(NewLogin {
                 openid: "o1".into(),
@@ -1370,6 +1383,44 @@ mod tests {
             })
             .await
             .expect("login");
+        (store, token)
+    }
+
+    #[tokio::test]
+    async fn an_end_on_a_replica_without_verify_memory_still_tells_the_others() {
+        // Arrange: two replicas on one store and one shared cache (Redis, in production);
+        // A keeps no Verify memory (AUTH_VERIFY_CACHE_SIZE=0), B does and has the token in
+        // it, its session marked alive.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, token) = store_with_a_session(&dir, now_millis()).await;
+        let shared: Arc<dyn crate::cache::Cache> = Arc::new(MemoryCache::new());
+        let a = core_with(
+            store.clone(),
+            shared.clone(),
+            &[("AUTH_VERIFY_CACHE_SIZE", "0")],
+        );
+        let b = core_with(store, shared, &[]);
+        b.verify(token.expose()).await.expect("live");
+
+        // Act: the user logs out through A.
+        a.logout(token.expose(), false).await.expect("logout");
+
+        // Assert: B refuses the token at once.
+        let refused = b.verify(token.expose()).await;
+        assert!(
+            matches!(refused, Err(AuthError::TokenRevoked)),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn verify_moves_a_sessions_last_activity_at_most_once_a_minute() {
+        // Arrange: a session opened two minutes ago and idle since, on a real store.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let now = now_millis();
+        let opened = now - 120_000;
+        let (store, token) = store_with_a_session(&dir, opened).await;
+        let core = core_over(store.clone());
         let last_active =
             async || store.list_sessions("o1", now_millis()).await.expect("list")[0].last_active_at;
         assert_eq!(last_active().await, opened);
