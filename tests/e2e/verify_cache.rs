@@ -13,6 +13,7 @@ use proto::v1::{
     GetPhoneNumberRequest, LoginResponse, LogoutRequest, RefreshRequest, RevokeUserRequest,
     VerifyBatchItem, VerifyBatchRequest, VerifyRequest,
 };
+use sqlx::Connection as _;
 use tests::harness::external::{External, postgres_database, redis};
 use tests::harness::proxy::{Proxy, reroute};
 use tests::harness::sim::{APPID, MintCode, MintPhoneCode, MintedCode};
@@ -26,6 +27,8 @@ use crate::common::{
 };
 
 struct Pair {
+    /// The replicas' database.
+    db: String,
     sim: SimProcess,
     auth: [AuthProcess; 2],
     a: AuthClient,
@@ -60,6 +63,7 @@ async fn pair(test: &str, with_redis: bool, extra: &[(&str, &str)]) -> Option<Pa
     let a = auth_a.client().await.expect("client A");
     let b = auth_b.client().await.expect("client B");
     Some(Pair {
+        db,
         sim,
         auth: [auth_a, auth_b],
         a,
@@ -227,6 +231,71 @@ async fn verify_batch(client: &mut AuthClient, asked: &[(&str, bool)]) -> Vec<An
         .collect()
 }
 
+#[tokio::test]
+async fn a_batch_answers_what_it_can_when_one_item_waits_on_a_stalled_database() {
+    const TEST: &str =
+        "verify_cache::a_batch_answers_what_it_can_when_one_item_waits_on_a_stalled_database";
+    let Some(mut p) = pair(TEST, true, &[]).await else {
+        return;
+    };
+    // Arrange: W is in B's memory and marked alive; C has never been seen by B.
+    let (w, w_login) = p.login(None).await;
+    let (w_access, _) = tokens(w_login.tokens.as_ref());
+    p.warm(&w_access, &w.openid).await;
+    let (c, c_login) = p.login(None).await;
+    let (c_access, _) = tokens(c_login.tokens.as_ref());
+    // The database stalls: a transaction holds the tokens' table, so C's read waits
+    // (PostgreSQL's statement_timeout of the pool is 5 s, past the call's 4 s).
+    let mut stall = sqlx::PgConnection::connect(&p.db)
+        .await
+        .expect("PostgreSQL");
+    sqlx::raw_sql("BEGIN; LOCK TABLE access_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut stall)
+        .await
+        .expect("the lock");
+
+    // Act: one batch of both, as the edge sends it, with a 4 s deadline (auth-service
+    // answers the items by 3.2 s, a fifth kept for the way back).
+    let items = [&w_access, &c_access]
+        .map(|token| VerifyBatchItem {
+            request: Some(VerifyRequest {
+                access_token: token.clone(),
+                include_phone: false,
+            }),
+            request_id: String::new(),
+        })
+        .to_vec();
+    let mut request = tonic::Request::new(VerifyBatchRequest { items });
+    request.set_timeout(Duration::from_secs(4));
+    let answers = p.b.verify_batch(request).await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut stall)
+        .await
+        .expect("the lock released");
+
+    // Assert: the call is answered; W's identity arrives, C alone is unavailable.
+    let results: Vec<Answer> = answers
+        .expect("the batch answered before its deadline, not run out by one item")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.result.expect("a result"))
+        .collect();
+    match &results[..] {
+        [Answer::Identity(id), Answer::Error(e)] => {
+            assert_eq!(id.openid, w.openid);
+            let status = e.clone().into_status();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Once the database answers again, so does C.
+    assert_eq!(
+        verify_openid(&mut p.b, &c_access).await.expect("live"),
+        c.openid
+    );
+}
+
 /// The reason of a refused item.
 fn refused(answer: &Answer) -> String {
     match answer {
@@ -354,6 +423,7 @@ async fn pair_with_a_cuttable(test: &str) -> Option<(Pair, Cuttable, String)> {
     let a = auth_a.client().await.expect("client A");
     let b = auth_b.client().await.expect("client B");
     let pair = Pair {
+        db,
         sim,
         auth: [auth_a, auth_b],
         a,

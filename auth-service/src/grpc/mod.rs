@@ -27,6 +27,45 @@ pub use status::DOMAIN;
 /// The most items one `VerifyBatch` may carry.
 pub const VERIFY_BATCH_MAX: usize = 1000;
 
+/// The time a `VerifyBatch` keeps for its answer to travel back, out of the caller's
+/// `grpc-timeout`: a fifth of it, at most this. (Giving up a database read is not free:
+/// sqlx then logs the slow statement, formatted, which took 150-250 ms in a debug build.)
+const BATCH_ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When the items of a `VerifyBatch` must be answered by: a margin before the caller's
+/// `grpc-timeout` (`None` without one). An item still waiting then (its session read from a
+/// stalled database) is answered UNAVAILABLE on its own, so the items already answered
+/// (from memory, say) reach their requests instead of the whole call running out.
+fn batch_items_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    started: Instant,
+) -> Option<tokio::time::Instant> {
+    let timeout = grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    let margin = (timeout / 5).min(BATCH_ANSWER_MARGIN);
+    Some(tokio::time::Instant::from_std(started) + timeout.saturating_sub(margin))
+}
+
+/// A `grpc-timeout` header's value (gRPC over HTTP/2: at most 8 digits, then `H`, `M`, `S`,
+/// `m`, `u` or `n`); `None` when malformed.
+fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let unit_at = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(unit_at);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// `AuthService` over gRPC.
 #[derive(Debug, Clone)]
 pub struct GrpcAuth {
@@ -210,6 +249,7 @@ impl GrpcAuth {
         item: &pb::VerifyBatchItem,
         ahead: Option<ReadAhead>,
         started: Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> pb::VerifyBatchResult {
         // As for a call: the caller's id when well formed, else one made here.
         let made;
@@ -221,9 +261,18 @@ impl GrpcAuth {
         };
         let call = Call::new(path!("Verify"), request_id);
         let answer = async {
-            let result = match &item.request {
-                Some(r) => self.verify_call(r, ahead).await,
-                None => Err(AuthError::TokenMissing),
+            let result = match (&item.request, deadline) {
+                (Some(r), Some(deadline)) => {
+                    tokio::time::timeout_at(deadline, self.verify_call(r, ahead))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(AuthError::Unavailable(anyhow::anyhow!(
+                                "not answered before the batch's deadline"
+                            )))
+                        })
+                }
+                (Some(r), None) => self.verify_call(r, ahead).await,
+                (None, _) => Err(AuthError::TokenMissing),
             };
             self.metrics
                 .observe_call(path!("Verify"), outcome(&result), started.elapsed());
@@ -244,6 +293,8 @@ impl GrpcAuth {
     async fn verify_batch_call(
         &self,
         r: &pb::VerifyBatchRequest,
+        started: Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<pb::VerifyBatchResponse, AuthError> {
         if r.items.is_empty() || r.items.len() > VERIFY_BATCH_MAX {
             return Err(AuthError::InvalidArgument(Invalid::new(
@@ -251,14 +302,13 @@ impl GrpcAuth {
                 format!("must hold 1 to {VERIFY_BATCH_MAX} items"),
             )));
         }
-        let started = Instant::now();
         // The items together, not one after another: an item that waits on the database
         // does not hold up the others.
         if !self.core.reads_ahead() {
             let results = join_all(
                 r.items
                     .iter()
-                    .map(|item| self.verify_item(item, None, started)),
+                    .map(|item| self.verify_item(item, None, started, deadline)),
             )
             .await;
             return Ok(pb::VerifyBatchResponse { results });
@@ -277,13 +327,16 @@ impl GrpcAuth {
             }
         }
         let others = join_all(others.into_iter().map(|(i, item, begun)| async move {
-            (i, self.verify_item(item, begun, started).await)
+            (i, self.verify_item(item, begun, started, deadline).await)
         }));
         let known = async {
             self.core.read_marks(&mut known).await;
             let items = known_items.into_iter().zip(known);
             join_all(items.map(|((i, item), (begun, _))| async move {
-                (i, self.verify_item(item, Some(begun), started).await)
+                (
+                    i,
+                    self.verify_item(item, Some(begun), started, deadline).await,
+                )
             }))
             .await
         };
@@ -436,9 +489,11 @@ impl AuthService for GrpcAuth {
         &self,
         request: Request<pb::VerifyBatchRequest>,
     ) -> Result<Response<pb::VerifyBatchResponse>, Status> {
+        let started = Instant::now();
+        let deadline = batch_items_deadline(request.metadata(), started);
         self.observed(
             path!("VerifyBatch"),
-            self.verify_batch_call(request.get_ref()),
+            self.verify_batch_call(request.get_ref(), started, deadline),
         )
         .await
     }
@@ -534,6 +589,44 @@ mod tests {
     #[test]
     fn the_metrics_know_verify_by_the_path_it_is_observed_under() {
         assert_eq!(path!("Verify"), crate::metrics::VERIFY);
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_malformed_ones_ignored() {
+        use std::time::Duration;
+        for (value, want) in [
+            ("3S", Duration::from_secs(3)),
+            ("2999m", Duration::from_millis(2999)),
+            ("1H", Duration::from_secs(3600)),
+            ("2M", Duration::from_secs(120)),
+            ("500000u", Duration::from_millis(500)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            assert_eq!(grpc_timeout(value), Some(want), "{value}");
+        }
+        for bad in ["", "S", "3", "3s", "-3S", "123456789S", "3 S", "3SS"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_batchs_items_are_due_a_margin_before_the_callers_deadline() {
+        use std::time::Duration;
+        let started = Instant::now();
+        let due = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().expect("ascii"));
+            batch_items_deadline(&metadata, started).map(|d| d.into_std().duration_since(started))
+        };
+        // A fifth of the time kept for the way back, at most a second.
+        assert_eq!(due("3S"), Some(Duration::from_millis(2400)));
+        assert_eq!(due("500m"), Some(Duration::from_millis(400)));
+        assert_eq!(due("10S"), Some(Duration::from_secs(9)));
+        assert_eq!(due("junk"), None);
+        assert_eq!(
+            batch_items_deadline(&tonic::metadata::MetadataMap::new(), started),
+            None
+        );
     }
 
     #[test]
