@@ -408,14 +408,9 @@ async fn expired_keys_are_purged(b: Backend) {
         .create("bob", &fresh, Some(idempotent("fresh", &fresh)))
         .await
         .expect("fresh");
-    let mut rows = b.idempotency_rows().await;
-    for _ in 0..100 {
-        if rows == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        rows = b.idempotency_rows().await;
-    }
+    let rows = b
+        .idempotency_rows_reaching(1, std::time::Duration::from_secs(10))
+        .await;
     assert_eq!(rows, 1, "only the fresh key is left");
 }
 

@@ -56,6 +56,19 @@ impl Backend {
         .expect("count the idempotency records");
         n
     }
+
+    /// [`Self::idempotency_rows`] once it is `want`, or as it is after `within` (the purge
+    /// of expired keys runs beside the creation that started it, on PostgreSQL).
+    pub(crate) async fn idempotency_rows_reaching(&self, want: i64, within: Duration) -> i64 {
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            let rows = self.idempotency_rows().await;
+            if rows == want || tokio::time::Instant::now() >= give_up {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// A fresh SQLite file, migrated.
