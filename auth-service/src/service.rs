@@ -24,7 +24,7 @@ use crate::domain::{
 use crate::error::{AuthError, WechatErr};
 use crate::phones::KeptPhones;
 use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
-use crate::verified::{Known, Verified};
+use crate::verified::{Known, UnmarkedEnds, Verified};
 use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
 use crate::wechat::crypto::EncryptedData;
 use crate::wechat::{Code2Session, PhoneNumber, SessionKey, WechatCallError, WechatClient};
@@ -47,6 +47,11 @@ const ENDED_FOR: Duration = Duration::from_secs(600);
 const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
+/// How long this process refuses to answer from memory for a session it ended whose mark
+/// the cache did not take: past the last `Alive` mark written before the end (`ALIVE_FOR`)
+/// and one a `Verify` that read the database just before the end may still write (its
+/// read bounded by the statement timeout, far below another `ALIVE_FOR`).
+const UNMARKED_FOR: Millis = 2 * ALIVE_FOR.as_millis() as Millis;
 /// The pauses before each retry of a phone number's write that failed for a moment (SQLite's
 /// write turn busy, PostgreSQL unavailable): WeChat has answered and billed the number and
 /// the code is spent, so a write that gave up at once would lose it. Four attempts over a
@@ -244,6 +249,8 @@ pub struct AuthCore {
     policy: Policy,
     app_tokens: Arc<AccessTokens>,
     verified: Arc<Verified>,
+    /// Sessions ended here whose `Ended` mark the cache did not take yet.
+    unmarked: Arc<UnmarkedEnds>,
     phones: Arc<KeptPhones>,
 }
 
@@ -263,6 +270,7 @@ impl AuthCore {
         ));
         Self {
             verified: Arc::new(Verified::new(policy.verify_cache)),
+            unmarked: Arc::new(UnmarkedEnds::default()),
             phones: Arc::new(KeptPhones::new(policy.kept_phones)),
             store,
             cache,
@@ -499,7 +507,7 @@ impl AuthCore {
         let mut stamp = None;
         if let Some((known, (mark, read_stamp))) = known {
             stamp = read_stamp;
-            if mark == Some(SessionMark::Alive) {
+            if mark == Some(SessionMark::Alive) && !self.unmarked.holds(&known.session_id, now) {
                 self.touch(&known, now);
                 return Ok((identity(&known), stamp));
             }
@@ -568,9 +576,11 @@ impl AuthCore {
 
     /// Tells the cache that sessions just ended (their end is committed), so no replica
     /// answers `Verify` for them from memory. A cache that does not take the marks is
-    /// tried again in the background for as long as an `Alive` mark can live. Written even
-    /// when this process keeps no `Verify` memory itself: other replicas on a shared cache
-    /// may, and would otherwise go on reading their `Alive` marks.
+    /// tried again in the background for as long as an `Alive` mark can live, and until it
+    /// takes them this process answers those sessions' tokens from the database only (its
+    /// next mark read may find the old `Alive` mark). Written even when this process keeps
+    /// no `Verify` memory itself: other replicas on a shared cache may, and would otherwise
+    /// go on reading their `Alive` marks.
     async fn ended_now(&self, session_ids: Vec<String>) {
         if session_ids.is_empty() {
             return;
@@ -583,12 +593,16 @@ impl AuthCore {
             sessions = session_ids.len(),
             "could not mark ended sessions in the cache; retrying"
         );
+        self.unmarked
+            .add(&session_ids, now_millis().saturating_add(UNMARKED_FOR));
         let cache = self.cache.clone();
+        let unmarked = self.unmarked.clone();
         tokio::spawn(async move {
             let give_up = tokio::time::Instant::now() + ALIVE_FOR;
             while tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(MARK_RETRY).await;
                 if cache.mark_ended(&session_ids, ENDED_FOR).await.is_ok() {
+                    unmarked.remove(&session_ids);
                     info!(
                         sessions = session_ids.len(),
                         "ended sessions marked in the cache"
@@ -1384,6 +1398,118 @@ mod tests {
             .await
             .expect("login");
         (store, token)
+    }
+
+    /// An in-process cache (standing for Redis) whose `mark_ended` fails while `failing`
+    /// is set, as a Redis connection reset at that moment would; all else it answers.
+    #[derive(Debug, Default)]
+    struct EndsRefused {
+        inner: MemoryCache,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl crate::cache::Cache for EndsRefused {
+        async fn claim_code(&self, code: &str, ttl: Duration) -> Result<CodeClaim, CacheError> {
+            self.inner.claim_code(code, ttl).await
+        }
+        async fn finish_code(
+            &self,
+            code: &str,
+            used: bool,
+            ttl: Duration,
+        ) -> Result<(), CacheError> {
+            self.inner.finish_code(code, used, ttl).await
+        }
+        async fn hit(
+            &self,
+            key: &str,
+            limit: u32,
+            window: Duration,
+        ) -> Result<RateDecision, CacheError> {
+            self.inner.hit(key, limit, window).await
+        }
+        async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
+            self.inner.session_mark(session_id).await
+        }
+        async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError> {
+            self.inner.mark_alive(session_id, ttl).await
+        }
+        async fn mark_ended(
+            &self,
+            session_ids: &[String],
+            ttl: Duration,
+        ) -> Result<(), CacheError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CacheError(anyhow::anyhow!("connection reset by peer")));
+            }
+            self.inner.mark_ended(session_ids, ttl).await
+        }
+        async fn session_mark_and_phone_stamp(
+            &self,
+            session_id: &str,
+            openid: &str,
+        ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
+            self.inner
+                .session_mark_and_phone_stamp(session_id, openid)
+                .await
+        }
+        async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {
+            self.inner.phone_stamp(openid).await
+        }
+        async fn new_phone_stamp(&self, openid: &str) -> Result<Option<String>, CacheError> {
+            self.inner.new_phone_stamp(openid).await
+        }
+        async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError> {
+            self.inner.phone_write_started(openid, ttl).await
+        }
+        async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
+            self.inner.phone_write_ended(openid).await
+        }
+        async fn sweep(&self) {
+            self.inner.sweep().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_ended_here_whose_mark_the_cache_refused_is_not_answered_from_memory() {
+        // Arrange: the token is in this replica's Verify memory, its session marked alive
+        // in the cache; then the cache refuses marks of ends (a connection reset), but
+        // reads again at once.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, token) = store_with_a_session(&dir, now_millis()).await;
+        let cache = Arc::new(EndsRefused::default());
+        let core = core_with(store, cache.clone(), &[]);
+        core.verify(token.expose()).await.expect("live");
+        cache.failing.store(true, Ordering::SeqCst);
+
+        // Act: the user logs out here; the `Ended` mark does not reach the cache, whose
+        // `Alive` mark stays.
+        core.logout(token.expose(), false).await.expect("logout");
+
+        // Assert: the very next Verify here is refused, from the database.
+        let refused = core.verify(token.expose()).await;
+        assert!(
+            matches!(refused, Err(AuthError::TokenRevoked)),
+            "{refused:?}"
+        );
+
+        // And once the retry lands, the cache's mark keeps refusing it.
+        cache.failing.store(false, Ordering::SeqCst);
+        let mut marked = None;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            marked = cache.session_mark("s1").await.expect("read");
+            if marked == Some(SessionMark::Ended) {
+                break;
+            }
+        }
+        assert_eq!(marked, Some(SessionMark::Ended), "the retry marked it");
+        let refused = core.verify(token.expose()).await;
+        assert!(
+            matches!(refused, Err(AuthError::TokenRevoked)),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

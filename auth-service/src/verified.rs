@@ -14,8 +14,9 @@
 //! later login shows within that time) and the whole map is bounded (S3-FIFO eviction by
 //! `quick_cache`), so memory stays flat under any number of tokens.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use quick_cache::sync::Cache;
 
@@ -129,6 +130,53 @@ impl Verified {
     }
 }
 
+/// The sessions this process ended whose `Ended` mark the cache has not taken yet (Redis
+/// cut off or reset at that moment), each until a deadline.
+///
+/// While such a mark is missing, the session's `Alive` mark may still be in Redis, and this
+/// process would go on answering the session's tokens from memory if its next mark read
+/// succeeds (Redis back) before the end's retry lands. A `Verify` that would answer from
+/// memory asks here first, and goes to the database (which has the end) for a session
+/// listed. Checking costs one atomic load while nothing is listed.
+#[derive(Debug, Default)]
+pub struct UnmarkedEnds {
+    /// True while `until` may hold an entry.
+    any: AtomicBool,
+    /// Session id → until when it is listed.
+    until: Mutex<HashMap<String, Millis>>,
+}
+
+impl UnmarkedEnds {
+    /// Lists `session_ids` until `until`.
+    pub fn add(&self, session_ids: &[String], until: Millis) {
+        let mut map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in session_ids {
+            map.insert(id.clone(), until);
+        }
+        self.any.store(!map.is_empty(), Ordering::Release);
+    }
+
+    /// Takes `session_ids` off the list: their marks are in the cache now.
+    pub fn remove(&self, session_ids: &[String]) {
+        let mut map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in session_ids {
+            map.remove(id);
+        }
+        self.any.store(!map.is_empty(), Ordering::Release);
+    }
+
+    /// True when `session_id` is listed at `now` (entries past their deadline go).
+    pub fn holds(&self, session_id: &str, now: Millis) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, until| *until > now);
+        self.any.store(!map.is_empty(), Ordering::Release);
+        map.contains_key(session_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +241,19 @@ mod tests {
         assert!(known.claim_touch(60_000, 60_000));
         assert!(!known.claim_touch(60_001, 60_000), "claimed already");
         assert!(known.claim_touch(120_000, 60_000));
+    }
+
+    #[test]
+    fn an_unmarked_end_is_held_until_its_deadline_or_its_mark() {
+        let ends = UnmarkedEnds::default();
+        assert!(!ends.holds("s1", 0));
+        ends.add(&["s1".into(), "s2".into()], 1_000);
+        assert!(ends.holds("s1", 999));
+        assert!(ends.holds("s2", 999));
+        assert!(!ends.holds("s3", 999));
+        ends.remove(&["s1".into()]);
+        assert!(!ends.holds("s1", 999), "marked in the cache since");
+        assert!(!ends.holds("s2", 1_000), "past its deadline");
+        assert!(!ends.any.load(Ordering::Acquire), "nothing left to look at");
     }
 }
