@@ -128,3 +128,64 @@ async fn the_edge_rides_recycled_connections_without_failing_a_request() {
         "a caller got no answer at all: {answers:?}"
     );
 }
+
+#[tokio::test]
+async fn the_edge_leaves_a_connection_that_stopped_answering_and_connects_again() {
+    // Arrange: the edge reaches auth-service through a proxy, and has made its connection.
+    let sim = SimProcess::start().await.expect("sim");
+    let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
+    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
+    let api = ApiProcess::start_for(&format!("http://{}", proxy.addr()), &[], true)
+        .await
+        .expect("api-service");
+    let w = crate::api_common::ApiWorld { sim, auth, api };
+    let access = w.login().await.access_token;
+    let caller = w.caller();
+    let before = proxy.connections();
+
+    // Act: that connection goes silent without closing (the node behind it lost); new
+    // connections still reach auth-service. A request at a time until one is answered
+    // (30 s at most).
+    proxy.freeze();
+    let frozen_at = tokio::time::Instant::now();
+    let mut failed = Vec::new();
+    let answered = loop {
+        let a = caller
+            .send(reqwest::Method::GET, "/v1/me", Some(&access), None, &[])
+            .await;
+        if a.status == reqwest::StatusCode::OK {
+            break Some(frozen_at.elapsed());
+        }
+        failed.push(a);
+        if frozen_at.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Assert: the edge gave the silent connection up after its keep-alive (5 s without a
+    // frame, then 5 s for the PING's answer; 40 s before) and answered on a new one; the
+    // requests in between were 503 auth_unavailable, never a hang or a 500.
+    let answered = answered.unwrap_or_else(|| {
+        panic!(
+            "no answer 30 s after the connection went silent; {} request(s) failed",
+            failed.len()
+        )
+    });
+    assert!(
+        answered < Duration::from_secs(25),
+        "answered only after {answered:?}"
+    );
+    assert!(proxy.frozen() >= 1, "the edge's connection was not frozen");
+    assert!(
+        proxy.connections() > before,
+        "answered without a new connection"
+    );
+    assert!(
+        !failed.is_empty(),
+        "the silent connection failed no request"
+    );
+    for a in &failed {
+        a.error(reqwest::StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable");
+    }
+}

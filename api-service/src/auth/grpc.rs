@@ -43,6 +43,11 @@ pub(super) type Connection = MapErr<
     fn(hyper_util::client::legacy::Error) -> Status,
 >;
 
+/// After this long without a frame from auth-service, the edge sends an HTTP/2 PING.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A PING unanswered this long ends the connection.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A failure to reach auth-service at all (connect, connection lost): `UNAVAILABLE`, as
 /// tonic's own channel reports it.
 fn unreachable(e: hyper_util::client::legacy::Error) -> Status {
@@ -91,10 +96,16 @@ impl GrpcAuth {
         let http = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
+            // A peer that stopped answering without closing (its node lost, a network
+            // partition) is left KEEP_ALIVE + KEEP_ALIVE_TIMEOUT after its last frame, idle
+            // or not, and the next call connects again (through a Service, to a live
+            // replica); until then every call on it ends at its deadline, 503. A busy
+            // connection reads frames all the time and sends no pings.
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             // Kept while idle, as a channel would: a quiet minute must not cost the next
-            // request a new connection. A dead peer is noticed by TCP keep-alive or on use.
+            // request a new connection.
             .pool_idle_timeout(None)
             .build(connector);
         let connection: Connection = http.map_err(unreachable as fn(_) -> Status);

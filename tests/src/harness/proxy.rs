@@ -1,10 +1,14 @@
 //! A TCP proxy on loopback that a test can cut and restore: the way to take PostgreSQL or
 //! Redis "down" for one service without stopping the server that other tests share.
-//! Cutting closes every open connection and refuses new ones until restored.
+//! Cutting closes every open connection and refuses new ones until restored. Freezing
+//! stops forwarding on every open connection but keeps it open, as a peer whose machine
+//! vanished would (nothing answers, nothing closes), while new connections pass: the way
+//! a Service's connections look when a node is lost and kube-proxy sends new ones to a
+//! live replica.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -16,8 +20,14 @@ pub struct Proxy {
     addr: SocketAddr,
     up: Arc<watch::Sender<bool>>,
     accepted: Arc<AtomicUsize>,
+    /// Bumped by [`Proxy::freeze`]: connections made before stop forwarding.
+    generation: Arc<watch::Sender<u64>>,
+    /// The frozen connections' sockets, held open until the proxy is dropped.
+    frozen: Frozen,
     task: tokio::task::JoinHandle<()>,
 }
+
+type Frozen = Arc<Mutex<Vec<(TcpStream, TcpStream)>>>;
 
 impl Proxy {
     /// Listens on a free loopback port and forwards every connection to `target`.
@@ -29,11 +39,22 @@ impl Proxy {
         let (tx, rx) = watch::channel(true);
         let up = Arc::new(tx);
         let accepted = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(accept(listener, target, rx, accepted.clone()));
+        let (generation, _) = watch::channel(0);
+        let generation = Arc::new(generation);
+        let frozen = Frozen::default();
+        let task = tokio::spawn(accept(
+            listener,
+            target,
+            rx,
+            accepted.clone(),
+            (generation.clone(), frozen.clone()),
+        ));
         Ok(Self {
             addr,
             up,
             accepted,
+            generation,
+            frozen,
             task,
         })
     }
@@ -57,11 +78,24 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.send_replace(true);
     }
+
+    /// Stops forwarding on every open connection, keeping it open; new connections pass.
+    pub fn freeze(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// How many connections are frozen (held open, nothing forwarded).
+    pub fn frozen(&self) -> usize {
+        self.frozen.lock().map_or(0, |f| f.len())
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        if let Ok(mut frozen) = self.frozen.lock() {
+            frozen.clear();
+        }
     }
 }
 
@@ -70,6 +104,7 @@ async fn accept(
     target: SocketAddr,
     up: watch::Receiver<bool>,
     accepted: Arc<AtomicUsize>,
+    (generation, frozen): (Arc<watch::Sender<u64>>, Frozen),
 ) {
     while let Ok((client, _)) = listener.accept().await {
         accepted.fetch_add(1, Ordering::Relaxed);
@@ -77,17 +112,34 @@ async fn accept(
             drop(client);
             continue;
         }
-        tokio::spawn(pipe(client, target, up.clone()));
+        tokio::spawn(pipe(
+            client,
+            target,
+            up.clone(),
+            generation.subscribe(),
+            frozen.clone(),
+        ));
     }
 }
 
-async fn pipe(mut client: TcpStream, target: SocketAddr, mut up: watch::Receiver<bool>) {
+async fn pipe(
+    mut client: TcpStream,
+    target: SocketAddr,
+    mut up: watch::Receiver<bool>,
+    mut generation: watch::Receiver<u64>,
+    frozen: Frozen,
+) {
     let Ok(mut server) = TcpStream::connect(target).await else {
         return;
     };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = up.wait_for(|up| !*up) => {}
+    let born = *generation.borrow_and_update();
+    let freeze = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+        _ = up.wait_for(|up| !*up) => false,
+        _ = generation.wait_for(|g| *g != born) => true,
+    };
+    if freeze && let Ok(mut held) = frozen.lock() {
+        held.push((client, server));
     }
 }
 
