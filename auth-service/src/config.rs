@@ -83,6 +83,10 @@ pub struct Settings {
     pub refresh_ttl: Duration,
     /// `AUTH_REFRESH_GRACE`.
     pub refresh_grace: Duration,
+    /// `AUTH_HISTORY_RETENTION`: ended sessions and timeline events older than this are
+    /// deleted by housekeeping. At least `AUTH_REFRESH_TTL` plus [`HISTORY_MARGIN`], so that
+    /// every token row of a session is gone before the session is.
+    pub history_retention: Duration,
     /// `AUTH_LOGIN_RATE`.
     pub login_rate: LoginRate,
     /// `AUTH_CLIENT_KEYS`: empty means any caller may call (dev only).
@@ -124,6 +128,13 @@ const REFRESH_GRACE_MAX: Max = (Duration::from_secs(5 * MINUTE), "5m");
 const MAX_CONNECTION_AGE_MAX: Max = (Duration::from_secs(30 * DAY), "30d");
 const DRAIN_DELAY_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
 const SHUTDOWN_GRACE_MAX: Max = (Duration::from_secs(HOUR), "1h");
+const HISTORY_RETENTION_MAX: Max = (Duration::from_secs(3660 * DAY), "3660d");
+/// `AUTH_HISTORY_RETENTION`'s default, unless `AUTH_REFRESH_TTL` + [`HISTORY_MARGIN`] is
+/// longer.
+const HISTORY_RETENTION_DEFAULT: Duration = Duration::from_secs(90 * DAY);
+/// How much longer than `AUTH_REFRESH_TTL` the history is kept at least: the day expired
+/// token rows are kept (to answer `token_expired`), and a day of slack.
+pub const HISTORY_MARGIN: Duration = Duration::from_secs(2 * DAY);
 
 impl Settings {
     /// Reads the settings from the process environment.
@@ -213,7 +224,7 @@ impl Settings {
         let worker_threads = shared::runtime::worker_threads(get("AUTH_WORKER_THREADS").as_deref())
             .map_err(|problem| bad("AUTH_WORKER_THREADS", problem))?;
 
-        let settings = Self {
+        let mut settings = Self {
             grpc_addr,
             database,
             redis_url,
@@ -223,6 +234,7 @@ impl Settings {
             access_ttl: duration(&get, "AUTH_ACCESS_TTL", "2h", ACCESS_TTL_MAX)?,
             refresh_ttl: duration(&get, "AUTH_REFRESH_TTL", "30d", REFRESH_TTL_MAX)?,
             refresh_grace: duration(&get, "AUTH_REFRESH_GRACE", "10s", REFRESH_GRACE_MAX)?,
+            history_retention: Duration::ZERO,
             login_rate,
             client_keys,
             metrics_addr,
@@ -244,6 +256,24 @@ impl Settings {
         if settings.refresh_ttl < settings.access_ttl {
             return Err(bad("AUTH_REFRESH_TTL", "must be at least AUTH_ACCESS_TTL"));
         }
+        let least = settings.refresh_ttl + HISTORY_MARGIN;
+        settings.history_retention = match get("AUTH_HISTORY_RETENTION") {
+            None => HISTORY_RETENTION_DEFAULT.max(least),
+            Some(_) => {
+                let d = duration(&get, "AUTH_HISTORY_RETENTION", "", HISTORY_RETENTION_MAX)?;
+                if d < least {
+                    return Err(bad(
+                        "AUTH_HISTORY_RETENTION",
+                        format!(
+                            "must be at least AUTH_REFRESH_TTL plus 2 days ({}d): a session's \
+                             tokens must be gone before it is",
+                            least.as_secs().div_ceil(DAY)
+                        ),
+                    ));
+                }
+                d
+            }
+        };
         if settings.wechat.timeout.is_zero() {
             return Err(bad("AUTH_WECHAT_TIMEOUT", "must be more than 0"));
         }
@@ -558,6 +588,7 @@ mod tests {
             ("AUTH_MAX_CONNECTION_AGE", "30d"),
             ("AUTH_DRAIN_DELAY", "10m"),
             ("AUTH_SHUTDOWN_GRACE", "1h"),
+            ("AUTH_HISTORY_RETENTION", "3660d"),
         ] {
             let mut env = base();
             env.insert(name, max.into());
@@ -575,6 +606,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn history_is_kept_90_days_and_never_less_than_the_refresh_ttl_and_2_days() {
+        let day = Duration::from_secs(DAY);
+        assert_eq!(load(&base()).expect("valid").history_retention, 90 * day);
+        let mut env = base();
+        env.insert("AUTH_REFRESH_TTL", "120d".into());
+        assert_eq!(load(&env).expect("valid").history_retention, 122 * day);
+        env.insert("AUTH_HISTORY_RETENTION", "122d".into());
+        assert_eq!(load(&env).expect("valid").history_retention, 122 * day);
+        env.insert("AUTH_HISTORY_RETENTION", "121d".into());
+        let err = load(&env).expect_err("below the refresh TTL and 2 days");
+        assert_eq!(err.name, "AUTH_HISTORY_RETENTION");
+        assert!(err.to_string().contains("(122d)"), "{err}");
+        env.insert("AUTH_HISTORY_RETENTION", "forever".into());
+        assert_eq!(
+            load(&env).expect_err("malformed").name,
+            "AUTH_HISTORY_RETENTION"
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ const ENDED_FOR: Duration = Duration::from_secs(600);
 /// WeChat, if it cannot clear it (far above one database write; until then that user's
 /// number is read from the database on every call).
 const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
+/// How many timeline events, and how many ended sessions, one statement of housekeeping's
+/// retention deletes at most.
+const FORGET_BATCH: u32 = 5_000;
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
 /// How long this process refuses to answer from memory for a session it ended whose mark
@@ -194,6 +197,8 @@ pub struct Policy {
     pub refresh_ttl: Duration,
     /// Parallel-refresh grace window.
     pub refresh_grace: Duration,
+    /// How long ended sessions and timeline events are kept.
+    pub history_retention: Duration,
     /// Logins per client IP.
     pub login_rate: LoginRate,
     /// Time limit of one WeChat call.
@@ -217,6 +222,7 @@ impl Policy {
             access_ttl: s.access_ttl,
             refresh_ttl: s.refresh_ttl,
             refresh_grace: s.refresh_grace,
+            history_retention: s.history_retention,
             login_rate: s.login_rate,
             wechat_timeout: s.wechat.timeout,
             // SQLite has one replica; with Redis, every replica sees every end's mark.
@@ -1059,11 +1065,12 @@ impl AuthCore {
 
     /// Periodic housekeeping: expired sessions recorded, dead token rows deleted, successor
     /// pairs cleared a margin after the grace window (`store::SUCCESSOR_MARGIN`: never one a
-    /// refresh within the window by its own clock may still be owed), cache swept.
+    /// refresh within the window by its own clock may still be owed), ended sessions and
+    /// timeline events past `AUTH_HISTORY_RETENTION` deleted, cache swept.
     pub async fn housekeeping(&self) -> Result<(), AuthError> {
         let now = now_millis();
         self.cache.sweep().await;
-        // Both run whatever the other did: a failing expiry must not stop dead rows from
+        // Each runs whatever the others did: a failing expiry must not stop dead rows from
         // being deleted, nor the other way round.
         let expired = self.store.expire_sessions(None, now).await;
         // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
@@ -1071,11 +1078,34 @@ impl AuthCore {
             .store
             .purge(now, 86_400_000, millis(self.policy.refresh_grace))
             .await;
-        let (expired, purged) = (expired?, purged?);
-        if expired > 0 || purged > 0 {
-            info!(expired, purged, "housekeeping");
+        let forgotten = self.forget_history(now).await;
+        let (expired, purged, (events, sessions)) = (expired?, purged?, forgotten?);
+        if expired > 0 || purged > 0 || events > 0 || sessions > 0 {
+            info!(
+                expired,
+                purged,
+                forgotten_events = events,
+                forgotten_sessions = sessions,
+                "housekeeping"
+            );
         }
         Ok(())
+    }
+
+    /// Deletes the timeline events and ended sessions older than `AUTH_HISTORY_RETENTION`,
+    /// a batch of each at a time (a short statement or write turn each, however much is
+    /// due after a long stop); returns how many of each.
+    async fn forget_history(&self, now: Millis) -> Result<(u64, u64), StoreError> {
+        let before = now.saturating_sub(millis(self.policy.history_retention));
+        let (mut events, mut sessions) = (0, 0);
+        loop {
+            let (e, s) = self.store.forget(before, FORGET_BATCH).await?;
+            events += e;
+            sessions += s;
+            if e < u64::from(FORGET_BATCH) && s < u64::from(FORGET_BATCH) {
+                return Ok((events, sessions));
+            }
+        }
     }
 }
 
@@ -1190,6 +1220,8 @@ mod tests {
         attempts: AtomicUsize,
         kept: Mutex<Option<Vec<u8>>>,
         purges: AtomicUsize,
+        /// `forget`'s calls, with the cutoff each was given.
+        forgets: Mutex<Vec<Millis>>,
     }
 
     impl FlakyPhones {
@@ -1200,6 +1232,7 @@ mod tests {
                 attempts: AtomicUsize::new(0),
                 kept: Mutex::new(None),
                 purges: AtomicUsize::new(0),
+                forgets: Mutex::new(Vec::new()),
             })
         }
 
@@ -1279,6 +1312,17 @@ mod tests {
         async fn purge(&self, _: Millis, _: Millis, _: Millis) -> Result<u64, StoreError> {
             self.purges.fetch_add(1, Ordering::SeqCst);
             Ok(0)
+        }
+        /// Two full batches of events, then a full one of sessions, then a partial one.
+        async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
+            let mut calls = self.forgets.lock().expect("lock");
+            calls.push(before);
+            let full = u64::from(batch);
+            Ok(match calls.len() {
+                1 | 2 => (full, 3),
+                3 => (0, full),
+                _ => (7, 0),
+            })
         }
         async fn session_keys(&self, _: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
             unreachable!("not used by these tests")
@@ -1589,6 +1633,24 @@ mod tests {
             1,
             "purged all the same"
         );
+    }
+
+    #[tokio::test]
+    async fn housekeeping_forgets_the_history_past_retention_until_a_batch_is_not_full() {
+        let store = FlakyPhones::failing(0, false);
+        let core = core_with(
+            store.clone(),
+            Arc::new(MemoryCache::new()),
+            &[("AUTH_HISTORY_RETENTION", "40d")],
+        );
+        let full = u64::from(FORGET_BATCH);
+
+        let before = now_millis();
+        let forgotten = core.forget_history(before).await.expect("forget");
+
+        assert_eq!(forgotten, (2 * full + 7, 6 + full));
+        let calls = store.forgets.lock().expect("lock").clone();
+        assert_eq!(calls, vec![before - 40 * 86_400_000; 4]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -238,6 +238,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// rows changed.
     async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError>;
 
+    /// Deletes, oldest first, at most `batch` timeline events recorded before `before` and
+    /// at most `batch` sessions that ended before it ([`FORGET_EVENTS`],
+    /// [`FORGET_SESSIONS`]); returns how many of each. The caller calls again while a
+    /// batch came back full. A session's token rows must be gone by then (`before` is
+    /// older than any of its tokens' expiry plus the day [`Self::purge`] keeps them);
+    /// otherwise the call fails on the reference and deletes nothing.
+    async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError>;
+
     /// The user's newest and previous session_keys, sealed; `None` for an unknown user.
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError>;
 
@@ -277,6 +285,16 @@ pub const SUCCESSOR_MARGIN: Millis = 60_000;
 /// both backends (public for the tests that check it finds its rows by index).
 pub const CLEAR_SUCCESSORS: &str =
     "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1";
+
+/// [`Store::forget`]'s statement that deletes the oldest `$2` timeline events before `$1`,
+/// on both backends (public for the tests that check it finds its rows by index).
+pub const FORGET_EVENTS: &str = "DELETE FROM session_events WHERE id IN \
+     (SELECT id FROM session_events WHERE at < $1 ORDER BY at LIMIT $2)";
+
+/// [`Store::forget`]'s statement that deletes the oldest `$2` sessions that ended before
+/// `$1`, on both backends.
+pub const FORGET_SESSIONS: &str = "DELETE FROM sessions WHERE id IN \
+     (SELECT id FROM sessions WHERE ended_at < $1 ORDER BY ended_at LIMIT $2)";
 
 /// Successor pairs of rotations before this instant are cleared by a purge at `now`.
 pub(crate) fn successors_rotated_before(now: Millis, grace: Millis) -> Millis {

@@ -37,9 +37,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, LoginOutcome, NewLogin, Owner,
-    RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
-    successors_rotated_before,
+    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
+    LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
+    StoredAppToken, device, reason, successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -50,8 +50,8 @@ use crate::domain::{
 fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("./migrations/postgres");
     // Replicas starting together take turns on [`MIGRATION_LOCK`] instead of sqlx's lock,
-    // whose `pg_advisory_lock` waits inside a statement: `CREATE INDEX CONCURRENTLY` (0003,
-    // 0004) waits for every open transaction, that waiting statement among them, while its
+    // whose `pg_advisory_lock` waits inside a statement: `CREATE INDEX CONCURRENTLY` (0003
+    // to 0006) waits for every open transaction, that waiting statement among them, while its
     // holder waits for the index: a deadlock, seen with two replicas starting at once.
     migrator.set_locking(false);
     migrator
@@ -67,9 +67,11 @@ const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(200);
 /// behind, INVALID, and its migration unapplied, whose next run would then stop at "already
 /// exists" for good. Such a leftover is dropped before the migrations run, under
 /// [`MIGRATION_LOCK`], while no one else can be building it.
-pub const CONCURRENT_INDEXES: [&str; 2] = [
+pub const CONCURRENT_INDEXES: [&str; 4] = [
     "refresh_tokens_successors_by_rotation",
     "sessions_live_by_refresh_expiry",
+    "sessions_ended_by_time",
+    "session_events_by_time",
 ];
 
 /// How long a call waits for a connection (or for PostgreSQL to accept one).
@@ -1058,6 +1060,24 @@ impl Store for PostgresStore {
     async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
         self.transaction("purge", || self.purge_once(now, keep, grace))
             .await
+    }
+
+    async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
+        self.check_ready()?;
+        // Two short deletes by index, a batch each, in one transaction: all or nothing.
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut deleted = [0; 2];
+        for (n, sql) in deleted.iter_mut().zip([FORGET_EVENTS, FORGET_SESSIONS]) {
+            *n = sqlx::query(sql)
+                .bind(before)
+                .bind(i64::from(batch))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok((deleted[0], deleted[1]))
     }
 
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {

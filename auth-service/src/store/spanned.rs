@@ -100,6 +100,10 @@ impl<S: Store> Store for CallSpanned<S> {
         self.0.purge(now, keep, grace).instrument(call_span()).await
     }
 
+    async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
+        self.0.forget(before, batch).instrument(call_span()).await
+    }
+
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
         self.0.session_keys(openid).instrument(call_span()).await
     }

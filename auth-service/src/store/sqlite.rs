@@ -20,9 +20,9 @@ use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
-    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, LoginOutcome, NewLogin, Owner,
-    RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
-    successors_rotated_before,
+    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
+    LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
+    StoredAppToken, device, reason, successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -763,6 +763,23 @@ impl Store for SqliteStore {
             .rows_affected();
         tx.commit().await?;
         Ok(n)
+    }
+
+    async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
+        // One write turn for both: two short deletes by index, a batch each.
+        let mut tx = self.begin_write().await?;
+        let mut deleted = [0; 2];
+        for (n, sql) in deleted.iter_mut().zip([FORGET_EVENTS, FORGET_SESSIONS]) {
+            *n = sqlx::query(sql)
+                .bind(before)
+                .bind(i64::from(batch))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok((deleted[0], deleted[1]))
     }
 
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {

@@ -11,8 +11,8 @@ use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, S
 use auth_service::store::postgres::PostgresStore;
 use auth_service::store::sqlite::SqliteStore;
 use auth_service::store::{
-    CLEAR_SUCCESSORS, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, SUCCESSOR_MARGIN,
-    SealedSessionKeys, Store, StoredAppToken,
+    CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, NewLogin, Owner, RotateOutcome,
+    Rotation, SUCCESSOR_MARGIN, SealedSessionKeys, Store, StoredAppToken,
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
@@ -214,6 +214,7 @@ contract! {
     purge_deletes_dead_tokens_and_clears_successors(store);
     purge_keeps_the_successor_a_refresh_within_grace_is_owed(store);
     housekeeping_finds_its_rows_by_index(store, raw);
+    forget_deletes_the_history_before_its_cutoff_oldest_first(store, raw);
     ping_answers_once_ready(store);
     parallel_rotations_of_one_token_rotate_once(replicas);
     parallel_logins_of_one_user_keep_the_session_limit(replicas);
@@ -999,6 +1000,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
     use auth_service::store::sqlite::DUE_SESSIONS;
     const SUCCESSORS: &str = "refresh_tokens_successors_by_rotation";
     const DUE: &str = "sessions_live_by_refresh_expiry";
+    const ENDED: &str = "sessions_ended_by_time";
+    const EVENTS: &str = "session_events_by_time";
     // The schema is the store's (it migrated on opening); a row or two, as a live one has.
     store.login(login("o1", "s1", T0)).await.expect("login");
     store
@@ -1009,10 +1012,16 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
     let plans: Vec<(String, &str)> = match &raw {
         Raw::Sqlite(pool) => {
             let mut plans = Vec::new();
-            for (sql, index) in [(CLEAR_SUCCESSORS, SUCCESSORS), (DUE_SESSIONS, DUE)] {
+            for (sql, index) in [
+                (CLEAR_SUCCESSORS, SUCCESSORS),
+                (DUE_SESSIONS, DUE),
+                (FORGET_SESSIONS, ENDED),
+                (FORGET_EVENTS, EVENTS),
+            ] {
                 let rows: Vec<(i64, i64, i64, String)> =
                     sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
                         .bind(T0)
+                        .bind(100_i64)
                         .fetch_all(pool)
                         .await
                         .expect("the plan");
@@ -1049,12 +1058,85 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
                     .collect::<Vec<_>>()
                     .join("\n")
             };
-            vec![(text(successors), SUCCESSORS), (text(due), DUE)]
+            let mut plans = vec![(text(successors), SUCCESSORS), (text(due), DUE)];
+            for (sql, index) in [(FORGET_SESSIONS, ENDED), (FORGET_EVENTS, EVENTS)] {
+                let plan: Vec<(String,)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+                        .bind(T0)
+                        .bind(100_i64)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .expect("the plan");
+                plans.push((text(plan), index));
+            }
+            plans
         }
     };
     for (plan, index) in plans {
         assert!(plan.contains(index), "not through {index}:\n{plan}");
     }
+}
+
+/// How many sessions the database holds, live or ended.
+async fn session_rows(raw: &Raw) -> i64 {
+    const SQL: &str = "SELECT count(*) FROM sessions";
+    match raw {
+        Raw::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
+        Raw::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
+    }
+    .expect("count the sessions")
+}
+
+/// `AUTH_HISTORY_RETENTION`: events and ended sessions before the cutoff go, a batch at a
+/// time and oldest first; live sessions and later events stay; a session whose token rows
+/// are still there is refused by the reference, and nothing of that call is deleted.
+async fn forget_deletes_the_history_before_its_cutoff_oldest_first(
+    store: Arc<dyn Store>,
+    raw: Raw,
+) {
+    const KEEP: Millis = DAY;
+    const GRACE: Millis = 10 * SEC;
+    // Arrange: s1 opened at T0 and ended a minute later; s2 opened an hour after, still
+    // live. Events: s1's login (T0), s1's end (T0 + 1 min), s2's login (T0 + 1 h).
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    store
+        .end_sessions(EndTarget::Session("s1"), EndReason::Logout, T0 + MIN)
+        .await
+        .expect("end");
+    store
+        .login(login("o1", "s2", T0 + HOUR))
+        .await
+        .expect("login");
+    let cutoff = T0 + 30 * MIN;
+
+    // s1's token rows are still there: the session cannot go yet, nor its events.
+    let refused = store.forget(cutoff, 10).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(events(&store, "o1").await.len(), 3);
+    assert_eq!(session_rows(&raw).await, 2);
+
+    // Act: once purged, a batch of one at a time.
+    store
+        .purge(T0 + HOUR + 30 * DAY + KEEP + 1, KEEP, GRACE)
+        .await
+        .expect("purge");
+    let first = store.forget(cutoff, 1).await.expect("forget");
+    let second = store.forget(cutoff, 1).await.expect("forget");
+    let third = store.forget(cutoff, 1).await.expect("forget");
+
+    // Assert: s1's login event and s1 itself first, then s1's end, then nothing.
+    assert_eq!((first, second, third), ((1, 1), (1, 0), (0, 0)));
+    let left = events(&store, "o1").await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        (left[0].session_id.as_str(), left[0].kind),
+        ("s2", EventKind::Login)
+    );
+    assert_eq!(session_rows(&raw).await, 1);
+    assert_eq!(
+        live_ids(&store, "o1", T0 + 2 * HOUR).await,
+        vec!["s2".to_owned()]
+    );
 }
 
 /// A refresh decides "within the grace window" by its own clock, read before its rotation
