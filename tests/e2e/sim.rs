@@ -322,6 +322,30 @@ async fn the_101st_login_of_a_user_within_a_minute_is_rate_limited() -> anyhow::
 }
 
 #[tokio::test]
+async fn refused_logins_count_toward_the_minute_quota() -> anyhow::Result<()> {
+    // Arrange
+    let sim = SimProcess::start().await?;
+    let first = mint_new(&sim).await?;
+    let fresh = sim.mint_code(&MintCode::for_openid(&first.openid)).await?;
+    let exchanged = exchange(&sim, &first.code).await?;
+    assert_eq!(errcode(&exchanged), None, "{exchanged}");
+    for _ in 1..100 {
+        let reused = exchange(&sim, &first.code).await?;
+        assert_error(&reused, 40163);
+    }
+
+    // Act
+    let limited = exchange(&sim, &fresh.code).await?;
+    sim.advance_clock(61).await?;
+    let later = exchange(&sim, &fresh.code).await?;
+
+    // Assert
+    assert_error(&limited, 45011);
+    assert_eq!(later["openid"], first.openid.as_str(), "{later}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_answer_has_a_unionid_only_when_the_user_has_one() -> anyhow::Result<()> {
     // Arrange
     let sim = SimProcess::start().await?;
@@ -1158,6 +1182,30 @@ async fn a_phone_code_of_another_user_is_refused_without_being_used() -> anyhow:
     assert_error(&other, 40029);
     assert_ok(&owner);
     assert_eq!(owner["phone_info"]["purePhoneNumber"], "13900139000");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_phone_code_minted_without_owner_is_no_one_s_who_asks() -> anyhow::Result<()> {
+    // Arrange
+    let sim = SimProcess::start().await?;
+    let token = sim.fetch_stable_token().await?;
+    let code = sim
+        .mint_phone_code(&MintPhoneCode::new("13900139000"))
+        .await?;
+
+    // Act
+    let with_openid = serde_json::json!({ "code": code, "openid": "oAnyone" }).to_string();
+    let asked_by_a_user = phone_number_raw(&sim, Some(&token), &with_openid).await?;
+    let without_openid = phone_number(&sim, &token, &code).await?;
+
+    // Assert
+    assert_error(&asked_by_a_user, 40029);
+    assert_ok(&without_openid);
+    assert_eq!(
+        without_openid["phone_info"]["purePhoneNumber"],
+        "13900139000"
+    );
     Ok(())
 }
 

@@ -225,7 +225,9 @@ pub struct MintPhoneCode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country_code: Option<String>,
     /// The user the code belongs to (getuserphonenumber with another `openid` gives 40029);
-    /// `None`: any user.
+    /// `None`: a user nobody named, so getuserphonenumber gives 40029 for every `openid` and
+    /// redeems the code only without one (auth-service always sends its user's openid: name
+    /// the owner for codes it is to redeem).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub openid: Option<String>,
 }

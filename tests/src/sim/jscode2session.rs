@@ -23,7 +23,7 @@ use super::wechat::{self, Endpoint, WechatError};
 const ENDPOINT: Endpoint = Endpoint::Jscode2session;
 /// How long a login code can be exchanged after `wx.login()` made it.
 const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
-/// The per-user quota: this many successful exchanges ...
+/// The per-user quota: this many calls ...
 const QUOTA: usize = 100;
 /// ... within this long.
 const QUOTA_WINDOW: Duration = Duration::from_secs(60);
@@ -36,12 +36,13 @@ struct LoginCode {
     used: bool,
 }
 
-/// Every login code minted, and each user's recent successful exchanges.
+/// Every login code minted, and each user's recent calls.
 #[derive(Debug, Default)]
 pub(crate) struct LoginCodes {
     codes: HashMap<String, LoginCode>,
-    /// Per openid, the times of its successful exchanges within the last [`QUOTA_WINDOW`].
-    recent_exchanges: HashMap<String, VecDeque<SimTime>>,
+    /// Per openid, the times of its calls within the last [`QUOTA_WINDOW`], whatever their
+    /// outcome (a call is the user's when its code is one of the user's codes for this app).
+    recent_calls: HashMap<String, VecDeque<SimTime>>,
 }
 
 impl LoginCodes {
@@ -64,31 +65,34 @@ impl LoginCodes {
         Ok(code)
     }
 
-    /// Checks `code` for `appid` at `now` and consumes it; answers its openid.
+    /// Checks `code` for `appid` at `now` and consumes it; answers its openid. A code of this
+    /// app names its user, so the call counts toward that user's quota whatever its outcome
+    /// (WeChat's 45011 is about calls, WECHAT.md §1), and the quota is checked first: the
+    /// 101st call within a minute is refused with 45011 whether its code is fresh, used or
+    /// expired. An unknown code, or one of another app, names no user of ours: 40029, uncounted.
     fn exchange(&mut self, appid: &str, code: &str, now: SimTime) -> Result<String, WechatError> {
         let login = self
             .codes
             .get_mut(code)
             .filter(|login| login.appid == appid)
-            .filter(|login| now.saturating_sub(login.minted_at) <= CODE_LIFETIME)
             .ok_or_else(|| WechatError::new(WechatError::INVALID_CODE))?;
-        if login.used {
-            return Err(WechatError::new(WechatError::CODE_USED));
-        }
-        let recent = self
-            .recent_exchanges
-            .entry(login.openid.clone())
-            .or_default();
+        let recent = self.recent_calls.entry(login.openid.clone()).or_default();
         while recent
             .front()
             .is_some_and(|&at| now.saturating_sub(at) >= QUOTA_WINDOW)
         {
             recent.pop_front();
         }
-        if recent.len() >= QUOTA {
+        recent.push_back(now);
+        if recent.len() > QUOTA {
             return Err(WechatError::new(WechatError::MINUTE_QUOTA));
         }
-        recent.push_back(now);
+        if now.saturating_sub(login.minted_at) > CODE_LIFETIME {
+            return Err(WechatError::new(WechatError::INVALID_CODE));
+        }
+        if login.used {
+            return Err(WechatError::new(WechatError::CODE_USED));
+        }
         login.used = true;
         Ok(login.openid.clone())
     }
@@ -287,5 +291,33 @@ mod tests {
             "the quota is per user"
         );
         assert!(codes.exchange(APPID, &code, at + QUOTA_WINDOW).is_ok());
+    }
+
+    #[test]
+    fn refused_calls_count_toward_the_quota_too() {
+        let mut codes = LoginCodes::default();
+        let at = Duration::from_secs(10);
+        let used = minted(&mut codes, "oA", at);
+        assert!(codes.exchange(APPID, &used, at).is_ok());
+        for _ in 1..QUOTA {
+            assert_eq!(errcode(codes.exchange(APPID, &used, at)), 40163);
+        }
+        let fresh = minted(&mut codes, "oA", at);
+        assert_eq!(
+            errcode(codes.exchange(APPID, &fresh, at)),
+            45011,
+            "one success and 99 refusals are 100 calls"
+        );
+        assert_eq!(
+            errcode(codes.exchange(APPID, &used, at)),
+            45011,
+            "over the quota, even a used code gets 45011"
+        );
+        assert_eq!(
+            errcode(codes.exchange(APPID, "0unknown", at)),
+            40029,
+            "a code that names no user is not limited"
+        );
+        assert!(codes.exchange(APPID, &fresh, at + QUOTA_WINDOW).is_ok());
     }
 }

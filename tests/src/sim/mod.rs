@@ -28,11 +28,14 @@
 //! 1. the first active fault that matches the call (see `POST /sim/faults`);
 //! 2. `appid` not the simulator's → 40013; `secret` wrong → 40125; `grant_type` not
 //!    `authorization_code` → 40002; `js_code` missing or empty → 41008;
-//! 3. code unknown, minted for another appid, or older than 5 minutes on the simulator's clock
-//!    → 40029; already exchanged → 40163;
-//! 4. 100 successful exchanges for the code's user in the last 60 s of the simulator's clock
-//!    → 45011 (the 101st fails; a refused call does not consume the code);
-//! 5. success: the code is consumed and the answer is
+//! 3. code unknown or minted for another appid → 40029 (the call names no user of the app);
+//! 4. otherwise the call is the code's user's and counts toward that user's quota, whatever its
+//!    outcome (WECHAT.md: 45011 is over 100 *calls* per user per minute): when the user already
+//!    made 100 such calls in the last 60 s of the simulator's clock → 45011, whether the code is
+//!    fresh, used or expired (the 101st call fails; the refused one counts too; a refused call
+//!    does not consume the code). Calls refused at step 1 or 2 do not count;
+//! 5. code older than 5 minutes on the simulator's clock → 40029; already exchanged → 40163;
+//! 6. success: the code is consumed and the answer is
 //!    `{"openid": "…", "session_key": "<user's current key>"}` plus `"unionid"` when the user
 //!    has one. The session_key is the user's *current* one, which a later login may have
 //!    rotated since this code was minted.
@@ -96,9 +99,10 @@
 //! Body `{"code": "…", "openid": "…"}` (`openid` optional). Checks, in order: the access_token;
 //! body not a JSON object, or `code`/`openid` not strings → 47001; `code` missing or empty →
 //! 41008; then 40029 for a code that is unknown, older than 5 minutes on the simulator's clock,
-//! already redeemed (WeChat documents 40029 for a used code too), or minted for another openid
-//! than the `openid` given (an `openid` is only checked against a code minted with one). A
-//! refused call does not use the code up. Success, which uses it up:
+//! already redeemed (WeChat documents 40029 for a used code too), or, when an `openid` is
+//! given, not that user's: minted for another openid, or minted without one (such a code
+//! belongs to a user nobody named, as at WeChat every code is some user's: only a call without
+//! `openid` redeems it). A refused call does not use the code up. Success, which uses it up:
 //!
 //! ```json
 //! {"errcode": 0, "errmsg": "ok", "phone_info": {"phoneNumber": "13800138000",
@@ -167,9 +171,11 @@
 //!
 //! Body `{"phone_number": "13800138000", "country_code": "86", "openid": "…"}`: `phone_number`
 //! 4 to 20 ASCII digits (required), `country_code` 1 to 4 ASCII digits without `+` (default
-//! `"86"`), `openid` (optional, same rules as above) the user the code belongs to. The user
-//! need not exist. Answer: 200 `{"code": "<64 lowercase hex digits>"}`, redeemable once within
-//! 5 minutes of the simulator's clock.
+//! `"86"`), `openid` (optional, same rules as above) the user the code belongs to; without
+//! one, it belongs to a user nobody named, so getuserphonenumber refuses it (40029) for every
+//! `openid` and redeems it only without one. The user need not exist. Answer: 200
+//! `{"code": "<64 lowercase hex digits>"}`, redeemable once within 5 minutes of the
+//! simulator's clock.
 //!
 //! ## `POST /sim/phone-number-format`
 //!

@@ -30,7 +30,8 @@ const DEFAULT_COUNTRY_CODE: &str = "86";
 struct PhoneCode {
     pure_phone_number: String,
     country_code: String,
-    /// The user it belongs to, when the test said; `None`: any openid matches.
+    /// The user it belongs to, when the test said; `None`: a user nobody named, whose openid
+    /// no call can give (at WeChat every code is some user's).
     openid: Option<String>,
     minted_at: SimTime,
     used: bool,
@@ -89,9 +90,10 @@ impl PhoneCodes {
         Ok(code)
     }
 
-    /// Checks `code` (and `openid`, when given and the code has a user) at `now` and consumes
-    /// it. Unknown, expired, already used or another user's: 40029, as WeChat documents; a
-    /// refused code is not consumed.
+    /// Checks `code` (and `openid`, when given) at `now` and consumes it. Unknown, expired,
+    /// already used or not `openid`'s: 40029, as WeChat documents; a refused code is not
+    /// consumed. A code minted without an owner belongs to a user nobody named, so every
+    /// `openid` is another user's for it: only a call without `openid` redeems it.
     fn redeem(
         &mut self,
         code: &str,
@@ -107,8 +109,8 @@ impl PhoneCodes {
         if phone.used {
             return Err(invalid());
         }
-        if let (Some(asked), Some(owner)) = (openid, phone.openid.as_deref())
-            && asked != owner
+        if let Some(asked) = openid
+            && phone.openid.as_deref() != Some(asked)
         {
             return Err(invalid());
         }
@@ -279,12 +281,34 @@ mod tests {
     #[test]
     fn a_code_is_redeemed_once() {
         let mut codes = PhoneCodes::default();
-        let code = minted(&mut codes, None);
+        let code = minted(&mut codes, Some("oOwner"));
         assert_eq!(
-            codes.redeem(&code, Some("oAnyone"), SimTime::ZERO),
+            codes.redeem(&code, Some("oOwner"), SimTime::ZERO),
             Ok(number("13800138000", "86"))
         );
         assert_eq!(errcode(codes.redeem(&code, None, SimTime::ZERO)), 40029);
+    }
+
+    #[test]
+    fn a_code_of_a_named_user_redeems_without_openid() {
+        let mut codes = PhoneCodes::default();
+        let code = minted(&mut codes, Some("oOwner"));
+        assert!(codes.redeem(&code, None, SimTime::ZERO).is_ok());
+    }
+
+    #[test]
+    fn a_code_minted_without_owner_refuses_every_openid_without_being_used() {
+        let mut codes = PhoneCodes::default();
+        let code = minted(&mut codes, None);
+        assert_eq!(
+            errcode(codes.redeem(&code, Some("oAnyone"), SimTime::ZERO)),
+            40029,
+            "the code is some user's, not whoever asks"
+        );
+        assert_eq!(
+            codes.redeem(&code, None, SimTime::ZERO),
+            Ok(number("13800138000", "86"))
+        );
     }
 
     #[test]
