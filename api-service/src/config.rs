@@ -125,7 +125,9 @@ impl Settings {
             ));
         }
 
-        let auth_client_key = get("API_AUTH_CLIENT_KEY").map(SecretString::from);
+        // Trimmed, as auth-service trims the keys it accepts: a stray newline from a mounted
+        // file would otherwise fail every call.
+        let auth_client_key = get("API_AUTH_CLIENT_KEY").map(|k| SecretString::from(k.trim()));
         if auth_client_key
             .as_ref()
             .is_some_and(|k| k.expose_secret().len() < 32 || !k.expose_secret().is_ascii())
@@ -201,17 +203,22 @@ impl Settings {
             http_addr: addr(&get, "API_HTTP_ADDR", "127.0.0.1:8080")?,
             auth_url: auth_url.trim().to_owned(),
             auth_client_key,
-            auth_timeout: duration(&get, "API_AUTH_TIMEOUT", "3s")?,
-            auth_wechat_timeout: duration(&get, "API_AUTH_WECHAT_TIMEOUT", "15s")?,
+            auth_timeout: duration(&get, "API_AUTH_TIMEOUT", "3s", AUTH_TIMEOUT_MAX)?,
+            auth_wechat_timeout: duration(
+                &get,
+                "API_AUTH_WECHAT_TIMEOUT",
+                "15s",
+                AUTH_WECHAT_TIMEOUT_MAX,
+            )?,
             database,
             tls,
             metrics_addr: addr(&get, "API_METRICS_ADDR", "127.0.0.1:9102")?,
-            request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s")?,
+            request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s", REQUEST_TIMEOUT_MAX)?,
             body_limit,
             trusted_proxy_hops,
             redis_url,
-            drain_delay: duration(&get, "API_DRAIN_DELAY", "0s")?,
-            shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s")?,
+            drain_delay: duration(&get, "API_DRAIN_DELAY", "0s", DRAIN_DELAY_MAX)?,
+            shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s", SHUTDOWN_GRACE_MAX)?,
             worker_threads: shared::runtime::worker_threads(get("API_WORKER_THREADS").as_deref())
                 .map_err(|problem| bad("API_WORKER_THREADS", problem))?,
         };
@@ -248,13 +255,30 @@ fn addr(
         .map_err(|_| bad(name, "must be an address like 127.0.0.1:8080"))
 }
 
+/// A duration setting's longest accepted value, and how the error names it: far above any
+/// sensible one, and low enough that no arithmetic done with it (`Instant + deadline`) can
+/// overflow at run time.
+type Max = (Duration, &'static str);
+const MINUTE: u64 = 60;
+const AUTH_TIMEOUT_MAX: Max = (Duration::from_secs(MINUTE), "1m");
+const AUTH_WECHAT_TIMEOUT_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
+const REQUEST_TIMEOUT_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
+const DRAIN_DELAY_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
+const SHUTDOWN_GRACE_MAX: Max = (Duration::from_secs(60 * MINUTE), "1h");
+
+/// A duration setting, at most `max`.
 fn duration(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
     default: &str,
+    (max, max_text): Max,
 ) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim())
-        .map_err(|_| bad(name, "must be a duration like 500ms, 3s or 1m"))
+    let d = humantime::parse_duration(get(name).as_deref().unwrap_or(default).trim())
+        .map_err(|_| bad(name, "must be a duration like 500ms, 3s or 1m"))?;
+    if d > max {
+        return Err(bad(name, format!("must be at most {max_text}")));
+    }
+    Ok(d)
 }
 
 fn database(url: Option<String>, max_connections: u32) -> Result<DatabaseSettings, ConfigError> {
@@ -297,6 +321,43 @@ mod tests {
     fn load(env: &[(&'static str, &str)]) -> Result<Settings, ConfigError> {
         let env: HashMap<&str, String> = env.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
         Settings::from_lookup(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn every_duration_has_an_upper_bound_named_at_start_up() {
+        // At its bound a setting is taken; a second more, or a value that would overflow
+        // `Instant + deadline` on every request, stops start-up naming it.
+        for (name, max) in [
+            ("API_AUTH_TIMEOUT", "1m"),
+            ("API_AUTH_WECHAT_TIMEOUT", "10m"),
+            ("API_REQUEST_TIMEOUT", "10m"),
+            ("API_DRAIN_DELAY", "10m"),
+            ("API_SHUTDOWN_GRACE", "1h"),
+        ] {
+            if let Err(e) = load(&[(name, max)]) {
+                panic!("{name}={max} is refused: {e}");
+            }
+            for over in [format!("{max} 1s"), "100000000000y".into()] {
+                let err = load(&[(name, &over)]).expect_err(&over);
+                assert_eq!(err.name, name, "{over}: {err}");
+                assert!(
+                    err.to_string().ends_with(&format!("at most {max}")),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_client_key_is_trimmed_as_auth_service_trims_its_keys() {
+        let key = "k".repeat(32);
+        let s = load(&[("API_AUTH_CLIENT_KEY", &format!("{key}\n"))]).expect("valid");
+        assert_eq!(
+            s.auth_client_key
+                .as_ref()
+                .map(|k| k.expose_secret().to_owned()),
+            Some(key)
+        );
     }
 
     #[test]

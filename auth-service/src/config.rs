@@ -121,7 +121,10 @@ type Max = (Duration, &'static str);
 /// The longest accepted value of each duration setting: far above any sensible one, and low
 /// enough that no arithmetic done with it (`AUTH_WECHAT_TIMEOUT * 8`, `Instant + ttl`, a
 /// timestamp) can overflow at run time.
-const WECHAT_TIMEOUT_MAX: Max = (Duration::from_secs(MINUTE), "1m");
+/// A renewal of the app's token holds its PostgreSQL row for two WeChat calls at most (one
+/// retry of -1) within the store's 60 s hold (`APP_TOKEN_LOCK_HOLD`), past which PostgreSQL
+/// ends the transaction and the renewed token would be lost.
+const WECHAT_TIMEOUT_MAX: Max = (Duration::from_secs(25), "25s");
 const ACCESS_TTL_MAX: Max = (Duration::from_secs(30 * DAY), "30d");
 const REFRESH_TTL_MAX: Max = (Duration::from_secs(3650 * DAY), "3650d");
 const REFRESH_GRACE_MAX: Max = (Duration::from_secs(5 * MINUTE), "5m");
@@ -581,7 +584,7 @@ mod tests {
         // overflow the arithmetic done with it (`AUTH_WECHAT_TIMEOUT * 8`, `Instant + ttl`),
         // stops start-up naming the setting.
         for (name, max) in [
-            ("AUTH_WECHAT_TIMEOUT", "1m"),
+            ("AUTH_WECHAT_TIMEOUT", "25s"),
             ("AUTH_ACCESS_TTL", "30d"),
             ("AUTH_REFRESH_TTL", "3650d"),
             ("AUTH_REFRESH_GRACE", "5m"),

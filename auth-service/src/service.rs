@@ -302,7 +302,7 @@ impl AuthCore {
         let rate = self.policy.login_rate;
         if let RateDecision::Limited { retry_after } = self
             .cache
-            .hit(&format!("login-ip:{client_ip}"), rate.count, rate.window)
+            .hit(&login_rate_key(client_ip), rate.count, rate.window)
             .await?
         {
             return Err(AuthError::RateLimited { retry_after });
@@ -1109,6 +1109,23 @@ impl AuthCore {
     }
 }
 
+/// The login-rate window a client address counts in: an IPv4 address (also when written as
+/// IPv4-mapped IPv6) on its own, an IPv6 address by its /64, the block one subscriber line
+/// or host is given, so that walking the addresses of one's own /64 does not escape the
+/// limit (and does not make a window per address).
+fn login_rate_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("login-ip:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("login-ip:{v4}"),
+            None => {
+                let net = u128::from(v6) & !(u128::MAX >> 64);
+                format!("login-ip:{}/64", std::net::Ipv6Addr::from(net))
+            }
+        },
+    }
+}
+
 fn check_openid(openid: &str) -> Result<(), AuthError> {
     if openid.is_empty() || openid.len() > 128 || openid.chars().any(char::is_control) {
         return Err(AuthError::InvalidArgument(Invalid::new(
@@ -1633,6 +1650,16 @@ mod tests {
             1,
             "purged all the same"
         );
+    }
+
+    #[test]
+    fn logins_count_by_ipv4_address_and_by_ipv6_64() {
+        let key = |ip: &str| login_rate_key(ip.parse().expect("an address"));
+        assert_eq!(key("203.0.113.9"), "login-ip:203.0.113.9");
+        assert_eq!(key("::ffff:203.0.113.9"), "login-ip:203.0.113.9");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "login-ip:2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::1"), key("2001:db8:1:2::7"));
+        assert_ne!(key("2001:db8:1:2::7"), key("2001:db8:1:3::7"));
     }
 
     #[tokio::test]
