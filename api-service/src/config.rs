@@ -87,6 +87,9 @@ pub struct Settings {
     /// `API_TRUSTED_PROXY_HOPS`: how many proxies in front of the edge append to
     /// `X-Forwarded-For` (0: the client is the TCP peer).
     pub trusted_proxy_hops: usize,
+    /// `API_AUTH_CONNECTIONS`: how many HTTP/2 connections to auth-service calls are spread
+    /// over, in turn (kube-proxy spreads connections over the replicas, not calls).
+    pub auth_connections: usize,
     /// `API_REDIS_URL` (`redis://` or `rediss://`; may hold a password): profile stamps, so
     /// that replicas on PostgreSQL can keep profiles in memory. `None`: every replica on
     /// PostgreSQL reads each profile from the database.
@@ -184,6 +187,20 @@ impl Settings {
                     )
                 })?,
         };
+        let auth_connections = match get("API_AUTH_CONNECTIONS") {
+            None => 4,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=32).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "API_AUTH_CONNECTIONS",
+                        "must be a whole number from 1 to 32",
+                    )
+                })?,
+        };
         let trusted_proxy_hops = match get("API_TRUSTED_PROXY_HOPS") {
             None => 0,
             Some(v) => v
@@ -216,6 +233,7 @@ impl Settings {
             request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s", REQUEST_TIMEOUT_MAX)?,
             body_limit,
             trusted_proxy_hops,
+            auth_connections,
             redis_url,
             drain_delay: duration(&get, "API_DRAIN_DELAY", "0s", DRAIN_DELAY_MAX)?,
             shutdown_grace: duration(&get, "API_SHUTDOWN_GRACE", "20s", SHUTDOWN_GRACE_MAX)?,
@@ -345,6 +363,23 @@ mod tests {
                     "{err}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn four_connections_to_auth_service_unless_set() {
+        assert_eq!(load(&[]).expect("valid").auth_connections, 4);
+        assert_eq!(
+            load(&[("API_AUTH_CONNECTIONS", " 1 ")])
+                .expect("valid")
+                .auth_connections,
+            1
+        );
+        for bad in ["0", "33", "many"] {
+            assert_eq!(
+                load(&[("API_AUTH_CONNECTIONS", bad)]).expect_err(bad).name,
+                "API_AUTH_CONNECTIONS"
+            );
         }
     }
 

@@ -107,6 +107,7 @@ impl Application {
             settings.auth_timeout,
             settings.auth_wechat_timeout,
             settings.auth_client_key.as_ref(),
+            settings.auth_connections,
             metrics.verify_calls(),
         )
         .context("cannot build the auth-service client")?;

@@ -131,13 +131,18 @@ async fn the_edge_rides_recycled_connections_without_failing_a_request() {
 
 #[tokio::test]
 async fn the_edge_leaves_a_connection_that_stopped_answering_and_connects_again() {
-    // Arrange: the edge reaches auth-service through a proxy, and has made its connection.
+    // Arrange: the edge reaches auth-service through a proxy, and has made its connection
+    // (one: with several, the calls on the others would be answered meanwhile).
     let sim = SimProcess::start().await.expect("sim");
     let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
     let proxy = Proxy::start(auth.addr()).await.expect("proxy");
-    let api = ApiProcess::start_for(&format!("http://{}", proxy.addr()), &[], true)
-        .await
-        .expect("api-service");
+    let api = ApiProcess::start_for(
+        &format!("http://{}", proxy.addr()),
+        &[("API_AUTH_CONNECTIONS", "1")],
+        true,
+    )
+    .await
+    .expect("api-service");
     let w = crate::api_common::ApiWorld { sim, auth, api };
     let access = w.login().await.access_token;
     let caller = w.caller();
@@ -188,4 +193,34 @@ async fn the_edge_leaves_a_connection_that_stopped_answering_and_connects_again(
     for a in &failed {
         a.error(reqwest::StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable");
     }
+}
+
+#[tokio::test]
+async fn the_edge_spreads_its_calls_over_its_connections() {
+    // Arrange: the edge reaches auth-service through a proxy that counts connections (as
+    // kube-proxy picks a replica per connection, not per call), with three of them.
+    let sim = SimProcess::start().await.expect("sim");
+    let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
+    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
+    let api = ApiProcess::start_for(
+        &format!("http://{}", proxy.addr()),
+        &[("API_AUTH_CONNECTIONS", "3")],
+        true,
+    )
+    .await
+    .expect("api-service");
+    let w = crate::api_common::ApiWorld { sim, auth, api };
+    let access = w.login().await.access_token;
+    let caller = w.caller();
+
+    // Act: requests one after another, each a Verify call of its own.
+    for _ in 0..12 {
+        let a = caller
+            .send(reqwest::Method::GET, "/v1/me", Some(&access), None, &[])
+            .await;
+        assert_eq!(a.status, reqwest::StatusCode::OK, "{}", a.text());
+    }
+
+    // Assert: the calls went over three connections, not one.
+    assert_eq!(proxy.connections(), 3);
 }

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use proto::v1::auth_service_client::AuthServiceClient;
 use proto::v1::{self as pb};
 use tokio::sync::oneshot;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -34,7 +33,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use tracing::{error, warn};
 
-use super::grpc::{Connection, request_with};
+use super::grpc::{Connections, request_with};
 use super::http_status_for;
 use crate::metrics::VerifyCalls;
 
@@ -90,7 +89,7 @@ enum Start {
 
 /// The queue of `Verify` calls and what it takes to send them.
 pub(super) struct Verifier {
-    client: AuthServiceClient<Connection>,
+    clients: Arc<Connections>,
     client_key: Option<MetadataValue<Ascii>>,
     timeout: Duration,
     queue: Mutex<Queue>,
@@ -143,13 +142,13 @@ impl Drop for Slot<'_> {
 
 impl Verifier {
     pub(super) fn new(
-        client: AuthServiceClient<Connection>,
+        clients: Arc<Connections>,
         client_key: Option<MetadataValue<Ascii>>,
         timeout: Duration,
         calls: VerifyCalls,
     ) -> Self {
         Self {
-            client,
+            clients,
             client_key,
             timeout,
             queue: Mutex::new(Queue::default()),
@@ -325,7 +324,7 @@ impl Verifier {
             self.client_key.as_ref(),
             &id,
         );
-        let mut client = self.client.clone();
+        let mut client = self.clients.next();
         self.calls.batch(replies.len());
         let answer = tokio::time::timeout_at(deadline.into(), client.verify_batch(request))
             .await
@@ -398,7 +397,7 @@ impl Verifier {
             self.client_key.as_ref(),
             &item.request_id,
         );
-        let mut client = self.client.clone();
+        let mut client = self.clients.next();
         self.calls.alone();
         match tokio::time::timeout_at(deadline.into(), client.verify(request)).await {
             Ok(answer) => answer.map(tonic::Response::into_inner),
@@ -644,6 +643,7 @@ mod tests {
             timeout,
             timeout,
             None,
+            1,
             calls.clone(),
         )
         .expect("client");

@@ -3,6 +3,7 @@
 //! prompt 503 `auth_unavailable`, never a hang and never a 500.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,10 +55,53 @@ fn unreachable(e: hyper_util::client::legacy::Error) -> Status {
     Status::unavailable(format!("auth-service unreachable: {e}"))
 }
 
+/// The HTTP/2 connections to auth-service (`API_AUTH_CONNECTIONS`), each a client of its
+/// own with its own pool, used in turn call by call (a `VerifyBatch` is one call). Through a
+/// ClusterIP Service each connection goes to the replica kube-proxy picked for it, and
+/// kube-proxy spreads connections, not calls: with one connection an edge replica sent all
+/// its calls to one auth-service replica (until `AUTH_MAX_CONNECTION_AGE` picked again),
+/// however many there were.
+pub(super) struct Connections {
+    clients: Box<[AuthServiceClient<Connection>]>,
+    next: AtomicUsize,
+}
+
+impl Connections {
+    /// The client of the next connection in turn.
+    pub(super) fn next(&self) -> AuthServiceClient<Connection> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+}
+
+/// One HTTP/2 connection's client, made on first use and again after it drops.
+fn connection(timeout: Duration) -> Connection {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(2))));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(30)));
+    let http = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        // A peer that stopped answering without closing (its node lost, a network
+        // partition) is left KEEP_ALIVE + KEEP_ALIVE_TIMEOUT after its last frame, idle
+        // or not, and the next call connects again (through a Service, to a live
+        // replica); until then every call on it ends at its deadline, 503. A busy
+        // connection reads frames all the time and sends no pings.
+        .http2_keep_alive_interval(KEEP_ALIVE)
+        .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        // Kept while idle, as a channel would: a quiet minute must not cost the next
+        // request a new connection.
+        .pool_idle_timeout(None)
+        .build(connector);
+    http.map_err(unreachable as fn(_) -> Status)
+}
+
 /// The gRPC client of auth-service.
 #[derive(Clone)]
 pub struct GrpcAuth {
-    client: AuthServiceClient<Connection>,
+    clients: Arc<Connections>,
     /// `Verify` calls, batched when they come together.
     pub(super) verifier: Arc<Verifier>,
     health: HealthClient<Connection>,
@@ -79,36 +123,21 @@ impl std::fmt::Debug for GrpcAuth {
 impl GrpcAuth {
     /// A client of `url` that does not connect until first used. Every call has a deadline:
     /// `timeout` for calls answered by auth-service alone, `wechat_timeout` for the calls
-    /// that wait on WeChat (a login may take two WeChat round trips). The calls made for
-    /// `Verify` are counted in `calls`.
+    /// that wait on WeChat (a login may take two WeChat round trips). Calls go over
+    /// `connections` HTTP/2 connections (at least one) in turn. The calls made for `Verify`
+    /// are counted in `calls`.
     pub fn new(
         url: &str,
         timeout: Duration,
         wechat_timeout: Duration,
         client_key: Option<&SecretString>,
+        connections: usize,
         calls: VerifyCalls,
     ) -> anyhow::Result<Self> {
         let origin: tonic::codegen::http::Uri = url.parse()?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(2))));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let http = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            // A peer that stopped answering without closing (its node lost, a network
-            // partition) is left KEEP_ALIVE + KEEP_ALIVE_TIMEOUT after its last frame, idle
-            // or not, and the next call connects again (through a Service, to a live
-            // replica); until then every call on it ends at its deadline, 503. A busy
-            // connection reads frames all the time and sends no pings.
-            .http2_keep_alive_interval(KEEP_ALIVE)
-            .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .http2_keep_alive_while_idle(true)
-            // Kept while idle, as a channel would: a quiet minute must not cost the next
-            // request a new connection.
-            .pool_idle_timeout(None)
-            .build(connector);
-        let connection: Connection = http.map_err(unreachable as fn(_) -> Status);
+        let each: Vec<Connection> = (0..connections.max(1))
+            .map(|_| connection(timeout))
+            .collect();
         let client_key = match client_key {
             Some(k) => {
                 let mut key: MetadataValue<Ascii> = k
@@ -121,16 +150,24 @@ impl GrpcAuth {
             }
             None => None,
         };
-        let client = AuthServiceClient::with_origin(connection.clone(), origin.clone());
+        // Readiness asks over the first connection: whether auth-service answers at all.
+        let health = HealthClient::with_origin(each[0].clone(), origin.clone());
+        let clients = Arc::new(Connections {
+            clients: each
+                .into_iter()
+                .map(|c| AuthServiceClient::with_origin(c, origin.clone()))
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
         Ok(Self {
             verifier: Arc::new(Verifier::new(
-                client.clone(),
+                clients.clone(),
                 client_key.clone(),
                 timeout,
                 calls,
             )),
-            client,
-            health: HealthClient::with_origin(connection, origin),
+            clients,
+            health,
             client_key,
             timeout,
             wechat_timeout,
@@ -332,7 +369,7 @@ impl AuthApi for GrpcAuth {
             },
             self.wechat_timeout,
         );
-        let r = within(ctx, self.wechat_timeout, self.client.clone().login(req)).await?;
+        let r = within(ctx, self.wechat_timeout, self.clients.next().login(req)).await?;
         pair(r.tokens, r.openid, r.is_new_user)
     }
 
@@ -343,7 +380,7 @@ impl AuthApi for GrpcAuth {
                 refresh_token: refresh_token.to_owned(),
             },
         );
-        let r = within(ctx, self.timeout, self.client.clone().refresh(req)).await?;
+        let r = within(ctx, self.timeout, self.clients.next().refresh(req)).await?;
         pair(r.tokens, r.openid, false)
     }
 
@@ -355,7 +392,7 @@ impl AuthApi for GrpcAuth {
                 all,
             },
         );
-        let r = within(ctx, self.timeout, self.client.clone().logout(req)).await?;
+        let r = within(ctx, self.timeout, self.clients.next().logout(req)).await?;
         Ok(r.revoked_sessions)
     }
 
@@ -370,7 +407,7 @@ impl AuthApi for GrpcAuth {
                 access_token: access_token.to_owned(),
             },
         );
-        let r = within(ctx, self.timeout, self.client.clone().list_sessions(req)).await?;
+        let r = within(ctx, self.timeout, self.clients.next().list_sessions(req)).await?;
         Ok(r.sessions
             .into_iter()
             .map(|s| {
@@ -405,7 +442,7 @@ impl AuthApi for GrpcAuth {
                 iv: iv.to_owned(),
             },
         );
-        let r = within(ctx, self.timeout, self.client.clone().decrypt_data(req)).await?;
+        let r = within(ctx, self.timeout, self.clients.next().decrypt_data(req)).await?;
         // The error names where, never what: the text is the user's decrypted data.
         serde_json::from_str(&r.data_json).map_err(|e| {
             ApiError::auth_unavailable(anyhow::anyhow!(
@@ -437,7 +474,7 @@ impl AuthApi for GrpcAuth {
             },
             deadline,
         );
-        let answer = tokio::time::timeout(deadline, self.client.clone().get_phone_number(req))
+        let answer = tokio::time::timeout(deadline, self.clients.next().get_phone_number(req))
             .await
             .unwrap_or_else(|_| {
                 Err(Status::deadline_exceeded(

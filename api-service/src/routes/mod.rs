@@ -438,6 +438,7 @@ mod tests {
                 Duration::from_millis(100),
                 Duration::from_millis(100),
                 None,
+                1,
                 crate::metrics::VerifyCalls::default(),
             )
             .expect("client"),
@@ -580,6 +581,7 @@ mod tests {
                 Duration::from_millis(200),
                 Duration::from_millis(200),
                 None,
+                1,
                 crate::metrics::VerifyCalls::default(),
             )
             .expect("client"),

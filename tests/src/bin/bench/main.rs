@@ -68,6 +68,9 @@ struct Args {
     service_workers: usize,
     /// Slices each step is cut into, interleaved with the slices of its baselines.
     rounds: u32,
+    /// api-service's connections to auth-service (`API_AUTH_CONNECTIONS`); `None`: its
+    /// default.
+    edge_connections: Option<usize>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -78,6 +81,7 @@ fn parse_args() -> anyhow::Result<Args> {
         sessions: 100_000,
         service_workers: 1,
         rounds: 4,
+        edge_connections: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -89,6 +93,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--service-workers" => {
                 args.service_workers = value("--service-workers")?.parse()?;
             }
+            "--edge-connections" => {
+                args.edge_connections = Some(value("--edge-connections")?.parse()?);
+            }
             "--concurrency" => {
                 args.concurrency = value("--concurrency")?
                     .split(',')
@@ -98,7 +105,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--seconds N (2)] [--concurrency 1,16,64,128,256] [--sessions N (100000)] \
-                     [--service-workers N (1)] [--rounds N (4)]"
+                     [--service-workers N (1)] [--rounds N (4)] \
+                     [--edge-connections N (api-service's default)]"
                 );
                 std::process::exit(0);
             }
@@ -987,12 +995,13 @@ fn pid_of(process: &mut tests::harness::Process) -> anyhow::Result<u32> {
 
 async fn start_pair(
     backend: &'static str,
-    workers: usize,
+    args: &Args,
     auth_env: &[(&str, &str)],
     api_env: &[(&str, &str)],
 ) -> anyhow::Result<Pair> {
     let sim = SimProcess::start().await.context("the simulator starts")?;
-    let workers = workers.to_string();
+    let workers = args.service_workers.to_string();
+    let connections = args.edge_connections.map(|n| n.to_string());
     let mut env = vec![
         ("AUTH_LOGIN_RATE", LOGIN_RATE),
         ("AUTH_WORKER_THREADS", workers.as_str()),
@@ -1000,6 +1009,9 @@ async fn start_pair(
     env.extend_from_slice(auth_env);
     let mut api_env = api_env.to_vec();
     api_env.push(("API_WORKER_THREADS", workers.as_str()));
+    if let Some(n) = &connections {
+        api_env.push(("API_AUTH_CONNECTIONS", n.as_str()));
+    }
     let api_env = &api_env[..];
     let auth = AuthProcess::start(&sim, &env)
         .await
@@ -1283,6 +1295,12 @@ async fn run() -> anyhow::Result<()> {
         args.service_workers
     );
     println!(
+        "edge: api-service's calls to auth-service over {} HTTP/2 connection(s) \
+         (API_AUTH_CONNECTIONS)",
+        args.edge_connections
+            .map_or_else(|| "its default".to_owned(), |n| n.to_string())
+    );
+    println!(
         "baselines: each bare server runs twice, in this process (`baseline`, the issue's \
          ratio) and alone in a process of its own with {} worker thread(s) like the services \
          (`baseline-proc`, column `vs proc`)",
@@ -1293,7 +1311,7 @@ async fn run() -> anyhow::Result<()> {
         args.seconds, args.concurrency
     );
 
-    let mut pair = start_pair("embedded", args.service_workers, &[], &[]).await?;
+    let mut pair = start_pair("embedded", &args, &[], &[]).await?;
     let bare = Bare {
         echo: start_echo().await?,
         hello: start_hello().await?,
@@ -1376,7 +1394,7 @@ async fn run() -> anyhow::Result<()> {
             eprintln!("PostgreSQL + Redis:");
             let mut ext = start_pair(
                 "postgres+redis",
-                args.service_workers,
+                &args,
                 &[
                     ("AUTH_DATABASE_URL", auth_db.as_str()),
                     ("AUTH_REDIS_URL", redis.as_str()),
