@@ -170,7 +170,11 @@ impl Application {
         let metrics_task = tokio::spawn(serve_metrics(self.metrics_listener, self.metrics.clone()));
         info!(listener = "metrics", listen_addr = %metrics_addr, "listening");
 
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        // When stopping began plus the grace: the end of in-flight calls' time, and of the
+        // work that outlived its caller (`to_completion`).
+        let (stopping_tx, mut stopping_rx) =
+            tokio::sync::watch::channel(None::<tokio::time::Instant>);
+        let grace = self.settings.shutdown_grace;
         let drain_delay = self.settings.drain_delay;
         let signal = async move {
             // SERVING once PostgreSQL is migrated, unless stopping comes first.
@@ -199,14 +203,18 @@ impl Application {
             // Still serving, so that callers who have not yet seen NOT_SERVING are answered.
             tokio::time::sleep(drain_delay).await;
             info!("no longer accepting calls; draining in-flight calls");
-            let _ = stopping_tx.send(());
+            stopping_tx.send_replace(Some(tokio::time::Instant::now() + grace));
         };
-        let grace = self.settings.shutdown_grace;
+        let mut deadline_rx = stopping_rx.clone();
         let forced = async move {
-            if stopping_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
+            match deadline_rx.wait_for(Option::is_some).await {
+                Ok(deadline) => {
+                    let deadline = *deadline;
+                    if let Some(deadline) = deadline {
+                        tokio::time::sleep_until(deadline).await;
+                    }
+                }
+                Err(_stopped_without_stopping) => std::future::pending::<()>().await,
             }
         };
 
@@ -246,6 +254,18 @@ impl Application {
                 Ok(())
             }
         };
+        // Work a caller stopped waiting for (a logout's mark, a spent code remembered, a
+        // billed phone number stored) runs on after its call: the server no longer waits for
+        // it, this does, within the same grace.
+        let deadline = *stopping_rx.borrow_and_update();
+        if let Some(deadline) = deadline
+            && !shared::telemetry::detached_finished(deadline).await
+        {
+            warn!(
+                ?grace,
+                "work that outlived its call did not finish within AUTH_SHUTDOWN_GRACE; stopping anyway"
+            );
+        }
         housekeeping.abort();
         if let Some(task) = migrations {
             task.abort();

@@ -15,6 +15,7 @@
 
 use std::fmt::{self, Write as _};
 use std::future::Future;
+use std::sync::LazyLock;
 
 use tokio::task::futures::TaskLocalFuture;
 use tracing::{Event, Subscriber};
@@ -108,22 +109,38 @@ pub fn in_call<F: Future>(call: Call, work: F) -> TaskLocalFuture<Call, F> {
     CALL.scope(call, work)
 }
 
+/// The tasks [`to_completion`] started, so that a stopping process waits for them
+/// ([`detached_finished`]) instead of dropping them with its runtime.
+static DETACHED: LazyLock<tokio_util::task::TaskTracker> =
+    LazyLock::new(tokio_util::task::TaskTracker::new);
+
 /// Runs `work` on a task of its own, as part of the current task's call, to its end even if
 /// the caller stops waiting: a server drops a call's future when the client gives up (an
 /// HTTP/2 stream reset at the client's deadline), and work whose steps must all happen once
 /// one has (an end committed, then its mark in the shared cache; a code spent at WeChat,
 /// then remembered as used) must not stop between them. `None` if the task panicked or the
-/// runtime is shutting down.
+/// runtime is shutting down. A stopping process waits for such work within its shutdown
+/// grace ([`detached_finished`]).
 pub async fn to_completion<T, F>(work: F) -> Option<T>
 where
     T: Send + 'static,
     F: Future<Output = T> + Send + 'static,
 {
     let task = match CALL.try_with(Call::clone) {
-        Ok(call) => tokio::spawn(in_call(call, work)),
-        Err(_not_in_a_call) => tokio::spawn(work),
+        Ok(call) => DETACHED.spawn(in_call(call, work)),
+        Err(_not_in_a_call) => DETACHED.spawn(work),
     };
     task.await.ok()
+}
+
+/// Waits until `deadline` for the work [`to_completion`] started to end, the work whose
+/// caller went away among it (the server no longer waits for that); true when none is left.
+/// For a stopping process, after its server has stopped.
+pub async fn detached_finished(deadline: tokio::time::Instant) -> bool {
+    DETACHED.close();
+    tokio::time::timeout_at(deadline, DETACHED.wait())
+        .await
+        .is_ok()
 }
 
 /// A tracing span of the task's call (`grpc`, with its method and request id), for work that
@@ -614,5 +631,26 @@ mod tests {
     #[tokio::test]
     async fn to_completion_answers_what_the_work_did() {
         assert_eq!(to_completion(async { 7 }).await, Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_process_waits_for_work_whose_caller_went_away() {
+        // A caller that gives up after 1 s on work that takes 5 s.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let marks = done.clone();
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            to_completion(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                marks.store(true, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .await;
+        assert!(gave_up.is_err());
+
+        let start = tokio::time::Instant::now();
+        assert!(!detached_finished(start + std::time::Duration::from_secs(1)).await);
+        assert!(detached_finished(start + std::time::Duration::from_secs(10)).await);
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

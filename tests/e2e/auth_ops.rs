@@ -263,6 +263,46 @@ async fn sigterm_reports_not_serving_lets_in_flight_calls_finish_and_exits_0() {
 }
 
 #[tokio::test]
+async fn on_sigterm_a_login_whose_caller_gave_up_still_finishes_before_exit() {
+    // Arrange: WeChat answers this code after 1.5 s (within the harness's 2 s
+    // AUTH_WECHAT_TIMEOUT); the caller gives up after 300 ms (its call ended, as the edge's
+    // is at its deadline), while the login runs on.
+    let mut w = world(&[]).await;
+    let minted = w.sim.mint_code(&MintCode::default()).await.expect("mint");
+    w.sim
+        .add_fault(&Fault::delay(1500).for_code(&minted.code))
+        .await
+        .expect("slow WeChat");
+    let mut request = tonic::Request::new(login_request(&minted.code, None, "203.0.113.1"));
+    request.set_timeout(Duration::from_millis(300));
+    let gave_up = w.client.clone().login(request).await;
+    // tonic's server ends a call at its grpc-timeout as CANCELLED; the client's own timer
+    // may come first (DEADLINE_EXCEEDED): either way the call's future is dropped.
+    let gave_up = gave_up.expect_err("gave up").code();
+    assert!(
+        matches!(gave_up, Code::Cancelled | Code::DeadlineExceeded),
+        "{gave_up:?}"
+    );
+
+    // Act: the process is told to stop while that login still waits on WeChat.
+    let logs = stop_and_read_logs(w.auth.process_mut()).await;
+
+    // Assert: it waited for the login within its shutdown grace: the session was opened
+    // (and the code remembered as spent) before it stopped.
+    let opened = format!(r#""openid":"{}""#, minted.openid);
+    let login = logs
+        .lines()
+        .position(|l| l.contains(r#""message":"login""#) && l.contains(&opened));
+    let stopped = logs
+        .lines()
+        .position(|l| l.contains(r#""message":"stopped""#));
+    assert!(
+        matches!((login, stopped), (Some(l), Some(s)) if l < s),
+        "the login did not finish before the process stopped:\n{logs}"
+    );
+}
+
+#[tokio::test]
 async fn with_its_log_pipes_closed_auth_service_still_answers_and_stops_on_sigterm() {
     // Debug logs: every call writes lines, each to a pipe nobody reads any more.
     let mut w = world(&[("RUST_LOG", "debug")]).await;
