@@ -284,10 +284,8 @@ impl WechatClient {
             .get(url)
             .send()
             .await
-            .map_err(|e| WechatCallError::Unreachable(e.without_url()))?
-            .bytes()
-            .await
             .map_err(|e| WechatCallError::Unreachable(e.without_url()))?;
+        let body = read_answer(body).await?;
         let raw: RawAnswer = from_body(&body)?;
         if let Some(errcode) = raw.errcode.filter(|c| *c != 0) {
             return Err(WechatCallError::Api(WechatErr {
@@ -386,17 +384,89 @@ impl WechatClient {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| WechatCallError::Unreachable(e.without_url()))?
-            .bytes()
-            .await
             .map_err(|e| WechatCallError::Unreachable(e.without_url()))?;
-        Ok(answer.to_vec())
+        read_answer(answer).await
     }
+}
+
+/// The most of an answer read from WeChat: its answers are a few hundred bytes; a larger one
+/// (a misconfigured `WECHAT_API_BASE`, a proxy's error page) is malformed, not held whole in
+/// memory.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Reads `response`'s body, at most [`MAX_ANSWER`] bytes.
+async fn read_answer(mut response: reqwest::Response) -> Result<Vec<u8>, WechatCallError> {
+    let too_long = || WechatCallError::Malformed(format!("an answer over {MAX_ANSWER} bytes"));
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER as u64)
+    {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| WechatCallError::Unreachable(e.without_url()))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers one HTTP request on a loopback port with `head` (status line and headers,
+    /// without the blank line) and a body of `len` bytes; gives the base URL.
+    async fn one_answer(head: &'static str, len: usize) -> reqwest::Url {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = [0_u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let mut answer = format!("{head}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + len, b'x');
+            let _ = socket.write_all(&answer).await;
+        });
+        reqwest::Url::parse(&format!("http://{addr}/")).expect("url")
+    }
+
+    fn client_of(api_base: reqwest::Url) -> WechatClient {
+        let _already = rustls::crypto::ring::default_provider().install_default();
+        WechatClient::new(&crate::config::WechatSettings {
+            appid: "wx1234567890abcdef".into(),
+            secret: SecretString::from("s3cr3t-value"),
+            api_base,
+            timeout: Duration::from_secs(5),
+        })
+        .expect("client")
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_64_kib_is_malformed_and_not_read_whole() {
+        let code = WechatCode::parse("0a1b2c3d4e5f").expect("a code");
+        for head in [
+            // Announced by its length, and sent without one (read until the connection ends).
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 70000",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close",
+        ] {
+            let wechat = client_of(one_answer(head, 70_000).await);
+            let answer = wechat.code2session(&code).await;
+            assert!(
+                matches!(&answer, Err(WechatCallError::Malformed(why)) if why.contains("65536")),
+                "{head}: {answer:?}"
+            );
+        }
+    }
 
     #[test]
     fn session_keys_are_16_bytes_of_base64() {
