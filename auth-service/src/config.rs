@@ -91,6 +91,10 @@ pub struct Settings {
     pub login_rate: LoginRate,
     /// `AUTH_CLIENT_KEYS`: empty means any caller may call (dev only).
     pub client_keys: Vec<SecretString>,
+    /// `AUTH_OPERATOR_KEYS`: when set, the operators' RPCs (`RevokeUser`,
+    /// `ListSessionEvents`, `GetWechatAccessToken`) need one of these, and a key of
+    /// `AUTH_CLIENT_KEYS` is refused for them; these keys may call every RPC.
+    pub operator_keys: Vec<SecretString>,
     /// `AUTH_METRICS_ADDR`.
     pub metrics_addr: SocketAddr,
     /// `AUTH_MAX_CONNECTION_AGE`: connections are closed gracefully (GOAWAY) after this long,
@@ -203,17 +207,17 @@ impl Settings {
             LoginRate::parse(&get("AUTH_LOGIN_RATE").unwrap_or_else(|| "600/min".into()))
                 .map_err(|e| bad(e.field, e.message))?;
 
-        let mut client_keys = Vec::new();
-        if let Some(raw) = get("AUTH_CLIENT_KEYS") {
-            for (i, key) in raw.split(',').map(str::trim).enumerate() {
-                if key.len() < MIN_SECRET_BYTES {
-                    return Err(bad(
-                        "AUTH_CLIENT_KEYS",
-                        format!("key #{} is shorter than {MIN_SECRET_BYTES} bytes", i + 1),
-                    ));
-                }
-                client_keys.push(SecretString::from(key.to_owned()));
-            }
+        let client_keys = keys(&get, "AUTH_CLIENT_KEYS")?;
+        let operator_keys = keys(&get, "AUTH_OPERATOR_KEYS")?;
+        if operator_keys.iter().any(|o| {
+            client_keys
+                .iter()
+                .any(|c| c.expose_secret() == o.expose_secret())
+        }) {
+            return Err(bad(
+                "AUTH_OPERATOR_KEYS",
+                "a key is also in AUTH_CLIENT_KEYS: an operator's key must be its own",
+            ));
         }
 
         let verify_cache_size = match get("AUTH_VERIFY_CACHE_SIZE") {
@@ -240,6 +244,7 @@ impl Settings {
             history_retention: Duration::ZERO,
             login_rate,
             client_keys,
+            operator_keys,
             metrics_addr,
             max_connection_age: Some(duration(
                 &get,
@@ -282,6 +287,30 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// A comma-separated list of keys (spaces around each trimmed), each at least
+/// [`MIN_SECRET_BYTES`] long; unset: none.
+fn keys(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Vec<SecretString>, ConfigError> {
+    let Some(raw) = get(name) else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, key)| {
+            if key.len() < MIN_SECRET_BYTES {
+                return Err(bad(
+                    name,
+                    format!("key #{} is shorter than {MIN_SECRET_BYTES} bytes", i + 1),
+                ));
+            }
+            Ok(SecretString::from(key.to_owned()))
+        })
+        .collect()
 }
 
 fn addr(
@@ -609,6 +638,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn operator_keys_are_checked_like_client_keys_and_never_shared_with_them() {
+        let (client, operator) = ("c".repeat(32), "o".repeat(32));
+        assert!(load(&base()).expect("valid").operator_keys.is_empty());
+        let mut env = base();
+        env.insert("AUTH_CLIENT_KEYS", client.clone());
+        env.insert(
+            "AUTH_OPERATOR_KEYS",
+            format!(" {operator} ,{}", "p".repeat(40)),
+        );
+        let s = load(&env).expect("valid");
+        assert_eq!(s.operator_keys.len(), 2);
+        assert_eq!(s.operator_keys[0].expose_secret(), operator);
+        env.insert("AUTH_OPERATOR_KEYS", "short".into());
+        assert_eq!(load(&env).expect_err("short").name, "AUTH_OPERATOR_KEYS");
+        env.insert("AUTH_OPERATOR_KEYS", format!("{operator},{client}"));
+        let err = load(&env).expect_err("shared with a client");
+        assert_eq!(err.name, "AUTH_OPERATOR_KEYS");
+        assert!(!err.to_string().contains(&client), "{err}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::cache::{Cache, FallbackCache, MemoryCache, RedisCache};
 use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::Keys;
-use crate::grpc::{AuthServiceServer, CallContextLayer, GrpcAuth};
+use crate::grpc::{AuthServiceServer, CallContextLayer, CallerKeys, GrpcAuth};
 use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, Policy};
 use crate::store::Store;
@@ -238,7 +238,10 @@ impl Application {
             builder = builder.max_connection_age(age);
         }
         let server = builder
-            .layer(CallContextLayer::new(self.settings.client_keys.clone()))
+            .layer(CallContextLayer::new(CallerKeys {
+                clients: self.settings.client_keys.clone(),
+                operators: self.settings.operator_keys.clone(),
+            }))
             .add_service(health)
             .add_service(reflection)
             .add_service(AuthServiceServer::new(GrpcAuth::new(

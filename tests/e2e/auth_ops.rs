@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use proto::v1::{ListSessionsRequest, LogoutRequest, VerifyRequest};
+use proto::v1::{
+    GetWechatAccessTokenRequest, ListSessionEventsRequest, ListSessionsRequest, LogoutRequest,
+    RevokeUserRequest, VerifyRequest,
+};
 use tests::harness::auth::TOKEN_KEY;
 use tests::harness::sim::{APPID, Fault, MintCode, SECRET};
 use tests::harness::{AuthProcess, Process, SimProcess};
@@ -66,6 +69,64 @@ async fn client_keys_guard_every_rpc_but_health_and_reflection() {
         services.contains(&"grpc.health.v1.Health".to_owned()),
         "{services:?}"
     );
+}
+
+#[tokio::test]
+async fn with_operator_keys_the_operators_rpcs_refuse_a_clients_key() {
+    // Arrange: the edge's key in AUTH_CLIENT_KEYS, an operator's in AUTH_OPERATOR_KEYS.
+    let w = world(&[("AUTH_CLIENT_KEYS", KEY_A), ("AUTH_OPERATOR_KEYS", KEY_B)]).await;
+    let mut edge = w
+        .auth
+        .client_with_key(Some(KEY_A.into()))
+        .await
+        .expect("client");
+    let mut operator = w
+        .auth
+        .client_with_key(Some(KEY_B.into()))
+        .await
+        .expect("client");
+    let revoke = || RevokeUserRequest {
+        openid: "o-nobody-0123456789".into(),
+    };
+    let timeline = || ListSessionEventsRequest {
+        openid: "o-nobody-0123456789".into(),
+        ..Default::default()
+    };
+
+    // Act
+    let edge_revokes = edge
+        .revoke_user(revoke())
+        .await
+        .expect_err("not an operator");
+    let edge_reads = edge
+        .list_session_events(timeline())
+        .await
+        .expect_err("not an operator");
+    let edge_takes = edge
+        .get_wechat_access_token(GetWechatAccessTokenRequest::default())
+        .await
+        .expect_err("not an operator");
+    let operator_revokes = operator
+        .revoke_user(revoke())
+        .await
+        .expect_err("no such user");
+    let operator_verifies = operator
+        .verify(VerifyRequest {
+            access_token: "wxa_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            include_phone: false,
+        })
+        .await
+        .expect_err("unknown token");
+
+    // Assert: the client's key is refused for each operators' RPC before it runs; the
+    // operator's key reaches the RPCs, which judge the request (an unknown user, an
+    // unknown token).
+    for err in [&edge_revokes, &edge_reads, &edge_takes] {
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(reason(err), "OPERATOR_KEY_REQUIRED");
+    }
+    assert_eq!(reason(&operator_revokes), "NOT_FOUND");
+    assert_eq!(reason(&operator_verifies), "TOKEN_INVALID");
 }
 
 async fn reflected_services(auth: &AuthProcess) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! Cross-cutting work on every gRPC call, as one tower layer in front of the services:
 //! the `x-request-id` (read or made, on every log line of the call, echoed) and the
-//! `x-client-key` check of `AUTH_CLIENT_KEYS` (constant time; health and reflection exempt).
+//! `x-client-key` check of `AUTH_CLIENT_KEYS` and `AUTH_OPERATOR_KEYS` (constant time; health
+//! and reflection exempt).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,25 +24,78 @@ const CLIENT_KEY: HeaderName = HeaderName::from_static("x-client-key");
 /// Services any caller may use, whatever `AUTH_CLIENT_KEYS` says.
 const OPEN_PREFIXES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
 
+/// The operators' RPCs: with `AUTH_OPERATOR_KEYS` set, only its keys may call them (the
+/// edge's key, on an internet-facing process, then cannot revoke users, read timelines or
+/// take the app's WeChat access_token).
+const OPERATOR_METHODS: [&str; 3] = [
+    "/wxauth.v1.AuthService/RevokeUser",
+    "/wxauth.v1.AuthService/ListSessionEvents",
+    "/wxauth.v1.AuthService/GetWechatAccessToken",
+];
+
+/// The keys callers present.
+#[derive(Default)]
+pub struct Keys {
+    /// `AUTH_CLIENT_KEYS`: none, and any caller may call (but the operators' RPCs, while
+    /// there are operator keys).
+    pub clients: Vec<SecretString>,
+    /// `AUTH_OPERATOR_KEYS`: none, and the operators' RPCs take client keys.
+    pub operators: Vec<SecretString>,
+}
+
+/// What the keys say of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    /// No key, or one of neither list.
+    Unknown,
+    /// A client's key, for an operators' RPC.
+    NotAnOperator,
+}
+
+impl Keys {
+    fn judge(&self, path: &str, given: Option<&HeaderValue>) -> Verdict {
+        if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            return Verdict::Allowed;
+        }
+        let operator = !self.operators.is_empty() && key_matches(&self.operators, given);
+        if !self.operators.is_empty() && OPERATOR_METHODS.contains(&path) {
+            return if operator {
+                Verdict::Allowed
+            } else if self.clients.is_empty() || key_matches(&self.clients, given) {
+                Verdict::NotAnOperator
+            } else {
+                Verdict::Unknown
+            };
+        }
+        if operator || self.clients.is_empty() || key_matches(&self.clients, given) {
+            Verdict::Allowed
+        } else {
+            Verdict::Unknown
+        }
+    }
+}
+
 /// The layer; cheap to clone.
 #[derive(Clone)]
 pub struct CallContextLayer {
-    client_keys: Arc<Vec<SecretString>>,
+    keys: Arc<Keys>,
 }
 
 impl std::fmt::Debug for CallContextLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallContextLayer")
-            .field("client_keys", &self.client_keys.len())
+            .field("client_keys", &self.keys.clients.len())
+            .field("operator_keys", &self.keys.operators.len())
             .finish()
     }
 }
 
 impl CallContextLayer {
     /// With no keys, every caller is let through.
-    pub fn new(client_keys: Vec<SecretString>) -> Self {
+    pub fn new(keys: Keys) -> Self {
         Self {
-            client_keys: Arc::new(client_keys),
+            keys: Arc::new(keys),
         }
     }
 }
@@ -52,7 +106,7 @@ impl<S> Layer<S> for CallContextLayer {
     fn layer(&self, inner: S) -> Self::Service {
         CallContext {
             inner,
-            client_keys: self.client_keys.clone(),
+            keys: self.keys.clone(),
         }
     }
 }
@@ -61,7 +115,7 @@ impl<S> Layer<S> for CallContextLayer {
 #[derive(Clone)]
 pub struct CallContext<S> {
     inner: S,
-    client_keys: Arc<Vec<SecretString>>,
+    keys: Arc<Keys>,
 }
 
 impl<S> std::fmt::Debug for CallContext<S> {
@@ -128,26 +182,38 @@ where
         // `shared::telemetry`).
         let call = Call::new(req.uri().path(), request_id.to_str().unwrap_or("-"));
 
-        let path = req.uri().path();
-        let open = OPEN_PREFIXES.iter().any(|p| path.starts_with(p));
-        let allowed = open
-            || self.client_keys.is_empty()
-            || key_matches(&self.client_keys, req.headers().get(&CLIENT_KEY));
+        let verdict = self
+            .keys
+            .judge(req.uri().path(), req.headers().get(&CLIENT_KEY));
 
         // Take the service that was driven to readiness; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(in_call(call, async move {
-            let mut response = if allowed {
-                inner.call(req).await?
-            } else {
-                tracing::warn!("call refused: missing or wrong x-client-key");
-                Status::with_error_details(
-                    Code::Unauthenticated,
-                    "this caller is not allowed: missing or wrong x-client-key",
-                    ErrorDetails::with_error_info("CLIENT_KEY_INVALID", DOMAIN, HashMap::new()),
-                )
-                .into_http::<ResBody>()
+            let mut response = match verdict {
+                Verdict::Allowed => inner.call(req).await?,
+                Verdict::Unknown => {
+                    tracing::warn!("call refused: missing or wrong x-client-key");
+                    Status::with_error_details(
+                        Code::Unauthenticated,
+                        "this caller is not allowed: missing or wrong x-client-key",
+                        ErrorDetails::with_error_info("CLIENT_KEY_INVALID", DOMAIN, HashMap::new()),
+                    )
+                    .into_http::<ResBody>()
+                }
+                Verdict::NotAnOperator => {
+                    tracing::warn!("call refused: an operators' RPC with a client's key");
+                    Status::with_error_details(
+                        Code::PermissionDenied,
+                        "this RPC needs a key of AUTH_OPERATOR_KEYS",
+                        ErrorDetails::with_error_info(
+                            "OPERATOR_KEY_REQUIRED",
+                            DOMAIN,
+                            HashMap::new(),
+                        ),
+                    )
+                    .into_http::<ResBody>()
+                }
             };
             // Unique per call: sent never-indexed, so HPACK does not churn both ends'
             // header tables with it.
@@ -179,6 +245,54 @@ mod tests {
         assert_ne!(a, b);
         let parsed = a.to_str().ok().and_then(|s| uuid::Uuid::parse_str(s).ok());
         assert_eq!(parsed.map(|u| u.get_version_num()), Some(4), "{a:?}");
+    }
+
+    #[test]
+    fn operator_keys_alone_open_the_operators_rpcs_and_every_other() {
+        let k = |s: &str| HeaderValue::from_str(s).expect("ascii");
+        let (client, operator) = ("c".repeat(32), "o".repeat(32));
+        let keys = Keys {
+            clients: vec![SecretString::from(client.clone())],
+            operators: vec![SecretString::from(operator.clone())],
+        };
+        let revoke = "/wxauth.v1.AuthService/RevokeUser";
+        let verify = "/wxauth.v1.AuthService/Verify";
+        for method in OPERATOR_METHODS {
+            assert_eq!(keys.judge(method, Some(&k(&operator))), Verdict::Allowed);
+            assert_eq!(
+                keys.judge(method, Some(&k(&client))),
+                Verdict::NotAnOperator
+            );
+            assert_eq!(keys.judge(method, None), Verdict::Unknown);
+        }
+        assert_eq!(keys.judge(verify, Some(&k(&client))), Verdict::Allowed);
+        assert_eq!(keys.judge(verify, Some(&k(&operator))), Verdict::Allowed);
+        assert_eq!(
+            keys.judge(verify, Some(&k(&"x".repeat(32)))),
+            Verdict::Unknown
+        );
+        assert_eq!(
+            keys.judge("/grpc.health.v1.Health/Check", None),
+            Verdict::Allowed
+        );
+
+        // Without operator keys, client keys open everything, as before.
+        let clients_only = Keys {
+            clients: vec![SecretString::from(client.clone())],
+            operators: Vec::new(),
+        };
+        assert_eq!(
+            clients_only.judge(revoke, Some(&k(&client))),
+            Verdict::Allowed
+        );
+        assert_eq!(clients_only.judge(revoke, None), Verdict::Unknown);
+        // Without client keys (development), the operators' RPCs still need an operator's.
+        let operators_only = Keys {
+            clients: Vec::new(),
+            operators: vec![SecretString::from(operator)],
+        };
+        assert_eq!(operators_only.judge(verify, None), Verdict::Allowed);
+        assert_eq!(operators_only.judge(revoke, None), Verdict::NotAnOperator);
     }
 
     #[test]

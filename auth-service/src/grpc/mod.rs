@@ -20,7 +20,7 @@ use crate::metrics::{self, Metrics};
 use crate::service::{AuthCore, IssuedPair, ReadAhead};
 use crate::wechat::PhoneNumber;
 
-pub use layer::CallContextLayer;
+pub use layer::{CallContextLayer, Keys as CallerKeys};
 pub use proto::v1::auth_service_server::AuthServiceServer;
 pub use status::DOMAIN;
 
