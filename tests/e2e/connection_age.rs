@@ -39,6 +39,26 @@ async fn connections_over_three_seconds(extra: &[(&str, &str)]) -> (usize, bool)
     (proxy.connections(), all_answered)
 }
 
+/// The pair, auth-service started with `auth_env` and api-service with `api_env` reaching it
+/// through a proxy that counts connections, and the access token of a user logged in
+/// through the edge.
+async fn edge_behind_a_proxy(
+    auth_env: &[(&str, &str)],
+    api_env: &[(&str, &str)],
+) -> (crate::api_common::ApiWorld, Proxy, String) {
+    let sim = SimProcess::start().await.expect("sim");
+    let auth = AuthProcess::start(&sim, auth_env)
+        .await
+        .expect("auth-service");
+    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
+    let api = ApiProcess::start_for(&format!("http://{}", proxy.addr()), api_env, true)
+        .await
+        .expect("api-service");
+    let w = crate::api_common::ApiWorld { sim, auth, api };
+    let access = w.login().await.access_token;
+    (w, proxy, access)
+}
+
 #[tokio::test]
 async fn connections_are_recycled_after_the_max_age_without_failing_a_call() {
     let (connections, all_answered) =
@@ -65,16 +85,7 @@ async fn the_edge_rides_recycled_connections_without_failing_a_request() {
     // Arrange: api-service's own client this time, reaching auth-service through a proxy
     // that counts its connections: every second auth-service ends the connection (GOAWAY)
     // while calls are in flight on it, and the edge connects again.
-    let sim = SimProcess::start().await.expect("sim");
-    let auth = AuthProcess::start(&sim, &[("AUTH_MAX_CONNECTION_AGE", "1s")])
-        .await
-        .expect("auth-service");
-    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
-    let api = ApiProcess::start_for(&format!("http://{}", proxy.addr()), &[], true)
-        .await
-        .expect("api-service");
-    let w = crate::api_common::ApiWorld { sim, auth, api };
-    let access = w.login().await.access_token;
+    let (w, proxy, access) = edge_behind_a_proxy(&[("AUTH_MAX_CONNECTION_AGE", "1s")], &[]).await;
 
     // Act: eight callers, each sending its next request as soon as the last is answered,
     // for at least 3.5 s and until the edge has made two connections of its own while they
@@ -133,18 +144,7 @@ async fn the_edge_rides_recycled_connections_without_failing_a_request() {
 async fn the_edge_leaves_a_connection_that_stopped_answering_and_connects_again() {
     // Arrange: the edge reaches auth-service through a proxy, and has made its connection
     // (one: with several, the calls on the others would be answered meanwhile).
-    let sim = SimProcess::start().await.expect("sim");
-    let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
-    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
-    let api = ApiProcess::start_for(
-        &format!("http://{}", proxy.addr()),
-        &[("API_AUTH_CONNECTIONS", "1")],
-        true,
-    )
-    .await
-    .expect("api-service");
-    let w = crate::api_common::ApiWorld { sim, auth, api };
-    let access = w.login().await.access_token;
+    let (w, proxy, access) = edge_behind_a_proxy(&[], &[("API_AUTH_CONNECTIONS", "1")]).await;
     let caller = w.caller();
     let before = proxy.connections();
 
@@ -199,18 +199,7 @@ async fn the_edge_leaves_a_connection_that_stopped_answering_and_connects_again(
 async fn the_edge_spreads_its_calls_over_its_connections() {
     // Arrange: the edge reaches auth-service through a proxy that counts connections (as
     // kube-proxy picks a replica per connection, not per call), with three of them.
-    let sim = SimProcess::start().await.expect("sim");
-    let auth = AuthProcess::start(&sim, &[]).await.expect("auth-service");
-    let proxy = Proxy::start(auth.addr()).await.expect("proxy");
-    let api = ApiProcess::start_for(
-        &format!("http://{}", proxy.addr()),
-        &[("API_AUTH_CONNECTIONS", "3")],
-        true,
-    )
-    .await
-    .expect("api-service");
-    let w = crate::api_common::ApiWorld { sim, auth, api };
-    let access = w.login().await.access_token;
+    let (w, proxy, access) = edge_behind_a_proxy(&[], &[("API_AUTH_CONNECTIONS", "3")]).await;
     let caller = w.caller();
 
     // Act: requests one after another, each a Verify call of its own.
