@@ -599,11 +599,13 @@ impl AuthCore {
             sessions = session_ids.len(),
             "could not mark ended sessions in the cache; retrying"
         );
+        let now = now_millis();
         self.unmarked
-            .add(&session_ids, now_millis().saturating_add(UNMARKED_FOR));
+            .add(&session_ids, now, now.saturating_add(UNMARKED_FOR));
         let cache = self.cache.clone();
         let unmarked = self.unmarked.clone();
-        tokio::spawn(async move {
+        // Among the work a stopping process waits for, within its grace.
+        shared::telemetry::spawn_detached(async move {
             let give_up = tokio::time::Instant::now() + ALIVE_FOR;
             while tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(MARK_RETRY).await;

@@ -207,14 +207,14 @@ impl Application {
         };
         let mut deadline_rx = stopping_rx.clone();
         let forced = async move {
-            match deadline_rx.wait_for(Option::is_some).await {
-                Ok(deadline) => {
-                    let deadline = *deadline;
-                    if let Some(deadline) = deadline {
-                        tokio::time::sleep_until(deadline).await;
-                    }
-                }
-                Err(_stopped_without_stopping) => std::future::pending::<()>().await,
+            // Copied out of the channel's guard before the sleep, which must not hold it.
+            let deadline = match deadline_rx.wait_for(Option::is_some).await {
+                Ok(deadline) => *deadline,
+                Err(_stopped_without_stopping) => None,
+            };
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending::<()>().await,
             }
         };
 

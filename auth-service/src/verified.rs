@@ -147,9 +147,12 @@ pub struct UnmarkedEnds {
 }
 
 impl UnmarkedEnds {
-    /// Lists `session_ids` until `until`.
-    pub fn add(&self, session_ids: &[String], until: Millis) {
+    /// Lists `session_ids` until `until` (a deadline from `now`); entries past theirs go,
+    /// so that the list stays as long as the last [`Millis`] of ends while Redis refuses
+    /// marks, however long that lasts.
+    pub fn add(&self, session_ids: &[String], now: Millis, until: Millis) {
         let mut map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, u| *u > now);
         for id in session_ids {
             map.insert(id.clone(), until);
         }
@@ -165,15 +168,14 @@ impl UnmarkedEnds {
         self.any.store(!map.is_empty(), Ordering::Release);
     }
 
-    /// True when `session_id` is listed at `now` (entries past their deadline go).
+    /// True when `session_id` is listed at `now`: one look-up, under the lock only while
+    /// something is listed.
     pub fn holds(&self, session_id: &str, now: Millis) -> bool {
         if !self.any.load(Ordering::Acquire) {
             return false;
         }
-        let mut map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|_, until| *until > now);
-        self.any.store(!map.is_empty(), Ordering::Release);
-        map.contains_key(session_id)
+        let map = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(session_id).is_some_and(|until| *until > now)
     }
 }
 
@@ -247,13 +249,18 @@ mod tests {
     fn an_unmarked_end_is_held_until_its_deadline_or_its_mark() {
         let ends = UnmarkedEnds::default();
         assert!(!ends.holds("s1", 0));
-        ends.add(&["s1".into(), "s2".into()], 1_000);
+        ends.add(&["s1".into(), "s2".into()], 0, 1_000);
         assert!(ends.holds("s1", 999));
         assert!(ends.holds("s2", 999));
         assert!(!ends.holds("s3", 999));
         ends.remove(&["s1".into()]);
         assert!(!ends.holds("s1", 999), "marked in the cache since");
         assert!(!ends.holds("s2", 1_000), "past its deadline");
+        // A later end clears what is past its deadline.
+        ends.add(&["s3".into()], 1_000, 2_000);
+        assert!(ends.holds("s3", 1_999));
+        assert_eq!(ends.until.lock().expect("lock").len(), 1, "s2 went");
+        ends.remove(&["s3".into()]);
         assert!(!ends.any.load(Ordering::Acquire), "nothing left to look at");
     }
 }

@@ -133,9 +133,18 @@ where
     task.await.ok()
 }
 
-/// Waits until `deadline` for the work [`to_completion`] started to end, the work whose
-/// caller went away among it (the server no longer waits for that); true when none is left.
-/// For a stopping process, after its server has stopped.
+/// Runs `work` on a task of its own that no caller waits for (a retry in the background),
+/// among the work a stopping process waits for ([`detached_finished`]).
+pub fn spawn_detached<F>(work: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    drop(DETACHED.spawn(work));
+}
+
+/// Waits until `deadline` for the work [`to_completion`] and [`spawn_detached`] started to
+/// end, the work whose caller went away among it (the server no longer waits for that); true
+/// when none is left. For a stopping process, after its server has stopped.
 pub async fn detached_finished(deadline: tokio::time::Instant) -> bool {
     DETACHED.close();
     tokio::time::timeout_at(deadline, DETACHED.wait())

@@ -241,9 +241,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes, oldest first, at most `batch` timeline events recorded before `before` and
     /// at most `batch` sessions that ended before it ([`FORGET_EVENTS`],
     /// [`FORGET_SESSIONS`]); returns how many of each. The caller calls again while a
-    /// batch came back full. A session's token rows must be gone by then (`before` is
-    /// older than any of its tokens' expiry plus the day [`Self::purge`] keeps them);
-    /// otherwise the call fails on the reference and deletes nothing.
+    /// batch came back full. A session whose token rows are still there (not yet purged)
+    /// is skipped, and deleted by a later call.
     async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError>;
 
     /// The user's newest and previous session_keys, sealed; `None` for an unknown user.
@@ -292,9 +291,15 @@ pub const FORGET_EVENTS: &str = "DELETE FROM session_events WHERE id IN \
      (SELECT id FROM session_events WHERE at < $1 ORDER BY at LIMIT $2)";
 
 /// [`Store::forget`]'s statement that deletes the oldest `$2` sessions that ended before
-/// `$1`, on both backends.
+/// `$1` and have no token rows left, on both backends. A session whose tokens outlive the
+/// retention (issued under a longer `AUTH_REFRESH_TTL`) is skipped until they are purged,
+/// rather than failing the batch on the foreign key. Each look-up, and each foreign key's
+/// check of a deleted session, goes through the token tables' `*_by_session` indexes.
 pub const FORGET_SESSIONS: &str = "DELETE FROM sessions WHERE id IN \
-     (SELECT id FROM sessions WHERE ended_at < $1 ORDER BY ended_at LIMIT $2)";
+     (SELECT s.id FROM sessions s WHERE s.ended_at < $1 \
+      AND NOT EXISTS (SELECT 1 FROM access_tokens a WHERE a.session_id = s.id) \
+      AND NOT EXISTS (SELECT 1 FROM refresh_tokens r WHERE r.session_id = s.id) \
+      ORDER BY s.ended_at LIMIT $2)";
 
 /// Successor pairs of rotations before this instant are cleared by a purge at `now`.
 pub(crate) fn successors_rotated_before(now: Millis, grace: Millis) -> Millis {

@@ -51,7 +51,7 @@ fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("./migrations/postgres");
     // Replicas starting together take turns on [`MIGRATION_LOCK`] instead of sqlx's lock,
     // whose `pg_advisory_lock` waits inside a statement: `CREATE INDEX CONCURRENTLY` (0003
-    // to 0006) waits for every open transaction, that waiting statement among them, while its
+    // to 0008) waits for every open transaction, that waiting statement among them, while its
     // holder waits for the index: a deadlock, seen with two replicas starting at once.
     migrator.set_locking(false);
     migrator
@@ -67,11 +67,13 @@ const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(200);
 /// behind, INVALID, and its migration unapplied, whose next run would then stop at "already
 /// exists" for good. Such a leftover is dropped before the migrations run, under
 /// [`MIGRATION_LOCK`], while no one else can be building it.
-pub const CONCURRENT_INDEXES: [&str; 4] = [
+pub const CONCURRENT_INDEXES: [&str; 6] = [
     "refresh_tokens_successors_by_rotation",
     "sessions_live_by_refresh_expiry",
     "sessions_ended_by_time",
     "session_events_by_time",
+    "access_tokens_by_session",
+    "refresh_tokens_by_session",
 ];
 
 /// How long a call waits for a connection (or for PostgreSQL to accept one).

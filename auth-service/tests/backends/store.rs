@@ -1002,6 +1002,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
     const DUE: &str = "sessions_live_by_refresh_expiry";
     const ENDED: &str = "sessions_ended_by_time";
     const EVENTS: &str = "session_events_by_time";
+    const ACCESS_BY_SESSION: &str = "access_tokens_by_session";
+    const REFRESH_BY_SESSION: &str = "refresh_tokens_by_session";
     // The schema is the store's (it migrated on opening); a row or two, as a live one has.
     store.login(login("o1", "s1", T0)).await.expect("login");
     store
@@ -1016,6 +1018,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
                 (CLEAR_SUCCESSORS, SUCCESSORS),
                 (DUE_SESSIONS, DUE),
                 (FORGET_SESSIONS, ENDED),
+                (FORGET_SESSIONS, ACCESS_BY_SESSION),
+                (FORGET_SESSIONS, REFRESH_BY_SESSION),
                 (FORGET_EVENTS, EVENTS),
             ] {
                 let rows: Vec<(i64, i64, i64, String)> =
@@ -1059,7 +1063,12 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
                     .join("\n")
             };
             let mut plans = vec![(text(successors), SUCCESSORS), (text(due), DUE)];
-            for (sql, index) in [(FORGET_SESSIONS, ENDED), (FORGET_EVENTS, EVENTS)] {
+            for (sql, index) in [
+                (FORGET_SESSIONS, ENDED),
+                (FORGET_SESSIONS, ACCESS_BY_SESSION),
+                (FORGET_SESSIONS, REFRESH_BY_SESSION),
+                (FORGET_EVENTS, EVENTS),
+            ] {
                 let plan: Vec<(String,)> =
                     sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
                         .bind(T0)
@@ -1089,7 +1098,7 @@ async fn session_rows(raw: &Raw) -> i64 {
 
 /// `AUTH_HISTORY_RETENTION`: events and ended sessions before the cutoff go, a batch at a
 /// time and oldest first; live sessions and later events stay; a session whose token rows
-/// are still there is refused by the reference, and nothing of that call is deleted.
+/// are still there is skipped (not a failure of the batch) until they are purged.
 async fn forget_deletes_the_history_before_its_cutoff_oldest_first(
     store: Arc<dyn Store>,
     raw: Raw,
@@ -1109,23 +1118,34 @@ async fn forget_deletes_the_history_before_its_cutoff_oldest_first(
         .expect("login");
     let cutoff = T0 + 30 * MIN;
 
-    // s1's token rows are still there: the session cannot go yet, nor its events.
-    let refused = store.forget(cutoff, 10).await;
-    assert!(refused.is_err(), "{refused:?}");
-    assert_eq!(events(&store, "o1").await.len(), 3);
-    assert_eq!(session_rows(&raw).await, 2);
-
-    // Act: once purged, a batch of one at a time.
+    // Act: a batch of one at a time while s1's token rows are still there, then after the
+    // purge that deletes them.
+    let first = store.forget(cutoff, 1).await.expect("forget");
+    let after_first = events(&store, "o1").await;
+    let second = store.forget(cutoff, 1).await.expect("forget");
+    let sessions_before_purge = session_rows(&raw).await;
     store
         .purge(T0 + HOUR + 30 * DAY + KEEP + 1, KEEP, GRACE)
         .await
         .expect("purge");
-    let first = store.forget(cutoff, 1).await.expect("forget");
-    let second = store.forget(cutoff, 1).await.expect("forget");
     let third = store.forget(cutoff, 1).await.expect("forget");
+    let fourth = store.forget(cutoff, 1).await.expect("forget");
 
-    // Assert: s1's login event and s1 itself first, then s1's end, then nothing.
-    assert_eq!((first, second, third), ((1, 1), (1, 0), (0, 0)));
+    // Assert: s1's login event first, then its end; s1 itself only once its tokens were
+    // purged (skipped, not refused, before); then nothing.
+    assert_eq!(
+        (first, second, third, fourth),
+        ((1, 0), (1, 0), (0, 1), (0, 0))
+    );
+    assert_eq!(
+        after_first
+            .iter()
+            .map(|e| (e.session_id.as_str(), e.kind))
+            .collect::<Vec<_>>(),
+        vec![("s2", EventKind::Login), ("s1", EventKind::End)],
+        "the oldest event went first"
+    );
+    assert_eq!(sessions_before_purge, 2);
     let left = events(&store, "o1").await;
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(
