@@ -173,48 +173,27 @@ impl Settings {
             }
         };
 
-        let body_limit = match get("API_BODY_LIMIT") {
-            None => DEFAULT_BODY_LIMIT,
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1024..=16 * 1024 * 1024).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "API_BODY_LIMIT",
-                        "must be a byte count from 1024 to 16777216",
-                    )
-                })?,
-        };
-        let auth_connections = match get("API_AUTH_CONNECTIONS") {
-            None => 4,
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=32).contains(n))
-                .ok_or_else(|| {
-                    bad(
-                        "API_AUTH_CONNECTIONS",
-                        "must be a whole number from 1 to 32",
-                    )
-                })?,
-        };
-        let trusted_proxy_hops = match get("API_TRUSTED_PROXY_HOPS") {
-            None => 0,
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= 10)
-                .ok_or_else(|| {
-                    bad(
-                        "API_TRUSTED_PROXY_HOPS",
-                        "must be a whole number from 0 to 10",
-                    )
-                })?,
-        };
+        let body_limit = number(
+            &get,
+            "API_BODY_LIMIT",
+            DEFAULT_BODY_LIMIT,
+            1024..=16 * 1024 * 1024,
+            "must be a byte count from 1024 to 16777216",
+        )?;
+        let auth_connections = number(
+            &get,
+            "API_AUTH_CONNECTIONS",
+            4,
+            1..=32,
+            "must be a whole number from 1 to 32",
+        )?;
+        let trusted_proxy_hops = number(
+            &get,
+            "API_TRUSTED_PROXY_HOPS",
+            0,
+            0..=10,
+            "must be a whole number from 0 to 10",
+        )?;
 
         let settings = Self {
             http_addr: addr(&get, "API_HTTP_ADDR", "127.0.0.1:8080")?,
@@ -271,6 +250,25 @@ fn addr(
         .trim()
         .parse()
         .map_err(|_| bad(name, "must be an address like 127.0.0.1:8080"))
+}
+
+/// A whole-number setting within `range`; `default` when unset; else `problem`.
+fn number(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+    problem: &str,
+) -> Result<usize, ConfigError> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| bad(name, problem)),
+    }
 }
 
 /// A duration setting's longest accepted value, and how the error names it: far above any
