@@ -1080,32 +1080,38 @@ impl AuthCore {
             .store
             .purge(now, 86_400_000, millis(self.policy.refresh_grace))
             .await;
-        let forgotten = self.forget_history(now).await;
-        let (expired, purged, (events, sessions)) = (expired?, purged?, forgotten?);
-        if expired > 0 || purged > 0 || events > 0 || sessions > 0 {
+        let ((events, sessions), forgotten) = self.forget_history(now).await;
+        if events > 0 || sessions > 0 {
             info!(
-                expired,
-                purged,
                 forgotten_events = events,
                 forgotten_sessions = sessions,
-                "housekeeping"
+                "housekeeping forgot history past retention"
             );
+        }
+        let (expired, purged) = (expired?, purged?);
+        forgotten?;
+        if expired > 0 || purged > 0 {
+            info!(expired, purged, "housekeeping");
         }
         Ok(())
     }
 
     /// Deletes the timeline events and ended sessions older than `AUTH_HISTORY_RETENTION`,
     /// a batch of each at a time (a short statement or write turn each, however much is
-    /// due after a long stop); returns how many of each.
-    async fn forget_history(&self, now: Millis) -> Result<(u64, u64), StoreError> {
+    /// due after a long stop); returns how many of each were deleted, also when a batch then
+    /// failed: the batches before it are committed, and their counts are logged all the same.
+    async fn forget_history(&self, now: Millis) -> ((u64, u64), Result<(), StoreError>) {
         let before = now.saturating_sub(millis(self.policy.history_retention));
         let (mut events, mut sessions) = (0, 0);
         loop {
-            let (e, s) = self.store.forget(before, FORGET_BATCH).await?;
+            let (e, s) = match self.store.forget(before, FORGET_BATCH).await {
+                Ok(counts) => counts,
+                Err(err) => return ((events, sessions), Err(err)),
+            };
             events += e;
             sessions += s;
             if e < u64::from(FORGET_BATCH) && s < u64::from(FORGET_BATCH) {
-                return Ok((events, sessions));
+                return ((events, sessions), Ok(()));
             }
         }
     }
@@ -1241,6 +1247,8 @@ mod tests {
         purges: AtomicUsize,
         /// `forget`'s calls, with the cutoff each was given.
         forgets: Mutex<Vec<Millis>>,
+        /// The call of `forget` (counted from 1) that fails; 0: none.
+        forget_fails_at: AtomicUsize,
     }
 
     impl FlakyPhones {
@@ -1252,6 +1260,7 @@ mod tests {
                 kept: Mutex::new(None),
                 purges: AtomicUsize::new(0),
                 forgets: Mutex::new(Vec::new()),
+                forget_fails_at: AtomicUsize::new(0),
             })
         }
 
@@ -1336,6 +1345,11 @@ mod tests {
         async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
             let mut calls = self.forgets.lock().expect("lock");
             calls.push(before);
+            if calls.len() == self.forget_fails_at.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "canceling statement due to statement timeout"
+                )));
+            }
             let full = u64::from(batch);
             Ok(match calls.len() {
                 1 | 2 => (full, 3),
@@ -1675,11 +1689,37 @@ mod tests {
         let full = u64::from(FORGET_BATCH);
 
         let before = now_millis();
-        let forgotten = core.forget_history(before).await.expect("forget");
+        let (forgotten, outcome) = core.forget_history(before).await;
 
+        outcome.expect("forget");
         assert_eq!(forgotten, (2 * full + 7, 6 + full));
         let calls = store.forgets.lock().expect("lock").clone();
         assert_eq!(calls, vec![before - 40 * 86_400_000; 4]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_batch_keeps_the_counts_of_the_batches_committed_before_it() {
+        let store = FlakyPhones::failing(0, false);
+        store.forget_fails_at.store(3, Ordering::SeqCst);
+        let core = core_with(
+            store.clone(),
+            Arc::new(MemoryCache::new()),
+            &[("AUTH_HISTORY_RETENTION", "40d")],
+        );
+        let full = u64::from(FORGET_BATCH);
+
+        let (forgotten, outcome) = core.forget_history(now_millis()).await;
+
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(forgotten, (2 * full, 6), "the two batches committed");
+        assert_eq!(
+            store.forgets.lock().expect("lock").len(),
+            3,
+            "no batch after the failure"
+        );
     }
 
     #[tokio::test(start_paused = true)]
