@@ -119,6 +119,7 @@ impl Application {
             metrics,
             trusted_proxy_hops: settings.trusted_proxy_hops,
             draining: Arc::new(AtomicBool::new(false)),
+            readiness: crate::routes::health::Readiness::default(),
         });
 
         let listener = std::net::TcpListener::bind(settings.http_addr)

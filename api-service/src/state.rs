@@ -8,6 +8,7 @@ use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::notes::NotesStore;
 use crate::profile::ProfileStore;
+use crate::routes::health::Readiness;
 
 /// Shared state: one reference-counted [`Shared`], which its fields are reached through.
 ///
@@ -50,4 +51,6 @@ pub struct Shared {
     pub trusted_proxy_hops: usize,
     /// Set on SIGTERM: /readyz answers 503 so load balancers stop sending traffic.
     pub draining: Arc<AtomicBool>,
+    /// /readyz's shared look at the dependencies.
+    pub readiness: Readiness,
 }

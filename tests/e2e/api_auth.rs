@@ -872,9 +872,12 @@ async fn auth_service_down_is_503_with_retry_after_and_recovery_needs_no_restart
     e_login(m.code)
         .await
         .assert_error(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable");
-    let ready = send(&api, Method::GET, "/readyz", None, None, &[]).await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(ready.body["checks"]["auth_service"], false);
+    let (ready, checks) = api
+        .readiness(StatusCode::SERVICE_UNAVAILABLE)
+        .await
+        .expect("readyz");
+    assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE, "{checks}");
+    assert_eq!(checks["checks"]["auth_service"], false);
 
     // auth-service comes back (same address, same database): the edge recovers by itself.
     auth.relaunch().await.expect("relaunch");
@@ -888,12 +891,8 @@ async fn auth_service_down_is_503_with_retry_after_and_recovery_needs_no_restart
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(recovered, "the edge never recovered");
-    assert_eq!(
-        send(&api, Method::GET, "/readyz", None, None, &[])
-            .await
-            .status,
-        StatusCode::OK
-    );
+    let (ready, checks) = api.readiness(StatusCode::OK).await.expect("readyz");
+    assert_eq!(ready, StatusCode::OK, "{checks}");
 }
 
 #[tokio::test]

@@ -76,13 +76,11 @@ async fn postgres_down_is_503_in_the_contract_shape_and_both_services_recover() 
         "{body}"
     );
     assert!(body["error"]["request_id"].is_string());
-    let ready = api
-        .http()
-        .get(api.url("/readyz"))
-        .send()
+    let (ready, checks) = api
+        .readiness(StatusCode::SERVICE_UNAVAILABLE)
         .await
         .expect("readyz");
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE, "{checks}");
 
     // PostgreSQL comes back: both recover without a restart.
     proxy.restore();
@@ -98,11 +96,6 @@ async fn postgres_down_is_503_in_the_contract_shape_and_both_services_recover() 
         recovered,
         "the services never recovered once PostgreSQL was back"
     );
-    let ready = api
-        .http()
-        .get(api.url("/readyz"))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), StatusCode::OK);
+    let (ready, checks) = api.readiness(StatusCode::OK).await.expect("readyz");
+    assert_eq!(ready, StatusCode::OK, "{checks}");
 }

@@ -2,13 +2,56 @@
 //! database answer, and it is not draining).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::AuthApi;
+use crate::db::Db;
 use crate::state::AppState;
+
+/// How long one look at the dependencies answers /readyz.
+pub const READY_CHECK_TTL: Duration = Duration::from_secs(1);
+
+/// The dependencies' last look, shared by every /readyz: the path is public and needs no
+/// token, so a flood of it must not become a flood of database pings (each holding a pool
+/// connection that requests need) and health calls to auth-service. One look runs at a time;
+/// the requests that come meanwhile, or within [`READY_CHECK_TTL`] after, take its answer.
+/// Probes ask every few seconds, so a second's age changes nothing for them.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    last: tokio::sync::Mutex<Option<Looked>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Looked {
+    at: Instant,
+    auth_service: bool,
+    database: bool,
+}
+
+impl Readiness {
+    /// Whether auth-service and the database answer: `(auth_service, database)`.
+    pub async fn check(&self, auth: &dyn AuthApi, db: &Db) -> (bool, bool) {
+        // Held across the look on purpose: the callers queued behind it take its answer.
+        let mut last = self.last.lock().await;
+        if let Some(looked) = *last
+            && looked.at.elapsed() < READY_CHECK_TTL
+        {
+            return (looked.auth_service, looked.database);
+        }
+        let (auth_service, database) = tokio::join!(auth.ready(), db.ping());
+        *last = Some(Looked {
+            at: Instant::now(),
+            auth_service,
+            database,
+        });
+        (auth_service, database)
+    }
+}
 
 /// A health answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -44,11 +87,11 @@ pub async fn healthz() -> axum::Json<Health> {
 /// Ready to serve.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "auth-service and the database answer", body = Health),
+        (status = 200, description = "auth-service and the database answer (as seen at most a second ago)", body = Health),
         (status = 503, description = "A dependency is down, or the process is draining", body = Health),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Health>) {
-    let (auth_service, database) = tokio::join!(state.auth.ready(), state.db.ping());
+    let (auth_service, database) = state.readiness.check(&*state.auth, &state.db).await;
     let draining = state.draining.load(Ordering::Relaxed);
     let ok = auth_service && database && !draining;
     let status = if ok {

@@ -461,6 +461,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             trusted_proxy_hops: 0,
             draining: Arc::new(AtomicBool::new(false)),
+            readiness: crate::routes::health::Readiness::default(),
         })
     }
 
@@ -755,6 +756,39 @@ mod tests {
                     code: "phone-code-1".to_owned()
                 }
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn readyz_looks_at_the_dependencies_once_for_the_requests_that_come_together() {
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::default());
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+        let app = router(state, limits());
+
+        // Act: eight at once, then one more after the look has aged.
+        let together = futures_util::future::join_all((0..8).map(|_| call(app.clone(), "/readyz")));
+        let answers = together.await;
+        let first_look = auth.take_calls();
+        tokio::time::sleep(health::READY_CHECK_TTL + Duration::from_millis(50)).await;
+        let (later, _, _) = call(app, "/readyz").await;
+
+        // Assert
+        for (status, _, body) in &answers {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            assert_eq!(body["checks"]["auth_service"], true, "{body}");
+        }
+        assert_eq!(
+            first_look,
+            [Call::Other("Health/Check")],
+            "one look for all eight"
+        );
+        assert_eq!(later, StatusCode::OK);
+        assert_eq!(
+            auth.take_calls(),
+            [Call::Other("Health/Check")],
+            "looked again"
         );
     }
 

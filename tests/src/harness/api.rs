@@ -118,6 +118,26 @@ impl ApiProcess {
         &self.http
     }
 
+    /// /readyz's answer (status and body) once its status is `want`, asked every 50 ms
+    /// for up to 5 s (the edge answers from a look at most a second old); the last answer
+    /// if it never is.
+    pub async fn readiness(
+        &self,
+        want: reqwest::StatusCode,
+    ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = self.http.get(self.url("/readyz")).send().await?;
+            let status = answer.status();
+            let body: serde_json::Value =
+                serde_json::from_slice(&answer.bytes().await?).context("/readyz's body")?;
+            if status == want || tokio::time::Instant::now() > deadline {
+                return Ok((status, body));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The process, to signal or stop it.
     pub fn process_mut(&mut self) -> &mut Process {
         &mut self.process
