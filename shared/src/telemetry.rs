@@ -46,9 +46,14 @@ where
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,h2=warn,hyper=warn,tower=warn";
 
 /// The filter `RUST_LOG`'s value asks for, and whether that value had to be set aside as
-/// unreadable (the default then applies, and [`init`] says so once it can log).
+/// unreadable (the default then applies, and [`init`] says so once it can log). An empty
+/// value, or one of only whitespace, counts as unset, as for every other setting: the
+/// default applies, without a warning (`EnvFilter` would read it as "log nothing").
 fn log_filter(value: Option<&str>) -> (EnvFilter, bool) {
-    match value.map(EnvFilter::try_new) {
+    match value
+        .filter(|v| !v.trim().is_empty())
+        .map(EnvFilter::try_new)
+    {
         Some(Ok(filter)) => (filter, false),
         Some(Err(_)) => (EnvFilter::new(DEFAULT_LOG_FILTER), true),
         None => (EnvFilter::new(DEFAULT_LOG_FILTER), false),
@@ -400,6 +405,25 @@ mod tests {
             assert_eq!(
                 filter.to_string(),
                 EnvFilter::new(DEFAULT_LOG_FILTER).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_rust_log_counts_as_unset() {
+        // Arrange
+        let default = EnvFilter::new(DEFAULT_LOG_FILTER);
+        for empty in ["", " ", "\t\n "] {
+            // Act
+            let (filter, unreadable) = log_filter(Some(empty));
+
+            // Assert
+            assert!(!unreadable, "{empty:?}");
+            assert_eq!(filter.to_string(), default.to_string(), "{empty:?}");
+            assert_eq!(
+                filter.max_level_hint(),
+                Some(tracing::level_filters::LevelFilter::INFO),
+                "{empty:?}"
             );
         }
     }

@@ -71,7 +71,8 @@ impl std::fmt::Debug for SessionKey {
 
 /// The app's access_token as stable_token answered it.
 pub struct AppAccessToken {
-    /// The token (up to 512 characters). Never log it.
+    /// The token (WeChat asks for room for 512 characters; up to 2048 are taken). Never log
+    /// it.
     pub token: SecretString,
     /// How long WeChat says it stays valid.
     pub expires_in: Duration,
