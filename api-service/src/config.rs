@@ -143,18 +143,13 @@ impl Settings {
 
         // Idempotency keys stay in the database, written in the same transaction as the note
         // (stronger than Redis could make them); Redis holds the profiles' stamps.
-        let redis_url = match get("API_REDIS_URL") {
-            None => None,
-            Some(url) => {
-                let ok = url::Url::parse(url.trim()).ok().is_some_and(|u| {
-                    matches!(u.scheme(), "redis" | "rediss") && u.host().is_some()
-                });
-                if !ok {
-                    return Err(bad("API_REDIS_URL", "must be a redis:// or rediss:// URL"));
-                }
-                Some(SecretString::from(url.trim().to_owned()))
-            }
-        };
+        // Checked as redis-rs will read it, as auth-service checks AUTH_REDIS_URL, even where
+        // SQLite leaves it unused: a malformed URL is a mistake whichever database is set.
+        let redis_url = get("API_REDIS_URL")
+            .map(|url| {
+                shared::LazyRedis::check_url(&url).map_err(|problem| bad("API_REDIS_URL", problem))
+            })
+            .transpose()?;
         let pool_size = shared::postgres::pool_size(get("API_DATABASE_MAX_CONNECTIONS").as_deref())
             .map_err(|problem| bad("API_DATABASE_MAX_CONNECTIONS", problem))?;
         let database = database(get("API_DATABASE_URL"), pool_size)?;
@@ -463,6 +458,42 @@ mod tests {
             };
             assert_eq!(err.name, expected, "{value}");
             assert!(!err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_redis_url_redis_rs_cannot_read_stops_start_up_without_being_quoted() {
+        // Arrange
+        let url = "redis://:pw-secret@redis.internal:6379/not-a-db";
+
+        // Act
+        let err = load(&[("API_REDIS_URL", url)]).expect_err("not a database number");
+
+        // Assert
+        assert_eq!(err.name, "API_REDIS_URL");
+        assert!(err.problem.contains("is not usable"), "{err}");
+        assert!(!err.to_string().contains("pw-secret"), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_are_kept_trimmed_and_secret() {
+        // Arrange
+        let urls = [
+            "redis://127.0.0.1:6379",
+            " redis://:pw-secret@10.0.0.5:6380/2 ",
+            "rediss://user:pw-secret@redis.internal",
+        ];
+
+        for url in urls {
+            // Act
+            let s = load(&[("API_REDIS_URL", url)]).expect(url);
+
+            // Assert
+            assert_eq!(
+                s.redis_url.as_ref().map(|u| u.expose_secret().to_owned()),
+                Some(url.trim().to_owned())
+            );
+            assert!(!format!("{s:?}").contains("pw-secret"), "{url}");
         }
     }
 

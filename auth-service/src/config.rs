@@ -368,23 +368,7 @@ fn api_base(raw: &str) -> Result<reqwest::Url, ConfigError> {
 /// Checks `AUTH_REDIS_URL` as redis-rs will read it, without echoing it (it may hold a
 /// password).
 fn redis_url(url: String) -> Result<SecretString, ConfigError> {
-    const NAME: &str = "AUTH_REDIS_URL";
-    let url = SecretString::from(url.trim().to_owned());
-    let parsed = reqwest::Url::parse(url.expose_secret()).map_err(|_| {
-        bad(
-            NAME,
-            "must be a URL like redis://HOST:PORT/DB or rediss://…",
-        )
-    })?;
-    if !matches!(parsed.scheme(), "redis" | "rediss") {
-        return Err(bad(NAME, "must start with redis:// or rediss://"));
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(bad(NAME, "needs a host, like redis://127.0.0.1:6379"));
-    }
-    redis::IntoConnectionInfo::into_connection_info(parsed)
-        .map_err(|e| bad(NAME, format!("is not usable: {e}")))?;
-    Ok(url)
+    shared::LazyRedis::check_url(&url).map_err(|problem| bad("AUTH_REDIS_URL", problem))
 }
 
 fn database(url: Option<String>, max_connections: u32) -> Result<DatabaseSettings, ConfigError> {

@@ -15,4 +15,4 @@ pub mod telemetry;
 
 pub use kept::{Kept, Read, Stamp, WRITE_ENDED_LUA, WRITE_STARTED_LUA, WRITING, Write, is_writing};
 pub use one_process::{OneProcess, TURN_WAIT, WriteTurn};
-pub use redis::LazyRedis;
+pub use redis::{LazyRedis, REST_AFTER_FAILURE, Rest};

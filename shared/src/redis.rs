@@ -2,6 +2,7 @@
 //! while Redis is down.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -42,6 +43,24 @@ impl std::fmt::Debug for LazyRedis {
 }
 
 impl LazyRedis {
+    /// Checks a Redis URL setting as [`LazyRedis::new`] will read it, and answers it trimmed,
+    /// as the secret it is: `redis://` or `rediss://`, a host, and the rest (database number,
+    /// credentials, query) as redis-rs reads them. The error is the problem, for the caller to
+    /// name the setting. It never quotes the URL, which may hold a password (redis-rs' own
+    /// messages never repeat it).
+    pub fn check_url(url: &str) -> Result<SecretString, String> {
+        let url = url.trim();
+        let parsed = redis::parse_redis_url(url)
+            .filter(|u| matches!(u.scheme(), "redis" | "rediss"))
+            .ok_or("must be a redis:// or rediss:// URL, like redis://HOST:PORT/DB")?;
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err("needs a host, like redis://127.0.0.1:6379".into());
+        }
+        redis::IntoConnectionInfo::into_connection_info(parsed)
+            .map_err(|e| format!("is not usable: {e}"))?;
+        Ok(SecretString::from(url.to_owned()))
+    }
+
     /// Reads `url` (`redis://` or `rediss://`) only: nothing is connected yet.
     pub fn new(url: &SecretString) -> anyhow::Result<Self> {
         // redis-rs' messages about a URL never repeat it, so the password stays out.
@@ -99,9 +118,119 @@ impl LazyRedis {
     }
 }
 
+/// After a Redis call fails, how long the calls that follow are answered without asking
+/// Redis, all but one: the first call after that long asks it again. A Redis that hangs (a
+/// lost node, a partition) costs each call it is asked its full timeout; without the rest,
+/// every request would pay it, one call after the other.
+pub const REST_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Whether to ask Redis now: always while it answers (one atomic load), else once per
+/// [`REST_AFTER_FAILURE`]. The caller answers the calls it does not send as it answers a
+/// failure.
+#[derive(Debug, Default)]
+pub struct Rest {
+    /// A call failed since Redis last answered.
+    failing: AtomicBool,
+    /// While failing: until when calls do not ask Redis.
+    until: Mutex<Option<Instant>>,
+}
+
+impl Rest {
+    /// Whether a call made at `now` asks Redis. After a rest, the first call to ask takes
+    /// the next rest's start: the calls that come while it waits do not ask too.
+    pub fn ask(&self, now: Instant) -> bool {
+        if !self.failing.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        match *until {
+            Some(end) if now < end => false,
+            _ => {
+                *until = Some(now + REST_AFTER_FAILURE);
+                true
+            }
+        }
+    }
+
+    /// A call failed at `now`.
+    pub fn failed(&self, now: Instant) {
+        self.failing.store(true, Ordering::Relaxed);
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + REST_AFTER_FAILURE);
+    }
+
+    /// Redis answered; true if it was failing.
+    pub fn answered(&self) -> bool {
+        if !self.failing.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_failure_one_call_per_rest_asks_redis() {
+        // Arrange
+        let rest = Rest::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(
+            rest.ask(t0) && rest.ask(t0),
+            "every call asks while Redis answers"
+        );
+
+        // Act
+        rest.failed(t0);
+
+        // Assert
+        assert!(!rest.ask(t0 + ms(10)), "resting");
+        assert!(!rest.ask(t0 + REST_AFTER_FAILURE - ms(1)), "still resting");
+        assert!(
+            rest.ask(t0 + REST_AFTER_FAILURE),
+            "the first call after the rest asks"
+        );
+        assert!(
+            !rest.ask(t0 + REST_AFTER_FAILURE + ms(1)),
+            "while it waits, the others do not"
+        );
+        assert!(rest.answered(), "it was failing");
+        assert!(
+            rest.ask(t0 + REST_AFTER_FAILURE + ms(2)),
+            "every call asks again"
+        );
+        assert!(!rest.answered(), "no longer failing");
+    }
+
+    #[test]
+    fn a_url_is_checked_as_redis_rs_reads_it_and_never_quoted() {
+        // Arrange
+        let good = " redis://:pw-secret@10.0.0.5:6380/2\n";
+        let bad = [
+            "http://:pw-secret@127.0.0.1:6379",
+            "redis//:pw-secret@127.0.0.1",
+            "unix:///tmp/pw-secret.sock",
+            "redis://:pw-secret@127.0.0.1:6379/not-a-db",
+            "redis://:pw-secret@127.0.0.1/?protocol=9",
+        ];
+
+        // Act
+        let kept = LazyRedis::check_url(good);
+        let refused = bad.map(LazyRedis::check_url);
+
+        // Assert
+        assert_eq!(
+            kept.map(|u| u.expose_secret().to_owned()),
+            Ok(good.trim().to_owned())
+        );
+        for (url, answer) in bad.iter().zip(refused) {
+            let problem = answer.map(|_| ()).expect_err(url);
+            assert!(!problem.contains("pw-secret"), "{url}: {problem}");
+        }
+    }
 
     #[tokio::test]
     async fn nothing_listening_fails_promptly_then_at_once_and_the_url_stays_out() {

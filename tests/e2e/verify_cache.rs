@@ -531,8 +531,23 @@ async fn batches_and_calls_together_are_answered_from_memory_again_once_redis_is
     );
 
     // Act 2: Redis is back; the database answers once more (and marks the sessions alive).
+    // A rests from Redis for a second after each failure; its health report's PING (every
+    // 2 s) or its first call after the rest finds Redis again, and says so.
+    let found_again = || {
+        p.auth[0]
+            .logs()
+            .iter()
+            .filter(|l| l.contains("Redis answers again"))
+            .count()
+    };
+    let before = found_again();
     cut.redis.restore();
     wait_for_redis_health(&p.auth[0], ServingStatus::Serving).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while found_again() == before {
+        assert!(Instant::now() < deadline, "A never used Redis again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     accepted(
         &verify_batch(&mut p.a, &both).await,
         &[&x.openid, &y.openid],

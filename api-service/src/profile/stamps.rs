@@ -17,7 +17,9 @@
 //! read counts as `writing`, and a change that cannot set `writing` is refused (503
 //! `unavailable`), since the other replicas could not be told of it. The connection is
 //! lazy ([`LazyRedis`]: the edge starts while Redis is down) and reconnects by itself;
-//! every call gives up after [`CALL_DEADLINE`].
+//! every call gives up after [`CALL_DEADLINE`], and after a failure the calls of the next
+//! [`shared::REST_AFTER_FAILURE`] are not sent (but for one, and for the end of a change):
+//! a Redis that hangs costs one call's timeout per rest, not every read's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,7 +28,7 @@ use anyhow::anyhow;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use secrecy::SecretString;
-use shared::{LazyRedis, Stamp};
+use shared::{LazyRedis, Rest, Stamp};
 use tracing::warn;
 
 use crate::error::ApiError;
@@ -51,6 +53,8 @@ pub struct Stamps {
     write_ended: Script,
     /// When the last warning was logged (ms since the epoch).
     warned_at: AtomicU64,
+    /// Whether to ask Redis after a failure.
+    rest: Rest,
 }
 
 impl std::fmt::Debug for Stamps {
@@ -70,6 +74,7 @@ impl Stamps {
             write_started: Script::new(shared::WRITE_STARTED_LUA),
             write_ended: Script::new(shared::WRITE_ENDED_LUA),
             warned_at: AtomicU64::new(0),
+            rest: Rest::default(),
         })
     }
 
@@ -146,9 +151,11 @@ impl Stamps {
 
     /// That change ended (committed or not): the stamp goes; if Redis does not take it,
     /// `writing` lapses by itself.
+    /// Sent even while Redis rests after a failure: without it, the user's profile is read
+    /// from the database until `writing` lapses.
     pub async fn write_ended(&self, openid: &str) {
         let deleted = self
-            .call("DEL", |mut conn| async move {
+            .send("DEL", |mut conn| async move {
                 self.write_ended
                     .key(Self::key(openid))
                     .invoke_async::<i64>(&mut conn)
@@ -161,8 +168,22 @@ impl Stamps {
         }
     }
 
-    /// Runs one command on the connection under [`CALL_DEADLINE`].
+    /// Runs one command on the connection under [`CALL_DEADLINE`], unless Redis rests after
+    /// a failure (then an error, and nothing is sent).
     async fn call<T, F, Fut>(&self, what: &'static str, command: F) -> anyhow::Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        if !self.rest.ask(tokio::time::Instant::now()) {
+            return Err(anyhow!("Redis failed moments ago: {what} not sent"));
+        }
+        self.send(what, command).await
+    }
+
+    /// Runs one command on the connection under [`CALL_DEADLINE`], rest or not, and records
+    /// whether Redis answered.
+    async fn send<T, F, Fut>(&self, what: &'static str, command: F) -> anyhow::Result<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -173,9 +194,16 @@ impl Stamps {
                 .await
                 .map_err(|e| anyhow::Error::new(e).context(format!("Redis {what} failed")))
         };
-        tokio::time::timeout(CALL_DEADLINE, run)
+        let answer = tokio::time::timeout(CALL_DEADLINE, run)
             .await
-            .map_err(|_| anyhow!("Redis {what} did not finish within {CALL_DEADLINE:?}"))?
+            .map_err(|_| anyhow!("Redis {what} did not finish within {CALL_DEADLINE:?}"))
+            .and_then(|answer| answer);
+        if answer.is_ok() {
+            self.rest.answered();
+        } else {
+            self.rest.failed(tokio::time::Instant::now());
+        }
+        answer
     }
 
     /// Logs a failure, at most once per [`WARN_EVERY_MS`].

@@ -3,8 +3,11 @@
 //! Every call goes to Redis first. When Redis fails (down, restarting, too slow: see
 //! [`super::RedisCache`]'s deadline), the call is answered by the in-process
 //! [`super::MemoryCache`] instead, and a warning is logged (at most once per
-//! [`WARN_EVERY`], with the number of failures in between), so logins keep working. When
-//! Redis answers again the next calls use it: nothing needs a restart.
+//! [`WARN_EVERY`], with the number of failures in between), so logins keep working. After a
+//! failure, the calls of the next [`shared::REST_AFTER_FAILURE`] are answered that way without
+//! asking Redis, but for one call that asks again once the rest is over: a Redis that hangs
+//! then costs one call a timeout per rest, not every call. When Redis answers again (that
+//! call, or the health report's PING) the next calls use it: nothing needs a restart.
 //!
 //! What an outage costs: each replica counts the login rate on its own, and claims codes
 //! on its own. A code raced on two replicas during the outage may then reach WeChat twice;
@@ -27,10 +30,10 @@
 //! as `wxauth.redis` (see `startup`).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use shared::Rest;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -48,6 +51,8 @@ struct Warnings {
     last: Option<Instant>,
     /// Failures since then that were not logged.
     suppressed: u64,
+    /// Calls answered without asking Redis since then.
+    not_asked: u64,
 }
 
 /// Redis first, the in-process cache when Redis fails.
@@ -55,8 +60,7 @@ struct Warnings {
 pub struct FallbackCache {
     primary: RedisCache,
     local: MemoryCache,
-    /// A call fell back since Redis last answered.
-    degraded: AtomicBool,
+    rest: Rest,
     warnings: Mutex<Warnings>,
 }
 
@@ -66,28 +70,31 @@ impl FallbackCache {
         Self {
             primary,
             local,
-            degraded: AtomicBool::new(false),
+            rest: Rest::default(),
             warnings: Mutex::new(Warnings::default()),
         }
     }
 
-    /// True when Redis answers a PING now.
+    /// True when Redis answers a PING now. A PING that answers ends a rest after failures
+    /// (the health report asks every 2 s).
     pub async fn redis_ok(&self) -> bool {
-        self.primary.ping().await.is_ok()
+        let ok = self.primary.ping().await.is_ok();
+        if ok {
+            self.answered();
+        }
+        ok
     }
 
     fn answered(&self) {
-        if self.degraded.swap(false, Ordering::Relaxed) {
+        if self.rest.answered() {
             info!("Redis answers again: the shared cache is in use");
         }
     }
 
     fn fell_back(&self, operation: &'static str, e: &CacheError) {
-        self.degraded.store(true, Ordering::Relaxed);
-        let Ok(mut w) = self.warnings.lock() else {
-            return;
-        };
         let now = Instant::now();
+        self.rest.failed(now);
+        let mut w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
         if w.last
             .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
         {
@@ -98,10 +105,40 @@ impl FallbackCache {
             operation,
             error = format!("{:#}", e.0),
             failures_not_logged = w.suppressed,
+            calls_not_sent = w.not_asked,
             "Redis does not answer: the in-process cache stands in (not shared with other replicas)"
         );
         w.last = Some(now);
         w.suppressed = 0;
+        w.not_asked = 0;
+    }
+
+    /// `call` to Redis, unless Redis is resting after a failure (then an error, and `call`
+    /// is never sent); its outcome is recorded either way.
+    async fn redis<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, CacheError>>,
+    ) -> Result<T, CacheError> {
+        if !self.rest.ask(Instant::now()) {
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .not_asked += 1;
+            return Err(CacheError(anyhow::anyhow!(
+                "Redis failed moments ago: not asked for {operation}"
+            )));
+        }
+        match call.await {
+            Ok(answer) => {
+                self.answered();
+                Ok(answer)
+            }
+            Err(e) => {
+                self.fell_back(operation, &e);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -112,15 +149,12 @@ impl Cache for FallbackCache {
         code: &str,
         in_flight_ttl: Duration,
     ) -> Result<CodeClaim, CacheError> {
-        match self.primary.claim_code(code, in_flight_ttl).await {
-            Ok(claim) => {
-                self.answered();
-                Ok(claim)
-            }
-            Err(e) => {
-                self.fell_back("claim_code", &e);
-                self.local.claim_code(code, in_flight_ttl).await
-            }
+        match self
+            .redis("claim_code", self.primary.claim_code(code, in_flight_ttl))
+            .await
+        {
+            Ok(claim) => Ok(claim),
+            Err(_) => self.local.claim_code(code, in_flight_ttl).await,
         }
     }
 
@@ -132,10 +166,13 @@ impl Cache for FallbackCache {
     ) -> Result<(), CacheError> {
         // The claim may have been taken here while Redis was away: end it here too.
         self.local.finish_code(code, used, used_ttl).await?;
-        match self.primary.finish_code(code, used, used_ttl).await {
-            Ok(()) => self.answered(),
-            Err(e) => self.fell_back("finish_code", &e),
-        }
+        // Best effort: an in-flight claim Redis keeps lapses by itself.
+        let _ = self
+            .redis(
+                "finish_code",
+                self.primary.finish_code(code, used, used_ttl),
+            )
+            .await;
         Ok(())
     }
 
@@ -145,39 +182,33 @@ impl Cache for FallbackCache {
         limit: u32,
         window: Duration,
     ) -> Result<RateDecision, CacheError> {
-        match self.primary.hit(key, limit, window).await {
-            Ok(decision) => {
-                self.answered();
-                Ok(decision)
-            }
-            Err(e) => {
-                self.fell_back("hit", &e);
-                self.local.hit(key, limit, window).await
-            }
+        match self
+            .redis("hit", self.primary.hit(key, limit, window))
+            .await
+        {
+            Ok(decision) => Ok(decision),
+            Err(_) => self.local.hit(key, limit, window).await,
         }
     }
 
     async fn session_mark(&self, session_id: &str) -> Result<Option<SessionMark>, CacheError> {
-        match self.primary.session_mark(session_id).await {
-            Ok(mark) => {
-                self.answered();
-                Ok(mark)
-            }
-            Err(e) => {
-                self.fell_back("session_mark", &e);
-                Ok(None)
-            }
-        }
+        // No mark: `Verify` asks the database.
+        Ok(self
+            .redis("session_mark", self.primary.session_mark(session_id))
+            .await
+            .unwrap_or(None))
     }
 
     async fn mark_alive(&self, session_id: &str, ttl: Duration) -> Result<(), CacheError> {
-        match self.primary.mark_alive(session_id, ttl).await {
-            Ok(()) => self.answered(),
-            Err(e) => self.fell_back("mark_alive", &e),
-        }
+        // Best effort: without it the next `Verify` asks the database again.
+        let _ = self
+            .redis("mark_alive", self.primary.mark_alive(session_id, ttl))
+            .await;
         Ok(())
     }
 
+    /// Always sent to Redis, even while it rests: an end's mark is what keeps the other
+    /// replicas from answering the session from memory, and ends are few.
     async fn mark_ended(&self, session_ids: &[String], ttl: Duration) -> Result<(), CacheError> {
         match self.primary.mark_ended(session_ids, ttl).await {
             Ok(()) => {
@@ -196,20 +227,14 @@ impl Cache for FallbackCache {
         session_id: &str,
         openid: &str,
     ) -> Result<(Option<SessionMark>, PhoneStamp), CacheError> {
-        match self
-            .primary
-            .session_mark_and_phone_stamp(session_id, openid)
+        Ok(self
+            .redis(
+                "session_mark_and_phone_stamp",
+                self.primary
+                    .session_mark_and_phone_stamp(session_id, openid),
+            )
             .await
-        {
-            Ok(both) => {
-                self.answered();
-                Ok(both)
-            }
-            Err(e) => {
-                self.fell_back("session_mark_and_phone_stamp", &e);
-                Ok((None, PhoneStamp::Unusable))
-            }
-        }
+            .unwrap_or((None, PhoneStamp::Unusable)))
     }
 
     fn reads_marks_at_once(&self) -> bool {
@@ -217,67 +242,47 @@ impl Cache for FallbackCache {
     }
 
     async fn session_marks(&self, asks: &[MarkAsk<'_>]) -> Result<Vec<MarkRead>, CacheError> {
-        match self.primary.session_marks(asks).await {
-            Ok(read) => {
-                self.answered();
-                Ok(read)
-            }
-            Err(e) => {
-                // As each of them alone: no mark, and an unusable stamp.
-                self.fell_back("session_marks", &e);
-                Ok(asks
-                    .iter()
-                    .map(|ask| (None, ask.phone_of.map(|_| PhoneStamp::Unusable)))
-                    .collect())
-            }
+        match self
+            .redis("session_marks", self.primary.session_marks(asks))
+            .await
+        {
+            Ok(read) => Ok(read),
+            // As each of them alone: no mark, and an unusable stamp.
+            Err(_) => Ok(asks
+                .iter()
+                .map(|ask| (None, ask.phone_of.map(|_| PhoneStamp::Unusable)))
+                .collect()),
         }
     }
 
     async fn phone_stamp(&self, openid: &str) -> Result<PhoneStamp, CacheError> {
-        match self.primary.phone_stamp(openid).await {
-            Ok(stamp) => {
-                self.answered();
-                Ok(stamp)
-            }
-            Err(e) => {
-                self.fell_back("phone_stamp", &e);
-                Ok(PhoneStamp::Unusable)
-            }
-        }
+        Ok(self
+            .redis("phone_stamp", self.primary.phone_stamp(openid))
+            .await
+            .unwrap_or(PhoneStamp::Unusable))
     }
 
     async fn new_phone_stamp(&self, openid: &str) -> Result<Option<String>, CacheError> {
-        match self.primary.new_phone_stamp(openid).await {
-            Ok(stamp) => {
-                self.answered();
-                Ok(stamp)
-            }
-            Err(e) => {
-                self.fell_back("new_phone_stamp", &e);
-                Ok(None)
-            }
-        }
+        Ok(self
+            .redis("new_phone_stamp", self.primary.new_phone_stamp(openid))
+            .await
+            .unwrap_or(None))
     }
 
     async fn phone_write_started(&self, openid: &str, ttl: Duration) -> Result<(), CacheError> {
         // Not answered from memory: the other replicas would go on using their copies.
-        match self.primary.phone_write_started(openid, ttl).await {
-            Ok(()) => {
-                self.answered();
-                Ok(())
-            }
-            Err(e) => {
-                self.fell_back("phone_write_started", &e);
-                Err(e)
-            }
-        }
+        self.redis(
+            "phone_write_started",
+            self.primary.phone_write_started(openid, ttl),
+        )
+        .await
     }
 
     async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
-        match self.primary.phone_write_ended(openid).await {
-            Ok(()) => self.answered(),
-            Err(e) => self.fell_back("phone_write_ended", &e),
-        }
+        // Best effort: the write's mark lapses by itself.
+        let _ = self
+            .redis("phone_write_ended", self.primary.phone_write_ended(openid))
+            .await;
         Ok(())
     }
 

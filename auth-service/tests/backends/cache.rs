@@ -13,6 +13,7 @@ use auth_service::cache::{
     SessionMark,
 };
 use secrecy::SecretString;
+use shared::REST_AFTER_FAILURE;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -584,6 +585,130 @@ async fn the_fallback_never_answers_a_session_mark_from_memory() {
             .is_err(),
         "an end's mark that Redis did not take is reported, to be retried"
     );
+}
+
+/// A TCP proxy to Redis that can hang: once frozen it forwards nothing either way and keeps
+/// every connection open, as a Redis on a lost node would, and counts the bytes clients
+/// still send it.
+struct HangingRedis {
+    addr: std::net::SocketAddr,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+    sent_while_frozen: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HangingRedis {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let frozen = Arc::new(tokio::sync::watch::channel(false).0);
+        let sent_while_frozen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (f, sent) = (frozen.clone(), sent_while_frozen.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (mut frozen, sent) = (f.subscribe(), sent.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = frozen.wait_for(|f| *f) => {}
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = client.read(&mut buf).await {
+                        sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    drop(server);
+                });
+            }
+        });
+        Self {
+            addr,
+            frozen,
+            sent_while_frozen,
+            task,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn sent_while_frozen(&self) -> usize {
+        self.sent_while_frozen
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HangingRedis {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_hung_redis_is_asked_once_per_rest_not_by_every_call() {
+    // Arrange: a fallback whose Redis answers, then hangs.
+    let External::Run(url) =
+        support::redis("cache::a_hung_redis_is_asked_once_per_rest_not_by_every_call")
+    else {
+        return;
+    };
+    let mut via = url::Url::parse(&url).expect("a Redis URL");
+    let target = via
+        .socket_addrs(|| Some(6379))
+        .expect("Redis's address")
+        .into_iter()
+        .next()
+        .expect("an address");
+    let proxy = HangingRedis::start(target).await;
+    via.set_ip_host(proxy.addr.ip()).expect("an IP host");
+    via.set_port(Some(proxy.addr.port())).expect("a port");
+    let cache = FallbackCache::new(redis_at(via.as_str(), &new_appid()), MemoryCache::new());
+    let s = code();
+    cache
+        .mark_alive(&s, Duration::from_secs(30))
+        .await
+        .expect("best effort");
+    assert_eq!(
+        mark(&cache, &s).await,
+        Some(SessionMark::Alive),
+        "Redis answers"
+    );
+    proxy.freeze();
+
+    // Act: the first call waits for its timeout; the calls right after it are answered
+    // without asking.
+    assert_eq!(
+        mark(&cache, &s).await,
+        None,
+        "no mark: the database answers"
+    );
+    let asked_once = proxy.sent_while_frozen();
+    for _ in 0..10 {
+        assert_eq!(mark(&cache, &s).await, None);
+        cache
+            .mark_alive(&s, Duration::from_secs(30))
+            .await
+            .expect("best effort");
+        assert_eq!(
+            hit(&cache, "ip", 100, Duration::from_secs(60)).await,
+            RateDecision::Allowed
+        );
+    }
+    let resting = proxy.sent_while_frozen();
+    tokio::time::sleep(REST_AFTER_FAILURE).await;
+    assert_eq!(mark(&cache, &s).await, None);
+    let after_rest = proxy.sent_while_frozen();
+
+    // Assert
+    assert!(asked_once > 0, "the first call was sent");
+    assert_eq!(resting, asked_once, "nothing sent while resting");
+    assert!(after_rest > resting, "asked again after the rest");
 }
 
 #[tokio::test]
