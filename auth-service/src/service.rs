@@ -45,9 +45,9 @@ const ENDED_FOR: Duration = Duration::from_secs(600);
 /// WeChat, if it cannot clear it (far above one database write; until then that user's
 /// number is read from the database on every call).
 const PHONE_WRITE_FOR: Duration = Duration::from_secs(300);
-/// How many timeline events, and how many ended sessions, one statement of housekeeping's
-/// retention deletes at most.
-const FORGET_BATCH: u32 = 5_000;
+/// How many rows one statement of housekeeping changes at most: token rows purged, successor
+/// pairs cleared, timeline events and ended sessions forgotten.
+const HOUSEKEEPING_BATCH: u32 = 5_000;
 /// How often an end's mark that the cache did not take is tried again.
 const MARK_RETRY: Duration = Duration::from_secs(1);
 /// How long this process refuses to answer from memory for a session it ended whose mark
@@ -1078,7 +1078,12 @@ impl AuthCore {
         // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
         let purged = self
             .store
-            .purge(now, 86_400_000, millis(self.policy.refresh_grace))
+            .purge(
+                now,
+                86_400_000,
+                millis(self.policy.refresh_grace),
+                HOUSEKEEPING_BATCH,
+            )
             .await;
         let ((events, sessions), forgotten) = self.forget_history(now).await;
         if events > 0 || sessions > 0 {
@@ -1104,13 +1109,13 @@ impl AuthCore {
         let before = now.saturating_sub(millis(self.policy.history_retention));
         let (mut events, mut sessions) = (0, 0);
         loop {
-            let (e, s) = match self.store.forget(before, FORGET_BATCH).await {
+            let (e, s) = match self.store.forget(before, HOUSEKEEPING_BATCH).await {
                 Ok(counts) => counts,
                 Err(err) => return ((events, sessions), Err(err)),
             };
             events += e;
             sessions += s;
-            if e < u64::from(FORGET_BATCH) && s < u64::from(FORGET_BATCH) {
+            if e < u64::from(HOUSEKEEPING_BATCH) && s < u64::from(HOUSEKEEPING_BATCH) {
                 return ((events, sessions), Ok(()));
             }
         }
@@ -1337,7 +1342,7 @@ mod tests {
                 "canceling statement due to statement timeout"
             )))
         }
-        async fn purge(&self, _: Millis, _: Millis, _: Millis) -> Result<u64, StoreError> {
+        async fn purge(&self, _: Millis, _: Millis, _: Millis, _: u32) -> Result<u64, StoreError> {
             self.purges.fetch_add(1, Ordering::SeqCst);
             Ok(0)
         }
@@ -1686,7 +1691,7 @@ mod tests {
             Arc::new(MemoryCache::new()),
             &[("AUTH_HISTORY_RETENTION", "40d")],
         );
-        let full = u64::from(FORGET_BATCH);
+        let full = u64::from(HOUSEKEEPING_BATCH);
 
         let before = now_millis();
         let (forgotten, outcome) = core.forget_history(before).await;
@@ -1706,7 +1711,7 @@ mod tests {
             Arc::new(MemoryCache::new()),
             &[("AUTH_HISTORY_RETENTION", "40d")],
         );
-        let full = u64::from(FORGET_BATCH);
+        let full = u64::from(HOUSEKEEPING_BATCH);
 
         let (forgotten, outcome) = core.forget_history(now_millis()).await;
 

@@ -234,9 +234,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError>;
 
     /// Deletes token rows dead for longer than `keep` and clears successor pairs older than
-    /// `grace` plus [`SUCCESSOR_MARGIN`] ([`successors_rotated_before`]); returns how many
-    /// rows changed.
-    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError>;
+    /// `grace` plus [`SUCCESSOR_MARGIN`] ([`successors_rotated_before`]), at most `batch`
+    /// rows of each a transaction ([`PURGE_ACCESS`], [`PURGE_REFRESH`],
+    /// [`CLEAR_SUCCESSORS`]), until a transaction finds none of them full: after a backlog
+    /// (a long stop, a failing housekeeping), one statement for everything due would outlast
+    /// PostgreSQL's statement_timeout every time, or hold SQLite's write turn for as long.
+    /// Returns how many rows changed.
+    async fn purge(
+        &self,
+        now: Millis,
+        keep: Millis,
+        grace: Millis,
+        batch: u32,
+    ) -> Result<u64, StoreError>;
 
     /// Deletes, oldest first, at most `batch` timeline events recorded before `before` and
     /// at most `batch` sessions that ended before it ([`FORGET_EVENTS`],
@@ -280,10 +290,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 /// itself still refuses a token presented after the window.
 pub const SUCCESSOR_MARGIN: Millis = 60_000;
 
-/// [`Store::purge`]'s statement that clears the successor pairs of rotations before `$1`, on
-/// both backends (public for the tests that check it finds its rows by index).
-pub const CLEAR_SUCCESSORS: &str =
-    "UPDATE refresh_tokens SET successor = NULL WHERE successor IS NOT NULL AND rotated_at < $1";
+/// [`Store::purge`]'s statement that clears the oldest `$2` successor pairs of rotations
+/// before `$1`, on both backends (public, as the two below, for the tests that check each
+/// finds its rows by index).
+pub const CLEAR_SUCCESSORS: &str = "UPDATE refresh_tokens SET successor = NULL WHERE hash IN \
+     (SELECT hash FROM refresh_tokens WHERE successor IS NOT NULL AND rotated_at < $1 \
+      ORDER BY rotated_at LIMIT $2)";
+
+/// [`Store::purge`]'s statement that deletes the oldest `$2` access token rows that expired
+/// before `$1`, on both backends.
+pub const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE hash IN \
+     (SELECT hash FROM access_tokens WHERE expires_at < $1 ORDER BY expires_at LIMIT $2)";
+
+/// [`Store::purge`]'s statement that deletes the oldest `$2` refresh token rows that expired
+/// before `$1`, on both backends.
+pub const PURGE_REFRESH: &str = "DELETE FROM refresh_tokens WHERE hash IN \
+     (SELECT hash FROM refresh_tokens WHERE expires_at < $1 ORDER BY expires_at LIMIT $2)";
 
 /// [`Store::forget`]'s statement that deletes the oldest `$2` timeline events before `$1`,
 /// on both backends (public for the tests that check it finds its rows by index).

@@ -38,8 +38,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
-    LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
-    StoredAppToken, device, reason, successors_rotated_before,
+    LoginOutcome, NewLogin, Owner, PURGE_ACCESS, PURGE_REFRESH, RotateOutcome, Rotation,
+    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -742,27 +743,34 @@ impl PostgresStore {
         Ok(n)
     }
 
-    async fn purge_once(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, TxError> {
+    /// One batch of [`Store::purge`]: how many rows changed, and whether a statement found a
+    /// full batch (more may be due).
+    async fn purge_once(
+        &self,
+        now: Millis,
+        keep: Millis,
+        grace: Millis,
+        batch: u32,
+    ) -> Result<(u64, bool), TxError> {
         let mut tx = self.pool.begin().await?;
         let dead = now.saturating_sub(keep);
-        let mut n = 0;
-        for sql in [
-            "DELETE FROM access_tokens WHERE expires_at < $1",
-            "DELETE FROM refresh_tokens WHERE expires_at < $1",
+        let (mut n, mut full) = (0, false);
+        for (sql, before) in [
+            (PURGE_ACCESS, dead),
+            (PURGE_REFRESH, dead),
+            (CLEAR_SUCCESSORS, successors_rotated_before(now, grace)),
         ] {
-            n += sqlx::query(sql)
-                .bind(dead)
+            let changed = sqlx::query(sql)
+                .bind(before)
+                .bind(i64::from(batch))
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            n += changed;
+            full |= changed >= u64::from(batch);
         }
-        n += sqlx::query(CLEAR_SUCCESSORS)
-            .bind(successors_rotated_before(now, grace))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         tx.commit().await?;
-        Ok(n)
+        Ok((n, full))
     }
 }
 
@@ -1059,9 +1067,23 @@ impl Store for PostgresStore {
             .await
     }
 
-    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
-        self.transaction("purge", || self.purge_once(now, keep, grace))
-            .await
+    async fn purge(
+        &self,
+        now: Millis,
+        keep: Millis,
+        grace: Millis,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        loop {
+            let (n, full) = self
+                .transaction("purge", || self.purge_once(now, keep, grace, batch))
+                .await?;
+            changed += n;
+            if !full {
+                return Ok(changed);
+            }
+        }
     }
 
     async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {

@@ -96,8 +96,17 @@ impl<S: Store> Store for CallSpanned<S> {
             .await
     }
 
-    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
-        self.0.purge(now, keep, grace).instrument(call_span()).await
+    async fn purge(
+        &self,
+        now: Millis,
+        keep: Millis,
+        grace: Millis,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        self.0
+            .purge(now, keep, grace, batch)
+            .instrument(call_span())
+            .await
     }
 
     async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {

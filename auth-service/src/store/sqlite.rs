@@ -21,8 +21,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
-    LoginOutcome, NewLogin, Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
-    StoredAppToken, device, reason, successors_rotated_before,
+    LoginOutcome, NewLogin, Owner, PURGE_ACCESS, PURGE_REFRESH, RotateOutcome, Rotation,
+    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
+    successors_rotated_before,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -740,29 +741,39 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn purge(&self, now: Millis, keep: Millis, grace: Millis) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write().await?;
+    async fn purge(
+        &self,
+        now: Millis,
+        keep: Millis,
+        grace: Millis,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
         let dead = now.saturating_sub(keep);
-        let mut n = 0;
-        for sql in [
-            "DELETE FROM access_tokens WHERE expires_at < $1",
-            "DELETE FROM refresh_tokens WHERE expires_at < $1",
-        ] {
-            n += sqlx::query(sql)
-                .bind(dead)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .rows_affected();
+        let mut changed = 0;
+        loop {
+            // A write turn per batch: logins and refreshes take theirs in between.
+            let mut tx = self.begin_write().await?;
+            let mut full = false;
+            for (sql, before) in [
+                (PURGE_ACCESS, dead),
+                (PURGE_REFRESH, dead),
+                (CLEAR_SUCCESSORS, successors_rotated_before(now, grace)),
+            ] {
+                let n = sqlx::query(sql)
+                    .bind(before)
+                    .bind(i64::from(batch))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected();
+                changed += n;
+                full |= n >= u64::from(batch);
+            }
+            tx.commit().await?;
+            if !full {
+                return Ok(changed);
+            }
         }
-        n += sqlx::query(CLEAR_SUCCESSORS)
-            .bind(successors_rotated_before(now, grace))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n)
     }
 
     async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {

@@ -11,8 +11,9 @@ use auth_service::domain::{Device, EndReason, EventKind, Millis, SessionEvent, S
 use auth_service::store::postgres::PostgresStore;
 use auth_service::store::sqlite::SqliteStore;
 use auth_service::store::{
-    CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, NewLogin, Owner, RotateOutcome,
-    Rotation, SUCCESSOR_MARGIN, SealedSessionKeys, Store, StoredAppToken,
+    CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, NewLogin, Owner, PURGE_ACCESS,
+    PURGE_REFRESH, RotateOutcome, Rotation, SUCCESSOR_MARGIN, SealedSessionKeys, Store,
+    StoredAppToken,
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
@@ -927,6 +928,8 @@ async fn login_expires_lapsed_sessions_before_the_policy(store: Arc<dyn Store>) 
 async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) {
     const KEEP: Millis = DAY;
     const GRACE: Millis = 10 * SEC;
+    // A row of each statement a transaction: the last purge below takes three.
+    const BATCH: u32 = 1;
     store.login(login("o1", "s1", T0)).await.expect("login");
     store
         .rotate(rotation("s1", "n1", T0 + MIN))
@@ -943,14 +946,17 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
 
     // Within the grace window, and within the margin kept past it: nothing to do.
     for now in [T0 + MIN + 5 * SEC, T0 + MIN + GRACE + SUCCESSOR_MARGIN] {
-        assert_eq!(store.purge(now, KEEP, GRACE).await.expect("purge"), 0);
+        assert_eq!(
+            store.purge(now, KEEP, GRACE, BATCH).await.expect("purge"),
+            0
+        );
         assert_eq!(kept_successor().await, Some(successor("n1")));
     }
 
     // Past both: the successor pair goes, the rotation stays known.
     assert_eq!(
         store
-            .purge(T0 + MIN + GRACE + SUCCESSOR_MARGIN + 1, KEEP, GRACE)
+            .purge(T0 + MIN + GRACE + SUCCESSOR_MARGIN + 1, KEEP, GRACE, BATCH)
             .await
             .expect("purge"),
         1
@@ -960,7 +966,7 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
     // A day after s1's access token expired, it goes; n1's (a minute younger) stays.
     assert_eq!(
         store
-            .purge(T0 + 2 * HOUR + KEEP + 1, KEEP, GRACE)
+            .purge(T0 + 2 * HOUR + KEEP + 1, KEEP, GRACE, BATCH)
             .await
             .expect("purge"),
         1
@@ -979,7 +985,7 @@ async fn purge_deletes_dead_tokens_and_clears_successors(store: Arc<dyn Store>) 
     // Long after everything expired: n1's access token and both refresh tokens.
     assert_eq!(
         store
-            .purge(T0 + MIN + 30 * DAY + KEEP + 1, KEEP, GRACE)
+            .purge(T0 + MIN + 30 * DAY + KEEP + 1, KEEP, GRACE, BATCH)
             .await
             .expect("purge"),
         3
@@ -1004,6 +1010,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
     const EVENTS: &str = "session_events_by_time";
     const ACCESS_BY_SESSION: &str = "access_tokens_by_session";
     const REFRESH_BY_SESSION: &str = "refresh_tokens_by_session";
+    const ACCESS_BY_EXPIRY: &str = "access_tokens_by_expiry";
+    const REFRESH_BY_EXPIRY: &str = "refresh_tokens_by_expiry";
     // The schema is the store's (it migrated on opening); a row or two, as a live one has.
     store.login(login("o1", "s1", T0)).await.expect("login");
     store
@@ -1016,6 +1024,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
             let mut plans = Vec::new();
             for (sql, index) in [
                 (CLEAR_SUCCESSORS, SUCCESSORS),
+                (PURGE_ACCESS, ACCESS_BY_EXPIRY),
+                (PURGE_REFRESH, REFRESH_BY_EXPIRY),
                 (DUE_SESSIONS, DUE),
                 (FORGET_SESSIONS, ENDED),
                 (FORGET_SESSIONS, ACCESS_BY_SESSION),
@@ -1043,6 +1053,7 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
             let successors: Vec<(String,)> =
                 sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {CLEAR_SUCCESSORS}")))
                     .bind(T0)
+                    .bind(100_i64)
                     .fetch_all(&mut *conn)
                     .await
                     .expect("the plan");
@@ -1064,6 +1075,8 @@ async fn housekeeping_finds_its_rows_by_index(store: Arc<dyn Store>, raw: Raw) {
             };
             let mut plans = vec![(text(successors), SUCCESSORS), (text(due), DUE)];
             for (sql, index) in [
+                (PURGE_ACCESS, ACCESS_BY_EXPIRY),
+                (PURGE_REFRESH, REFRESH_BY_EXPIRY),
                 (FORGET_SESSIONS, ENDED),
                 (FORGET_SESSIONS, ACCESS_BY_SESSION),
                 (FORGET_SESSIONS, REFRESH_BY_SESSION),
@@ -1125,7 +1138,7 @@ async fn forget_deletes_the_history_before_its_cutoff_oldest_first(
     let second = store.forget(cutoff, 1).await.expect("forget");
     let sessions_before_purge = session_rows(&raw).await;
     store
-        .purge(T0 + HOUR + 30 * DAY + KEEP + 1, KEEP, GRACE)
+        .purge(T0 + HOUR + 30 * DAY + KEEP + 1, KEEP, GRACE, 5_000)
         .await
         .expect("purge");
     let third = store.forget(cutoff, 1).await.expect("forget");
@@ -1174,7 +1187,7 @@ async fn purge_keeps_the_successor_a_refresh_within_grace_is_owed(store: Arc<dyn
 
     // The purger runs just past the grace window by its clock...
     store
-        .purge(rotated_at + GRACE + 2 * SEC, KEEP, GRACE)
+        .purge(rotated_at + GRACE + 2 * SEC, KEEP, GRACE, 5_000)
         .await
         .expect("purge");
     // ... and a parallel refresh whose clock reads just inside it comes in after.
