@@ -23,7 +23,9 @@ use crate::domain::{
 };
 use crate::error::{AuthError, WechatErr};
 use crate::phones::KeptPhones;
-use crate::store::{EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError};
+use crate::store::{
+    EXPIRE_BATCH, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError,
+};
 use crate::verified::{Known, UnmarkedEnds, Verified};
 use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
 use crate::wechat::crypto::EncryptedData;
@@ -1074,7 +1076,7 @@ impl AuthCore {
         self.cache.sweep().await;
         // Each runs whatever the others did: a failing expiry must not stop dead rows from
         // being deleted, nor the other way round.
-        let expired = self.store.expire_sessions(None, now).await;
+        let expired = self.expire_due_sessions(now).await;
         // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
         let purged = self
             .store
@@ -1099,6 +1101,20 @@ impl AuthCore {
             info!(expired, purged, "housekeeping");
         }
         Ok(())
+    }
+
+    /// Ends every session whose refresh token expired, [`EXPIRE_BATCH`] a transaction: one
+    /// batch every 5 minutes would end at most 288,000 a day, fewer than a large app's
+    /// sessions may expire.
+    async fn expire_due_sessions(&self, now: Millis) -> Result<u32, StoreError> {
+        let mut expired = 0;
+        loop {
+            let n = self.store.expire_sessions(None, now).await?;
+            expired += n;
+            if n < EXPIRE_BATCH {
+                return Ok(expired);
+            }
+        }
     }
 
     /// Deletes the timeline events and ended sessions older than `AUTH_HISTORY_RETENTION`,
@@ -1254,6 +1270,10 @@ mod tests {
         forgets: Mutex<Vec<Millis>>,
         /// The call of `forget` (counted from 1) that fails; 0: none.
         forget_fails_at: AtomicUsize,
+        /// Sessions `expire_sessions` has yet to end; `None`: it fails.
+        due: Mutex<Option<u32>>,
+        /// `expire_sessions`' calls that answered.
+        expiries: AtomicUsize,
     }
 
     impl FlakyPhones {
@@ -1266,6 +1286,8 @@ mod tests {
                 purges: AtomicUsize::new(0),
                 forgets: Mutex::new(Vec::new()),
                 forget_fails_at: AtomicUsize::new(0),
+                due: Mutex::new(None),
+                expiries: AtomicUsize::new(0),
             })
         }
 
@@ -1337,10 +1359,18 @@ mod tests {
         ) -> Result<Vec<SessionEvent>, StoreError> {
             unreachable!("not used by these tests")
         }
+        /// Fails, unless `due` holds a number of sessions to end: then a batch of them.
         async fn expire_sessions(&self, _: Option<&str>, _: Millis) -> Result<u32, StoreError> {
-            Err(StoreError::Unavailable(anyhow::anyhow!(
-                "canceling statement due to statement timeout"
-            )))
+            let mut due = self.due.lock().expect("lock");
+            let Some(left) = due.as_mut() else {
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "canceling statement due to statement timeout"
+                )));
+            };
+            let n = (*left).min(EXPIRE_BATCH);
+            *left -= n;
+            self.expiries.fetch_add(1, Ordering::SeqCst);
+            Ok(n)
         }
         async fn purge(&self, _: Millis, _: Millis, _: Millis, _: u32) -> Result<u64, StoreError> {
             self.purges.fetch_add(1, Ordering::SeqCst);
@@ -1671,6 +1701,26 @@ mod tests {
             1,
             "purged all the same"
         );
+    }
+
+    #[tokio::test]
+    async fn housekeeping_ends_every_due_session_a_batch_at_a_time() {
+        // Arrange: two and a half batches due.
+        let store = FlakyPhones::failing(0, false);
+        *store.due.lock().expect("lock") = Some(2 * EXPIRE_BATCH + 500);
+        let core = core_over(store.clone());
+
+        // Act
+        let expired = core.expire_due_sessions(now_millis()).await;
+
+        // Assert
+        assert_eq!(expired.expect("expired"), 2 * EXPIRE_BATCH + 500);
+        assert_eq!(
+            store.expiries.load(Ordering::SeqCst),
+            3,
+            "until a batch was not full"
+        );
+        assert_eq!(*store.due.lock().expect("lock"), Some(0));
     }
 
     #[test]

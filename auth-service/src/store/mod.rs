@@ -230,7 +230,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<SessionEvent>, StoreError>;
 
     /// Records the end (reason `expired`) of sessions whose refresh token expired, for one
-    /// user or for everyone; returns how many.
+    /// user or for everyone, at most [`EXPIRE_BATCH`] of them; returns how many (the caller
+    /// calls again while that many were ended).
     async fn expire_sessions(&self, openid: Option<&str>, now: Millis) -> Result<u32, StoreError>;
 
     /// Deletes token rows dead for longer than `keep` and clears successor pairs older than
@@ -280,6 +281,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// built (SQLite migrates while opening); PostgreSQL's once its migrations are applied.
     async fn ready(&self) {}
 }
+
+/// The most sessions one [`Store::expire_sessions`] ends (both stores' statements say
+/// `LIMIT 1000`).
+pub const EXPIRE_BATCH: u32 = 1000;
 
 /// How long past the refresh grace window [`Store::purge`] keeps a rotated refresh token's
 /// successor pair. A refresh decides "within the grace window" by its own clock, read before
