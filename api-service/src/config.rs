@@ -82,6 +82,9 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// `API_REQUEST_TIMEOUT`: the longest a request may take.
     pub request_timeout: Duration,
+    /// `API_IDLE_TIMEOUT`: the longest an HTTP/1.1 connection may go without sending a whole
+    /// request head, idle between requests included, before it is closed.
+    pub idle_timeout: Duration,
     /// `API_BODY_LIMIT`: the largest request body, in bytes.
     pub body_limit: usize,
     /// `API_TRUSTED_PROXY_HOPS`: how many proxies in front of the edge append to
@@ -205,6 +208,7 @@ impl Settings {
             tls,
             metrics_addr: addr(&get, "API_METRICS_ADDR", "127.0.0.1:9102")?,
             request_timeout: duration(&get, "API_REQUEST_TIMEOUT", "30s", REQUEST_TIMEOUT_MAX)?,
+            idle_timeout: duration(&get, "API_IDLE_TIMEOUT", "75s", IDLE_TIMEOUT_MAX)?,
             body_limit,
             trusted_proxy_hops,
             auth_connections,
@@ -230,6 +234,9 @@ impl Settings {
         }
         if settings.request_timeout.is_zero() {
             return Err(bad("API_REQUEST_TIMEOUT", "must be more than 0"));
+        }
+        if settings.idle_timeout.is_zero() {
+            return Err(bad("API_IDLE_TIMEOUT", "must be more than 0"));
         }
         Ok(settings)
     }
@@ -274,6 +281,7 @@ const MINUTE: u64 = 60;
 const AUTH_TIMEOUT_MAX: Max = (Duration::from_secs(MINUTE), "1m");
 const AUTH_WECHAT_TIMEOUT_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
 const REQUEST_TIMEOUT_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
+const IDLE_TIMEOUT_MAX: Max = (Duration::from_secs(60 * MINUTE), "1h");
 const DRAIN_DELAY_MAX: Max = (Duration::from_secs(10 * MINUTE), "10m");
 const SHUTDOWN_GRACE_MAX: Max = (Duration::from_secs(60 * MINUTE), "1h");
 
@@ -342,6 +350,7 @@ mod tests {
             ("API_AUTH_TIMEOUT", "1m"),
             ("API_AUTH_WECHAT_TIMEOUT", "10m"),
             ("API_REQUEST_TIMEOUT", "10m"),
+            ("API_IDLE_TIMEOUT", "1h"),
             ("API_DRAIN_DELAY", "10m"),
             ("API_SHUTDOWN_GRACE", "1h"),
         ] {

@@ -204,18 +204,23 @@ impl Application {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         info!(listener = "http", listen_addr = %self.local_addr, scheme, "listening");
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        // A client that connects and sends nothing, or a request head a byte at a time, no
+        // longer holds its connection for ever: the first request must come whole within
+        // the idle timeout (before HTTP/1.1 or HTTP/2 is even known, which hyper's own
+        // timers do not cover), and each head after it too (hyper's header timer runs from
+        // when a connection may send its next request, so it bounds idle keep-alive).
+        let idle = self.settings.idle_timeout;
         let served = match self.tls {
             Some(tls) => {
-                axum_server::from_tcp_rustls(self.listener, tls)?
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server =
+                    axum_server::from_tcp_rustls(self.listener, tls)?.first_request_timeout(idle);
+                server.http_builder().http1().header_read_timeout(idle);
+                server.handle(handle).serve(service).await
             }
             None => {
-                axum_server::from_tcp(self.listener)?
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server = axum_server::from_tcp(self.listener)?.first_request_timeout(idle);
+                server.http_builder().http1().header_read_timeout(idle);
+                server.handle(handle).serve(service).await
             }
         };
         metrics_task.abort();

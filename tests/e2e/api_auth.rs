@@ -1094,3 +1094,31 @@ async fn requests_verified_together_each_get_their_own_verdict_and_a_logout_coun
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_no_whole_request_head_is_closed_after_the_idle_timeout() {
+    // Arrange: one connection that sends nothing, one that sends half a request head.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let world = api_world(&[], &[("API_IDLE_TIMEOUT", "1s")]).await;
+    let silent = tokio::net::TcpStream::connect(world.api.addr())
+        .await
+        .expect("connect");
+    let mut slow = tokio::net::TcpStream::connect(world.api.addr())
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n")
+        .await
+        .expect("half a head");
+
+    // Act: wait (far longer than the timeout) for the edge to close each.
+    let closed = |mut stream: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0) | Err(_)))
+    };
+    let (silent_closed, slow_closed) = tokio::join!(closed(silent), closed(slow));
+
+    // Assert
+    assert!(silent_closed, "a silent connection is held open");
+    assert!(slow_closed, "a half-sent head is held open");
+}
