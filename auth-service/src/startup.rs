@@ -147,9 +147,17 @@ impl Application {
             }
         };
         let migrated = self.postgres.clone();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both versions of reflection: grpcurl before 1.8.8, and other tools, speak only
+        // v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("cannot build the reflection service")?;
+        let reflection = reflection()
             .build_v1()
             .context("cannot build the reflection service")?;
 
@@ -244,6 +252,7 @@ impl Application {
             }))
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(AuthServiceServer::new(GrpcAuth::new(
                 self.core.clone(),
                 self.metrics.clone(),

@@ -19,6 +19,44 @@ use crate::common::{login_request, reason, stop_and_read_logs, tokens, wait_for_
 const KEY_A: &str = "client-key-a-0123456789abcdef0123456789";
 const KEY_B: &str = "client-key-b-0123456789abcdef0123456789";
 
+/// The services auth-service's reflection lists, asked in reflection's `$version` (`v1`,
+/// which grpcurl 1.8.8 and later speak, or `v1alpha`, which older tools speak).
+macro_rules! reflected_services {
+    ($version:ident, $auth:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+        let channel = tests::harness::auth::channel($auth.addr())
+            .await
+            .expect("channel");
+        let mut client = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = client
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let answer = answers
+            .message()
+            .await
+            .expect("an answer")
+            .expect("not empty");
+        match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }};
+}
+
 #[tokio::test]
 async fn client_keys_guard_every_rpc_but_health_and_reflection() {
     let keys = format!("{KEY_A},{KEY_B}");
@@ -59,8 +97,12 @@ async fn client_keys_guard_every_rpc_but_health_and_reflection() {
             .expect("health"),
         ServingStatus::Serving
     );
-    // Reflection answers anyone and lists the service.
-    let services = reflected_services(&w.auth).await;
+    // Reflection answers anyone, in both its versions, and lists the service.
+    let services = reflected_services!(v1, w.auth);
+    let older = reflected_services!(v1alpha, w.auth);
+    for service in ["wxauth.v1.AuthService", "grpc.health.v1.Health"] {
+        assert!(older.iter().any(|s| s == service), "v1alpha: {older:?}");
+    }
     assert!(
         services.contains(&"wxauth.v1.AuthService".to_owned()),
         "{services:?}"
@@ -127,38 +169,6 @@ async fn with_operator_keys_the_operators_rpcs_refuse_a_clients_key() {
     }
     assert_eq!(reason(&operator_revokes), "NOT_FOUND");
     assert_eq!(reason(&operator_verifies), "TOKEN_INVALID");
-}
-
-async fn reflected_services(auth: &AuthProcess) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-    let channel = tests::harness::auth::channel(auth.addr())
-        .await
-        .expect("channel");
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = client
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .expect("an answer")
-        .expect("not empty");
-    match answer.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
 }
 
 #[tokio::test]
