@@ -10,7 +10,7 @@ use proto::v1::{
 };
 use tests::harness::auth::TOKEN_KEY;
 use tests::harness::sim::{APPID, Fault, MintCode, SECRET};
-use tests::harness::{AuthProcess, Process, SimProcess};
+use tests::harness::{Process, SimProcess};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
