@@ -493,3 +493,39 @@ fn base64_decode(s: &str) -> Vec<u8> {
         .decode(s)
         .expect("session_key is base64")
 }
+
+/// `VerifyRequest` as a caller in another language could send it: field 1 as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawVerifyRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    access_token: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_request_tonic_cannot_decode_is_invalid_argument_in_the_contracts_shape() {
+    // Arrange: an access token that is not UTF-8, which protobuf's `string` refuses.
+    let w = world(&[]).await;
+    let channel = tests::harness::auth::channel(w.auth.addr())
+        .await
+        .expect("channel");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static("/wxauth.v1.AuthService/Verify");
+    let codec = tonic_prost::ProstCodec::<RawVerifyRequest, proto::v1::VerifyResponse>::default();
+
+    // Act
+    let err = grpc
+        .unary(
+            tonic::Request::new(RawVerifyRequest {
+                access_token: vec![0xff, 0xfe],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .expect_err("not UTF-8");
+
+    // Assert: not INTERNAL, and with the ErrorInfo every failure carries.
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+}

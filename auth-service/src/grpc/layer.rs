@@ -145,6 +145,70 @@ fn made_id() -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
 }
 
+/// tonic's own refusals, made before any handler runs, in the contract's shape: a failure
+/// whose status is in the response headers (a trailers-only response) without a
+/// `grpc-status-details-bin`, which every failure of ours carries. `None` for anything else
+/// (one header look-up: an answer's status comes in its trailers).
+///
+/// - INTERNAL: the request could not be decoded (a field that is not valid protobuf or not
+///   UTF-8, a compressed message without compression): bad input, so INVALID_ARGUMENT with
+///   reason `INVALID_ARGUMENT`;
+/// - CANCELLED "Timeout expired": the caller's `grpc-timeout` passed, which gRPC names
+///   DEADLINE_EXCEEDED;
+/// - anything else (UNIMPLEMENTED for an unknown method, …) keeps its code, with the code's
+///   name as its reason.
+fn explained(headers: &http::HeaderMap) -> Option<Status> {
+    if !headers.contains_key("grpc-status") {
+        return None;
+    }
+    let status = Status::from_header_map(headers)?;
+    if status.code() == Code::Ok || !status.details().is_empty() {
+        return None;
+    }
+    let (code, message) = match status.code() {
+        Code::Internal => {
+            tracing::warn!(error = status.message(), "a request tonic could not read");
+            (
+                Code::InvalidArgument,
+                format!("the request cannot be read: {}", status.message()),
+            )
+        }
+        Code::Cancelled if status.message() == "Timeout expired" => (
+            Code::DeadlineExceeded,
+            "the call's grpc-timeout passed".to_owned(),
+        ),
+        code => (code, status.message().to_owned()),
+    };
+    Some(Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(code_name(code), DOMAIN, HashMap::new()),
+    ))
+}
+
+/// A gRPC code's name, as the reason of a failure that has no reason of its own.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// Whether `given` equals one of `keys`, comparing every key in constant time.
 fn key_matches(keys: &[SecretString], given: Option<&HeaderValue>) -> bool {
     let Some(given) = given else {
@@ -191,7 +255,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(in_call(call, async move {
             let mut response = match verdict {
-                Verdict::Allowed => inner.call(req).await?,
+                Verdict::Allowed => {
+                    let response = inner.call(req).await?;
+                    match explained(response.headers()) {
+                        None => response,
+                        Some(status) => status.into_http::<ResBody>(),
+                    }
+                }
                 Verdict::Unknown => {
                     tracing::warn!("call refused: missing or wrong x-client-key");
                     Status::with_error_details(
@@ -293,6 +363,51 @@ mod tests {
         };
         assert_eq!(operators_only.judge(verify, None), Verdict::Allowed);
         assert_eq!(operators_only.judge(revoke, None), Verdict::NotAnOperator);
+    }
+
+    #[test]
+    fn tonics_own_refusals_get_the_contracts_shape_and_ours_are_kept() {
+        let reason = |status: &Status| {
+            status
+                .get_details_error_info()
+                .map(|info| info.reason)
+                .unwrap_or_default()
+        };
+        let headers = |status: Status| status.into_http::<()>().headers().clone();
+
+        // Act
+        let undecodable = explained(&headers(Status::internal(
+            "failed to decode Protobuf message: VerifyRequest.access_token: invalid string",
+        )));
+        let late = explained(&headers(Status::cancelled("Timeout expired")));
+        let unknown = explained(&headers(Status::unimplemented("")));
+        let ours = explained(&headers(Status::with_error_details(
+            Code::Unauthenticated,
+            "expired",
+            ErrorDetails::with_error_info("TOKEN_EXPIRED", DOMAIN, HashMap::new()),
+        )));
+        let answer = explained(&http::HeaderMap::new());
+
+        // Assert
+        let undecodable = undecodable.expect("rewritten");
+        assert_eq!(undecodable.code(), Code::InvalidArgument);
+        assert_eq!(reason(&undecodable), "INVALID_ARGUMENT");
+        assert!(
+            undecodable.message().contains("invalid string"),
+            "{undecodable:?}"
+        );
+        let late = late.expect("rewritten");
+        assert_eq!(
+            (late.code(), reason(&late).as_str()),
+            (Code::DeadlineExceeded, "DEADLINE_EXCEEDED")
+        );
+        let unknown = unknown.expect("rewritten");
+        assert_eq!(
+            (unknown.code(), reason(&unknown).as_str()),
+            (Code::Unimplemented, "UNIMPLEMENTED")
+        );
+        assert!(ours.is_none(), "a failure of ours is left as it is");
+        assert!(answer.is_none(), "an answer is left as it is");
     }
 
     #[test]
