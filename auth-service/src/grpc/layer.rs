@@ -20,6 +20,7 @@ use super::status::DOMAIN;
 // Names made once: a `&str` name is parsed again on every lookup and insert.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const CLIENT_KEY: HeaderName = HeaderName::from_static("x-client-key");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Services any caller may use, whatever `AUTH_CLIENT_KEYS` says.
 const OPEN_PREFIXES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
@@ -158,7 +159,7 @@ fn made_id() -> HeaderValue {
 /// - anything else (UNIMPLEMENTED for an unknown method, …) keeps its code, with the code's
 ///   name as its reason.
 fn explained(headers: &http::HeaderMap) -> Option<Status> {
-    if !headers.contains_key("grpc-status") {
+    if !headers.contains_key(GRPC_STATUS) {
         return None;
     }
     let status = Status::from_header_map(headers)?;
