@@ -27,7 +27,7 @@ use crate::store::{
     EXPIRE_BATCH, EndTarget, NewLogin, Owner, RotateOutcome, Rotation, Store, StoreError,
 };
 use crate::verified::{Known, UnmarkedEnds, Verified};
-use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken};
+use crate::wechat::access_token::{AccessTokenError, AccessTokens, AppToken, RecentFailure};
 use crate::wechat::crypto::EncryptedData;
 use crate::wechat::{Code2Session, PhoneNumber, SessionKey, WechatCallError, WechatClient};
 
@@ -88,6 +88,9 @@ impl From<AccessTokenError> for AuthError {
             AccessTokenError::Wechat(e) => wechat_call_error(e),
             AccessTokenError::Store(e) => e.into(),
             AccessTokenError::Seal(e) => Self::internal(e),
+            AccessTokenError::Recent(RecentFailure::Api(e)) => wechat_error(e),
+            AccessTokenError::Recent(RecentFailure::Unreachable) => Self::WechatUnavailable,
+            AccessTokenError::Recent(RecentFailure::Malformed) => Self::WechatError(None),
         }
     }
 }

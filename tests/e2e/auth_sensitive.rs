@@ -767,6 +767,40 @@ async fn auth_a_failed_renewal_hands_out_the_working_token_without_asking_wechat
 }
 
 #[tokio::test]
+async fn auth_with_no_working_token_a_failed_renewal_is_answered_again_without_asking_wechat() {
+    // Arrange: no token yet, and WeChat refuses every renewal (an app's bad credentials).
+    let mut w = world(&[]).await;
+    w.sim
+        .add_fault(&Fault::error(40013).on_endpoint("stable_token"))
+        .await
+        .expect("a failing stable_token");
+
+    // Act: three callers in turn, within the 15 s WeChat is left alone after a failure.
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        failures.push(
+            w.client
+                .get_wechat_access_token(GetWechatAccessTokenRequest::default())
+                .await
+                .expect_err("no token to hand out"),
+        );
+    }
+
+    // Assert: each gets WeChat's answer; WeChat was asked once.
+    for failure in &failures {
+        assert_eq!(reason(failure), "WECHAT_ERROR", "{failure:?}");
+        assert_eq!(
+            crate::common::meta(failure, "wechat_errcode").as_deref(),
+            Some("40013")
+        );
+    }
+    assert_eq!(
+        w.sim.endpoint_calls("stable_token").await.expect("calls"),
+        1
+    );
+}
+
+#[tokio::test]
 async fn auth_a_caller_that_reports_the_current_token_refused_gets_one_forced_refresh() {
     let mut w = world(&[]).await;
     let mut token = async |refused: &str| {

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use super::{AppAccessToken, WechatCallError, WechatClient};
 use crate::crypto::{CryptoError, Keys};
 use crate::domain::{Millis, millis, now_millis};
+use crate::error::WechatErr;
 use crate::store::{AppTokenLock, Store, StoreError, StoredAppToken};
 
 /// A token with less than this left is renewed (WeChat makes the next one in the last 5
@@ -108,6 +109,34 @@ pub enum AccessTokenError {
     /// A new token could not be sealed.
     #[error("cannot seal the access_token: {0}")]
     Seal(#[source] CryptoError),
+    /// No token works, and WeChat failed a renewal less than [`RETRY_RENEWAL_AFTER`] ago: it
+    /// is not asked again so soon (each caller would wait its turn for the same failure).
+    #[error("WeChat failed to renew the access_token moments ago: {0}")]
+    Recent(RecentFailure),
+}
+
+/// How WeChat failed the last renewal, repeated to callers for a while.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecentFailure {
+    /// An errcode.
+    #[error("errcode {}", .0.errcode)]
+    Api(WechatErr),
+    /// No answer in time, or no connection.
+    #[error("unreachable")]
+    Unreachable,
+    /// An answer WeChat's API does not document.
+    #[error("malformed answer")]
+    Malformed,
+}
+
+impl RecentFailure {
+    fn of(e: &WechatCallError) -> Self {
+        match e {
+            WechatCallError::Api(e) => Self::Api(e.clone()),
+            WechatCallError::Unreachable(_) => Self::Unreachable,
+            WechatCallError::Malformed(_) => Self::Malformed,
+        }
+    }
 }
 
 /// The app's access_token, shared by every call of this process.
@@ -121,9 +150,8 @@ pub struct AccessTokens {
     cached: Mutex<Option<AppToken>>,
     /// One renewal (or look at the database) at a time in this process.
     turn: tokio::sync::Mutex<()>,
-    /// When the last renewal failed while the held token still worked, if that was the
-    /// last renewal tried.
-    failed_renewal: Mutex<Option<std::time::Instant>>,
+    /// When the last renewal failed at WeChat, and how, if that was the last renewal tried.
+    failed_renewal: Mutex<Option<(std::time::Instant, RecentFailure)>>,
 }
 
 impl std::fmt::Debug for AccessTokens {
@@ -171,12 +199,13 @@ impl AccessTokens {
             self.remember(&token);
             return Ok(token);
         }
-        // A renewal failed a moment ago: the token held still works, and WeChat is not asked
-        // again so soon.
-        if let Some(token) = self.cached().filter(|t| t.expires_at > now_millis())
-            && self.renewal_failed_recently()
-        {
-            return Ok(token);
+        // A renewal failed a moment ago: WeChat is not asked again so soon. The token held
+        // is handed out while it works; without one, the failure is.
+        if let Some(failure) = self.renewal_failed_recently() {
+            return match self.cached().filter(|t| t.expires_at > now_millis()) {
+                Some(token) => Ok(token),
+                None => Err(AccessTokenError::Recent(failure)),
+            };
         }
         // Renewal: hold the row, look again (another replica may have renewed it while this
         // one waited for the lock), and only then ask WeChat.
@@ -187,14 +216,18 @@ impl AccessTokens {
             self.remember(&token);
             return Ok(token);
         }
-        match self.renew(lock, false).await {
+        let renewed = self.renew(lock, false).await;
+        if let Err(AccessTokenError::Wechat(e)) = &renewed {
+            *self
+                .failed_renewal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) =
+                Some((std::time::Instant::now(), RecentFailure::of(e)));
+        }
+        match renewed {
             // WeChat failed in the token's last minutes: it still works until it expires.
             Err(e) if held.as_ref().is_some_and(|t| t.expires_at > now_millis()) => {
                 warn!(error = %e, retry_after = ?RETRY_RENEWAL_AFTER, "could not renew the app's access_token; using it until it expires");
-                *self
-                    .failed_renewal
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
                 let token = held.ok_or(e)?;
                 self.remember(&token);
                 Ok(token)
@@ -330,11 +363,14 @@ impl AccessTokens {
         })
     }
 
-    fn renewal_failed_recently(&self) -> bool {
+    /// How WeChat failed the last renewal, if that was less than [`RETRY_RENEWAL_AFTER`] ago.
+    fn renewal_failed_recently(&self) -> Option<RecentFailure> {
         self.failed_renewal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < RETRY_RENEWAL_AFTER)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < RETRY_RENEWAL_AFTER)
+            .map(|(_, failure)| failure.clone())
     }
 
     fn cached(&self) -> Option<AppToken> {
