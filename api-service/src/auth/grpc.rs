@@ -287,7 +287,9 @@ fn to_api_error(status: Status, ctx: &CallContext) -> ApiError {
         .and_then(|s| s.parse().ok())
     {
         e = e.retry_after(secs);
-    } else if http.is_server_error() {
+    } else if http.is_server_error() && http != axum::http::StatusCode::BAD_GATEWAY {
+        // Not on 502 `wechat_error`: the app's credentials or IP whitelist, which no retry
+        // mends, and a Retry-After would invite clients to hammer it.
         e = e.retry_after(1);
     }
     e
@@ -549,6 +551,31 @@ mod tests {
             &ctx,
         );
         assert_eq!(e.code(), "rate_limited");
+    }
+
+    #[test]
+    fn a_retry_after_comes_with_503_but_not_with_502() {
+        use axum::response::IntoResponse as _;
+        let retry_after = |s: Status| {
+            let e = to_api_error(s, &CallContext::default());
+            let status = e.status();
+            let response = e.into_response();
+            (status, response.headers().get("retry-after").cloned())
+        };
+
+        let credentials = retry_after(status(
+            Code::FailedPrecondition,
+            "WECHAT_ERROR",
+            &[
+                ("wechat_errcode", "40013"),
+                ("wechat_errmsg", "invalid appid"),
+            ],
+        ));
+        let busy = retry_after(status(Code::Unavailable, "WECHAT_BUSY", &[]));
+
+        assert_eq!(credentials, (StatusCode::BAD_GATEWAY, None));
+        assert_eq!(busy.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(busy.1.is_some(), "{busy:?}");
     }
 
     #[test]
