@@ -70,6 +70,11 @@ impl AvatarUrl {
         if raw.chars().any(char::is_control) {
             return Err(invalid("avatar_url must not contain control characters"));
         }
+        // Nor spaces, which the parser would percent-encode: the URL kept would not be one
+        // (an <image> given it may not load), and it is kept as sent.
+        if raw.chars().any(char::is_whitespace) {
+            return Err(invalid("avatar_url must not contain spaces"));
+        }
         let url = url::Url::parse(raw).map_err(|_| invalid("avatar_url must be a URL"))?;
         if url.scheme() != "https" || url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("avatar_url must be an https:// URL"));
@@ -149,6 +154,8 @@ mod tests {
             "https://user:pw@example.com/a.png",
             "https://example.com/a\0.png",
             "https://example.com/a\t.png",
+            "https://example.com/a b.png",
+            "https://example.com/a\u{3000}b.png",
         ] {
             assert!(AvatarUrl::parse(bad).is_err(), "{bad}");
         }
