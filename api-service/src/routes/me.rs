@@ -123,7 +123,12 @@ pub async fn patch_me(
             .map(|a| a.as_deref().map(AvatarUrl::parse).transpose())
             .transpose()?,
     };
-    let profile = state.profiles.update(&auth.identity.openid, patch).await?;
+    // A patch that names no field changes nothing, `updated_at` included.
+    let profile = if patch.nickname.is_none() && patch.avatar_url.is_none() {
+        state.profiles.get_or_create(&auth.identity.openid).await?
+    } else {
+        state.profiles.update(&auth.identity.openid, patch).await?
+    };
     Ok(axum::Json(me(auth.identity, profile)))
 }
 

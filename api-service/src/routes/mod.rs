@@ -702,6 +702,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_profile_patch_changes_nothing_not_even_updated_at() {
+        use axum::http::Method;
+
+        // Arrange: a profile with a nickname.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = sqlite_state(Arc::new(FakeAuth::default()), &dir.path().join("api.db")).await;
+        let app = router(state, limits());
+        let nickname = serde_json::json!({"nickname": "Zoë"});
+        let (status, before) =
+            send(app.clone(), Method::PATCH, "/v1/me", "bob", Some(nickname)).await;
+        assert_eq!(status, StatusCode::OK, "{before}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        // Act
+        let empty = serde_json::json!({});
+        let (status, after) = send(app, Method::PATCH, "/v1/me", "bob", Some(empty)).await;
+
+        // Assert
+        assert_eq!(status, StatusCode::OK, "{after}");
+        assert_eq!(after, before);
+    }
+
+    #[tokio::test]
     async fn a_phone_request_without_a_code_is_refused_before_get_phone_number() {
         use axum::http::Method;
 
