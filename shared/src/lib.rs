@@ -5,6 +5,7 @@
 //! that a database's migration history is the service's own ([`migrations`]), the size of a
 //! PostgreSQL pool ([`postgres`]), and the services' logs ([`telemetry`]).
 
+mod code;
 mod kept;
 pub mod migrations;
 mod one_process;
@@ -13,6 +14,7 @@ mod redis;
 pub mod runtime;
 pub mod telemetry;
 
+pub use code::{MAX_CODE_LEN, code_problem};
 pub use kept::{Kept, Read, Stamp, WRITE_ENDED_LUA, WRITE_STARTED_LUA, WRITING, Write, is_writing};
 pub use one_process::{OneProcess, TURN_WAIT, WriteTurn};
 pub use redis::{LazyRedis, REST_AFTER_FAILURE, Rest};

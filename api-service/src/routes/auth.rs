@@ -90,16 +90,18 @@ pub async fn login(
     let ip = client_ip(&headers, peer, state.trusted_proxy_hops)
         .map(|ip| ip.to_string())
         .unwrap_or_default();
+    let code = body.code.as_deref().unwrap_or_default();
+    // Refused here as auth-service would refuse it: the answer does not hang on auth-service
+    // (a 400 stays a 400 while it is away), and no call is made for it.
+    if let Some(problem) = shared::code_problem(code) {
+        return Err(ApiError::invalid(
+            "code",
+            "invalid_code",
+            format!("code {problem}"),
+        ));
+    }
     let ctx = CallContext { request_id };
-    let pair = state
-        .auth
-        .login(
-            &ctx,
-            body.code.as_deref().unwrap_or_default(),
-            body.device,
-            &ip,
-        )
-        .await?;
+    let pair = state.auth.login(&ctx, code, body.device, &ip).await?;
     Ok(axum::Json(pair))
 }
 

@@ -177,6 +177,13 @@ pub async fn post_phone(
             "code is missing, empty or not a string: send the code of the getPhoneNumber button",
         ));
     };
+    if let Some(problem) = shared::code_problem(&code) {
+        return Err(ApiError::invalid(
+            "code",
+            "invalid_code",
+            format!("code {problem}"),
+        ));
+    }
     let ctx = CallContext { request_id };
     let phone = state
         .auth

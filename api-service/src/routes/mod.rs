@@ -725,6 +725,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_malformed_login_code_is_refused_at_the_edge_without_a_login_call() {
+        use axum::http::Method;
+
+        // Arrange
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let auth = Arc::new(FakeAuth::default());
+        let state = sqlite_state(auth.clone(), &dir.path().join("api.db")).await;
+        let app = router(state, limits());
+
+        for code in ["", "a b", "a$", "ａbc", &"a".repeat(129)] {
+            // Act
+            let body = serde_json::json!({"code": code});
+            let (status, answer) =
+                send(app.clone(), Method::POST, "/v1/auth/login", "", Some(body)).await;
+
+            // Assert: the contract's answer, and auth-service never asked.
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{code:?}: {answer}");
+            assert_eq!(
+                answer["error"]["code"], "invalid_code",
+                "{code:?}: {answer}"
+            );
+            assert_eq!(answer["error"]["field"], "code", "{code:?}: {answer}");
+            assert_eq!(auth.take_calls(), [], "{code:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_phone_request_without_a_code_is_refused_before_get_phone_number() {
         use axum::http::Method;
 
@@ -740,6 +767,8 @@ mod tests {
             serde_json::json!({"code": null}),
             serde_json::json!({"code": 123}),
             serde_json::json!({"code": ["phone-code-1"]}),
+            serde_json::json!({"code": "phone code"}),
+            serde_json::json!({"code": "a".repeat(129)}),
         ] {
             // Act
             let (status, answer) = send(

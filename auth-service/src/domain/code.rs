@@ -2,9 +2,6 @@
 
 use super::Invalid;
 
-/// Longest code accepted (CONTRACT.md, Login errors).
-const MAX_LEN: usize = 128;
-
 /// A syntactically valid `wx.login` code: 1 to 128 characters of `[A-Za-z0-9_-]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WechatCode(String);
@@ -12,23 +9,8 @@ pub struct WechatCode(String);
 impl WechatCode {
     /// Checks a code as the contract requires; WeChat is not called for one that fails.
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        if raw.is_empty() {
-            return Err(Invalid::new("code", "is missing"));
-        }
-        if raw.len() > MAX_LEN {
-            return Err(Invalid::new(
-                "code",
-                format!("is longer than {MAX_LEN} characters"),
-            ));
-        }
-        if !raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(Invalid::new(
-                "code",
-                "has a character outside [A-Za-z0-9_-]",
-            ));
+        if let Some(problem) = shared::code_problem(raw) {
+            return Err(Invalid::new("code", problem));
         }
         Ok(Self(raw.to_owned()))
     }
