@@ -89,6 +89,12 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message).with_field(field)
     }
 
+    /// 400 `invalid_code` for a WeChat code that breaks the rule ([`shared::code_problem`]'s
+    /// `problem`), field `code`.
+    pub fn malformed_code(problem: &str) -> Self {
+        Self::invalid("code", "invalid_code", format!("code {problem}"))
+    }
+
     /// 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::UNAUTHORIZED, code, message);

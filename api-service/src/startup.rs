@@ -204,21 +204,26 @@ impl Application {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         info!(listener = "http", listen_addr = %self.local_addr, scheme, "listening");
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        // A client that connects and sends nothing, or a request head a byte at a time, no
-        // longer holds its connection for ever: the first request must come whole within
-        // the idle timeout (before HTTP/1.1 or HTTP/2 is even known, which hyper's own
-        // timers do not cover), and each head after it too (hyper's header timer runs from
-        // when a connection may send its next request, so it bounds idle keep-alive).
+        // HTTP/1.1 only: TLS offers no other protocol in ALPN, and wx.request, proxies and
+        // load balancers speak it to an upstream; HTTP/2 (h2c) would escape the timeouts
+        // below after its first request. A client that connects and sends nothing, or a
+        // request head a byte at a time, no longer holds its connection for ever: the first
+        // request must come whole within the idle timeout, and each head after it too
+        // (hyper's header timer runs from when a connection may send its next request, so
+        // it bounds idle keep-alive).
         let idle = self.settings.idle_timeout;
         let served = match self.tls {
             Some(tls) => {
-                let mut server =
-                    axum_server::from_tcp_rustls(self.listener, tls)?.first_request_timeout(idle);
+                let mut server = axum_server::from_tcp_rustls(self.listener, tls)?
+                    .http1_only()
+                    .first_request_timeout(idle);
                 server.http_builder().http1().header_read_timeout(idle);
                 server.handle(handle).serve(service).await
             }
             None => {
-                let mut server = axum_server::from_tcp(self.listener)?.first_request_timeout(idle);
+                let mut server = axum_server::from_tcp(self.listener)?
+                    .http1_only()
+                    .first_request_timeout(idle);
                 server.http_builder().http1().header_read_timeout(idle);
                 server.handle(handle).serve(service).await
             }

@@ -1109,6 +1109,20 @@ async fn a_connection_that_sends_no_whole_request_head_is_closed_after_the_idle_
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n")
         .await
         .expect("half a head");
+    // And one kept alive after a whole request, answered, then idle.
+    let mut idle = tokio::net::TcpStream::connect(world.api.addr())
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
+        .await
+        .expect("a request");
+    let mut answer = [0u8; 1024];
+    let n = idle.read(&mut answer).await.expect("the answer");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
 
     // Act: wait (far longer than the timeout) for the edge to close each.
     let closed = |mut stream: tokio::net::TcpStream| async move {
@@ -1116,9 +1130,11 @@ async fn a_connection_that_sends_no_whole_request_head_is_closed_after_the_idle_
         let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await;
         matches!(read, Ok(Ok(0) | Err(_)))
     };
-    let (silent_closed, slow_closed) = tokio::join!(closed(silent), closed(slow));
+    let (silent_closed, slow_closed, idle_closed) =
+        tokio::join!(closed(silent), closed(slow), closed(idle));
 
     // Assert
     assert!(silent_closed, "a silent connection is held open");
     assert!(slow_closed, "a half-sent head is held open");
+    assert!(idle_closed, "an idle kept-alive connection is held open");
 }

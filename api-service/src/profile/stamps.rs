@@ -176,7 +176,7 @@ impl Stamps {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         if !self.rest.ask(tokio::time::Instant::now()) {
-            return Err(anyhow!("Redis failed moments ago: {what} not sent"));
+            return Err(anyhow::Error::new(NotSent(what)));
         }
         self.send(what, command).await
     }
@@ -206,8 +206,12 @@ impl Stamps {
         answer
     }
 
-    /// Logs a failure, at most once per [`WARN_EVERY_MS`].
+    /// Logs a failure, at most once per [`WARN_EVERY_MS`]; a call not sent is none (the
+    /// failure that began the rest was, or will be, logged).
     fn warn(&self, e: &anyhow::Error) {
+        if e.is::<NotSent>() {
+            return;
+        }
         let now = u64::try_from(now_millis()).unwrap_or(0);
         let last = self.warned_at.load(Ordering::Relaxed);
         if now.saturating_sub(last) < WARN_EVERY_MS
@@ -224,6 +228,11 @@ impl Stamps {
         );
     }
 }
+
+/// A call not sent: Redis failed moments ago ([`shared::Rest`]).
+#[derive(Debug, thiserror::Error)]
+#[error("Redis failed moments ago: {0} not sent")]
+struct NotSent(&'static str);
 
 /// Milliseconds for `PX`, which refuses 0.
 fn ms(d: Duration) -> u64 {

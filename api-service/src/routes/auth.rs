@@ -94,11 +94,7 @@ pub async fn login(
     // Refused here as auth-service would refuse it: the answer does not hang on auth-service
     // (a 400 stays a 400 while it is away), and no call is made for it.
     if let Some(problem) = shared::code_problem(code) {
-        return Err(ApiError::invalid(
-            "code",
-            "invalid_code",
-            format!("code {problem}"),
-        ));
+        return Err(ApiError::malformed_code(problem));
     }
     let ctx = CallContext { request_id };
     let pair = state.auth.login(&ctx, code, body.device, &ip).await?;

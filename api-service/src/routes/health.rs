@@ -16,6 +16,17 @@ use crate::state::AppState;
 /// How long one look at the dependencies answers /readyz.
 pub const READY_CHECK_TTL: Duration = Duration::from_secs(1);
 
+/// The longest one look waits for each dependency (not ready past it); below the readiness
+/// probe's own limit (deploy/: 4 s).
+const READY_CHECK_LIMIT: Duration = Duration::from_secs(3);
+
+/// `check`'s answer, or not ready after [`READY_CHECK_LIMIT`].
+async fn bounded(check: impl Future<Output = bool>) -> bool {
+    tokio::time::timeout(READY_CHECK_LIMIT, check)
+        .await
+        .unwrap_or(false)
+}
+
 /// The dependencies' last look, shared by every /readyz: the path is public and needs no
 /// token, so a flood of it must not become a flood of database pings (each holding a pool
 /// connection that requests need) and health calls to auth-service. One look runs at a time;
@@ -43,7 +54,9 @@ impl Readiness {
         {
             return (looked.auth_service, looked.database);
         }
-        let (auth_service, database) = tokio::join!(auth.ready(), db.ping());
+        // Bounded, as the lock is held meanwhile: a database ping on a half-open connection
+        // would otherwise wait for TCP to give up, and every /readyz behind it.
+        let (auth_service, database) = tokio::join!(bounded(auth.ready()), bounded(db.ping()));
         *last = Some(Looked {
             at: Instant::now(),
             auth_service,

@@ -178,11 +178,7 @@ pub async fn post_phone(
         ));
     };
     if let Some(problem) = shared::code_problem(&code) {
-        return Err(ApiError::invalid(
-            "code",
-            "invalid_code",
-            format!("code {problem}"),
-        ));
+        return Err(ApiError::malformed_code(problem));
     }
     let ctx = CallContext { request_id };
     let phone = state

@@ -5,7 +5,8 @@
 //! [`super::MemoryCache`] instead, and a warning is logged (at most once per
 //! [`WARN_EVERY`], with the number of failures in between), so logins keep working. After a
 //! failure, the calls of the next [`shared::REST_AFTER_FAILURE`] are answered that way without
-//! asking Redis, but for one call that asks again once the rest is over: a Redis that hangs
+//! asking Redis, but for one call that asks again once the rest is over (the ends of code
+//! claims, sessions and phone writes are always sent): a Redis that hangs
 //! then costs one call a timeout per rest, not every call. When Redis answers again (that
 //! call, or the health report's PING) the next calls use it: nothing needs a restart.
 //!
@@ -166,13 +167,13 @@ impl Cache for FallbackCache {
     ) -> Result<(), CacheError> {
         // The claim may have been taken here while Redis was away: end it here too.
         self.local.finish_code(code, used, used_ttl).await?;
-        // Best effort: an in-flight claim Redis keeps lapses by itself.
-        let _ = self
-            .redis(
-                "finish_code",
-                self.primary.finish_code(code, used, used_ttl),
-            )
-            .await;
+        // Sent even while Redis rests, as an end's mark is: a claim Redis granted and is
+        // not told the end of stays in flight for the other replicas until it lapses (a
+        // retry of a spent code would then reach WeChat again). Best effort past that.
+        match self.primary.finish_code(code, used, used_ttl).await {
+            Ok(()) => self.answered(),
+            Err(e) => self.fell_back("finish_code", &e),
+        }
         Ok(())
     }
 
@@ -279,10 +280,12 @@ impl Cache for FallbackCache {
     }
 
     async fn phone_write_ended(&self, openid: &str) -> Result<(), CacheError> {
-        // Best effort: the write's mark lapses by itself.
-        let _ = self
-            .redis("phone_write_ended", self.primary.phone_write_ended(openid))
-            .await;
+        // Sent even while Redis rests, as api-service's end of a profile change is: else the
+        // user's number is read from the database until the `writing` mark lapses (5 min).
+        match self.primary.phone_write_ended(openid).await {
+            Ok(()) => self.answered(),
+            Err(e) => self.fell_back("phone_write_ended", &e),
+        }
         Ok(())
     }
 

@@ -21,6 +21,7 @@ use super::status::DOMAIN;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const CLIENT_KEY: HeaderName = HeaderName::from_static("x-client-key");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
 /// Services any caller may use, whatever `AUTH_CLIENT_KEYS` says.
 const OPEN_PREFIXES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
@@ -154,12 +155,11 @@ fn made_id() -> HeaderValue {
 /// - INTERNAL: the request could not be decoded (a field that is not valid protobuf or not
 ///   UTF-8, a compressed message without compression): bad input, so INVALID_ARGUMENT with
 ///   reason `INVALID_ARGUMENT`;
-/// - CANCELLED "Timeout expired": the caller's `grpc-timeout` passed, which gRPC names
-///   DEADLINE_EXCEEDED;
 /// - anything else (UNIMPLEMENTED for an unknown method, …) keeps its code, with the code's
 ///   name as its reason.
 fn explained(headers: &http::HeaderMap) -> Option<Status> {
-    if !headers.contains_key(GRPC_STATUS) {
+    // An answer's status is in its trailers; our own failures carry details.
+    if !headers.contains_key(GRPC_STATUS) || headers.contains_key(GRPC_STATUS_DETAILS) {
         return None;
     }
     let status = Status::from_header_map(headers)?;
@@ -174,10 +174,6 @@ fn explained(headers: &http::HeaderMap) -> Option<Status> {
                 format!("the request cannot be read: {}", status.message()),
             )
         }
-        Code::Cancelled if status.message() == "Timeout expired" => (
-            Code::DeadlineExceeded,
-            "the call's grpc-timeout passed".to_owned(),
-        ),
         code => (code, status.message().to_owned()),
     };
     Some(Status::with_error_details(
@@ -380,7 +376,6 @@ mod tests {
         let undecodable = explained(&headers(Status::internal(
             "failed to decode Protobuf message: VerifyRequest.access_token: invalid string",
         )));
-        let late = explained(&headers(Status::cancelled("Timeout expired")));
         let unknown = explained(&headers(Status::unimplemented("")));
         let ours = explained(&headers(Status::with_error_details(
             Code::Unauthenticated,
@@ -396,11 +391,6 @@ mod tests {
         assert!(
             undecodable.message().contains("invalid string"),
             "{undecodable:?}"
-        );
-        let late = late.expect("rewritten");
-        assert_eq!(
-            (late.code(), reason(&late).as_str()),
-            (Code::DeadlineExceeded, "DEADLINE_EXCEEDED")
         );
         let unknown = unknown.expect("rewritten");
         assert_eq!(

@@ -352,3 +352,25 @@ pub(crate) fn reason(stored: Option<String>) -> Result<Option<EndReason>, StoreE
         })
         .transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn housekeepings_expiry_statements_end_expire_batch_at_a_time() {
+        // `expire_due_sessions` calls again while a batch comes back full: a statement
+        // limited below the constant would end one batch a run without anyone noticing.
+        let limit = format!("LIMIT {EXPIRE_BATCH}");
+        assert!(
+            sqlite::DUE_SESSIONS.contains(&limit),
+            "{}",
+            sqlite::DUE_SESSIONS
+        );
+        assert!(
+            postgres::EXPIRE_DUE_SESSIONS.contains(&limit),
+            "{}",
+            postgres::EXPIRE_DUE_SESSIONS
+        );
+    }
+}

@@ -12,8 +12,9 @@
 //!   ([`Store::lock_app_token`]), looks again, and asks WeChat only if no one renewed it
 //!   meanwhile. WeChat answers a new token in the last 5 minutes of the old one, and the old
 //!   one keeps working until it expires, so a renewal never breaks a call in flight. When a
-//!   renewal fails, the held token is handed out while it works, and WeChat is asked again
-//!   [`RETRY_RENEWAL_AFTER`] later, not by every caller in turn.
+//!   renewal fails, the held token is handed out while it works (without one, the failure is
+//!   answered), and WeChat is asked again [`RETRY_RENEWAL_AFTER`] later, not by every caller
+//!   in turn.
 //! - A token WeChat refuses (40001/42001) is [`AccessTokens::invalidated`]: under the same
 //!   lock, if the row still holds the generation that failed, one forced refresh
 //!   (`force_refresh: true`, which ends the old token at once and is limited to 20 a day);
@@ -43,9 +44,9 @@ pub const RENEW_MARGIN: Duration = Duration::from_secs(300);
 /// minutes" at once would make every call ask WeChat again, for the same token.
 const SHORT_TOKEN_HOLD: Duration = Duration::from_secs(60);
 
-/// After a renewal failed while the held token still works, how long it is handed out without
-/// asking WeChat again: each caller would otherwise take its turn and wait up to
-/// `AUTH_WECHAT_TIMEOUT` for the same failure.
+/// After a renewal failed at WeChat, how long WeChat is not asked again: the held token is
+/// handed out while it works, and without one the failure is answered again. Each caller
+/// would otherwise take its turn and wait up to `AUTH_WECHAT_TIMEOUT` for the same failure.
 const RETRY_RENEWAL_AFTER: Duration = Duration::from_secs(15);
 
 /// The app's access_token as handed out.
