@@ -328,6 +328,21 @@ pub const FORGET_SESSIONS: &str = "DELETE FROM sessions WHERE id IN \
       AND NOT EXISTS (SELECT 1 FROM refresh_tokens r WHERE r.session_id = s.id) \
       ORDER BY s.ended_at LIMIT $2)";
 
+/// One batch of [`Store::purge`] at `now`: each statement with the instant it binds as `$1`
+/// (`$2` is the batch), in the order they run.
+pub(crate) fn purge_statements(
+    now: Millis,
+    keep: Millis,
+    grace: Millis,
+) -> [(&'static str, Millis); 3] {
+    let dead = now.saturating_sub(keep);
+    [
+        (PURGE_ACCESS, dead),
+        (PURGE_REFRESH, dead),
+        (CLEAR_SUCCESSORS, successors_rotated_before(now, grace)),
+    ]
+}
+
 /// Successor pairs of rotations before this instant are cleared by a purge at `now`.
 pub(crate) fn successors_rotated_before(now: Millis, grace: Millis) -> Millis {
     now.saturating_sub(grace.saturating_add(SUCCESSOR_MARGIN))

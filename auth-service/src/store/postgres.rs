@@ -37,10 +37,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
-    LoginOutcome, NewLogin, Owner, PURGE_ACCESS, PURGE_REFRESH, RotateOutcome, Rotation,
-    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
-    successors_rotated_before,
+    AccessRecord, AppTokenLock, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, LoginOutcome, NewLogin,
+    Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device,
+    purge_statements, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -753,13 +752,8 @@ impl PostgresStore {
         batch: u32,
     ) -> Result<(u64, bool), TxError> {
         let mut tx = self.pool.begin().await?;
-        let dead = now.saturating_sub(keep);
         let (mut n, mut full) = (0, false);
-        for (sql, before) in [
-            (PURGE_ACCESS, dead),
-            (PURGE_REFRESH, dead),
-            (CLEAR_SUCCESSORS, successors_rotated_before(now, grace)),
-        ] {
+        for (sql, before) in purge_statements(now, keep, grace) {
             let changed = sqlx::query(sql)
                 .bind(before)
                 .bind(i64::from(batch))

@@ -20,10 +20,9 @@ use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
-    AccessRecord, AppTokenLock, CLEAR_SUCCESSORS, EndTarget, FORGET_EVENTS, FORGET_SESSIONS,
-    LoginOutcome, NewLogin, Owner, PURGE_ACCESS, PURGE_REFRESH, RotateOutcome, Rotation,
-    SealedSessionKeys, Store, StoreError, StoredAppToken, device, reason,
-    successors_rotated_before,
+    AccessRecord, AppTokenLock, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, LoginOutcome, NewLogin,
+    Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device,
+    purge_statements, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -748,17 +747,12 @@ impl Store for SqliteStore {
         grace: Millis,
         batch: u32,
     ) -> Result<u64, StoreError> {
-        let dead = now.saturating_sub(keep);
         let mut changed = 0;
         loop {
             // A write turn per batch: logins and refreshes take theirs in between.
             let mut tx = self.begin_write().await?;
             let mut full = false;
-            for (sql, before) in [
-                (PURGE_ACCESS, dead),
-                (PURGE_REFRESH, dead),
-                (CLEAR_SUCCESSORS, successors_rotated_before(now, grace)),
-            ] {
+            for (sql, before) in purge_statements(now, keep, grace) {
                 let n = sqlx::query(sql)
                     .bind(before)
                     .bind(i64::from(batch))
