@@ -17,4 +17,4 @@ pub mod telemetry;
 pub use code::{MAX_CODE_LEN, code_problem};
 pub use kept::{Kept, Read, Stamp, WRITE_ENDED_LUA, WRITE_STARTED_LUA, WRITING, Write, is_writing};
 pub use one_process::{OneProcess, TURN_WAIT, WriteTurn};
-pub use redis::{LazyRedis, REST_AFTER_FAILURE, Rest};
+pub use redis::{LazyRedis, REST_AFTER_FAILURE, Rest, Unreachable, is_outage};

@@ -92,7 +92,8 @@ impl LazyRedis {
                 if recent_failure {
                     return Err(anyhow!(
                         "Redis could not be reached moments ago; not trying again yet"
-                    ));
+                    )
+                    .context(Unreachable));
                 }
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -111,11 +112,48 @@ impl LazyRedis {
                 if let Ok(mut at) = self.failed_at.lock() {
                     *at = Some(Instant::now());
                 }
-                Err(error)
+                Err(error.context(Unreachable))
             })
             .await?;
         Ok(conn.clone())
     }
+}
+
+/// Marks an error as Redis being away (no connection, no answer in time) where no
+/// `RedisError` says so: wrap one in it (`anyhow::Error::new(Unreachable)` or
+/// `.context(Unreachable)`) for [`is_outage`].
+#[derive(Debug)]
+pub struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redis is unreachable")
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether `e` says Redis is away (no connection, no answer in time, a connection dropped,
+/// a server still loading or failing over) rather than that it answered one command with
+/// an error (a full memory refusing writes, a wrong type, a value this program cannot
+/// read). Only an outage starts a [`Rest`]: a Redis whose memory is full still answers
+/// reads.
+pub fn is_outage(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unreachable>().is_some()
+        || e.chain().any(|cause| {
+            cause.is::<Unreachable>()
+                || cause.downcast_ref::<redis::RedisError>().is_some_and(|r| {
+                    r.is_io_error()
+                        || r.is_timeout()
+                        || r.is_connection_dropped()
+                        || r.is_connection_refusal()
+                        || r.is_unrecoverable_error()
+                        || matches!(
+                            r.kind(),
+                            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                        )
+                })
+        })
 }
 
 /// After a Redis call fails, how long the calls that follow are answered without asking
@@ -171,6 +209,30 @@ impl Rest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_redis_being_away_is_an_outage() {
+        let io = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        let oom = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "OOM command not allowed when used memory > 'maxmemory'",
+        ));
+
+        assert!(is_outage(
+            &anyhow::Error::new(io).context("Redis GET failed")
+        ));
+        assert!(is_outage(
+            &anyhow::Error::new(Unreachable).context("Redis GET did not finish within 2s")
+        ));
+        assert!(is_outage(&anyhow!("connect failed").context(Unreachable)));
+        assert!(!is_outage(
+            &anyhow::Error::new(oom).context("Redis SET failed")
+        ));
+        assert!(!is_outage(&anyhow!("a value that is no session mark")));
+    }
 
     #[test]
     fn after_a_failure_one_call_per_rest_asks_redis() {

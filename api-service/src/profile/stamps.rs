@@ -24,7 +24,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::anyhow;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use secrecy::SecretString;
@@ -196,12 +195,18 @@ impl Stamps {
         };
         let answer = tokio::time::timeout(CALL_DEADLINE, run)
             .await
-            .map_err(|_| anyhow!("Redis {what} did not finish within {CALL_DEADLINE:?}"))
+            .map_err(|_| {
+                anyhow::Error::new(shared::Unreachable).context(format!(
+                    "Redis {what} did not finish within {CALL_DEADLINE:?}"
+                ))
+            })
             .and_then(|answer| answer);
-        if answer.is_ok() {
-            self.rest.answered();
-        } else {
-            self.rest.failed(tokio::time::Instant::now());
+        // Only Redis being away rests it: one that answered with an error still answers.
+        match &answer {
+            Err(e) if shared::is_outage(e) => self.rest.failed(tokio::time::Instant::now()),
+            _ => {
+                self.rest.answered();
+            }
         }
         answer
     }

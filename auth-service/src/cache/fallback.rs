@@ -94,7 +94,13 @@ impl FallbackCache {
 
     fn fell_back(&self, operation: &'static str, e: &CacheError) {
         let now = Instant::now();
-        self.rest.failed(now);
+        // Only Redis being away rests it: one that answered a command with an error (a full
+        // memory refusing writes) still answers the others, reads among them.
+        if shared::is_outage(&e.0) {
+            self.rest.failed(now);
+        } else {
+            self.answered();
+        }
         let mut w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
         if w.last
             .is_some_and(|last| now.duration_since(last) < WARN_EVERY)

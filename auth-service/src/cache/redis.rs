@@ -34,7 +34,7 @@ use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, RedisError, Script};
 use secrecy::SecretString;
-use shared::LazyRedis;
+use shared::{LazyRedis, Unreachable};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -199,9 +199,9 @@ async fn within<T>(
     tokio::time::timeout(CALL_DEADLINE, call)
         .await
         .map_err(|_| {
-            CacheError(anyhow!(
+            CacheError(anyhow::Error::new(Unreachable).context(format!(
                 "Redis {what} did not finish within {CALL_DEADLINE:?}"
-            ))
+            )))
         })?
 }
 
@@ -231,7 +231,15 @@ async fn mget(
 
 /// The values of a mark's key and, when asked, of a phone stamp's key; or why Redis did not
 /// give them.
-type MarkValues = Result<(Option<Vec<u8>>, Option<Vec<u8>>), String>;
+type MarkValues = Result<(Option<Vec<u8>>, Option<Vec<u8>>), ReadFailed>;
+
+/// Why a shared `MGET` failed, for each read it carried: the error's text, and whether it
+/// says Redis is away ([`shared::is_outage`]), which the text alone no longer can.
+#[derive(Debug, Clone)]
+struct ReadFailed {
+    why: String,
+    outage: bool,
+}
 
 /// The most reads one `MGET` carries; more waiting go in the next.
 const MGET_MOST: usize = 1000;
@@ -314,9 +322,12 @@ async fn send_batch(redis: &LazyRedis, batch: Vec<WaitingRead>) {
             }
         }
         Err(e) => {
-            let why = format!("{:#}", e.0);
+            let failed = ReadFailed {
+                why: format!("{:#}", e.0),
+                outage: shared::is_outage(&e.0),
+            };
             for read in batch {
-                let _ = read.answer.send(Err(why.clone()));
+                let _ = read.answer.send(Err(failed.clone()));
             }
         }
     }
@@ -349,8 +360,17 @@ impl RedisCache {
         }
         answered
             .await
-            .map_err(|_| CacheError(anyhow!("the session-mark read was not answered")))?
-            .map_err(|why| CacheError(anyhow!(why)))
+            .map_err(|_| {
+                CacheError(anyhow!("the session-mark read was not answered").context(Unreachable))
+            })?
+            .map_err(|failed| {
+                let e = anyhow!(failed.why);
+                CacheError(if failed.outage {
+                    e.context(Unreachable)
+                } else {
+                    e
+                })
+            })
     }
 }
 

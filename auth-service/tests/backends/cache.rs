@@ -712,6 +712,44 @@ async fn a_hung_redis_is_asked_once_per_rest_not_by_every_call() {
 }
 
 #[tokio::test]
+async fn an_error_redis_answers_does_not_rest_the_fallback_from_it() {
+    // Arrange: a rate window's key holds a hash, which the counter's INCR refuses
+    // (WRONGTYPE): Redis answers, with an error, as a full memory refuses writes.
+    let External::Run(url) =
+        support::redis("cache::an_error_redis_answers_does_not_rest_the_fallback_from_it")
+    else {
+        return;
+    };
+    let appid = new_appid();
+    let cache = FallbackCache::new(redis_at(&url, &appid), MemoryCache::new());
+    let good = code();
+    cache
+        .mark_alive(&good, Duration::from_secs(30))
+        .await
+        .expect("best effort");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("HSET")
+        .arg(format!("wxauth:{appid}:rate:wrong"))
+        .arg("f")
+        .arg("v")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("HSET");
+
+    // Act: the refused count, then at once a read.
+    let counted = hit(&cache, "wrong", 5, Duration::from_secs(60)).await;
+    let next = mark(&cache, &good).await;
+
+    // Assert: the count falls back to memory; the read is Redis's, not a rest's.
+    assert_eq!(counted, RateDecision::Allowed);
+    assert_eq!(next, Some(SessionMark::Alive), "the next call asked Redis");
+}
+
+#[tokio::test]
 async fn a_value_redis_holds_that_is_no_mark_fails_its_own_read_only() {
     let External::Run(url) =
         support::redis("cache::a_value_redis_holds_that_is_no_mark_fails_its_own_read_only")
