@@ -752,20 +752,30 @@ impl PostgresStore {
         batch: u32,
     ) -> Result<(u64, bool), TxError> {
         let mut tx = self.pool.begin().await?;
-        let (mut n, mut full) = (0, false);
-        for (sql, before) in purge_statements(now, keep, grace) {
-            let changed = sqlx::query(sql)
-                .bind(before)
-                .bind(i64::from(batch))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            n += changed;
-            full |= changed >= u64::from(batch);
-        }
+        let counts = run_batch(&mut tx, purge_statements(now, keep, grace), batch).await?;
         tx.commit().await?;
-        Ok((n, full))
+        let full = counts.iter().any(|&n| n >= u64::from(batch));
+        Ok((counts.iter().sum(), full))
     }
+}
+
+/// Runs each `(statement, $1)` of housekeeping's with `$2` the batch, in order, on `conn`;
+/// how many rows each changed.
+async fn run_batch<const N: usize>(
+    conn: &mut PgConnection,
+    statements: [(&'static str, Millis); N],
+    batch: u32,
+) -> Result<[u64; N], sqlx::Error> {
+    let mut changed = [0; N];
+    for (n, (sql, before)) in changed.iter_mut().zip(statements) {
+        *n = sqlx::query(sql)
+            .bind(before)
+            .bind(i64::from(batch))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(changed)
 }
 
 /// The app's access_token row, locked `FOR UPDATE` by an open transaction. Dropped without
@@ -1084,18 +1094,15 @@ impl Store for PostgresStore {
         self.check_ready()?;
         // Two short deletes by index, a batch each, in one transaction: all or nothing.
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let mut deleted = [0; 2];
-        for (n, sql) in deleted.iter_mut().zip([FORGET_EVENTS, FORGET_SESSIONS]) {
-            *n = sqlx::query(sql)
-                .bind(before)
-                .bind(i64::from(batch))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .rows_affected();
-        }
+        let [events, sessions] = run_batch(
+            &mut tx,
+            [(FORGET_EVENTS, before), (FORGET_SESSIONS, before)],
+            batch,
+        )
+        .await
+        .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
-        Ok((deleted[0], deleted[1]))
+        Ok((events, sessions))
     }
 
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {

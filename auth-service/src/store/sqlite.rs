@@ -247,6 +247,26 @@ async fn expire_in(
     Ok(n)
 }
 
+/// Runs each `(statement, $1)` of housekeeping's with `$2` the batch, in order, on `conn`;
+/// how many rows each changed.
+async fn run_batch<const N: usize>(
+    conn: &mut SqliteConnection,
+    statements: [(&'static str, Millis); N],
+    batch: u32,
+) -> Result<[u64; N], StoreError> {
+    let mut changed = [0; N];
+    for (n, (sql, before)) in changed.iter_mut().zip(statements) {
+        *n = sqlx::query(sql)
+            .bind(before)
+            .bind(i64::from(batch))
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+    }
+    Ok(changed)
+}
+
 /// Housekeeping's look for live sessions past their refresh expiry (`$1`: now), at most 1000
 /// (public for the test that checks it finds them by index).
 pub const DUE_SESSIONS: &str = "SELECT id, refresh_expires_at FROM sessions \
@@ -751,20 +771,10 @@ impl Store for SqliteStore {
         loop {
             // A write turn per batch: logins and refreshes take theirs in between.
             let mut tx = self.begin_write().await?;
-            let mut full = false;
-            for (sql, before) in purge_statements(now, keep, grace) {
-                let n = sqlx::query(sql)
-                    .bind(before)
-                    .bind(i64::from(batch))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?
-                    .rows_affected();
-                changed += n;
-                full |= n >= u64::from(batch);
-            }
+            let counts = run_batch(&mut tx, purge_statements(now, keep, grace), batch).await?;
             tx.commit().await?;
-            if !full {
+            changed += counts.iter().sum::<u64>();
+            if counts.iter().all(|&n| n < u64::from(batch)) {
                 return Ok(changed);
             }
         }
@@ -773,18 +783,14 @@ impl Store for SqliteStore {
     async fn forget(&self, before: Millis, batch: u32) -> Result<(u64, u64), StoreError> {
         // One write turn for both: two short deletes by index, a batch each.
         let mut tx = self.begin_write().await?;
-        let mut deleted = [0; 2];
-        for (n, sql) in deleted.iter_mut().zip([FORGET_EVENTS, FORGET_SESSIONS]) {
-            *n = sqlx::query(sql)
-                .bind(before)
-                .bind(i64::from(batch))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .rows_affected();
-        }
+        let [events, sessions] = run_batch(
+            &mut tx,
+            [(FORGET_EVENTS, before), (FORGET_SESSIONS, before)],
+            batch,
+        )
+        .await?;
         tx.commit().await?;
-        Ok((deleted[0], deleted[1]))
+        Ok((events, sessions))
     }
 
     async fn session_keys(&self, openid: &str) -> Result<Option<SealedSessionKeys>, StoreError> {
