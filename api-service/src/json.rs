@@ -16,15 +16,31 @@ pub struct Json<T>(pub T);
 #[derive(Debug, Clone)]
 pub struct JsonOrEmpty<T>(pub T);
 
+/// Whether the body is declared JSON: one `Content-Type`, `application/json` (or
+/// `application/…+json`), and no charset but UTF-8, the only one this API decodes (a second
+/// header or another charset would be read as UTF-8 all the same, whatever was meant).
 fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
+    let mut declared = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (declared.next(), declared.next()) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let media = parts
+        .next()
         .map(|m| m.trim().to_ascii_lowercase())
-        .is_some_and(|m| {
-            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-        })
+        .unwrap_or_default();
+    let json = media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"));
+    json && parts.all(|param| match param.split_once('=') {
+        Some((name, charset)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let charset = charset.trim().trim_matches('"');
+            charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("utf8")
+        }
+        _ => true,
+    })
 }
 
 async fn body(req: Request) -> Result<(HeaderMap, Bytes), ApiError> {
@@ -210,8 +226,17 @@ mod tests {
         assert!(is_json(&json_headers("application/json")));
         assert!(is_json(&json_headers("application/json; charset=utf-8")));
         assert!(is_json(&json_headers("Application/JSON")));
+        assert!(is_json(&json_headers("application/json;charset=UTF-8")));
+        assert!(is_json(&json_headers(
+            "application/json; charset=\"utf-8\""
+        )));
         assert!(!is_json(&json_headers("text/plain")));
+        assert!(!is_json(&json_headers("application/json; charset=utf-16")));
+        assert!(!is_json(&json_headers("application/json; charset=gbk")));
         assert!(!is_json(&HeaderMap::new()));
+        let mut two = json_headers("application/json");
+        two.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&two), "two Content-Type headers");
     }
 
     #[test]
