@@ -31,6 +31,7 @@
 //! as `wxauth.redis` (see `startup`).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,8 +53,6 @@ struct Warnings {
     last: Option<Instant>,
     /// Failures since then that were not logged.
     suppressed: u64,
-    /// Calls answered without asking Redis since then.
-    not_asked: u64,
 }
 
 /// Redis first, the in-process cache when Redis fails.
@@ -63,6 +62,8 @@ pub struct FallbackCache {
     local: MemoryCache,
     rest: Rest,
     warnings: Mutex<Warnings>,
+    /// Calls answered without asking Redis since the last warning (no lock on that path).
+    not_asked: AtomicU64,
 }
 
 impl FallbackCache {
@@ -73,6 +74,7 @@ impl FallbackCache {
             local,
             rest: Rest::default(),
             warnings: Mutex::new(Warnings::default()),
+            not_asked: AtomicU64::new(0),
         }
     }
 
@@ -112,12 +114,11 @@ impl FallbackCache {
             operation,
             error = format!("{:#}", e.0),
             failures_not_logged = w.suppressed,
-            calls_not_sent = w.not_asked,
+            calls_not_sent = self.not_asked.swap(0, Ordering::Relaxed),
             "Redis does not answer: the in-process cache stands in (not shared with other replicas)"
         );
         w.last = Some(now);
         w.suppressed = 0;
-        w.not_asked = 0;
     }
 
     /// `call` to Redis, unless Redis is resting after a failure (then an error, and `call`
@@ -128,10 +129,7 @@ impl FallbackCache {
         call: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
         if !self.rest.ask(Instant::now()) {
-            self.warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .not_asked += 1;
+            self.not_asked.fetch_add(1, Ordering::Relaxed);
             return Err(CacheError(anyhow::anyhow!(
                 "Redis failed moments ago: not asked for {operation}"
             )));
