@@ -16,7 +16,7 @@ use crate::cache::{
     Cache, CacheError, CodeClaim, MarkAsk, MarkRead, PhoneStamp, RateDecision, SessionMark,
 };
 use crate::config::{DatabaseSettings, Settings};
-use crate::crypto::{Keys, TokenHash};
+use crate::crypto::{CryptoError, Keys, TokenHash};
 use crate::domain::{
     Device, EndReason, Invalid, LoginRate, Millis, SessionEvent, SessionInfo, SessionPolicy, Token,
     TokenKind, WechatCode, millis, now_millis,
@@ -911,7 +911,7 @@ impl AuthCore {
         let plain = serde_json::to_vec(phone).map_err(AuthError::internal)?;
         let sealed = self
             .keys
-            .seal(&plain, openid.as_bytes())
+            .seal(&plain, &phone_context(openid))
             .map_err(AuthError::internal)?;
         let write = self.phones.write_started(openid);
         let mut pauses = PHONE_WRITE_RETRIES.iter();
@@ -997,7 +997,7 @@ impl AuthCore {
     async fn stored_phone(&self, openid: &str) -> Result<Option<PhoneNumber>, AuthError> {
         let phone = match self.store.phone(openid).await? {
             None => None,
-            Some(sealed) => match self.keys.open(&sealed, openid.as_bytes()) {
+            Some(sealed) => match open_phone(&self.keys, &sealed, openid) {
                 Ok(plain) => Some(serde_json::from_slice(&plain).map_err(unreadable)?),
                 // Sealed under an AUTH_TOKEN_KEY that has since changed: unreadable, as the
                 // sessions of that time are. The user has no number until one is bound
@@ -1244,6 +1244,21 @@ fn unreadable(e: serde_json::Error) -> AuthError {
         e.line(),
         e.column()
     ))
+}
+
+/// What a phone number is sealed under: its user's openid, prefixed so that no ciphertext
+/// of another kind sealed for the same user (the session_key, under the bare openid) opens
+/// as a phone number, nor a phone number as a session_key.
+fn phone_context(openid: &str) -> Vec<u8> {
+    [b"phone\0".as_slice(), openid.as_bytes()].concat()
+}
+
+/// Opens a stored phone number: sealed under [`phone_context`], or, if it was stored before
+/// numbers had a context of their own, under the bare openid. Such an older one parses as a
+/// number only if it is one (a session_key is 16 raw bytes, never JSON).
+fn open_phone(keys: &Keys, sealed: &[u8], openid: &str) -> Result<Vec<u8>, CryptoError> {
+    keys.open(sealed, &phone_context(openid))
+        .or_else(|_| keys.open(sealed, openid.as_bytes()))
 }
 
 #[cfg(test)]
@@ -1894,5 +1909,24 @@ mod tests {
         // 0 turns both off.
         assert_eq!(policy("sqlite://a.db", None, Some("0")), (0, 0, false));
         assert_eq!(policy(pg, redis, Some("0")), (0, 0, true));
+    }
+
+    #[test]
+    fn phone_numbers_and_session_keys_do_not_open_as_each_other() {
+        let keys = Keys::derive(&secrecy::SecretString::from("k".repeat(32)));
+        let openid = "o-user-1";
+        let number = br#"{"phone_number":"13800000000"}"#;
+        let sealed = keys.seal(number, &phone_context(openid)).expect("seal");
+        assert_eq!(open_phone(&keys, &sealed, openid).expect("opens"), number);
+        // Not as a session_key of the same user (sealed under the bare openid), nor as
+        // another user's number.
+        assert!(keys.open(&sealed, openid.as_bytes()).is_err());
+        assert!(open_phone(&keys, &sealed, "o-user-2").is_err());
+        // A session_key's ciphertext does not open under the phone's own context; a number
+        // stored before numbers had one (under the bare openid) still opens.
+        let session_key = keys.seal(&[7u8; 16], openid.as_bytes()).expect("seal");
+        assert!(keys.open(&session_key, &phone_context(openid)).is_err());
+        let older = keys.seal(number, openid.as_bytes()).expect("seal");
+        assert_eq!(open_phone(&keys, &older, openid).expect("opens"), number);
     }
 }
