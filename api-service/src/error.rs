@@ -202,6 +202,11 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.0.body.message
     }
+
+    /// The input field at fault, if one is named.
+    pub fn field(&self) -> Option<&str> {
+        self.0.body.field.as_deref()
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -87,6 +87,17 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        // A key given twice (`{"title":"a","title":"b"}`) is refused by serde at the object
+        // that holds it, whose path does not name the key: named here from serde's message.
+        if let Some(key) = duplicate_key(&inner) {
+            let field = if path == "." {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            };
+            let message = format!("{field}: given more than once");
+            return ApiError::invalid(&field, "invalid_request", message);
+        }
         if inner.is_data() && path != "." {
             let message = format!("{path}: {}", without_value(&inner));
             ApiError::invalid(&path, "invalid_request", message)
@@ -97,6 +108,14 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
     // One JSON value and nothing after it but whitespace: `{"title":"a"}xyz` is not JSON.
     de.end().map_err(not_json)?;
     Ok(value)
+}
+
+/// The key serde found twice in one object (its message: ``duplicate field `title` at line
+/// 1 column 24``), if that is the error.
+fn duplicate_key(e: &serde_json::Error) -> Option<String> {
+    let text = e.to_string();
+    let rest = text.strip_prefix("duplicate field `")?;
+    rest.split_once('`').map(|(key, _)| key.to_owned())
 }
 
 /// serde_json's message, less the value it found when that was of the wrong type, out of
@@ -379,6 +398,29 @@ mod tests {
             "{}",
             e.message()
         );
+    }
+
+    #[test]
+    fn a_key_given_twice_is_named_as_the_field_at_fault() {
+        use crate::routes::auth::LoginBody;
+        let h = json_headers("application/json");
+        for (body, field) in [
+            (&br#"{"title":"a","title":"b"}"#[..], "title"),
+            (br#"{"code":"c","device":{"id":"d","id":"e"}}"#, "device.id"),
+        ] {
+            let e = if field == "title" {
+                parse::<Note>(&h, body).map(|_| ()).expect_err("twice")
+            } else {
+                parse::<LoginBody>(&h, body).map(|_| ()).expect_err("twice")
+            };
+            assert_eq!(
+                (e.status(), e.code(), e.field()),
+                (StatusCode::BAD_REQUEST, "invalid_request", Some(field)),
+                "{}",
+                e.message()
+            );
+            assert!(!e.message().contains('"'), "{}", e.message());
+        }
     }
 
     #[test]
