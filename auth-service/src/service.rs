@@ -1292,6 +1292,10 @@ mod tests {
         due: Mutex<Option<u32>>,
         /// `expire_sessions`' calls that answered.
         expiries: AtomicUsize,
+        /// What `find_access` answers for every hash.
+        access: Mutex<Option<AccessRecord>>,
+        /// `touch`'s calls.
+        touches: AtomicUsize,
     }
 
     impl FlakyPhones {
@@ -1306,6 +1310,8 @@ mod tests {
                 forget_fails_at: AtomicUsize::new(0),
                 due: Mutex::new(None),
                 expiries: AtomicUsize::new(0),
+                access: Mutex::new(None),
+                touches: AtomicUsize::new(0),
             })
         }
 
@@ -1347,10 +1353,11 @@ mod tests {
             unreachable!("not used by these tests")
         }
         async fn find_access(&self, _: &TokenHash) -> Result<Option<AccessRecord>, StoreError> {
-            unreachable!("not used by these tests")
+            Ok(self.access.lock().expect("lock").clone())
         }
         async fn touch(&self, _: &str, _: Millis, _: Millis) -> Result<(), StoreError> {
-            unreachable!("not used by these tests")
+            self.touches.fetch_add(1, Ordering::SeqCst);
+            Ok(())
         }
         async fn rotate(&self, _: Rotation) -> Result<RotateOutcome, StoreError> {
             unreachable!("not used by these tests")
@@ -1692,15 +1699,56 @@ mod tests {
             moved = last_active().await;
         }
 
-        // Assert: it moved to the Verify's time; another Verify within the minute (from
-        // memory) writes nothing more.
+        // Assert: it moved to the Verify's time (how often it is written: the next test).
         assert!(
             moved >= now,
             "last_active_at {moved} never moved past {now}"
         );
+    }
+
+    #[tokio::test]
+    async fn verify_sends_one_touch_a_minute_however_many_calls() {
+        // The store's own guard (`last_active_at <= now - 60 s`) would hide extra writes
+        // from a real store: this one counts the calls. The touch runs in a task of its
+        // own; on this test's one-thread runtime, yielding lets it run.
+        async fn touches_after(store: &FlakyPhones) -> usize {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            store.touches.load(Ordering::SeqCst)
+        }
+        let now = now_millis();
+        let record = |last_active_at| AccessRecord {
+            openid: "o1".into(),
+            unionid: None,
+            session_id: "s1".into(),
+            expires_at: now + 3_600_000,
+            last_active_at,
+            ended: None,
+            refresh_expires_at: now + 86_400_000,
+        };
+        let token = Token::generate(TokenKind::Access).expect("random");
+
+        // Idle for two minutes: the first Verify touches, the next ten (from memory, within
+        // the minute) do not.
+        let idle = FlakyPhones::failing(0, false);
+        *idle.access.lock().expect("lock") = Some(record(now - 120_000));
+        let core = core_over(idle.clone());
         core.verify(token.expose()).await.expect("verify");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(last_active().await, moved);
+        assert_eq!(touches_after(&idle).await, 1);
+        for _ in 0..10 {
+            core.verify(token.expose()).await.expect("verify");
+        }
+        assert_eq!(touches_after(&idle).await, 1);
+
+        // Active ten seconds ago: no touch is due yet.
+        let active = FlakyPhones::failing(0, false);
+        *active.access.lock().expect("lock") = Some(record(now - 10_000));
+        let core = core_over(active.clone());
+        for _ in 0..5 {
+            core.verify(token.expose()).await.expect("verify");
+        }
+        assert_eq!(touches_after(&active).await, 0);
     }
 
     #[tokio::test]

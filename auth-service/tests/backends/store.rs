@@ -1562,7 +1562,9 @@ async fn a_held_app_token_lock_keeps_no_other_write_waiting(replicas: Vec<Arc<dy
         let read = replicas[1].app_token(APP).await;
         (done, read)
     };
-    let (done, read) = tokio::time::timeout(std::time::Duration::from_secs(3), writes)
+    // A hang guard, not a speed check: writes queued behind the lock would wait for ever
+    // on PostgreSQL (the lock is released below, after this), and fail on SQLite.
+    let (done, read) = tokio::time::timeout(std::time::Duration::from_secs(30), writes)
         .await
         .expect("writes kept waiting behind the app's access_token lock");
     for (i, login) in done.into_iter().enumerate() {
