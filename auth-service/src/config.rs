@@ -695,11 +695,35 @@ mod tests {
 
     #[test]
     fn sqlite_urls_in_both_spellings() {
-        let mut env = base();
-        env.insert("AUTH_DATABASE_URL", "sqlite:/tmp/x.db?mode=rwc".into());
-        let s = load(&env).expect("valid");
-        assert!(
-            matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from("/tmp/x.db"))
-        );
+        // `sqlite://PATH` and `sqlite:PATH`, each with an absolute and a relative path,
+        // with and without sqlx's query options.
+        for (given, want) in [
+            ("sqlite:///tmp/x.db", "/tmp/x.db"),
+            ("sqlite://./data/x.db", "./data/x.db"),
+            ("sqlite://data/x.db?mode=rwc", "data/x.db"),
+            ("sqlite:/tmp/x.db?mode=rwc", "/tmp/x.db"),
+            ("sqlite:./data/x.db", "./data/x.db"),
+            ("sqlite:data/x.db", "data/x.db"),
+        ] {
+            let mut env = base();
+            env.insert("AUTH_DATABASE_URL", given.into());
+            let s = load(&env).expect(given);
+            assert!(
+                matches!(s.database, DatabaseSettings::Sqlite { ref path } if path == &PathBuf::from(want)),
+                "{given}: {:?}",
+                s.database
+            );
+        }
+        // Either spelling needs a file.
+        for given in [
+            "sqlite://",
+            "sqlite:",
+            "sqlite://:memory:",
+            "sqlite::memory:",
+        ] {
+            let mut env = base();
+            env.insert("AUTH_DATABASE_URL", given.into());
+            assert_eq!(load(&env).expect_err(given).name, "AUTH_DATABASE_URL");
+        }
     }
 }

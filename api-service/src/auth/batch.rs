@@ -451,7 +451,7 @@ mod tests {
     use tonic_types::{ErrorDetails, StatusExt};
 
     use super::*;
-    use crate::auth::{AuthApi, CallContext, GrpcAuth};
+    use crate::auth::{AuthApi, AuthResult, CallContext, GrpcAuth, Identity};
 
     /// How the fake auth-service answers `VerifyBatch`.
     #[derive(Clone, Copy, PartialEq)]
@@ -465,8 +465,9 @@ mod tests {
     }
 
     /// An auth-service whose tokens are `token-<openid>` (or `slow-<openid>`, answered
-    /// after [`SLOW`] with every other item of its call); anything else is refused
-    /// `TOKEN_INVALID`. It counts the calls and the largest batch.
+    /// with every other item of its call only once the test lets slow calls go:
+    /// [`Fake::let_slow_calls_go`]); anything else is refused `TOKEN_INVALID`. It counts
+    /// the calls, the largest batch, and the slow calls held.
     struct Fake {
         batches: Batches,
         verify_calls: AtomicUsize,
@@ -474,16 +475,31 @@ mod tests {
         batch_attempts: AtomicUsize,
         batch_calls: AtomicUsize,
         largest_batch: AtomicUsize,
+        /// Calls with a `slow-` token that reached the fake (each then waits for `slow_go`).
+        slow_arrived: tokio::sync::watch::Sender<usize>,
+        /// Closed once slow calls may be answered.
+        slow_go: tokio::sync::Semaphore,
     }
 
-    /// A call holding a `slow-` token is answered after this.
-    const SLOW: Duration = Duration::from_secs(2);
+    impl Fake {
+        /// Holds a call with a `slow-` token among `tokens` until the test lets it go.
+        async fn slow_if_asked<'a>(&self, mut tokens: impl Iterator<Item = &'a str>) {
+            if tokens.any(|t| t.starts_with("slow-")) {
+                self.slow_arrived.send_modify(|n| *n += 1);
+                // Err once closed: that is the signal, there is never a permit.
+                let _go = self.slow_go.acquire().await;
+            }
+        }
 
-    async fn slow_if_asked<'a>(mut tokens: impl Iterator<Item = &'a str>) {
-        if tokens.any(|t| t.starts_with("slow-")) {
-            tokio::time::sleep(SLOW).await;
+        /// Answers the slow calls held, and those that come after.
+        fn let_slow_calls_go(&self) {
+            self.slow_go.close();
         }
     }
+
+    /// Not a deadline on the behaviour: only how long a test waits before it calls a hang
+    /// one (also the client's `API_AUTH_TIMEOUT`, so that no call fails of it first).
+    const HANG: Duration = Duration::from_secs(60);
 
     fn verdict(r: &pb::VerifyRequest) -> Answer {
         let token = &r.access_token;
@@ -525,7 +541,8 @@ mod tests {
             request: Request<pb::VerifyRequest>,
         ) -> Result<Response<pb::VerifyResponse>, Status> {
             self.verify_calls.fetch_add(1, Ordering::Relaxed);
-            slow_if_asked(std::iter::once(request.get_ref().access_token.as_str())).await;
+            self.slow_if_asked(std::iter::once(request.get_ref().access_token.as_str()))
+                .await;
             verdict(request.get_ref()).map(Response::new)
         }
 
@@ -539,7 +556,8 @@ mod tests {
             }
             let items = request.into_inner().items;
             let tokens = items.iter().filter_map(|i| i.request.as_ref());
-            slow_if_asked(tokens.map(|r| r.access_token.as_str())).await;
+            self.slow_if_asked(tokens.map(|r| r.access_token.as_str()))
+                .await;
             self.batch_calls.fetch_add(1, Ordering::Relaxed);
             self.largest_batch.fetch_max(items.len(), Ordering::Relaxed);
             use pb::verify_batch_result::Result as R;
@@ -626,6 +644,8 @@ mod tests {
             batch_attempts: AtomicUsize::new(0),
             batch_calls: AtomicUsize::new(0),
             largest_batch: AtomicUsize::new(0),
+            slow_arrived: tokio::sync::watch::Sender::new(0),
+            slow_go: tokio::sync::Semaphore::new(0),
         });
         let incoming =
             tonic::transport::server::TcpIncoming::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -637,7 +657,7 @@ mod tests {
                 .add_service(service)
                 .serve_with_incoming(incoming),
         );
-        let timeout = Duration::from_secs(10);
+        let timeout = HANG;
         let client = GrpcAuth::new(
             &format!("http://{addr}"),
             timeout,
@@ -690,9 +710,10 @@ mod tests {
     }
 
     /// Waits until no sender and no watcher is left (they end once nothing is queued);
-    /// panics when that does not come.
+    /// panics when that does not come within the hang guard.
     async fn settles(client: &GrpcAuth) {
-        for _ in 0..2000 {
+        let give_up = Instant::now() + HANG;
+        while Instant::now() < give_up {
             {
                 let queue = client.verifier.lock();
                 if queue.senders == 0 && !queue.watching && queue.waiting.is_empty() {
@@ -708,6 +729,30 @@ mod tests {
             queue.watching,
             queue.waiting.len()
         );
+    }
+
+    /// Makes every sender busy with a call the fake holds: one `slow-` request after
+    /// another, each sent once the one before reached the fake (so each is a sender's own
+    /// call, not an item of another's). Their answers come once the fake lets them go.
+    async fn every_sender_held(
+        fake: &Fake,
+        client: &GrpcAuth,
+    ) -> tokio::task::JoinSet<AuthResult<Identity>> {
+        let mut arrived = fake.slow_arrived.subscribe();
+        let mut slow = tokio::task::JoinSet::new();
+        for i in 0..SENDERS {
+            let client = client.clone();
+            slow.spawn(async move {
+                let ctx = CallContext::default();
+                client.verify(&ctx, &format!("slow-s{i}"), false).await
+            });
+            tokio::time::timeout(HANG, arrived.wait_for(|n| *n > i))
+                .await
+                .expect("hang guard: a slow call never reached the fake")
+                .expect("the fake is there");
+        }
+        assert_eq!(client.verifier.lock().senders, SENDERS);
+        slow
     }
 
     #[tokio::test]
@@ -743,17 +788,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_call_does_not_hold_up_the_others() {
-        // Arrange: every sender busy with calls that take SLOW
-        let (_fake, client, calls) = serve(Batches::Answered).await;
-        let mut slow = tokio::task::JoinSet::new();
-        for i in 0..SENDERS {
-            let client = client.clone();
-            slow.spawn(async move {
-                let ctx = CallContext::default();
-                client.verify(&ctx, &format!("slow-s{i}"), false).await
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Arrange: every sender busy with a call the fake holds
+        let (fake, client, calls) = serve(Batches::Answered).await;
+        let mut slow = every_sender_held(&fake, &client).await;
 
         // Act: requests that come meanwhile
         let seen = many_at_once(&client, 40).await;
@@ -762,6 +799,7 @@ mod tests {
         assert_eq!(seen, expected(40));
         assert!(slow.try_join_next().is_none(), "a slow call ended first");
         assert!(calls.counts().2 >= 1, "no stall counted");
+        fake.let_slow_calls_go();
         let slow = slow.join_all().await;
         assert!(slow.iter().all(Result::is_ok));
         settles(&client).await;
@@ -769,18 +807,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_stall_longer_than_one_call_is_sent_call_after_call() {
-        // Arrange: every sender busy with calls that take SLOW
+        // Arrange: every sender busy with a call the fake holds
         let (fake, client, calls) = serve(Batches::Answered).await;
-        let mut slow = tokio::task::JoinSet::new();
-        for i in 0..SENDERS {
-            let client = client.clone();
-            slow.spawn(async move {
-                let ctx = CallContext::default();
-                client.verify(&ctx, &format!("slow-s{i}"), false).await
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(client.verifier.lock().senders, SENDERS);
+        let mut slow = every_sender_held(&fake, &client).await;
         // More than one call holds, all queued before anyone looks (by hand: no watcher yet).
         let n = BATCH_MAX + 50;
         let mut answers = Vec::new();
@@ -819,6 +848,7 @@ mod tests {
         assert_eq!(last.expect("verified").openid, "last");
         assert!(calls.counts().2 >= 2, "{:?}", calls.counts());
         assert!(fake.largest_batch.load(Ordering::Relaxed) <= BATCH_MAX);
+        fake.let_slow_calls_go();
         let slow = slow.join_all().await;
         assert!(slow.iter().all(Result::is_ok));
         settles(&client).await;
@@ -889,12 +919,9 @@ mod tests {
         };
 
         // Act: one more (a guard against a hang, not a speed assertion)
-        let refused = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.verifier.verify(request(), "late"),
-        )
-        .await
-        .expect("answered without waiting for auth-service");
+        let refused = tokio::time::timeout(HANG, client.verifier.verify(request(), "late"))
+            .await
+            .expect("hang guard: answered without waiting for auth-service");
 
         // Assert: 503 at once, nothing sent, the queue as it was
         let status = refused.expect_err("refused");

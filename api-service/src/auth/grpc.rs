@@ -529,28 +529,56 @@ mod tests {
         )
     }
 
+    /// The answer `e` becomes: its status, its `Retry-After` and its body as the contract
+    /// shows it (rendered as the middleware does, with request id `r1`).
+    fn answer(e: ApiError) -> (StatusCode, Option<String>, serde_json::Value) {
+        use axum::response::IntoResponse as _;
+        let response = e.into_response();
+        let retry_after = response
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .map(|v| v.to_str().expect("a Retry-After in ASCII").to_owned());
+        let pending = response
+            .extensions()
+            .get::<crate::error::PendingError>()
+            .expect("an error body for the middleware");
+        let body = crate::error::render(pending.body.clone(), "r1");
+        let body = serde_json::from_slice(&body).expect("a JSON body");
+        (response.status(), retry_after, body)
+    }
+
     #[test]
     fn wechat_details_and_retry_after_are_carried() {
         let ctx = CallContext::default();
-        let e = to_api_error(
+        let (http, _, body) = answer(to_api_error(
             status(
                 Code::ResourceExhausted,
                 "WECHAT_RATE_LIMITED",
                 &[("wechat_errcode", "45011"), ("wechat_errmsg", "slow down")],
             ),
             &ctx,
+        ));
+        assert_eq!(http, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body["error"]["code"], "wechat_rate_limited");
+        assert_eq!(
+            body["error"]["wechat"],
+            serde_json::json!({"errcode": 45011, "errmsg": "slow down"}),
+            "{body}"
         );
-        assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(e.code(), "wechat_rate_limited");
-        let e = to_api_error(
+
+        let (http, retry_after, body) = answer(to_api_error(
             status(
                 Code::ResourceExhausted,
                 "RATE_LIMITED",
                 &[("retry_after_secs", "7")],
             ),
             &ctx,
-        );
-        assert_eq!(e.code(), "rate_limited");
+        ));
+        assert_eq!(http, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert_eq!(retry_after.as_deref(), Some("7"));
+        // Not WeChat's doing: no wechat member at all.
+        assert!(body["error"].get("wechat").is_none(), "{body}");
     }
 
     #[test]

@@ -216,40 +216,62 @@ mod tests {
 
     #[test]
     fn every_contract_reason_has_its_status() {
-        assert_eq!(
-            http_status_for("TOKEN_EXPIRED"),
-            Some((StatusCode::UNAUTHORIZED, "token_expired"))
-        );
-        assert_eq!(
-            http_status_for("WECHAT_RATE_LIMITED"),
-            Some((StatusCode::TOO_MANY_REQUESTS, "wechat_rate_limited"))
-        );
-        assert_eq!(
-            http_status_for("WECHAT_ERROR"),
-            Some((StatusCode::BAD_GATEWAY, "wechat_error"))
-        );
-        assert_eq!(
-            http_status_for("SESSION_KEY_STALE"),
-            Some((StatusCode::CONFLICT, "session_key_stale"))
-        );
-        assert_eq!(
-            http_status_for("INVALID_ENCRYPTED_DATA"),
-            Some((StatusCode::BAD_REQUEST, "invalid_encrypted_data"))
-        );
-        assert_eq!(
-            http_status_for("WATERMARK_MISMATCH"),
-            Some((StatusCode::BAD_REQUEST, "watermark_mismatch"))
-        );
-        assert_eq!(
-            http_status_for("WECHAT_RISKY_USER"),
-            Some((StatusCode::FORBIDDEN, "wechat_risky_user"))
-        );
-        // Anything auth-service should never send the edge's callers is not mapped.
+        use StatusCode as S;
+        // Every reason of CONTRACT.md's error tables, with its status and code.
+        let contract = [
+            ("TOKEN_MISSING", S::UNAUTHORIZED, "token_missing"),
+            ("TOKEN_INVALID", S::UNAUTHORIZED, "token_invalid"),
+            ("TOKEN_EXPIRED", S::UNAUTHORIZED, "token_expired"),
+            ("TOKEN_REVOKED", S::UNAUTHORIZED, "token_revoked"),
+            ("SESSION_REPLACED", S::UNAUTHORIZED, "session_replaced"),
+            (
+                "REFRESH_TOKEN_REUSED",
+                S::UNAUTHORIZED,
+                "refresh_token_reused",
+            ),
+            ("INVALID_CODE", S::BAD_REQUEST, "invalid_code"),
+            ("CODE_USED", S::BAD_REQUEST, "code_used"),
+            ("INVALID_ARGUMENT", S::BAD_REQUEST, "invalid_argument"),
+            ("WECHAT_INVALID_CODE", S::BAD_REQUEST, "wechat_invalid_code"),
+            ("WECHAT_CODE_USED", S::BAD_REQUEST, "wechat_code_used"),
+            (
+                "WECHAT_RATE_LIMITED",
+                S::TOO_MANY_REQUESTS,
+                "wechat_rate_limited",
+            ),
+            ("WECHAT_RISKY_USER", S::FORBIDDEN, "wechat_risky_user"),
+            ("WECHAT_BUSY", S::SERVICE_UNAVAILABLE, "wechat_busy"),
+            ("WECHAT_ERROR", S::BAD_GATEWAY, "wechat_error"),
+            (
+                "WECHAT_UNAVAILABLE",
+                S::SERVICE_UNAVAILABLE,
+                "wechat_unavailable",
+            ),
+            ("RATE_LIMITED", S::TOO_MANY_REQUESTS, "rate_limited"),
+            ("NOT_FOUND", S::NOT_FOUND, "not_found"),
+            (
+                "INVALID_ENCRYPTED_DATA",
+                S::BAD_REQUEST,
+                "invalid_encrypted_data",
+            ),
+            ("SESSION_KEY_STALE", S::CONFLICT, "session_key_stale"),
+            ("WATERMARK_MISMATCH", S::BAD_REQUEST, "watermark_mismatch"),
+        ];
+        for (reason, status, code) in contract {
+            assert_eq!(http_status_for(reason), Some((status, code)), "{reason}");
+            // The reason is the upper-case form of the code (CONTRACT.md, gRPC API).
+            assert_eq!(reason, code.to_uppercase(), "{reason}");
+        }
+        // Anything auth-service should never send the edge's callers is not mapped, nor is
+        // a code in the HTTP spelling.
         for r in [
             "INTERNAL",
             "UNAVAILABLE",
             "CLIENT_KEY_INVALID",
+            PHONE_NOT_SET,
             "SOMETHING_NEW",
+            "token_expired",
+            "",
         ] {
             assert_eq!(http_status_for(r), None, "{r}");
         }

@@ -435,6 +435,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use sqlx::sqlite::SqlitePoolOptions;
+    use tokio::sync::oneshot;
 
     use super::super::{IdempotencyKey, PURGE_EVERY_MILLIS, RequestFingerprint, StoredAnswer};
     use super::*;
@@ -690,6 +691,25 @@ mod tests {
         );
     }
 
+    /// Drives `work`, and says on `polled` once it has been polled the first time (it then
+    /// waits on the first thing it waits for: for a change while the turn is held, the turn).
+    async fn saying_when_polled<F: Future>(work: F, polled: oneshot::Sender<()>) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let mut polled = Some(polled);
+        std::future::poll_fn(|cx| {
+            let poll = work.as_mut().poll(cx);
+            if let Some(polled) = polled.take() {
+                // The test may have stopped listening (it failed): nobody to tell.
+                let _gone = polled.send(());
+            }
+            poll
+        })
+        .await
+    }
+
+    /// Not a deadline on the behaviour: only how long a test waits before it calls a hang one.
+    const HANG: std::time::Duration = std::time::Duration::from_secs(60);
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn changes_waiting_for_their_turn_leave_reads_answering() {
         // Arrange: a write in progress, in its turn, holding SQLite's lock.
@@ -703,29 +723,42 @@ mod tests {
             .await
             .expect("the lock");
 
-        // Act: more changes than the pool has connections wait behind it.
+        // Act: more changes than the pool has connections wait behind it, each started
+        // (polled once, so waiting on what it waits for) before the read.
+        let mut started = Vec::new();
         let changes: Vec<_> = (0..8)
             .map(|i| {
                 let notes = s.notes.clone();
                 let id = n.id.clone();
+                let (polled, start) = oneshot::channel();
+                started.push(start);
                 tokio::spawn(async move {
                     let patch = NotePatch {
                         title: Some(NoteTitle::parse(&format!("change {i}")).expect("title")),
                         body: None,
                     };
-                    notes.update("alice", &id, patch, 2_000 + i).await
+                    saying_when_polled(notes.update("alice", &id, patch, 2_000 + i), polled).await
                 })
             })
             .collect();
-        // Every chance for the changes to start and wait, each on what it waits for.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for start in started {
+            tokio::time::timeout(HANG, start)
+                .await
+                .expect("hang guard: a change never started")
+                .expect("the change's task ran");
+        }
 
         // Assert: a change waiting for its turn holds no connection, so a read gets one
-        // (waiting in SQLite's busy handler, they held them all).
-        let read = tokio::time::timeout(std::time::Duration::from_secs(3), s.get("alice", &n.id))
+        // (waiting in SQLite's busy handler, they held them all); it answers while every
+        // change still waits, and the turn is still held.
+        let read = tokio::time::timeout(HANG, s.get("alice", &n.id))
             .await
-            .expect("a read starved by changes waiting behind a write");
+            .expect("hang guard: a read starved by changes waiting behind a write");
         assert_eq!(read.expect("get").title.as_str(), "first");
+        assert!(
+            changes.iter().all(|c| !c.is_finished()),
+            "a change ended before the write did: the read waited for it"
+        );
 
         sqlx::raw_sql("ROLLBACK")
             .execute(&mut *writing)

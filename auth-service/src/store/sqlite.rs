@@ -866,6 +866,8 @@ impl Store for SqliteStore {
 mod tests {
     use std::time::Duration;
 
+    use tokio::sync::oneshot;
+
     use super::*;
 
     #[test]
@@ -878,6 +880,25 @@ mod tests {
             assert!(!busy(code), "{code:?}");
         }
     }
+
+    /// Drives `work`, and says on `polled` once it has been polled the first time (it then
+    /// waits on the first thing it waits for: for a write while the turn is held, the turn).
+    async fn saying_when_polled<F: Future>(work: F, polled: oneshot::Sender<()>) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let mut polled = Some(polled);
+        std::future::poll_fn(|cx| {
+            let poll = work.as_mut().poll(cx);
+            if let Some(polled) = polled.take() {
+                // The test may have stopped listening (it failed): nobody to tell.
+                let _gone = polled.send(());
+            }
+            poll
+        })
+        .await
+    }
+
+    /// Not a deadline on the behaviour: only how long a test waits before it calls a hang one.
+    const HANG: Duration = Duration::from_secs(60);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_waiting_for_their_turn_leave_reads_answering() {
@@ -893,22 +914,37 @@ mod tests {
             .await
             .expect("the lock");
 
-        // Act: more writes than the pool has connections wait behind it.
+        // Act: more writes than the pool has connections wait behind it, each started
+        // (polled once, so waiting on what it waits for) before the read.
+        let mut started = Vec::new();
         let writes: Vec<_> = (0..12)
             .map(|_| {
                 let store = store.clone();
-                tokio::spawn(async move { store.expire_sessions(None, 1_000).await })
+                let (polled, start) = oneshot::channel();
+                started.push(start);
+                tokio::spawn(async move {
+                    saying_when_polled(store.expire_sessions(None, 1_000), polled).await
+                })
             })
             .collect();
-        // Every chance for the writes to start and wait, each on what it waits for.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        for start in started {
+            tokio::time::timeout(HANG, start)
+                .await
+                .expect("hang guard: a write never started")
+                .expect("the write's task ran");
+        }
 
         // Assert: a write waiting for its turn holds no connection, so a read gets one
-        // (waiting in SQLite's busy handler, they held them all).
-        tokio::time::timeout(Duration::from_secs(3), store.ping())
+        // (waiting in SQLite's busy handler, they held them all); it answers while every
+        // write still waits, and the turn is still held.
+        tokio::time::timeout(HANG, store.ping())
             .await
-            .expect("a read starved by writes waiting behind a write")
+            .expect("hang guard: a read starved by writes waiting behind a write")
             .expect("ping");
+        assert!(
+            writes.iter().all(|w| !w.is_finished()),
+            "a write ended before the first did: the read waited for it"
+        );
 
         sqlx::raw_sql("ROLLBACK")
             .execute(&mut *writing)
