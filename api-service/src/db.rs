@@ -95,11 +95,11 @@ impl Db {
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
-        let migrator = sqlx::migrate!("./migrations/sqlite");
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
         let applied = shared::migrations::applied_sqlite(&pool)
             .await
             .context("cannot read the SQLite database's migration history")?;
-        shared::migrations::refuse_foreign(&applied, &migrator, "api-service (API_DATABASE_URL)")
+        shared::migrations::prepare(&applied, &mut migrator, "api-service (API_DATABASE_URL)")
             .context("cannot apply the SQLite migrations")?;
         migrator
             .run(&pool)
@@ -239,15 +239,15 @@ async fn migrate_once(options: &PgConnectOptions) -> anyhow::Result<()> {
         .connect_with(options.clone())
         .await
         .context("cannot connect to PostgreSQL")?;
-    let migrator = sqlx::migrate!("./migrations/postgres");
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
     let migrated = match shared::migrations::applied_postgres(&pool).await {
         Ok(applied) => {
-            match shared::migrations::refuse_foreign(
+            match shared::migrations::prepare(
                 &applied,
-                &migrator,
+                &mut migrator,
                 "api-service (API_DATABASE_URL)",
             ) {
-                Ok(()) => migrator.run(&pool).await.map_err(anyhow::Error::from),
+                Ok(_) => migrator.run(&pool).await.map_err(anyhow::Error::from),
                 Err(e) => Err(e),
             }
         }

@@ -6,6 +6,12 @@
 //! "migration 1 was previously applied but has been modified", which sends an operator
 //! looking for an edited file. [`refuse_foreign`] says what happened instead: the database
 //! holds another program's schema, and each service needs a database of its own.
+//!
+//! A database a newer release already migrated further is taken as it is ([`prepare`]):
+//! during a rollout an old pod may restart after new ones migrated, and `kubectl rollout
+//! undo` brings the old release back onto the newer schema. Each migration keeps the
+//! previous release working (deploy/README.md), where sqlx alone would stop the old release
+//! at start-up ("migration N was previously applied but is missing").
 
 use anyhow::bail;
 use sqlx::migrate::Migrator;
@@ -42,13 +48,41 @@ pub async fn applied_sqlite(pool: &SqlitePool) -> anyhow::Result<Vec<(i64, Strin
     Ok(sqlx::query_as(HISTORY).fetch_all(pool).await?)
 }
 
+/// Readies `ours` to run on a database whose history is `applied`: another program's
+/// schema is refused ([`refuse_foreign`]); migrations a newer release applied, which `ours`
+/// does not know, are left alone, with a warning that names them (returned, too); the ones
+/// `ours` knows are still checked by sqlx against their files, and the missing ones applied.
+/// `service` as for [`refuse_foreign`].
+pub fn prepare(
+    applied: &[(i64, String)],
+    ours: &mut Migrator,
+    service: &str,
+) -> anyhow::Result<Vec<i64>> {
+    refuse_foreign(applied, ours, service)?;
+    let newer: Vec<i64> = applied
+        .iter()
+        .map(|(version, _)| *version)
+        .filter(|version| !ours.iter().any(|m| m.version == *version))
+        .collect();
+    if !newer.is_empty() {
+        tracing::warn!(
+            service,
+            newer_migrations = ?newer,
+            "the database was migrated by a newer release; this one runs on it as it is \
+             (each migration keeps the release before it working)"
+        );
+    }
+    ours.set_ignore_missing(true);
+    Ok(newer)
+}
+
 /// Fails when `applied` holds a migration that `ours` numbers the same but describes
 /// otherwise: the database belongs to another program. `service` names the service and the
 /// setting that chose the database, for the message (`api-service (API_DATABASE_URL)`).
 ///
-/// Anything else is left to sqlx, which reports it well: an edited migration (same
-/// description, another checksum), or one it does not know (a newer release ran here).
-pub fn refuse_foreign(
+/// An edited migration (same description, another checksum) is left to sqlx, which
+/// reports it well; one it does not know (a newer release ran here) to [`prepare`].
+fn refuse_foreign(
     applied: &[(i64, String)],
     ours: &Migrator,
     service: &str,
@@ -114,13 +148,38 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_releases_migrations_are_named_and_left_alone() {
+        let applied = vec![
+            (1, "profiles".to_owned()),
+            (2, "notes".to_owned()),
+            (3, "tags".to_owned()),
+            (4, "tag index".to_owned()),
+        ];
+        let mut ours = migrator(&["profiles", "notes"]);
+        assert!(!ours.ignore_missing);
+        assert_eq!(
+            prepare(&applied, &mut ours, "api-service").expect("ours"),
+            [3, 4]
+        );
+        assert!(ours.ignore_missing, "sqlx would refuse versions 3 and 4");
+        let mut ours = migrator(&["profiles", "notes"]);
+        assert_eq!(
+            prepare(&applied[..1], &mut ours, "api-service").expect("ours"),
+            Vec::<i64>::new()
+        );
+        let mut ours = migrator(&["profiles", "notes"]);
+        let foreign = vec![(1, "init".to_owned())];
+        assert!(prepare(&foreign, &mut ours, "api-service").is_err());
+    }
+
+    #[test]
     fn our_own_history_passes_whole_partial_or_newer() {
         let ours = migrator(&["profiles", "notes"]);
         for applied in [
             vec![],
             vec![(1, "profiles".to_owned())],
             vec![(1, "profiles".to_owned()), (2, "notes".to_owned())],
-            // A newer release's migration 3: sqlx's own error says it is missing here.
+            // A newer release's migration 3: not another program's (see `prepare`).
             vec![
                 (1, "profiles".to_owned()),
                 (2, "notes".to_owned()),

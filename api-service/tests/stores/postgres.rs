@@ -105,6 +105,29 @@ async fn replicas_starting_together_migrate_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_a_newer_release_migrated_further_is_served() {
+    const TEST: &str = "postgres::a_database_a_newer_release_migrated_further_is_served";
+    let Some(url) = support::postgres_database(TEST).await else {
+        return;
+    };
+    let first = open_postgres(&url).await;
+    migrated(pg(&first)).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer release', TRUE, $1, 0)",
+    )
+    .bind(&[0u8][..])
+    .execute(pg(&first).pool())
+    .await
+    .expect("a newer release's migration");
+
+    // An older replica starts (a rollout's old pod restarting, or `kubectl rollout undo`).
+    let older = open_postgres(&url).await;
+    migrated(pg(&older)).await;
+    assert!(older.ping().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_transactions_are_retried_once_and_errors_sorted_by_sqlstate() {
     const TEST: &str =
         "postgres::aborted_transactions_are_retried_once_and_errors_sorted_by_sqlstate";

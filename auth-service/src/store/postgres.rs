@@ -217,10 +217,10 @@ impl PostgresStore {
             let history = shared::migrations::applied_postgres(&pool)
                 .await
                 .map_err(|e| anyhow!("cannot read the PostgreSQL migration history: {e:#}"))?;
-            let migrator = migrator();
-            shared::migrations::refuse_foreign(
+            let mut migrator = migrator();
+            shared::migrations::prepare(
                 &history,
-                &migrator,
+                &mut migrator,
                 "auth-service (AUTH_DATABASE_URL)",
             )
             .map_err(|e| anyhow!("cannot apply the PostgreSQL migrations: {e}"))?;

@@ -101,11 +101,11 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
-        let migrator = sqlx::migrate!("./migrations/sqlite");
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
         let applied = shared::migrations::applied_sqlite(&pool)
             .await
             .context("cannot read the SQLite database's migration history")?;
-        shared::migrations::refuse_foreign(&applied, &migrator, "auth-service (AUTH_DATABASE_URL)")
+        shared::migrations::prepare(&applied, &mut migrator, "auth-service (AUTH_DATABASE_URL)")
             .context("cannot apply the SQLite migrations")?;
         migrator
             .run(&pool)

@@ -1719,6 +1719,69 @@ async fn postgres_refuses_a_database_that_holds_the_edges_schema_and_says_why() 
     assert!(!store.is_ready());
 }
 
+/// A migration this release does not know, as a newer release would have left it.
+const NEWER_MIGRATION: &str = "INSERT INTO _sqlx_migrations \
+     (version, description, success, checksum, execution_time) \
+     VALUES (9999, 'from a newer release', TRUE, $1, 0)";
+
+#[tokio::test]
+async fn sqlite_opens_a_file_a_newer_release_migrated_further() {
+    // Arrange: a file migrated by this release, then by a newer one (as after `kubectl
+    // rollout undo`), with a session in it.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("auth.db");
+    let store = SqliteStore::open(&path).await.expect("first start");
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    drop(store);
+    let raw = SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("SQLite");
+    sqlx::query(NEWER_MIGRATION)
+        .bind(&[0u8][..])
+        .execute(&raw)
+        .await
+        .expect("a newer release's migration");
+    raw.close().await;
+
+    // Act, assert: this release starts on it and reads what was there.
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&path)
+            .await
+            .expect("an older release on a newer schema"),
+    );
+    assert_eq!(live_ids(&store, "o1", T0).await, vec!["s1"]);
+}
+
+#[tokio::test]
+async fn postgres_serves_a_database_a_newer_release_migrated_further() {
+    let Some(fixture) = Fixture::postgres("postgres_serves_a_database_a_newer_release").await
+    else {
+        return;
+    };
+    let Backend::Postgres(url) = &fixture.backend else {
+        unreachable!("a PostgreSQL fixture");
+    };
+    let store = fixture.store().await;
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    let raw = PgPool::connect(url).await.expect("PostgreSQL");
+    sqlx::query(NEWER_MIGRATION)
+        .bind(&[0u8][..])
+        .execute(&raw)
+        .await
+        .expect("a newer release's migration");
+
+    let replica = PostgresStore::connect_lazy(&SecretString::from(url.clone()), DEFAULT_POOL_SIZE)
+        .expect("store");
+    replica
+        .migrate()
+        .await
+        .expect("an older release on a newer schema");
+
+    assert!(replica.is_ready());
+    let replica: Arc<dyn Store> = Arc::new(replica);
+    assert_eq!(live_ids(&replica, "o1", T0).await, vec!["s1"]);
+}
+
 #[tokio::test]
 async fn postgres_builds_again_an_index_whose_concurrent_build_was_cut_short() {
     let Some(fixture) =
