@@ -82,11 +82,7 @@ pub fn prepare(
 ///
 /// An edited migration (same description, another checksum) is left to sqlx, which
 /// reports it well; one it does not know (a newer release ran here) to [`prepare`].
-fn refuse_foreign(
-    applied: &[(i64, String)],
-    ours: &Migrator,
-    service: &str,
-) -> anyhow::Result<()> {
+fn refuse_foreign(applied: &[(i64, String)], ours: &Migrator, service: &str) -> anyhow::Result<()> {
     for (version, theirs) in applied {
         let Some(mine) = ours.iter().find(|m| m.version == *version) else {
             continue;
