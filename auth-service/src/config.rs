@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::domain::{LoginRate, SessionPolicy};
+use crate::domain::{Rate, SessionPolicy};
 
 /// A setting that is missing or malformed.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,9 @@ pub struct Settings {
     /// every token row of a session is gone before the session is.
     pub history_retention: Duration,
     /// `AUTH_LOGIN_RATE`.
-    pub login_rate: LoginRate,
+    pub login_rate: Rate,
+    /// `AUTH_PHONE_RATE`.
+    pub phone_rate: Rate,
     /// `AUTH_CLIENT_KEYS`: empty means any caller may call (dev only).
     pub client_keys: Vec<SecretString>,
     /// `AUTH_OPERATOR_KEYS`: when set, the operators' RPCs (`RevokeUser`,
@@ -203,9 +205,12 @@ impl Settings {
         let session_policy = SessionPolicy::parse(policy.trim(), max_sessions)
             .map_err(|e| bad(e.field, e.message))?;
 
-        let login_rate =
-            LoginRate::parse(&get("AUTH_LOGIN_RATE").unwrap_or_else(|| "600/min".into()))
-                .map_err(|e| bad(e.field, e.message))?;
+        let rate = |setting: &'static str, default: &str| {
+            Rate::parse(setting, &get(setting).unwrap_or_else(|| default.into()))
+                .map_err(|e| bad(e.field, e.message))
+        };
+        let login_rate = rate("AUTH_LOGIN_RATE", "600/min")?;
+        let phone_rate = rate("AUTH_PHONE_RATE", "10/min")?;
 
         let client_keys = keys(&get, "AUTH_CLIENT_KEYS")?;
         let operator_keys = keys(&get, "AUTH_OPERATOR_KEYS")?;
@@ -243,6 +248,7 @@ impl Settings {
             refresh_grace: duration(&get, "AUTH_REFRESH_GRACE", "10s", REFRESH_GRACE_MAX)?,
             history_retention: Duration::ZERO,
             login_rate,
+            phone_rate,
             client_keys,
             operator_keys,
             metrics_addr,
@@ -435,6 +441,10 @@ mod tests {
         assert_eq!(s.wechat.timeout, Duration::from_secs(5));
         assert_eq!(s.wechat.api_base.as_str(), "https://api.weixin.qq.com/");
         assert_eq!(s.login_rate.count, 600);
+        assert_eq!(
+            (s.phone_rate.count, s.phone_rate.window),
+            (10, Duration::from_secs(60))
+        );
         assert!(s.client_keys.is_empty());
         assert_eq!(s.verify_cache_size, 100_000);
         assert!(
@@ -493,6 +503,7 @@ mod tests {
             ("AUTH_SESSION_POLICY", "many"),
             ("AUTH_MAX_SESSIONS", "-1"),
             ("AUTH_LOGIN_RATE", "lots"),
+            ("AUTH_PHONE_RATE", "0/min"),
             ("AUTH_CLIENT_KEYS", "tiny-client-key"),
             ("WECHAT_API_BASE", "ftp://x"),
             ("AUTH_DATABASE_URL", "mysql://x"),

@@ -47,11 +47,13 @@ pub enum AuthError {
     /// WeChat could not be reached, or did not answer in time.
     #[error("WeChat could not be reached in time")]
     WechatUnavailable,
-    /// Too many logins from this client IP.
-    #[error("too many logins from this address; retry later")]
+    /// Too many logins from this client IP, or phone-code exchanges by this user.
+    #[error("{what}")]
     RateLimited {
         /// When the caller may try again.
         retry_after: Duration,
+        /// Which limit, for the message.
+        what: &'static str,
     },
     /// No token was given.
     #[error("no token was given")]

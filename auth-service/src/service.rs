@@ -18,7 +18,7 @@ use crate::cache::{
 use crate::config::{DatabaseSettings, Settings};
 use crate::crypto::{CryptoError, Keys, TokenHash};
 use crate::domain::{
-    Device, EndReason, Invalid, LoginRate, Millis, SessionEvent, SessionInfo, SessionPolicy, Token,
+    Device, EndReason, Invalid, Millis, Rate, SessionEvent, SessionInfo, SessionPolicy, Token,
     TokenKind, WechatCode, millis, now_millis,
 };
 use crate::error::{AuthError, WechatErr};
@@ -205,7 +205,9 @@ pub struct Policy {
     /// How long ended sessions and timeline events are kept.
     pub history_retention: Duration,
     /// Logins per client IP.
-    pub login_rate: LoginRate,
+    pub login_rate: Rate,
+    /// Phone-code exchanges per user.
+    pub phone_rate: Rate,
     /// Time limit of one WeChat call.
     pub wechat_timeout: Duration,
     /// How many tokens `Verify` may answer from memory with the session's mark; 0 when
@@ -229,6 +231,7 @@ impl Policy {
             refresh_grace: s.refresh_grace,
             history_retention: s.history_retention,
             login_rate: s.login_rate,
+            phone_rate: s.phone_rate,
             wechat_timeout: s.wechat.timeout,
             // SQLite has one replica; with Redis, every replica sees every end's mark.
             // PostgreSQL alone: another replica's end would go unseen, so every Verify
@@ -310,7 +313,10 @@ impl AuthCore {
             .hit(&login_rate_key(client_ip), rate.count, rate.window)
             .await?
         {
-            return Err(AuthError::RateLimited { retry_after });
+            return Err(AuthError::RateLimited {
+                retry_after,
+                what: "too many logins from this address; retry later",
+            });
         }
 
         let code_key = self.keys.code_hash(code.as_ref());
@@ -865,6 +871,19 @@ impl AuthCore {
                 .ok_or(AuthError::PhoneNotSet);
         }
         let code = WechatCode::parse(code).map_err(AuthError::InvalidCode)?;
+        // Each exchange may be a billed WeChat call, whatever the code turns out to be: a
+        // user's are counted (a retry of a spent code too), across replicas with Redis.
+        let rate = self.policy.phone_rate;
+        if let RateDecision::Limited { retry_after } = self
+            .cache
+            .hit(&phone_rate_key(&id.openid), rate.count, rate.window)
+            .await?
+        {
+            return Err(AuthError::RateLimited {
+                retry_after,
+                what: "too many phone numbers asked for by this user; retry later",
+            });
+        }
         // Up to eight WeChat calls (stable_token and the exchange, each with a retry of -1,
         // then both again after a refused token), each under the WeChat timeout.
         let exchange_for = self.policy.wechat_timeout * 8 + Duration::from_secs(2);
@@ -1139,6 +1158,11 @@ impl AuthCore {
             }
         }
     }
+}
+
+/// The window a user's phone-code exchanges count in (`AUTH_PHONE_RATE`).
+fn phone_rate_key(openid: &str) -> String {
+    format!("phone-user:{openid}")
 }
 
 /// The login-rate window a client address counts in: an IPv4 address (also when written as

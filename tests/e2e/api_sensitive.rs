@@ -226,6 +226,69 @@ async fn a_phone_code_is_exchanged_once_and_the_number_shown_to_its_owner_only()
 }
 
 #[tokio::test]
+async fn a_users_phone_code_exchanges_are_limited_per_user_before_wechat_is_asked() {
+    let sim = SimProcess::start().await.expect("simulator");
+    let auth = AuthProcess::start(&sim, &[("AUTH_PHONE_RATE", "2/min")])
+        .await
+        .expect("auth-service");
+    let api = ApiProcess::start(&auth, &[]).await.expect("api-service");
+    let e = Edge { sim, auth, api };
+    let (owner, token) = e.login(None, "phone").await;
+    let (other, other_token) = e.login(None, "other-phone").await;
+    let exchange = async |openid: &str, token: &str, number: &str| {
+        let code = e
+            .sim
+            .mint_phone_code(&MintPhoneCode::new(number).for_openid(openid.to_owned()))
+            .await
+            .expect("phone code");
+        let response = e
+            .api
+            .http()
+            .post(e.api.url("/v1/me/phone"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(json!({ "code": code }).to_string())
+            .send()
+            .await
+            .expect("POST /v1/me/phone");
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let status = response.status();
+        let body: Value =
+            serde_json::from_slice(&response.bytes().await.expect("a body")).expect("JSON");
+        (status, body, retry_after)
+    };
+
+    // Two exchanges in the window, each answered by WeChat.
+    for number in ["13800000001", "13800000002"] {
+        let (status, body, _) = exchange(&owner.openid, &token, number).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // The third: 429 rate_limited with Retry-After, and WeChat is not asked.
+    let (status, body, retry_after) = exchange(&owner.openid, &token, "13800000003").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert!(
+        retry_after.is_some_and(|s| (1..=60).contains(&s)),
+        "{retry_after:?}"
+    );
+    let asked = e
+        .sim
+        .endpoint_calls("getuserphonenumber")
+        .await
+        .expect("calls");
+    assert_eq!(asked, 2);
+    // The number kept is the last one exchanged; another user has a window of their own.
+    let (_, me) = e.send(Method::GET, "/v1/me", &token, None).await;
+    assert_eq!(me["phone_number"], "13800000002", "{me}");
+    let (status, body, _) = exchange(&other.openid, &other_token, "13900000001").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
 async fn session_keys_and_the_phone_number_stay_inside_auth_service() {
     // Debug logs on the edge: the most it ever writes.
     let mut e = edge_with(&[("RUST_LOG", "debug")]).await;

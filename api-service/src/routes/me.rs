@@ -157,7 +157,7 @@ redacted_debug!(PhoneBody { ; code });
         (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced", body = ErrorEnvelope),
         (status = 403, description = "wechat_risky_user", body = ErrorEnvelope),
         (status = 415, description = "unsupported_media_type", body = ErrorEnvelope),
-        (status = 429, description = "wechat_rate_limited", body = ErrorEnvelope),
+        (status = 429, description = "rate_limited (with Retry-After: the user's AUTH_PHONE_RATE), wechat_rate_limited", body = ErrorEnvelope),
         (status = 502, description = "wechat_error", body = ErrorEnvelope),
         (status = 503, description = "wechat_busy, wechat_unavailable, auth_unavailable", body = ErrorEnvelope),
     )

@@ -11,7 +11,7 @@ mod token;
 pub use code::WechatCode;
 pub use device::Device;
 pub use policy::{LiveSession, SessionPolicy, plan_evictions};
-pub use rate::LoginRate;
+pub use rate::Rate;
 pub use session::{EndReason, EventKind, SessionEvent, SessionInfo};
 pub use token::{Token, TokenKind};
 

@@ -1,4 +1,5 @@
-//! `AUTH_LOGIN_RATE`: how many logins one client IP may make per window.
+//! Rate limits: `AUTH_LOGIN_RATE` (logins per client IP) and `AUTH_PHONE_RATE` (phone-code
+//! exchanges per user), each so many events per window.
 
 use std::time::Duration;
 
@@ -6,26 +7,21 @@ use super::Invalid;
 
 /// A limit of `count` events per `window`, written `N/sec`, `N/min` or `N/hour`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoginRate {
+pub struct Rate {
     /// Events allowed in one window.
     pub count: u32,
     /// The window's length.
     pub window: Duration,
 }
 
-impl LoginRate {
-    /// Parses `600/min`, `10/s`, `5000/hour` and the like.
-    pub fn parse(raw: &str) -> Result<Self, Invalid> {
-        let err = || {
-            Invalid::new(
-                "AUTH_LOGIN_RATE",
-                "must look like 600/min (per s, min or hour)",
-            )
-        };
+impl Rate {
+    /// Parses `600/min`, `10/s`, `5000/hour` and the like, the value of `setting`.
+    pub fn parse(setting: &'static str, raw: &str) -> Result<Self, Invalid> {
+        let err = || Invalid::new(setting, "must look like 600/min (per s, min or hour)");
         let (count, unit) = raw.trim().split_once('/').ok_or_else(err)?;
         let count: u32 = count.trim().parse().map_err(|_| err())?;
         if count == 0 {
-            return Err(Invalid::new("AUTH_LOGIN_RATE", "must allow at least 1"));
+            return Err(Invalid::new(setting, "must allow at least 1"));
         }
         let window = match unit.trim() {
             "s" | "sec" | "second" => Duration::from_secs(1),
@@ -44,23 +40,30 @@ mod tests {
     #[test]
     fn parses_the_usual_forms() {
         assert_eq!(
-            LoginRate::parse("600/min"),
-            Ok(LoginRate {
+            Rate::parse("AUTH_LOGIN_RATE", "600/min"),
+            Ok(Rate {
                 count: 600,
                 window: Duration::from_secs(60)
             })
         );
         assert_eq!(
-            LoginRate::parse("10/s").map(|r| r.window),
+            Rate::parse("AUTH_LOGIN_RATE", "10/s").map(|r| r.window),
             Ok(Duration::from_secs(1))
         );
-        assert_eq!(LoginRate::parse("5/hour").map(|r| r.count), Ok(5));
+        assert_eq!(
+            Rate::parse("AUTH_PHONE_RATE", "5/hour").map(|r| r.count),
+            Ok(5)
+        );
     }
 
     #[test]
     fn refuses_nonsense() {
         for bad in ["", "600", "x/min", "0/min", "10/day", "-1/min"] {
-            assert!(LoginRate::parse(bad).is_err(), "{bad}");
+            assert_eq!(
+                Rate::parse("AUTH_PHONE_RATE", bad).map_err(|e| e.field),
+                Err("AUTH_PHONE_RATE"),
+                "{bad}"
+            );
         }
     }
 }

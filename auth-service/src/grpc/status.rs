@@ -60,7 +60,7 @@ impl From<AuthError> for Status {
             | E::WechatRiskyUser(w)
             | E::WechatBusy(w)
             | E::WechatError(Some(w)) => wechat(&mut metadata, w),
-            E::RateLimited { retry_after: d } => {
+            E::RateLimited { retry_after: d, .. } => {
                 // Whole seconds, rounded up: "retry after 0 s" would invite a storm.
                 let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
                 metadata.insert("retry_after_secs".into(), secs.max(1).to_string());
@@ -140,6 +140,7 @@ mod tests {
         );
         let s = Status::from(AuthError::RateLimited {
             retry_after: Duration::from_millis(1500),
+            what: "too many",
         });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert_eq!(
