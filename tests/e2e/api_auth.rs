@@ -12,7 +12,9 @@ use tests::harness::{ApiProcess, AuthProcess, Process, SimProcess};
 use tokio::task::JoinSet;
 
 use crate::api_common::{Caller, api_world};
-use crate::common::{stop_and_read_logs, wait_for_log_line};
+use crate::common::{
+    assert_lines_in_order, stop_and_read_logs, wait_for_log_line, wait_for_wechat_call,
+};
 use crate::metrics::{VERIFY_BATCH, auth_calls, sample, scrape};
 
 const JSON_UTF8: &str = "application/json; charset=utf-8";
@@ -935,29 +937,51 @@ async fn a_misconfigured_client_key_fails_closed() {
 
 #[tokio::test]
 async fn sigterm_turns_readiness_off_lets_in_flight_requests_finish_and_exits_0() {
-    let mut e = edge(&[], &[("API_DRAIN_DELAY", "1s")]).await;
+    // Arrange: WeChat answers this login's code after 10 s (auth-service waits up to 20 s
+    // for it, the edge up to 45 s for auth-service); after SIGTERM the edge answers /readyz
+    // 503 for 5 s, then closes its port and gives what is in flight up to 30 s. Its own
+    // debug lines on: it writes one per answered request. The login reaches WeChat before
+    // the signal.
+    let mut e = edge(
+        &[("AUTH_WECHAT_TIMEOUT", "20s")],
+        &[
+            ("API_DRAIN_DELAY", "5s"),
+            ("API_SHUTDOWN_GRACE", "30s"),
+            ("API_AUTH_WECHAT_TIMEOUT", "45s"),
+            ("RUST_LOG", "info,api_service=debug"),
+        ],
+    )
+    .await;
     let m = e.sim.mint_code(&MintCode::default()).await.expect("mint");
     e.sim
-        .add_fault(&Fault::delay(1500).for_code(&m.code))
+        .add_fault(&Fault::delay(10_000).for_code(&m.code))
         .await
         .expect("slow WeChat");
+    let request_id = format!("sigterm-in-flight-{}", uuid::Uuid::new_v4());
     let http = e.api.http().clone();
     let url = e.api.url("/v1/auth/login");
+    let (code, id) = (m.code.clone(), request_id.clone());
     let in_flight = tokio::spawn(async move {
         http.post(url)
             .header("content-type", "application/json")
-            .body(json!({"code": m.code}).to_string())
+            .header("x-request-id", id)
+            .body(json!({"code": code}).to_string())
             .send()
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_wechat_call(&e.sim, &m.code).await;
 
+    // Act
     e.api.process_mut().terminate().expect("SIGTERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let ready = send(&e.api, Method::GET, "/readyz", None, None, &[]).await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(ready.body["checks"]["draining"], true);
+    // Assert: readiness off while still answering; the login answered; a clean exit.
+    let (status, body) = e
+        .api
+        .readiness(StatusCode::SERVICE_UNAVAILABLE)
+        .await
+        .expect("/readyz answers while draining");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["checks"]["draining"], true, "{body}");
     let answer = in_flight
         .await
         .expect("task")
@@ -966,10 +990,21 @@ async fn sigterm_turns_readiness_off_lets_in_flight_requests_finish_and_exits_0(
     let code = e
         .api
         .process_mut()
-        .wait_exit(Duration::from_secs(15))
+        .wait_exit(Duration::from_secs(60))
         .await
         .expect("exits");
     assert_eq!(code, Some(0));
+    // And the login was in flight when the port closed: the edge answered it after, in the
+    // process's own order of events.
+    assert_lines_in_order(
+        &e.api.logs(),
+        &[
+            &["stopping: /readyz answers 503"],
+            &["no longer accepting connections"],
+            &[r#""message":"answered""#, &request_id, r#""status":200"#],
+            &[r#""message":"stopped""#],
+        ],
+    );
 }
 
 #[tokio::test]

@@ -1,9 +1,9 @@
 //! Login against the simulator: success, every refusal before WeChat, every WeChat errcode,
 //! retries, timeouts, races and the per-IP rate limit.
 
-use std::time::{Duration, Instant};
-
-use tests::harness::sim::{Fault, MintCode};
+use proto::v1::DecryptDataRequest;
+use serde_json::json;
+use tests::harness::sim::{Encrypt, Fault, MintCode};
 use tonic::Code;
 
 use crate::common::{login_request, meta, reason, tokens, world};
@@ -252,7 +252,6 @@ async fn wechat_hanging_or_dropping_is_wechat_unavailable_within_the_timeout() {
             .add_fault(&fault.clone().for_code(&minted.code))
             .await
             .expect("fault");
-        let started = Instant::now();
 
         let err = w
             .client
@@ -260,10 +259,11 @@ async fn wechat_hanging_or_dropping_is_wechat_unavailable_within_the_timeout() {
             .await
             .expect_err("no answer from WeChat");
 
-        assert_eq!(err.code(), Code::Unavailable, "{fault:?}");
+        // auth-service's own answer, with its reason: for the hang (which never ends) that
+        // is its WeChat timeout firing. Had only the client's 30 s deadline ended the call,
+        // it would be DEADLINE_EXCEEDED or CANCELLED, with no ErrorInfo.
+        assert_eq!(err.code(), Code::Unavailable, "{fault:?}: {err:?}");
         assert_eq!(reason(&err), "WECHAT_UNAVAILABLE", "{fault:?}");
-        // Bounded by the setting, not by the client's 30 s deadline.
-        assert!(started.elapsed() < Duration::from_secs(10), "{fault:?}");
     }
 }
 
@@ -376,20 +376,51 @@ async fn a_malformed_device_or_client_ip_is_refused_with_its_field() {
 
 #[tokio::test]
 async fn each_login_stores_the_users_newest_session_key() {
-    // The key itself never leaves auth-service; what a test can see is that logins of two
-    // devices succeed and the simulator rotated the key for each (multi-device rotation is
-    // exercised end to end by DecryptData in a later issue).
+    // The key itself never leaves auth-service; what a caller can see is that data the
+    // phone seals under the key WeChat gave its login decrypts there, login after login,
+    // each of which rotates the user's key.
     let mut w = world(&[]).await;
-    let (a, login_a) = w.login_as(None, Some("phone")).await;
-    let (b, login_b) = w.login_as(Some(&a.openid), Some("tablet")).await;
-    assert_ne!(a.session_key, b.session_key);
-    let user = w.sim.user(&a.openid).await.expect("user");
-    assert_eq!(user.previous_session_keys.first(), Some(&a.session_key));
-    // Both devices stay logged in under the default policy.
-    for t in [
-        tokens(login_a.tokens.as_ref()).0,
-        tokens(login_b.tokens.as_ref()).0,
-    ] {
-        w.verify(&t).await.expect("both sessions live");
+    let mut openid: Option<String> = None;
+    let mut keys: Vec<String> = Vec::new();
+    let mut access_tokens = Vec::new();
+    for (n, device) in ["phone", "tablet", "watch"].into_iter().enumerate() {
+        // Act: one more device logs in.
+        let (minted, login) = w.login_as(openid.as_deref(), Some(device)).await;
+        let (access, _) = tokens(login.tokens.as_ref());
+
+        // Assert: data sealed under this login's key (the user's newest) decrypts.
+        assert!(
+            !keys.contains(&minted.session_key),
+            "WeChat rotated the key"
+        );
+        let sealed = w
+            .sim
+            .encrypt(&Encrypt::with_session_key(
+                &minted.session_key,
+                json!({"login": n}),
+            ))
+            .await
+            .expect("encrypt");
+        let answer = w
+            .client
+            .decrypt_data(DecryptDataRequest {
+                access_token: access.clone(),
+                encrypted_data: sealed.encrypted_data,
+                iv: sealed.iv,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("login {n} ({device}): its key is not held: {e:?}"))
+            .into_inner();
+        let data: serde_json::Value =
+            serde_json::from_str(&answer.data_json).expect("data_json is JSON");
+        assert_eq!(data["login"], n, "{data}");
+
+        openid = Some(minted.openid);
+        keys.push(minted.session_key);
+        access_tokens.push(access);
+    }
+    // Every device stays logged in under the default policy.
+    for t in &access_tokens {
+        w.verify(t).await.expect("every session lives");
     }
 }

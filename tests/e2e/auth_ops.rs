@@ -14,7 +14,10 @@ use tests::harness::{Process, SimProcess};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{login_request, reason, stop_and_read_logs, tokens, wait_for_log_line, world};
+use crate::common::{
+    assert_lines_in_order, login_request, reason, stop_and_read_logs, tokens, wait_for_health,
+    wait_for_log_line, wait_for_wechat_call, world,
+};
 
 const KEY_A: &str = "client-key-a-0123456789abcdef0123456789";
 const KEY_B: &str = "client-key-b-0123456789abcdef0123456789";
@@ -297,28 +300,31 @@ async fn a_restart_keeps_every_session_and_every_revocation() {
 
 #[tokio::test]
 async fn sigterm_reports_not_serving_lets_in_flight_calls_finish_and_exits_0() {
-    let mut w = world(&[("AUTH_DRAIN_DELAY", "1s")]).await;
+    // Arrange: WeChat answers this code after 10 s (auth-service waits up to 20 s for it);
+    // after SIGTERM the process reports NOT_SERVING for 5 s, then takes no more calls and
+    // gives those in flight up to 30 s. A login reaches WeChat before the signal.
+    let mut w = world(&[
+        ("AUTH_DRAIN_DELAY", "5s"),
+        ("AUTH_WECHAT_TIMEOUT", "20s"),
+        ("AUTH_SHUTDOWN_GRACE", "30s"),
+    ])
+    .await;
     let minted = w.sim.mint_code(&MintCode::default()).await.expect("mint");
     w.sim
-        .add_fault(&Fault::delay(1500).for_code(&minted.code))
+        .add_fault(&Fault::delay(10_000).for_code(&minted.code))
         .await
         .expect("slow WeChat");
     let mut c = w.client.clone();
     let code = minted.code.clone();
     let in_flight =
         tokio::spawn(async move { c.login(login_request(&code, None, "203.0.113.1")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_wechat_call(&w.sim, &minted.code).await;
 
+    // Act
     w.auth.process_mut().terminate().expect("SIGTERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    assert_eq!(
-        w.auth
-            .health("")
-            .await
-            .expect("still answering while draining"),
-        ServingStatus::NotServing
-    );
+    // Assert: NOT_SERVING, still answering; the login answered; a clean exit.
+    wait_for_health(&w.auth, "", ServingStatus::NotServing).await;
     let answer = in_flight
         .await
         .expect("task")
@@ -327,49 +333,63 @@ async fn sigterm_reports_not_serving_lets_in_flight_calls_finish_and_exits_0() {
     let exit = w
         .auth
         .process_mut()
-        .wait_exit(Duration::from_secs(15))
+        .wait_exit(Duration::from_secs(60))
         .await
         .expect("exits");
     assert_eq!(exit, Some(0));
+    // And the login was in flight when the process stopped taking calls: it finished after,
+    // in the process's own order of events.
+    let opened = format!(r#""openid":"{}""#, minted.openid);
+    assert_lines_in_order(
+        &w.auth.logs(),
+        &[
+            &["stopping: reporting NOT_SERVING"],
+            &["no longer accepting calls"],
+            &[r#""message":"login""#, &opened],
+            &[r#""message":"stopped""#],
+        ],
+    );
 }
 
 #[tokio::test]
 async fn on_sigterm_a_login_whose_caller_gave_up_still_finishes_before_exit() {
-    // Arrange: WeChat answers this code after 1.5 s (within the harness's 2 s
-    // AUTH_WECHAT_TIMEOUT); the caller gives up after 300 ms (its call ended, as the edge's
-    // is at its deadline), while the login runs on.
-    let mut w = world(&[]).await;
+    // Arrange: WeChat answers this code after 5 s (auth-service waits up to 20 s for it, and
+    // gives what is in flight up to 30 s once stopping).
+    let mut w = world(&[
+        ("AUTH_WECHAT_TIMEOUT", "20s"),
+        ("AUTH_SHUTDOWN_GRACE", "30s"),
+    ])
+    .await;
     let minted = w.sim.mint_code(&MintCode::default()).await.expect("mint");
     w.sim
-        .add_fault(&Fault::delay(1500).for_code(&minted.code))
+        .add_fault(&Fault::delay(5000).for_code(&minted.code))
         .await
         .expect("slow WeChat");
-    let mut request = tonic::Request::new(login_request(&minted.code, None, "203.0.113.1"));
-    request.set_timeout(Duration::from_millis(300));
-    let gave_up = w.client.clone().login(request).await;
-    // tonic's server ends a call at its grpc-timeout as CANCELLED; the client's own timer
-    // may come first (DEADLINE_EXCEEDED): either way the call's future is dropped.
-    let gave_up = gave_up.expect_err("gave up").code();
-    assert!(
-        matches!(gave_up, Code::Cancelled | Code::DeadlineExceeded),
-        "{gave_up:?}"
-    );
+    let mut c = w.client.clone();
+    let code = minted.code.clone();
+    let call =
+        tokio::spawn(async move { c.login(login_request(&code, None, "203.0.113.1")).await });
+    // Once the login waits on WeChat, its caller gives up: the call's future is dropped and
+    // its stream reset, as the edge's is at its deadline, while the login runs on.
+    wait_for_wechat_call(&w.sim, &minted.code).await;
+    call.abort();
+    let gave_up = call.await.expect_err("the caller gave up before an answer");
+    assert!(gave_up.is_cancelled(), "{gave_up:?}");
 
     // Act: the process is told to stop while that login still waits on WeChat.
     let logs = stop_and_read_logs(w.auth.process_mut()).await;
 
     // Assert: it waited for the login within its shutdown grace: the session was opened
-    // (and the code remembered as spent) before it stopped.
+    // (and the code remembered as spent) after the signal and before it stopped.
     let opened = format!(r#""openid":"{}""#, minted.openid);
-    let login = logs
-        .lines()
-        .position(|l| l.contains(r#""message":"login""#) && l.contains(&opened));
-    let stopped = logs
-        .lines()
-        .position(|l| l.contains(r#""message":"stopped""#));
-    assert!(
-        matches!((login, stopped), (Some(l), Some(s)) if l < s),
-        "the login did not finish before the process stopped:\n{logs}"
+    let logs: Vec<String> = logs.lines().map(str::to_owned).collect();
+    assert_lines_in_order(
+        &logs,
+        &[
+            &["stopping: reporting NOT_SERVING"],
+            &[r#""message":"login""#, &opened],
+            &[r#""message":"stopped""#],
+        ],
     );
 }
 
@@ -416,9 +436,16 @@ async fn no_token_session_key_secret_or_key_reaches_the_logs_or_the_database_in_
     let r = w.refresh(&a_refresh).await.expect("refresh");
     let (a2_access, a2_refresh) = tokens(r.tokens.as_ref());
     secrets.extend([a2_access.clone(), a2_refresh]);
+    // Past the 500 ms grace, the old refresh token again: a reuse, which ends the session.
+    // Each failure below is the one it is there for: a path that failed earlier (a refused
+    // token, say) would leave its logging unaudited.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let _reuse = w.refresh(&a_refresh).await;
-    for fault in [Fault::error(40125), Fault::drop_connection()] {
+    let reuse = w.refresh(&a_refresh).await.expect_err("a reuse");
+    assert_eq!(reason(&reuse), "REFRESH_TOKEN_REUSED", "{reuse:?}");
+    for (fault, expected) in [
+        (Fault::error(40125), "WECHAT_ERROR"),
+        (Fault::drop_connection(), "WECHAT_UNAVAILABLE"),
+    ] {
         let m = w.sim.mint_code(&MintCode::default()).await.expect("mint");
         secrets.push(m.code.clone());
         secrets.push(m.session_key.clone());
@@ -426,10 +453,12 @@ async fn no_token_session_key_secret_or_key_reaches_the_logs_or_the_database_in_
             .add_fault(&fault.for_code(&m.code))
             .await
             .expect("fault");
-        let _failed = w
+        let failed = w
             .client
             .login(login_request(&m.code, None, "203.0.113.1"))
-            .await;
+            .await
+            .expect_err("WeChat fails this login");
+        assert_eq!(reason(&failed), expected, "{failed:?}");
     }
     w.client
         .logout(LogoutRequest {

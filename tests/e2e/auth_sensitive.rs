@@ -1149,15 +1149,33 @@ async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_th
         raw_keys.push(base64_decode(&m.session_key));
     }
     let (token, _) = tokens(login_a.tokens.as_ref());
-    for data in [
-        Encrypt::for_openid(&a.openid, json!({"secret": MARKER})),
-        Encrypt::with_session_key(&b.session_key, json!({"secret": MARKER})),
-        Encrypt::with_session_key(&a.session_key, json!({"secret": MARKER})),
-        Encrypt::for_openid(&a.openid, json!({"secret": MARKER})).appid("wx0000000000000bad"),
+    // Each decryption reaches the outcome it is there for: a path that failed early (a
+    // refused token, say) would leave its logging unaudited.
+    for (data, expected) in [
+        (
+            Encrypt::for_openid(&a.openid, json!({"secret": MARKER})),
+            None,
+        ),
+        (
+            Encrypt::with_session_key(&b.session_key, json!({"secret": MARKER})),
+            None,
+        ),
+        (
+            Encrypt::with_session_key(&a.session_key, json!({"secret": MARKER})),
+            Some("SESSION_KEY_STALE"),
+        ),
+        (
+            Encrypt::for_openid(&a.openid, json!({"secret": MARKER})).appid("wx0000000000000bad"),
+            Some("WATERMARK_MISMATCH"),
+        ),
     ] {
         let e = w.sim.encrypt(&data).await.expect("encrypt");
         secrets.push(e.encrypted_data.clone());
-        let _ = decrypt(&mut w.client, &token, &e).await;
+        match (decrypt(&mut w.client, &token, &e).await, expected) {
+            (Ok(answer), None) => assert_eq!(json_of(&answer)["secret"], MARKER),
+            (Err(err), Some(want)) => assert_eq!(reason(&err), want, "{err:?}"),
+            (got, want) => panic!("decrypt answered {got:?}, expected the reason {want:?}"),
+        }
     }
     let code = w
         .sim
@@ -1169,7 +1187,10 @@ async fn auth_no_session_key_phone_number_or_access_token_reaches_the_logs_or_th
         .await
         .expect("the exchange");
     phone(&mut w.client, &token, "").await.expect("read back");
-    let _replay = phone(&mut w.client, &token, &code).await;
+    let replay = phone(&mut w.client, &token, &code)
+        .await
+        .expect_err("a replayed code");
+    assert_eq!(reason(&replay), "CODE_USED", "{replay:?}");
     w.client
         .get_wechat_access_token(GetWechatAccessTokenRequest::default())
         .await

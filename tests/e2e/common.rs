@@ -164,18 +164,64 @@ const REDIS_HEALTH: &str = "wxauth.redis";
 
 /// Waits (at most 30 s) until `auth` reports Redis as `want`.
 pub(crate) async fn wait_for_redis_health(auth: &AuthProcess, want: ServingStatus) {
+    wait_for_health(auth, REDIS_HEALTH, want).await;
+}
+
+/// Waits (at most 30 s, a guard against a hang) until `auth` reports `service` ("" for the
+/// whole server) as `want`.
+pub(crate) async fn wait_for_health(auth: &AuthProcess, service: &str, want: ServingStatus) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = auth.health(REDIS_HEALTH).await;
+        let now = auth.health(service).await;
         if matches!(now, Ok(s) if s == want) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{REDIS_HEALTH} is {now:?}, not {want:?}; auth-service's output:\n{}",
+            "health of {service:?} is {now:?}, not {want:?}; auth-service's output:\n{}",
             auth.logs().join("\n")
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (at most 30 s, a guard against a hang) until the simulator has seen a WeChat call
+/// with `code`: the request that carries it has reached WeChat. With a delay staged for the
+/// code, it is in flight there from then on.
+pub(crate) async fn wait_for_wechat_call(sim: &SimProcess, code: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = sim
+            .code_calls(code)
+            .await
+            .expect("the simulator's call counts");
+        if calls > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no WeChat call with code {code} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks that `logs` (one process's lines, in the order it wrote them) hold a line for each
+/// of `steps` in that order, a line matching a step when it holds every fragment of it: the
+/// order in which the process did things, whatever the time each took.
+pub(crate) fn assert_lines_in_order(logs: &[String], steps: &[&[&str]]) {
+    let mut from = 0;
+    for step in steps {
+        match logs[from..]
+            .iter()
+            .position(|line| step.iter().all(|fragment| line.contains(fragment)))
+        {
+            Some(i) => from += i + 1,
+            None => panic!(
+                "no line with {step:?} after line {from} of the logs (steps {steps:?}):\n{}",
+                logs.join("\n")
+            ),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! finishing what is in flight) and exits; a new one takes over. For auth-service the new
 //! process takes the old one's address after a gap with none at all; for api-service it
 //! starts on the same database. Every request is bounded by a client timeout: a timeout is
-//! a failure, never a pass.
+//! a failure, never a pass. What happened when is judged by order (a request sent before
+//! SIGTERM, a line a process wrote before another), never by how long the machine took.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
@@ -16,32 +17,38 @@ use tests::harness::sim::{Fault, MintCode, http_client};
 use tests::harness::stream::{RequestStream, Sample};
 use tests::harness::{ApiProcess, AuthProcess, SimProcess};
 
-/// The client's timeout on every request.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::common::{assert_lines_in_order, wait_for_wechat_call};
+
+/// The client's timeout on every request (the slow login's included).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The stream's own bound on a request, in case a client timeout did not fire.
-const PER_REQUEST: Duration = Duration::from_secs(20);
+const PER_REQUEST: Duration = Duration::from_secs(40);
 /// Between two requests of one client.
 const PAUSE: Duration = Duration::from_millis(20);
-/// The longest a stream runs, whatever happens.
-const STREAM_LIMIT: Duration = Duration::from_secs(60);
-/// The drain delay both services get here (5 s in deploy/): long enough to hold [`SLACK`]
-/// on either side of a point inside it.
-const DRAIN: Duration = Duration::from_secs(3);
-/// Slack for the machine being busy when comparing times: how late a request may reach the
-/// server after the test's clock stamped it sent (a loaded 2-core CI machine included).
-/// Requests sent more than this before the port closes must be answered.
-const SLACK: Duration = Duration::from_millis(1500);
-/// How long WeChat takes to answer the slow login: sent [`SLACK`] before SIGTERM, it is
-/// still in flight [`SLACK`] after the port closed.
-const SLOW: Duration = Duration::from_millis(6000);
+/// The longest a stream runs, whatever happens: a guard against a hang.
+const STREAM_LIMIT: Duration = Duration::from_secs(180);
+/// The drain delay both services get here (as in deploy/): a request sent before SIGTERM
+/// has this long to reach the process before its port closes, however busy the machine.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long WeChat takes to answer the slow login. It has reached WeChat when SIGTERM is
+/// sent, so it is still in flight when the port closes [`DRAIN`] later, with 5 s to spare.
+const SLOW: Duration = Duration::from_secs(10);
 /// How long the auth-service rollout leaves no auth-service at all: room for requests that
-/// start and end inside it, however slowly the machine runs them.
+/// start and end inside it.
 const GAP: Duration = Duration::from_secs(2);
-/// The services' `AUTH_WECHAT_TIMEOUT` here, above [`SLOW`].
-const WECHAT_TIMEOUT: &str = "10s";
+/// The services' `AUTH_WECHAT_TIMEOUT` here, well above [`SLOW`].
+const WECHAT_TIMEOUT: &str = "20s";
+/// The edge's deadline for a call that waits on WeChat: above twice [`WECHAT_TIMEOUT`] (a
+/// busy WeChat is tried twice).
+const API_WECHAT_TIMEOUT: &str = "45s";
 /// The services' shutdown grace here: what is in flight when the port closes has this long
-/// to finish ([`SLOW`] needs [`SLACK`] of it).
-const GRACE: &str = "10s";
+/// to finish (the slow login needs what [`SLOW`] has left after [`DRAIN`]).
+const GRACE: &str = "30s";
+/// The edge's own debug lines on: it writes one per answered request.
+const EDGE_LOG: &str = "info,api_service=debug";
+/// Requests each client of a stream finishes after the edge has recovered, before the
+/// stream stops: the second of them is sent once the first has been answered.
+const AFTER_RECOVERY: u64 = 3;
 
 /// A duration as the services' settings read it.
 fn setting(d: Duration) -> String {
@@ -149,28 +156,75 @@ async fn login(sim: &SimProcess, http: &reqwest::Client, base: &str) -> String {
         .to_owned()
 }
 
-/// Starts a login through the edge whose WeChat call takes `delay`: a slow request that is
-/// still in flight when the process behind it stops. Answers the reply and when it came.
+/// A login through the edge still in flight: its WeChat call takes long.
+struct SlowLogin {
+    /// Its reply, when it comes.
+    reply: tokio::task::JoinHandle<Reply>,
+    /// The user it logs in.
+    openid: String,
+    /// The X-Request-Id it was sent with.
+    request_id: String,
+}
+
+/// Starts a login through the edge whose WeChat call takes `delay`, and returns once that
+/// call has reached WeChat: from then on the login is in flight for `delay`.
 async fn slow_login(
     sim: &SimProcess,
     http: &reqwest::Client,
     base: &str,
     delay: Duration,
-    clock: tokio::time::Instant,
-) -> tokio::task::JoinHandle<(Reply, Duration)> {
+) -> SlowLogin {
     let m = sim.mint_code(&MintCode::default()).await.expect("mint");
     let millis = u64::try_from(delay.as_millis()).expect("a short delay");
     sim.add_fault(&Fault::delay(millis).for_code(&m.code))
         .await
         .expect("slow WeChat");
+    let request_id = format!("rollout-slow-login-{}", uuid::Uuid::new_v4());
     let request = http
         .post(format!("{base}/v1/auth/login"))
         .header(CONTENT_TYPE, "application/json")
+        .header("x-request-id", &request_id)
         .body(json!({"code": m.code}).to_string());
-    tokio::spawn(async move {
-        let reply = send(request).await;
-        (reply, clock.elapsed())
-    })
+    let reply = tokio::spawn(send(request));
+    wait_for_wechat_call(sim, &m.code).await;
+    SlowLogin {
+        reply,
+        openid: m.openid,
+        request_id,
+    }
+}
+
+/// Waits (at most 60 s, a guard against a hang) until the edge at `base` answers an
+/// authenticated request 200 again.
+async fn wait_until_the_edge_answers(http: &reqwest::Client, base: &str, access: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = send(http.get(format!("{base}/v1/me")).bearer_auth(access)).await;
+        if reply.is(StatusCode::OK) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge did not answer 200 again within 60 s: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (at most 60 s, a guard against a hang) until every client of `stream` has
+/// finished `more` requests after now.
+async fn wait_for_more_requests<T: Send + 'static>(stream: &RequestStream<T>, more: u64) {
+    let targets: Vec<u64> = (0..stream.clients())
+        .map(|c| stream.completed(c) + more)
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (0..stream.clients()).any(|c| stream.completed(c) < targets[c]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's clients did not finish {more} more requests within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Counts of replies by kind, for messages.
@@ -209,15 +263,21 @@ async fn an_auth_service_rollout_under_load_answers_503_with_retry_after_in_the_
     )
     .await
     .expect("auth-service");
-    let api = ApiProcess::start(&auth, &[("API_AUTH_TIMEOUT", "5s")])
-        .await
-        .expect("api-service");
+    let api = ApiProcess::start(
+        &auth,
+        &[
+            ("API_AUTH_TIMEOUT", "5s"),
+            ("API_AUTH_WECHAT_TIMEOUT", API_WECHAT_TIMEOUT),
+        ],
+    )
+    .await
+    .expect("api-service");
     let http = http_client(CLIENT_TIMEOUT).expect("client");
     let base = api.base_url();
     let access = login(&sim, &http, &base).await;
 
     let stream = {
-        let (http, base) = (http.clone(), base.clone());
+        let (http, base, access) = (http.clone(), base.clone(), access.clone());
         RequestStream::start(2, PAUSE, PER_REQUEST, STREAM_LIMIT, move |client, _| {
             let path = if client == 0 {
                 "/v1/me"
@@ -228,44 +288,64 @@ async fn an_auth_service_rollout_under_load_answers_503_with_retry_after_in_the_
             async move { ControlFlow::Continue(send(request).await) }
         })
     };
-    let clock = stream.started();
+    // Steady traffic before the rollout (a pace, not a wait for anything).
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Act: a slow login in flight, then the rollout: SIGTERM, drain, exit; a moment with no
-    // auth-service at all; the new process on the same address.
-    let slow = slow_login(&sim, &http, &base, SLOW, clock).await;
-    tokio::time::sleep(SLACK).await;
+    // auth-service at all; the new process on the same address, until the edge answers
+    // again and each client has sent requests after that.
+    let slow = slow_login(&sim, &http, &base, SLOW).await;
     let sigterm = stream.elapsed();
     auth.process_mut().terminate().expect("SIGTERM");
     let code = auth
         .process_mut()
-        .wait_exit(Duration::from_secs(20))
+        .wait_exit(Duration::from_secs(60))
         .await
         .expect("the old auth-service exits");
     let exited = stream.elapsed();
+    let old_logs = auth.logs();
     tokio::time::sleep(GAP).await;
     let relaunching = stream.elapsed();
     auth.relaunch().await.expect("the new auth-service starts");
     let back = stream.elapsed();
-    tokio::time::sleep(SLACK + Duration::from_secs(2)).await;
+    wait_until_the_edge_answers(&http, &base, &access).await;
+    wait_for_more_requests(&stream, AFTER_RECOVERY).await;
     let samples = stream.stop().await;
-    let (slow, slow_done) = slow.await.expect("the slow login's task");
+    let slow_reply = slow.reply.await.expect("the slow login's task");
 
     // Assert
+    let ok = |s: &&Sample<Reply>| s.outcome.as_ref().is_some_and(|r| r.is(StatusCode::OK));
+    // The edge recovered when the first request sent after the relaunch was answered 200.
+    let recovered = samples
+        .iter()
+        .filter(|s| s.sent >= relaunching)
+        .filter(ok)
+        .map(Sample::done)
+        .min();
     let summary = format!(
-        "SIGTERM at {sigterm:?}, exited at {exited:?}, relaunched {relaunching:?}..{back:?}; replies {}",
+        "SIGTERM at {sigterm:?}, exited at {exited:?}, relaunched {relaunching:?}..{back:?}, \
+         recovered at {recovered:?}; replies {}",
         tally(&samples, |r| r)
     );
     eprintln!("auth-service rollout: {summary}");
     assert_eq!(code, Some(0), "a graceful stop exits 0");
     assert!(
-        slow.is(StatusCode::OK),
-        "the login in flight must finish: {slow:?}"
+        slow_reply.is(StatusCode::OK),
+        "the login in flight must finish: {slow_reply:?}"
     );
-    assert!(
-        slow_done > sigterm + DRAIN,
-        "the slow login ended at {slow_done:?}, before the port closed: it proves nothing"
+    // The slow login was in flight when the old process stopped taking calls: it finished
+    // after, in that process's own order of events.
+    let opened = format!(r#""openid":"{}""#, slow.openid);
+    assert_lines_in_order(
+        &old_logs,
+        &[
+            &["no longer accepting calls"],
+            &[r#""message":"login""#, &opened],
+            &[r#""message":"stopped""#],
+        ],
     );
+    let recovered = recovered
+        .unwrap_or_else(|| panic!("no request was answered after the relaunch: {summary}"));
     for s in &samples {
         let reply = s
             .outcome
@@ -275,19 +355,26 @@ async fn an_auth_service_rollout_under_load_answers_503_with_retry_after_in_the_
             reply.is(StatusCode::OK) || reply.is_auth_unavailable(),
             "only 200, or 503 auth_unavailable with Retry-After: {s:?}; {summary}"
         );
-        if s.sent + SLACK < sigterm + DRAIN {
+        if s.sent < sigterm {
             assert!(
                 reply.is(StatusCode::OK),
-                "before SIGTERM and while draining, every request is answered: {s:?}; {summary}"
+                "sent before SIGTERM, answered while the old process drains: {s:?}; {summary}"
             );
         }
-        if s.sent > back + SLACK {
+        if s.sent > recovered {
             assert!(
                 reply.is(StatusCode::OK),
-                "recovered by itself: {s:?}; {summary}"
+                "once recovered, every request is answered: {s:?}; {summary}"
             );
         }
     }
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s.sent > sigterm && s.sent < exited)
+            .any(|s| ok(&s)),
+        "no request sent after SIGTERM was answered by the draining process: {summary}"
+    );
     let gap: Vec<_> = samples
         .iter()
         .filter(|s| s.sent >= exited && s.done() <= relaunching)
@@ -300,12 +387,10 @@ async fn an_auth_service_rollout_under_load_answers_503_with_retry_after_in_the_
         "with no auth-service at all, every request is 503 auth_unavailable: {summary}"
     );
     for client in 0..2 {
-        let last: Vec<_> = samples
-            .iter()
-            .filter(|s| s.client == client && s.sent > back + SLACK)
-            .collect();
         assert!(
-            !last.is_empty(),
+            samples
+                .iter()
+                .any(|s| s.client == client && s.sent > recovered),
             "client {client} sent nothing after the recovery: {summary}"
         );
     }
@@ -358,6 +443,8 @@ async fn an_api_service_rollout_lets_in_flight_requests_finish_and_loses_no_ackn
             ("API_DRAIN_DELAY", drain.as_str()),
             ("API_SHUTDOWN_GRACE", GRACE),
             ("API_AUTH_TIMEOUT", "5s"),
+            ("API_AUTH_WECHAT_TIMEOUT", API_WECHAT_TIMEOUT),
+            ("RUST_LOG", EDGE_LOG),
         ],
     )
     .await
@@ -391,17 +478,22 @@ async fn an_api_service_rollout_lets_in_flight_requests_finish_and_loses_no_ackn
             }
         })
     };
-    let clock = stream.started();
+    // Steady traffic before the rollout (a pace, not a wait for anything).
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Act: a slow login in flight, then the rollout: SIGTERM, drain, exit, and a new process
     // on the same database.
-    let slow = slow_login(&sim, &http, &old_base, SLOW, clock).await;
-    tokio::time::sleep(SLACK).await;
+    let slow = slow_login(&sim, &http, &old_base, SLOW).await;
     let sigterm = stream.elapsed();
-    let code = api.restart().await.expect("api-service restarts");
+    let code = api
+        .process_mut()
+        .stop(Duration::from_secs(60))
+        .await
+        .expect("the old api-service stops");
+    let old_logs = api.logs();
+    api.relaunch().await.expect("the new api-service starts");
     let samples = stream.stop().await;
-    let (slow, slow_done) = slow.await.expect("the slow login's task");
+    let slow_reply = slow.reply.await.expect("the slow login's task");
 
     // Assert: what the old process answered.
     let summary = format!(
@@ -411,12 +503,22 @@ async fn an_api_service_rollout_lets_in_flight_requests_finish_and_loses_no_ackn
     eprintln!("api-service rollout: {summary}");
     assert_eq!(code, Some(0), "a graceful stop exits 0");
     assert!(
-        slow.is(StatusCode::OK),
-        "the slow request in flight must finish: {slow:?}"
+        slow_reply.is(StatusCode::OK),
+        "the slow request in flight must finish: {slow_reply:?}"
     );
-    assert!(
-        slow_done > sigterm + DRAIN,
-        "the slow login ended at {slow_done:?}, before the port closed: it proves nothing"
+    // The slow login was in flight when the old process closed its port: it answered it
+    // after, in its own order of events.
+    assert_lines_in_order(
+        &old_logs,
+        &[
+            &["no longer accepting connections"],
+            &[
+                r#""message":"answered""#,
+                &slow.request_id,
+                r#""status":200"#,
+            ],
+            &[r#""message":"stopped""#],
+        ],
     );
     let mut acknowledged = Vec::new();
     let mut unanswered = Vec::new();
@@ -435,8 +537,10 @@ async fn an_api_service_rollout_lets_in_flight_requests_finish_and_loses_no_ackn
                 acknowledged.push(body["id"].as_str().expect("a note id").to_owned());
             }
             Reply::Refused(_) | Reply::Broken(_) => {
+                // Its failure came once the port had closed, which is no sooner than the
+                // drain delay after SIGTERM (sent after `sigterm` was read).
                 assert!(
-                    s.sent + SLACK >= sigterm + DRAIN,
+                    s.done() >= sigterm + DRAIN,
                     "the port closed before the drain delay was over: {s:?}; {summary}"
                 );
                 unanswered.push(write.clone());

@@ -82,6 +82,17 @@ impl ApiProcess {
         Ok(code)
     }
 
+    /// Starts the process again after it exited (a stop the caller made itself, reading
+    /// the old process's logs first), with the same settings and database. The port may
+    /// change.
+    pub async fn relaunch(&mut self) -> anyhow::Result<()> {
+        let (process, addr, metrics_addr) = launch(&self.env, self.data.path(), true).await?;
+        self.process = process;
+        self.addr = addr;
+        self.metrics_addr = metrics_addr;
+        Ok(())
+    }
+
     /// `http://127.0.0.1:PORT` (the scheme is http even when the edge serves HTTPS: use
     /// [`ApiProcess::addr`] to build an https URL).
     pub fn base_url(&self) -> String {

@@ -81,6 +81,10 @@ fn build_binaries(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The log filter every binary a test starts gets, unless the test sets `RUST_LOG` itself:
+/// the services' own default (`info` for their lines), whatever the runner's `RUST_LOG` says.
+pub const TEST_LOG_FILTER: &str = shared::telemetry::DEFAULT_LOG_FILTER;
+
 /// Whether captured log lines are also printed (to stderr) as they arrive.
 fn echo_logs() -> bool {
     std::env::var_os("TEST_LOG").is_some()
@@ -108,7 +112,8 @@ pub struct Process {
 
 impl Process {
     /// Starts binary `name` with exactly the environment `env` added to a cleaned one
-    /// (PATH, HOME, RUST_LOG and RUST_BACKTRACE are kept), in working directory `cwd`.
+    /// (PATH, HOME and RUST_BACKTRACE are kept; `RUST_LOG` is [`TEST_LOG_FILTER`] unless `env`
+    /// sets it), in working directory `cwd`.
     pub fn spawn(name: &str, env: &[(String, String)], cwd: &Path) -> anyhow::Result<Self> {
         Self::spawn_with(name, env, cwd, SpawnOptions::default())
     }
@@ -124,11 +129,14 @@ impl Process {
         let mut cmd = Command::new(&path);
         if !options.inherit_env {
             cmd.env_clear();
-            for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
+            for key in ["PATH", "HOME", "RUST_BACKTRACE"] {
                 if let Some(v) = std::env::var_os(key) {
                     cmd.env(key, v);
                 }
             }
+            // Not the runner's RUST_LOG: tests read the logs, and `RUST_LOG=warn` in the
+            // shell that ran them would hide the lines they look for.
+            cmd.env("RUST_LOG", TEST_LOG_FILTER);
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(cwd)

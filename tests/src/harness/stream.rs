@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -40,6 +40,8 @@ impl<T> Sample<T> {
 pub struct RequestStream<T> {
     started: Instant,
     stop: Arc<AtomicBool>,
+    /// How many requests each client has had an outcome for (or given up on) so far.
+    completed: Arc<[AtomicU64]>,
     clients: Vec<JoinHandle<Vec<Sample<T>>>>,
 }
 
@@ -61,10 +63,12 @@ impl<T: Send + 'static> RequestStream<T> {
     {
         let started = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
+        let completed: Arc<[AtomicU64]> = (0..clients).map(|_| AtomicU64::new(0)).collect();
         let request = Arc::new(request);
         let clients = (0..clients)
             .map(|client| {
                 let stop = stop.clone();
+                let completed = completed.clone();
                 let request = request.clone();
                 tokio::spawn(async move {
                     let mut samples = Vec::new();
@@ -85,6 +89,7 @@ impl<T: Send + 'static> RequestStream<T> {
                             took: sent.elapsed(),
                             outcome,
                         });
+                        completed[client].fetch_add(1, Ordering::Relaxed);
                         if !go_on {
                             break;
                         }
@@ -98,8 +103,22 @@ impl<T: Send + 'static> RequestStream<T> {
         Self {
             started,
             stop,
+            completed,
             clients,
         }
+    }
+
+    /// How many requests `client` has finished so far (answered, failed or past the
+    /// per-request bound): a test waits on it for traffic after an event of its own.
+    pub fn completed(&self, client: usize) -> u64 {
+        self.completed
+            .get(client)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// How many clients the stream has.
+    pub fn clients(&self) -> usize {
+        self.completed.len()
     }
 
     /// When the stream started (the origin of [`Sample::sent`]).
