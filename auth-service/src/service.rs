@@ -719,7 +719,10 @@ impl AuthCore {
 
     /// Ends the token's session, or every session of its user.
     pub async fn logout(&self, raw: &str, all: bool) -> Result<u32, AuthError> {
-        let id = self.verify(raw).await?;
+        let id = match self.verify(raw).await {
+            Err(AuthError::TokenExpired) => self.expired_of_a_live_session(raw).await?,
+            verified => verified?,
+        };
         let (target, reason) = if all {
             (EndTarget::User(&id.openid), EndReason::LogoutAll)
         } else {
@@ -733,6 +736,32 @@ impl AuthCore {
         self.ended_now(ended).await;
         info!(openid = %id.openid, session_id = %id.session_id, all, revoked = n, "logout");
         Ok(n)
+    }
+
+    /// The identity behind an access token that expired while its session lives on (its
+    /// refresh token still works): enough to log that session out, since a client whose
+    /// access token lapsed would otherwise have to refresh first, and one that cannot (its
+    /// refresh token lost) could not end the session at all. Any other token answers as
+    /// `Verify` does. Expired tokens are kept a day ([`Self::housekeeping`]).
+    async fn expired_of_a_live_session(&self, raw: &str) -> Result<Identity, AuthError> {
+        let token = Token::parse(TokenKind::Access, raw).ok_or(AuthError::TokenInvalid)?;
+        let record = self
+            .store
+            .find_access(&self.keys.token_hash(&token))
+            .await?
+            .ok_or(AuthError::TokenInvalid)?;
+        if let Some(reason) = record.ended {
+            return Err(ended(reason));
+        }
+        if record.refresh_expires_at <= now_millis() {
+            return Err(AuthError::TokenExpired);
+        }
+        Ok(Identity {
+            openid: record.openid,
+            unionid: record.unionid,
+            session_id: record.session_id,
+            expires_at: record.expires_at,
+        })
     }
 
     /// The live sessions of the token's user.

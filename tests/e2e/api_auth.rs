@@ -351,6 +351,47 @@ async fn logout_ends_this_session_only_unless_all_is_true() {
 }
 
 #[tokio::test]
+async fn an_expired_access_token_still_logs_its_live_session_out() {
+    let e = edge(&[("AUTH_ACCESS_TTL", "1s")], &[]).await;
+    let pair = e.login(None, "phone").await;
+    let access = token(&pair, "access_token");
+    // Wait for the token to lapse, as the edge sees it (a hang guard, not a speed check).
+    let lapsed = async {
+        loop {
+            let a = e.send(Method::GET, "/v1/me", Some(&access), None).await;
+            if a.status == StatusCode::UNAUTHORIZED {
+                a.assert_error(StatusCode::UNAUTHORIZED, "token_expired");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), lapsed)
+        .await
+        .expect("the access token never expired");
+
+    // The session lives on (its refresh token works): the expired token ends it.
+    let out = e
+        .send(Method::POST, "/v1/auth/logout", Some(&access), None)
+        .await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+    assert_eq!(out.body["revoked_sessions"], 1, "{}", out.body);
+    let refresh = e
+        .send(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": token(&pair, "refresh_token")})),
+        )
+        .await;
+    refresh.assert_error(StatusCode::UNAUTHORIZED, "token_revoked");
+    // Once ended, the same token says so.
+    e.send(Method::POST, "/v1/auth/logout", Some(&access), None)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "token_revoked");
+}
+
+#[tokio::test]
 async fn every_401_says_precisely_why_with_the_bearer_challenge() {
     let e = edge(
         &[
