@@ -521,6 +521,67 @@ def rule_network(docs: list[Doc], overlay: str) -> list[str]:
     return problems
 
 
+# What each service must be able to reach (port, protocol): DNS, PostgreSQL and Redis for
+# both, WeChat's API for auth-service; api-service's call to auth-service is checked apart,
+# against auth-service's own gRPC containerPort.
+EGRESS_NEEDS = {
+    "auth-service": [(53, "UDP"), (53, "TCP"), (443, "TCP"), (5432, "TCP"), (6379, "TCP")],
+    "api-service": [(53, "UDP"), (53, "TCP"), (5432, "TCP"), (6379, "TCP")],
+}
+
+
+def egress_allows(rules: list[Doc], port: int, protocol: str, to: Callable[[Doc], bool] | None = None) -> bool:
+    """Whether one of `rules` lets traffic out on `port`/`protocol` (to a peer `to` accepts,
+    when given; a rule with no `to` reaches every peer)."""
+    for rule in rules:
+        ports = rule.get("ports")
+        port_ok = not ports or any(
+            p.get("port") in (None, port) and (p.get("protocol") or "TCP") == protocol for p in ports
+        )
+        peers = rule.get("to") or []
+        peer_ok = to is None or not peers or any(to(peer) for peer in peers)
+        if port_ok and peer_ok:
+            return True
+    return False
+
+
+def rule_egress(docs: list[Doc], overlay: str) -> list[str]:
+    problems = []
+    policies = of_kind(docs, "NetworkPolicy")
+    auth = named(docs, "Deployment", "auth-service")
+    auth_grpc = container_port(containers(auth)[0], "grpc") if auth is not None else None
+    for dep in of_kind(docs, "Deployment"):
+        labels, name = pod_labels(dep), service_of(dep)
+        mine = [
+            p for p in policies
+            if selects((p["spec"].get("podSelector") or {}).get("matchLabels"), labels)
+            and "Egress" in (p["spec"].get("policyTypes") or [])
+        ]
+        if not mine:
+            problems.append(f"{kind_name(dep)}: no NetworkPolicy limits what it reaches")
+            continue
+        rules = [r for p in mine for r in p["spec"].get("egress") or []]
+        for i, rule in enumerate(rules):
+            if not rule.get("ports") and not rule.get("to"):
+                problems.append(f"{kind_name(dep)}: egress rule {i + 1} lets everything out")
+        for port, protocol in EGRESS_NEEDS.get(name, []):
+            if not egress_allows(rules, port, protocol):
+                problems.append(f"{kind_name(dep)}: no egress on {port}/{protocol}")
+        if name == "api-service" and auth is not None:
+            auth_labels = pod_labels(auth)
+
+            def to_auth(peer: Doc) -> bool:
+                return "namespaceSelector" not in peer and selects(
+                    (peer.get("podSelector") or {}).get("matchLabels"), auth_labels
+                )
+
+            if auth_grpc is None or not egress_allows(rules, auth_grpc, "TCP", to_auth):
+                problems.append(
+                    f"{kind_name(dep)}: no egress to auth-service's pods on their gRPC containerPort ({auth_grpc})"
+                )
+    return problems
+
+
 def rule_availability(docs: list[Doc], overlay: str) -> list[str]:
     if overlay in SINGLE_REPLICA_OVERLAYS:
         return []
@@ -591,6 +652,7 @@ RULES: list[tuple[str, str, Callable[[list[Doc], str], list[str]]]] = [
     ("secrets", "every Secret value is a placeholder (CHANGE-ME or empty)", rule_secrets),
     ("services", "Services select their pods; auth-service ClusterIP with AUTH_MAX_CONNECTION_AGE; API_AUTH_URL names it", rule_services),
     ("network", "NetworkPolicy: gRPC only from api-service and labelled clients, metrics only from Prometheus", rule_network),
+    ("egress", "NetworkPolicy egress: DNS, PostgreSQL, Redis, WeChat (auth), auth-service's gRPC port (api); nothing wide open", rule_egress),
     ("availability", "HPA minReplicas >= 2, PDB, topology spread, surge-only rollouts (not for local)", rule_availability),
     ("images", "images have a tag or digest, and a registry outside local", rule_images),
     ("namespace", "one Namespace, restricted Pod Security enforced, everything in it", rule_namespace),
@@ -622,6 +684,12 @@ def first_secret(docs: list[Doc]) -> Doc:
     return of_kind(docs, "Secret")[0]
 
 
+def egress_of(docs: list[Doc], service: str) -> list[Doc]:
+    policy = named(docs, "NetworkPolicy", service)
+    assert policy is not None
+    return policy["spec"]["egress"]
+
+
 def grpc_rule(docs: list[Doc]) -> Doc:
     policy = named(docs, "NetworkPolicy", "auth-service")
     assert policy is not None
@@ -648,6 +716,10 @@ MUTATIONS: list[tuple[str, str, Callable[[list[Doc]], None]]] = [
     ("prometheus", "the scrape port annotation on the public port", lambda d: dep(d, "api-service")["spec"]["template"]["metadata"]["annotations"].update({"prometheus.io/port": "8080"})),
     ("network", "the gRPC port open to every pod", lambda d: grpc_rule(d).update({"from": []})),
     ("network", "the gRPC port open to a whole namespace", lambda d: grpc_rule(d).update({"from": [{"namespaceSelector": {}}]})),
+    ("egress", "api-service's egress to auth-service on another port", lambda d: next(r for r in egress_of(d, "api-service") if r.get("to") and "podSelector" in r["to"][0] and "namespaceSelector" not in r["to"][0])["ports"][0].update(port=50052)),
+    ("egress", "auth-service's gRPC containerPort moved, api-service's egress not", lambda d: next(p for p in ctr(d, "auth-service")["ports"] if p.get("name") == "grpc").update(containerPort=50052)),
+    ("egress", "auth-service without DNS", lambda d: egress_of(d, "auth-service").pop(0)),
+    ("egress", "an egress rule that lets everything out", lambda d: egress_of(d, "api-service").append({})),
     ("services", "a headless auth-service", lambda d: named(d, "Service", "auth-service")["spec"].update(clusterIP="None")),  # type: ignore[index]
     ("services", "no AUTH_MAX_CONNECTION_AGE", lambda d: config(d, "auth-service").pop("AUTH_MAX_CONNECTION_AGE")),
     ("availability", "HPA minReplicas 1", lambda d: named(d, "HorizontalPodAutoscaler", "auth-service")["spec"].update(minReplicas=1)),  # type: ignore[index]
