@@ -1127,7 +1127,7 @@ impl AuthCore {
         self.cache.sweep().await;
         // Each runs whatever the others did: a failing expiry must not stop dead rows from
         // being deleted, nor the other way round.
-        let expired = self.expire_due_sessions(now).await;
+        let (expired, expiry) = self.expire_due_sessions(now).await;
         // Expired tokens are kept a day so that they answer TOKEN_EXPIRED, not TOKEN_INVALID.
         let purged = self
             .store
@@ -1146,24 +1146,31 @@ impl AuthCore {
                 "housekeeping forgot history past retention"
             );
         }
-        let (expired, purged) = (expired?, purged?);
-        forgotten?;
-        if expired > 0 || purged > 0 {
-            info!(expired, purged, "housekeeping");
+        // Counts of what was committed, also when a later batch then failed.
+        let purged_n = purged.as_ref().map_or(0, |n| *n);
+        if expired > 0 || purged_n > 0 {
+            info!(expired, purged = purged_n, "housekeeping");
         }
+        expiry?;
+        purged?;
+        forgotten?;
         Ok(())
     }
 
     /// Ends every session whose refresh token expired, [`EXPIRE_BATCH`] a transaction: one
     /// batch every 5 minutes would end at most 288,000 a day, fewer than a large app's
-    /// sessions may expire.
-    async fn expire_due_sessions(&self, now: Millis) -> Result<u32, StoreError> {
+    /// sessions may expire. Returns how many were ended, also when a batch then failed (the
+    /// batches before it are committed).
+    async fn expire_due_sessions(&self, now: Millis) -> (u32, Result<(), StoreError>) {
         let mut expired = 0;
         loop {
-            let n = self.store.expire_sessions(None, now).await?;
+            let n = match self.store.expire_sessions(None, now).await {
+                Ok(n) => n,
+                Err(e) => return (expired, Err(e)),
+            };
             expired += n;
             if n < EXPIRE_BATCH {
-                return Ok(expired);
+                return (expired, Ok(()));
             }
         }
     }
@@ -1345,6 +1352,8 @@ mod tests {
         due: Mutex<Option<u32>>,
         /// `expire_sessions`' calls that answered.
         expiries: AtomicUsize,
+        /// The call of `expire_sessions` (counted from 1) that fails; 0: none.
+        expire_fails_at: AtomicUsize,
         /// What `find_access` answers for every hash.
         access: Mutex<Option<AccessRecord>>,
         /// `touch`'s calls.
@@ -1363,6 +1372,7 @@ mod tests {
                 forget_fails_at: AtomicUsize::new(0),
                 due: Mutex::new(None),
                 expiries: AtomicUsize::new(0),
+                expire_fails_at: AtomicUsize::new(0),
                 access: Mutex::new(None),
                 touches: AtomicUsize::new(0),
             })
@@ -1440,7 +1450,9 @@ mod tests {
         /// Fails, unless `due` holds a number of sessions to end: then a batch of them.
         async fn expire_sessions(&self, _: Option<&str>, _: Millis) -> Result<u32, StoreError> {
             let mut due = self.due.lock().expect("lock");
-            let Some(left) = due.as_mut() else {
+            let fails_at = self.expire_fails_at.load(Ordering::SeqCst);
+            let calls = self.expiries.load(Ordering::SeqCst) + 1;
+            let Some(left) = due.as_mut().filter(|_| fails_at != calls) else {
                 return Err(StoreError::Unavailable(anyhow::anyhow!(
                     "canceling statement due to statement timeout"
                 )));
@@ -1830,16 +1842,30 @@ mod tests {
         let core = core_over(store.clone());
 
         // Act
-        let expired = core.expire_due_sessions(now_millis()).await;
+        let (expired, result) = core.expire_due_sessions(now_millis()).await;
 
         // Assert
-        assert_eq!(expired.expect("expired"), 2 * EXPIRE_BATCH + 500);
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(expired, 2 * EXPIRE_BATCH + 500);
         assert_eq!(
             store.expiries.load(Ordering::SeqCst),
             3,
             "until a batch was not full"
         );
         assert_eq!(*store.due.lock().expect("lock"), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_failing_expiry_batch_keeps_the_count_of_those_before_it() {
+        let store = FlakyPhones::failing(0, false);
+        *store.due.lock().expect("lock") = Some(3 * EXPIRE_BATCH);
+        store.expire_fails_at.store(3, Ordering::SeqCst);
+        let core = core_over(store.clone());
+
+        let (expired, result) = core.expire_due_sessions(now_millis()).await;
+
+        assert!(result.is_err(), "the third batch failed");
+        assert_eq!(expired, 2 * EXPIRE_BATCH, "the two committed before it");
     }
 
     #[test]
