@@ -91,6 +91,8 @@ pub struct Settings {
     pub login_rate: Rate,
     /// `AUTH_PHONE_RATE`.
     pub phone_rate: Rate,
+    /// `AUTH_REFRESH_RATE`.
+    pub refresh_rate: Rate,
     /// `AUTH_CLIENT_KEYS`: empty means any caller may call (dev only).
     pub client_keys: Vec<SecretString>,
     /// `AUTH_OPERATOR_KEYS`: when set, the operators' RPCs (`RevokeUser`,
@@ -211,6 +213,7 @@ impl Settings {
         };
         let login_rate = rate("AUTH_LOGIN_RATE", "600/min")?;
         let phone_rate = rate("AUTH_PHONE_RATE", "10/min")?;
+        let refresh_rate = rate("AUTH_REFRESH_RATE", "10/min")?;
 
         let client_keys = keys(&get, "AUTH_CLIENT_KEYS")?;
         let operator_keys = keys(&get, "AUTH_OPERATOR_KEYS")?;
@@ -249,6 +252,7 @@ impl Settings {
             history_retention: Duration::ZERO,
             login_rate,
             phone_rate,
+            refresh_rate,
             client_keys,
             operator_keys,
             metrics_addr,
@@ -445,6 +449,10 @@ mod tests {
             (s.phone_rate.count, s.phone_rate.window),
             (10, Duration::from_secs(60))
         );
+        assert_eq!(
+            (s.refresh_rate.count, s.refresh_rate.window),
+            (10, Duration::from_secs(60))
+        );
         assert!(s.client_keys.is_empty());
         assert_eq!(s.verify_cache_size, 100_000);
         assert!(
@@ -504,6 +512,7 @@ mod tests {
             ("AUTH_MAX_SESSIONS", "-1"),
             ("AUTH_LOGIN_RATE", "lots"),
             ("AUTH_PHONE_RATE", "0/min"),
+            ("AUTH_REFRESH_RATE", "10/week"),
             ("AUTH_CLIENT_KEYS", "tiny-client-key"),
             ("WECHAT_API_BASE", "ftp://x"),
             ("AUTH_DATABASE_URL", "mysql://x"),

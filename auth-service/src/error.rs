@@ -47,7 +47,8 @@ pub enum AuthError {
     /// WeChat could not be reached, or did not answer in time.
     #[error("WeChat could not be reached in time")]
     WechatUnavailable,
-    /// Too many logins from this client IP, or phone-code exchanges by this user.
+    /// Too many logins from this client IP, rotations of this session, or phone-code
+    /// exchanges by this user.
     #[error("{what}")]
     RateLimited {
         /// When the caller may try again.

@@ -208,6 +208,8 @@ pub struct Policy {
     pub login_rate: Rate,
     /// Phone-code exchanges per user.
     pub phone_rate: Rate,
+    /// Rotations per session.
+    pub refresh_rate: Rate,
     /// Time limit of one WeChat call.
     pub wechat_timeout: Duration,
     /// How many tokens `Verify` may answer from memory with the session's mark; 0 when
@@ -232,6 +234,7 @@ impl Policy {
             history_retention: s.history_retention,
             login_rate: s.login_rate,
             phone_rate: s.phone_rate,
+            refresh_rate: s.refresh_rate,
             wechat_timeout: s.wechat.timeout,
             // SQLite has one replica; with Redis, every replica sees every end's mark.
             // PostgreSQL alone: another replica's end would go unseen, so every Verify
@@ -638,6 +641,24 @@ impl AuthCore {
             return Err(AuthError::TokenMissing);
         }
         let old = Token::parse(TokenKind::Refresh, raw).ok_or(AuthError::TokenInvalid)?;
+        let old_hash = self.keys.token_hash(&old);
+        // Each rotation writes two token rows and an event, kept for weeks: a session's are
+        // counted, so that no client (buggy or not) grows the database at request rate. A
+        // token rotated already writes nothing new (its successor, or reuse), and an unknown
+        // one is refused by the rotation below: neither counts.
+        if let Some((session_id, false)) = self.store.refresh_session(&old_hash).await? {
+            let rate = self.policy.refresh_rate;
+            if let RateDecision::Limited { retry_after } = self
+                .cache
+                .hit(&refresh_rate_key(&session_id), rate.count, rate.window)
+                .await?
+            {
+                return Err(AuthError::RateLimited {
+                    retry_after,
+                    what: "too many refreshes of this session; retry later",
+                });
+            }
+        }
         let now = now_millis();
         let pair = self.new_pair(now)?;
         let sealed = serde_json::to_vec(&SealedPair {
@@ -654,7 +675,7 @@ impl AuthCore {
         let outcome = self
             .store
             .rotate(Rotation {
-                old: self.keys.token_hash(&old),
+                old: old_hash,
                 access: (self.keys.token_hash(&pair.access), pair.access_expires_at),
                 refresh: (self.keys.token_hash(&pair.refresh), pair.refresh_expires_at),
                 successor,
@@ -1196,6 +1217,11 @@ impl AuthCore {
     }
 }
 
+/// The window a session's rotations count in (`AUTH_REFRESH_RATE`).
+fn refresh_rate_key(session_id: &str) -> String {
+    format!("refresh-session:{session_id}")
+}
+
 /// The window a user's phone-code exchanges count in (`AUTH_PHONE_RATE`).
 fn phone_rate_key(openid: &str) -> String {
     format!("phone-user:{openid}")
@@ -1421,6 +1447,12 @@ mod tests {
         async fn touch(&self, _: &str, _: Millis, _: Millis) -> Result<(), StoreError> {
             self.touches.fetch_add(1, Ordering::SeqCst);
             Ok(())
+        }
+        async fn refresh_session(
+            &self,
+            _: &TokenHash,
+        ) -> Result<Option<(String, bool)>, StoreError> {
+            unreachable!("not used by these tests")
         }
         async fn rotate(&self, _: Rotation) -> Result<RotateOutcome, StoreError> {
             unreachable!("not used by these tests")

@@ -351,6 +351,57 @@ async fn logout_ends_this_session_only_unless_all_is_true() {
 }
 
 #[tokio::test]
+async fn a_sessions_rotations_are_limited_and_replays_within_grace_do_not_count() {
+    let e = edge(&[("AUTH_REFRESH_RATE", "2/min")], &[]).await;
+    let first = e.login(None, "phone").await;
+    let openid = token(&first, "openid");
+    let other = e.login(Some(&openid), "tablet").await;
+    let refresh = async |pair: &Value| {
+        e.send(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": token(pair, "refresh_token")})),
+        )
+        .await
+    };
+
+    // Two rotations in the window.
+    let second = refresh(&first).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.body);
+    let third = refresh(&second.body).await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    // A replay of a rotated token within the grace window writes nothing: not counted,
+    // and answered with the same pair.
+    let replay = refresh(&second.body).await;
+    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+    assert_eq!(
+        token(&replay.body, "refresh_token"),
+        token(&third.body, "refresh_token")
+    );
+    // The third rotation: 429 rate_limited with Retry-After, and the token is not spent.
+    let limited = refresh(&third.body).await;
+    limited.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry_after: u64 = limited
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let me = e
+        .send(
+            Method::GET,
+            "/v1/me",
+            Some(&token(&third.body, "access_token")),
+            None,
+        )
+        .await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    // Another session of the same user has a window of its own.
+    let theirs = refresh(&other).await;
+    assert_eq!(theirs.status, StatusCode::OK, "{}", theirs.body);
+}
+
+#[tokio::test]
 async fn an_expired_access_token_still_logs_its_live_session_out() {
     let e = edge(&[("AUTH_ACCESS_TTL", "1s")], &[]).await;
     let pair = e.login(None, "phone").await;

@@ -109,6 +109,7 @@ pub async fn login(
         (status = 200, description = "The next pair (the same one for a retry within the grace window)", body = TokenPair),
         (status = 400, description = "invalid_request, invalid_json", body = ErrorEnvelope),
         (status = 401, description = "token_missing, token_invalid, token_expired, token_revoked, session_replaced, refresh_token_reused", body = ErrorEnvelope),
+        (status = 429, description = "rate_limited (with Retry-After: the session's AUTH_REFRESH_RATE; the token is not spent)", body = ErrorEnvelope),
         (status = 503, description = "auth_unavailable", body = ErrorEnvelope),
     )
 )]

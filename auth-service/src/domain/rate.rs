@@ -1,5 +1,6 @@
-//! Rate limits: `AUTH_LOGIN_RATE` (logins per client IP) and `AUTH_PHONE_RATE` (phone-code
-//! exchanges per user), each so many events per window.
+//! Rate limits: `AUTH_LOGIN_RATE` (logins per client IP), `AUTH_REFRESH_RATE` (rotations
+//! per session) and `AUTH_PHONE_RATE` (phone-code exchanges per user), each so many events
+//! per window.
 
 use std::time::Duration;
 

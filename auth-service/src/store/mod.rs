@@ -200,6 +200,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         min_interval: Millis,
     ) -> Result<(), StoreError>;
 
+    /// The session of a refresh token found by hash, and whether the token was rotated
+    /// already (a rotation then writes nothing new: it answers the successor or ends the
+    /// session); `None` for an unknown token.
+    async fn refresh_session(&self, hash: &TokenHash)
+    -> Result<Option<(String, bool)>, StoreError>;
+
     /// Exchanges a refresh token, once.
     async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, StoreError>;
 
@@ -285,6 +291,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 /// The most sessions one [`Store::expire_sessions`] ends (both stores' statements say
 /// `LIMIT 1000`).
 pub const EXPIRE_BATCH: u32 = 1000;
+
+/// [`Store::refresh_session`]'s read, by the token hash's primary key (both databases).
+pub const REFRESH_SESSION: &str =
+    "SELECT session_id, rotated_at IS NOT NULL FROM refresh_tokens WHERE hash = $1";
 
 /// How long past the refresh grace window [`Store::purge`] keeps a rotated refresh token's
 /// successor pair. A refresh decides "within the grace window" by its own clock, read before

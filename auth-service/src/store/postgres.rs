@@ -38,8 +38,8 @@ use tracing::{debug, info, warn};
 
 use super::{
     AccessRecord, AppTokenLock, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, LoginOutcome, NewLogin,
-    Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device,
-    purge_statements, reason,
+    Owner, REFRESH_SESSION, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
+    StoredAppToken, device, purge_statements, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -883,6 +883,18 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn login(&self, l: NewLogin) -> Result<LoginOutcome, StoreError> {
         self.transaction("login", || self.login_once(&l)).await
+    }
+
+    async fn refresh_session(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(String, bool)>, StoreError> {
+        self.check_ready()?;
+        sqlx::query_as(REFRESH_SESSION)
+            .bind(&hash.0[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     async fn find_access(&self, hash: &TokenHash) -> Result<Option<AccessRecord>, StoreError> {

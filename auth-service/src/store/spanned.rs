@@ -34,6 +34,13 @@ impl<S: Store> Store for CallSpanned<S> {
         self.0.find_access(hash).instrument(call_span()).await
     }
 
+    async fn refresh_session(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(String, bool)>, StoreError> {
+        self.0.refresh_session(hash).instrument(call_span()).await
+    }
+
     async fn touch(
         &self,
         session_id: &str,

@@ -21,8 +21,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
     AccessRecord, AppTokenLock, EndTarget, FORGET_EVENTS, FORGET_SESSIONS, LoginOutcome, NewLogin,
-    Owner, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError, StoredAppToken, device,
-    purge_statements, reason,
+    Owner, REFRESH_SESSION, RotateOutcome, Rotation, SealedSessionKeys, Store, StoreError,
+    StoredAppToken, device, purge_statements, reason,
 };
 use crate::crypto::TokenHash;
 use crate::domain::{
@@ -545,6 +545,17 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         Ok(())
+    }
+
+    async fn refresh_session(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(String, bool)>, StoreError> {
+        sqlx::query_as(REFRESH_SESSION)
+            .bind(&hash.0[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     async fn rotate(&self, r: Rotation) -> Result<RotateOutcome, StoreError> {

@@ -207,6 +207,7 @@ contract! {
     touch_moves_last_active_at_at_most_once_per_interval(store);
     rotate_once_then_already_rotated_with_the_same_successor(store);
     rotate_reports_ended_expired_and_unknown_tokens(store);
+    refresh_session_names_the_session_and_whether_it_rotated(store);
     end_sessions_counts_and_is_idempotent(store);
     list_sessions_is_newest_first_and_only_live(store);
     list_events_pages_newest_first(store);
@@ -568,6 +569,25 @@ async fn touch_moves_last_active_at_at_most_once_per_interval(store: Arc<dyn Sto
     store.touch("s1", T0 + 10 * MIN, MIN).await.expect("touch");
     assert_eq!(last_active(&store).await, T0 + 61 * SEC, "ended");
     store.touch("unknown", T0, MIN).await.expect("touch");
+}
+
+async fn refresh_session_names_the_session_and_whether_it_rotated(store: Arc<dyn Store>) {
+    store.login(login("o1", "s1", T0)).await.expect("login");
+    let of = async |token: &str| {
+        store
+            .refresh_session(&refresh(token))
+            .await
+            .expect("refresh_session")
+    };
+    assert_eq!(of("s1").await, Some(("s1".to_owned(), false)));
+    assert_eq!(of("nobody").await, None);
+
+    store
+        .rotate(rotation("s1", "n1", T0 + MIN))
+        .await
+        .expect("rotate");
+    assert_eq!(of("s1").await, Some(("s1".to_owned(), true)));
+    assert_eq!(of("n1").await, Some(("s1".to_owned(), false)));
 }
 
 async fn rotate_once_then_already_rotated_with_the_same_successor(store: Arc<dyn Store>) {
