@@ -52,7 +52,10 @@ pub async fn applied_sqlite(pool: &SqlitePool) -> anyhow::Result<Vec<(i64, Strin
 /// schema is refused ([`refuse_foreign`]); migrations a newer release applied, which `ours`
 /// does not know, are left alone, with a warning that names them (returned, too); the ones
 /// `ours` knows are still checked by sqlx against their files, and the missing ones applied.
-/// `service` as for [`refuse_foreign`].
+/// A newer release has applied every migration of ours and numbers its own after them:
+/// versions `ours` does not know in any other history (below our last, or beside ours not
+/// all applied, such as another sqlx program's timestamped ones) are another program's,
+/// refused as sqlx would. `service` as for [`refuse_foreign`].
 pub fn prepare(
     applied: &[(i64, String)],
     ours: &mut Migrator,
@@ -64,6 +67,18 @@ pub fn prepare(
         .map(|(version, _)| *version)
         .filter(|version| !ours.iter().any(|m| m.version == *version))
         .collect();
+    let last = ours.iter().map(|m| m.version).max().unwrap_or(0);
+    let all_ours_applied = ours
+        .iter()
+        .all(|m| applied.iter().any(|(version, _)| *version == m.version));
+    let a_newer_release = all_ours_applied && newer.iter().all(|v| *v > last);
+    if !newer.is_empty() && !a_newer_release {
+        bail!(
+            "this database holds another program's schema: its migrations {newer:?} are not \
+             {service}'s, nor those of a newer release of it (which applies all of this \
+             release's first). auth-service and api-service each need a database of their own"
+        );
+    }
     if !newer.is_empty() {
         tracing::warn!(
             service,
@@ -166,6 +181,23 @@ mod tests {
         let mut ours = migrator(&["profiles", "notes"]);
         let foreign = vec![(1, "init".to_owned())];
         assert!(prepare(&foreign, &mut ours, "api-service").is_err());
+    }
+
+    #[test]
+    fn unknown_versions_that_no_newer_release_would_leave_are_another_programs() {
+        let ours = || migrator(&["profiles", "notes"]);
+        for applied in [
+            // Another sqlx program's timestamped versions, none of ours.
+            vec![(20240101120000, "create users".to_owned())],
+            // Beside only some of ours: a newer release would have applied them all.
+            vec![(1, "profiles".to_owned()), (3, "tags".to_owned())],
+        ] {
+            let e = prepare(&applied, &mut ours(), "api-service (API_DATABASE_URL)")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("another program's schema"), "{applied:?}: {e}");
+        }
     }
 
     #[test]
