@@ -562,8 +562,13 @@ def rule_egress(docs: list[Doc], overlay: str) -> list[str]:
             continue
         rules = [r for p in mine for r in p["spec"].get("egress") or []]
         for i, rule in enumerate(rules):
-            if not rule.get("ports") and not rule.get("to"):
-                problems.append(f"{kind_name(dep)}: egress rule {i + 1} lets everything out")
+            ports, peers = rule.get("ports"), rule.get("to")
+            every_port = not ports or any(p.get("port") is None for p in ports)
+            every_peer = not peers or any(
+                "ipBlock" in peer and peer["ipBlock"].get("cidr") in ("0.0.0.0/0", "::/0") for peer in peers
+            )
+            if every_port and every_peer:
+                problems.append(f"{kind_name(dep)}: egress rule {i + 1} lets every port out to every address")
         for port, protocol in EGRESS_NEEDS.get(name, []):
             if not egress_allows(rules, port, protocol):
                 problems.append(f"{kind_name(dep)}: no egress on {port}/{protocol}")
@@ -720,6 +725,8 @@ MUTATIONS: list[tuple[str, str, Callable[[list[Doc]], None]]] = [
     ("egress", "auth-service's gRPC containerPort moved, api-service's egress not", lambda d: next(p for p in ctr(d, "auth-service")["ports"] if p.get("name") == "grpc").update(containerPort=50052)),
     ("egress", "auth-service without DNS", lambda d: egress_of(d, "auth-service").pop(0)),
     ("egress", "an egress rule that lets everything out", lambda d: egress_of(d, "api-service").append({})),
+    ("egress", "an egress rule to 0.0.0.0/0 on every port", lambda d: egress_of(d, "auth-service").append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})),
+    ("egress", "an egress rule on every TCP port", lambda d: egress_of(d, "api-service").append({"ports": [{"protocol": "TCP"}]})),
     ("services", "a headless auth-service", lambda d: named(d, "Service", "auth-service")["spec"].update(clusterIP="None")),  # type: ignore[index]
     ("services", "no AUTH_MAX_CONNECTION_AGE", lambda d: config(d, "auth-service").pop("AUTH_MAX_CONNECTION_AGE")),
     ("availability", "HPA minReplicas 1", lambda d: named(d, "HorizontalPodAutoscaler", "auth-service")["spec"].update(minReplicas=1)),  # type: ignore[index]
