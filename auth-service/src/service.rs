@@ -644,9 +644,12 @@ impl AuthCore {
         let old_hash = self.keys.token_hash(&old);
         // Each rotation writes two token rows and an event, kept for weeks: a session's are
         // counted, so that no client (buggy or not) grows the database at request rate. A
-        // token rotated already writes nothing new (its successor, or reuse), and an unknown
-        // one is refused by the rotation below: neither counts.
-        if let Some((session_id, false)) = self.store.refresh_session(&old_hash).await? {
+        // token rotated already writes nothing new (its successor, or reuse), and one that
+        // expired, of an ended session or unknown is refused by the rotation below as
+        // before: none of them counts.
+        if let Some((session_id, true)) =
+            self.store.refresh_session(&old_hash, now_millis()).await?
+        {
             let rate = self.policy.refresh_rate;
             if let RateDecision::Limited { retry_after } = self
                 .cache
@@ -741,7 +744,9 @@ impl AuthCore {
     /// Ends the token's session, or every session of its user.
     pub async fn logout(&self, raw: &str, all: bool) -> Result<u32, AuthError> {
         let id = match self.verify(raw).await {
-            Err(AuthError::TokenExpired) => self.expired_of_a_live_session(raw).await?,
+            // Its own session only: an expired token (of any earlier pair, kept a day) is
+            // not enough to end every session of the user.
+            Err(AuthError::TokenExpired) if !all => self.expired_of_a_live_session(raw).await?,
             verified => verified?,
         };
         let (target, reason) = if all {
@@ -760,7 +765,7 @@ impl AuthCore {
     }
 
     /// The identity behind an access token that expired while its session lives on (its
-    /// refresh token still works): enough to log that session out, since a client whose
+    /// refresh token still works): enough to log that one session out, since a client whose
     /// access token lapsed would otherwise have to refresh first, and one that cannot (its
     /// refresh token lost) could not end the session at all. Any other token answers as
     /// `Verify` does. Expired tokens are kept a day ([`Self::housekeeping`]).
@@ -1451,6 +1456,7 @@ mod tests {
         async fn refresh_session(
             &self,
             _: &TokenHash,
+            _: Millis,
         ) -> Result<Option<(String, bool)>, StoreError> {
             unreachable!("not used by these tests")
         }

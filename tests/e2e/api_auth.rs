@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use proto::v1::{ListSessionEventsRequest, SessionEventKind};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -379,7 +380,8 @@ async fn a_sessions_rotations_are_limited_and_replays_within_grace_do_not_count(
         token(&replay.body, "refresh_token"),
         token(&third.body, "refresh_token")
     );
-    // The third rotation: 429 rate_limited with Retry-After, and the token is not spent.
+    // The third rotation: 429 rate_limited with Retry-After, and the token is not spent:
+    // the timeline holds the two rotations only (a replay or a rotation would add one).
     let limited = refresh(&third.body).await;
     limited.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     let retry_after: u64 = limited
@@ -387,15 +389,25 @@ async fn a_sessions_rotations_are_limited_and_replays_within_grace_do_not_count(
         .and_then(|v| v.parse().ok())
         .expect("Retry-After");
     assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let me = e
-        .send(
-            Method::GET,
-            "/v1/me",
-            Some(&token(&third.body, "access_token")),
-            None,
-        )
-        .await;
-    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    let timeline = e
+        .auth
+        .client()
+        .await
+        .expect("a gRPC client")
+        .list_session_events(ListSessionEventsRequest {
+            openid: openid.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the timeline")
+        .into_inner();
+    // (The user's other session has not refreshed yet.)
+    let rotations = timeline
+        .events
+        .iter()
+        .filter(|ev| ev.kind() == SessionEventKind::Refresh)
+        .count();
+    assert_eq!(rotations, 2, "{timeline:?}");
     // Another session of the same user has a window of its own.
     let theirs = refresh(&other).await;
     assert_eq!(theirs.status, StatusCode::OK, "{}", theirs.body);
@@ -421,6 +433,15 @@ async fn an_expired_access_token_still_logs_its_live_session_out() {
         .await
         .expect("the access token never expired");
 
+    // Not every session of the user: that takes a live token.
+    e.send(
+        Method::POST,
+        "/v1/auth/logout",
+        Some(&access),
+        Some(json!({"all": true})),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "token_expired");
     // The session lives on (its refresh token works): the expired token ends it.
     let out = e
         .send(Method::POST, "/v1/auth/logout", Some(&access), None)

@@ -281,6 +281,11 @@ async fn a_users_phone_code_exchanges_are_limited_per_user_before_wechat_is_aske
         .await
         .expect("calls");
     assert_eq!(asked, 2);
+    // The limit is the user's, not the session's: another session of theirs is refused too.
+    let (again, second_token) = e.login(Some(&owner.openid), "tablet").await;
+    assert_eq!(again.openid, owner.openid);
+    let (status, body, _) = exchange(&owner.openid, &second_token, "13800000004").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     // The number kept is the last one exchanged; another user has a window of their own.
     let (_, me) = e.send(Method::GET, "/v1/me", &token, None).await;
     assert_eq!(me["phone_number"], "13800000002", "{me}");

@@ -132,8 +132,10 @@ pub async fn refresh(
     request_body(content = LogoutBody, description = "Optional (no body, or an empty one, ends this session); `{\"all\": true}` ends every session"),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Sessions ended (an expired access token is taken while its session lives on)", body = LogoutAnswer),
-        (status = 401, description = "token_missing, token_invalid, token_expired (the session is over too), token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 200, description = "Sessions ended (an expired access token is taken for its own session while that session lives on, not with all)", body = LogoutAnswer),
+        (status = 400, description = "invalid_request, invalid_json", body = ErrorEnvelope),
+        (status = 401, description = "token_missing, token_invalid, token_expired (the session is over too, or all with an expired token), token_revoked, session_replaced", body = ErrorEnvelope),
+        (status = 415, description = "unsupported_media_type", body = ErrorEnvelope),
         (status = 503, description = "auth_unavailable", body = ErrorEnvelope),
     )
 )]

@@ -200,11 +200,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         min_interval: Millis,
     ) -> Result<(), StoreError>;
 
-    /// The session of a refresh token found by hash, and whether the token was rotated
-    /// already (a rotation then writes nothing new: it answers the successor or ends the
-    /// session); `None` for an unknown token.
-    async fn refresh_session(&self, hash: &TokenHash)
-    -> Result<Option<(String, bool)>, StoreError>;
+    /// The session of a refresh token found by hash, and whether presenting it at `now`
+    /// would rotate it: not rotated yet (else the rotation answers the successor or ends
+    /// the session, writing no new tokens), not expired, its session not ended; `None` for
+    /// an unknown token.
+    async fn refresh_session(
+        &self,
+        hash: &TokenHash,
+        now: Millis,
+    ) -> Result<Option<(String, bool)>, StoreError>;
 
     /// Exchanges a refresh token, once.
     async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, StoreError>;
@@ -293,8 +297,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 pub const EXPIRE_BATCH: u32 = 1000;
 
 /// [`Store::refresh_session`]'s read, by the token hash's primary key (both databases).
-pub const REFRESH_SESSION: &str =
-    "SELECT session_id, rotated_at IS NOT NULL FROM refresh_tokens WHERE hash = $1";
+pub const REFRESH_SESSION: &str = "SELECT t.session_id, \
+     t.rotated_at IS NULL AND t.expires_at > $2 AND s.end_reason IS NULL \
+     FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.hash = $1";
 
 /// How long past the refresh grace window [`Store::purge`] keeps a rotated refresh token's
 /// successor pair. A refresh decides "within the grace window" by its own clock, read before

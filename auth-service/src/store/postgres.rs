@@ -888,10 +888,12 @@ impl Store for PostgresStore {
     async fn refresh_session(
         &self,
         hash: &TokenHash,
+        now: Millis,
     ) -> Result<Option<(String, bool)>, StoreError> {
         self.check_ready()?;
         sqlx::query_as(REFRESH_SESSION)
             .bind(&hash.0[..])
+            .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(map_err)

@@ -37,8 +37,12 @@ impl<S: Store> Store for CallSpanned<S> {
     async fn refresh_session(
         &self,
         hash: &TokenHash,
+        now: Millis,
     ) -> Result<Option<(String, bool)>, StoreError> {
-        self.0.refresh_session(hash).instrument(call_span()).await
+        self.0
+            .refresh_session(hash, now)
+            .instrument(call_span())
+            .await
     }
 
     async fn touch(

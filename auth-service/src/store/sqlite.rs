@@ -550,9 +550,11 @@ impl Store for SqliteStore {
     async fn refresh_session(
         &self,
         hash: &TokenHash,
+        now: Millis,
     ) -> Result<Option<(String, bool)>, StoreError> {
         sqlx::query_as(REFRESH_SESSION)
             .bind(&hash.0[..])
+            .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(map_err)

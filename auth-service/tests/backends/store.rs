@@ -207,7 +207,7 @@ contract! {
     touch_moves_last_active_at_at_most_once_per_interval(store);
     rotate_once_then_already_rotated_with_the_same_successor(store);
     rotate_reports_ended_expired_and_unknown_tokens(store);
-    refresh_session_names_the_session_and_whether_it_rotated(store);
+    refresh_session_names_the_session_and_whether_it_would_rotate(store);
     end_sessions_counts_and_is_idempotent(store);
     list_sessions_is_newest_first_and_only_live(store);
     list_events_pages_newest_first(store);
@@ -571,23 +571,33 @@ async fn touch_moves_last_active_at_at_most_once_per_interval(store: Arc<dyn Sto
     store.touch("unknown", T0, MIN).await.expect("touch");
 }
 
-async fn refresh_session_names_the_session_and_whether_it_rotated(store: Arc<dyn Store>) {
+async fn refresh_session_names_the_session_and_whether_it_would_rotate(store: Arc<dyn Store>) {
     store.login(login("o1", "s1", T0)).await.expect("login");
-    let of = async |token: &str| {
+    let of = async |token: &str, now: Millis| {
         store
-            .refresh_session(&refresh(token))
+            .refresh_session(&refresh(token), now)
             .await
             .expect("refresh_session")
     };
-    assert_eq!(of("s1").await, Some(("s1".to_owned(), false)));
-    assert_eq!(of("nobody").await, None);
+    let rotates = |yes: bool| Some(("s1".to_owned(), yes));
+    assert_eq!(of("s1", T0 + MIN).await, rotates(true));
+    assert_eq!(of("nobody", T0 + MIN).await, None);
 
+    // Rotated: the old token would not rotate again, the new one would, until it expires.
     store
         .rotate(rotation("s1", "n1", T0 + MIN))
         .await
         .expect("rotate");
-    assert_eq!(of("s1").await, Some(("s1".to_owned(), true)));
-    assert_eq!(of("n1").await, Some(("s1".to_owned(), false)));
+    assert_eq!(of("s1", T0 + 2 * MIN).await, rotates(false));
+    assert_eq!(of("n1", T0 + 2 * MIN).await, rotates(true));
+    assert_eq!(of("n1", T0 + MIN + 30 * DAY).await, rotates(false));
+
+    // Its session ended: no longer.
+    store
+        .end_sessions(EndTarget::Session("s1"), EndReason::Logout, T0 + 3 * MIN)
+        .await
+        .expect("end");
+    assert_eq!(of("n1", T0 + 4 * MIN).await, rotates(false));
 }
 
 async fn rotate_once_then_already_rotated_with_the_same_successor(store: Arc<dyn Store>) {
