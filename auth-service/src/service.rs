@@ -310,17 +310,12 @@ impl AuthCore {
         device: Device,
         client_ip: IpAddr,
     ) -> Result<LoggedIn, AuthError> {
-        let rate = self.policy.login_rate;
-        if let RateDecision::Limited { retry_after } = self
-            .cache
-            .hit(&login_rate_key(client_ip), rate.count, rate.window)
-            .await?
-        {
-            return Err(AuthError::RateLimited {
-                retry_after,
-                what: "too many logins from this address; retry later",
-            });
-        }
+        self.within_rate(
+            &login_rate_key(client_ip),
+            self.policy.login_rate,
+            "too many logins from this address; retry later",
+        )
+        .await?;
 
         let code_key = self.keys.code_hash(code.as_ref());
         // Two attempts (one retry of -1), each under the WeChat timeout, and some slack.
@@ -650,17 +645,12 @@ impl AuthCore {
         if let Some((session_id, true)) =
             self.store.refresh_session(&old_hash, now_millis()).await?
         {
-            let rate = self.policy.refresh_rate;
-            if let RateDecision::Limited { retry_after } = self
-                .cache
-                .hit(&refresh_rate_key(&session_id), rate.count, rate.window)
-                .await?
-            {
-                return Err(AuthError::RateLimited {
-                    retry_after,
-                    what: "too many refreshes of this session; retry later",
-                });
-            }
+            self.within_rate(
+                &refresh_rate_key(&session_id),
+                self.policy.refresh_rate,
+                "too many refreshes of this session; retry later",
+            )
+            .await?;
         }
         let now = now_millis();
         let pair = self.new_pair(now)?;
@@ -762,6 +752,22 @@ impl AuthCore {
         self.ended_now(ended).await;
         info!(openid = %id.openid, session_id = %id.session_id, all, revoked = n, "logout");
         Ok(n)
+    }
+
+    /// Counts one event in `key`'s window of `rate` (shared through the cache);
+    /// `RATE_LIMITED`, saying `what`, once the window is full.
+    async fn within_rate(
+        &self,
+        key: &str,
+        rate: Rate,
+        what: &'static str,
+    ) -> Result<(), AuthError> {
+        match self.cache.hit(key, rate.count, rate.window).await? {
+            RateDecision::Allowed => Ok(()),
+            RateDecision::Limited { retry_after } => {
+                Err(AuthError::RateLimited { retry_after, what })
+            }
+        }
     }
 
     /// The identity behind an access token that expired while its session lives on (its
@@ -928,17 +934,12 @@ impl AuthCore {
         let code = WechatCode::parse(code).map_err(AuthError::InvalidCode)?;
         // Each exchange may be a billed WeChat call, whatever the code turns out to be: a
         // user's are counted (a retry of a spent code too), across replicas with Redis.
-        let rate = self.policy.phone_rate;
-        if let RateDecision::Limited { retry_after } = self
-            .cache
-            .hit(&phone_rate_key(&id.openid), rate.count, rate.window)
-            .await?
-        {
-            return Err(AuthError::RateLimited {
-                retry_after,
-                what: "too many phone numbers asked for by this user; retry later",
-            });
-        }
+        self.within_rate(
+            &phone_rate_key(&id.openid),
+            self.policy.phone_rate,
+            "too many phone numbers asked for by this user; retry later",
+        )
+        .await?;
         // Up to eight WeChat calls (stable_token and the exchange, each with a retry of -1,
         // then both again after a refused token), each under the WeChat timeout.
         let exchange_for = self.policy.wechat_timeout * 8 + Duration::from_secs(2);
