@@ -85,6 +85,26 @@ impl WriteTurn {
     }
 }
 
+/// Drives `work`, and says on `polled` once it has been polled the first time: it then
+/// waits on the first thing it waits for, which for a write while the turn is held is the
+/// turn. The stores' tests use it to know every writer is queued, without sleeping.
+pub async fn saying_when_polled<F: Future>(
+    work: F,
+    polled: tokio::sync::oneshot::Sender<()>,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let mut polled = Some(polled);
+    std::future::poll_fn(|cx| {
+        let poll = work.as_mut().poll(cx);
+        if let Some(polled) = polled.take() {
+            // The test may have stopped listening (it failed): nobody to tell.
+            let _gone = polled.send(());
+        }
+        poll
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -691,22 +691,6 @@ mod tests {
         );
     }
 
-    /// Drives `work`, and says on `polled` once it has been polled the first time (it then
-    /// waits on the first thing it waits for: for a change while the turn is held, the turn).
-    async fn saying_when_polled<F: Future>(work: F, polled: oneshot::Sender<()>) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        let mut polled = Some(polled);
-        std::future::poll_fn(|cx| {
-            let poll = work.as_mut().poll(cx);
-            if let Some(polled) = polled.take() {
-                // The test may have stopped listening (it failed): nobody to tell.
-                let _gone = polled.send(());
-            }
-            poll
-        })
-        .await
-    }
-
     /// Not a deadline on the behaviour: only how long a test waits before it calls a hang one.
     const HANG: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -737,7 +721,8 @@ mod tests {
                         title: Some(NoteTitle::parse(&format!("change {i}")).expect("title")),
                         body: None,
                     };
-                    saying_when_polled(notes.update("alice", &id, patch, 2_000 + i), polled).await
+                    shared::saying_when_polled(notes.update("alice", &id, patch, 2_000 + i), polled)
+                        .await
                 })
             })
             .collect();

@@ -894,22 +894,6 @@ mod tests {
         }
     }
 
-    /// Drives `work`, and says on `polled` once it has been polled the first time (it then
-    /// waits on the first thing it waits for: for a write while the turn is held, the turn).
-    async fn saying_when_polled<F: Future>(work: F, polled: oneshot::Sender<()>) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        let mut polled = Some(polled);
-        std::future::poll_fn(|cx| {
-            let poll = work.as_mut().poll(cx);
-            if let Some(polled) = polled.take() {
-                // The test may have stopped listening (it failed): nobody to tell.
-                let _gone = polled.send(());
-            }
-            poll
-        })
-        .await
-    }
-
     /// Not a deadline on the behaviour: only how long a test waits before it calls a hang one.
     const HANG: Duration = Duration::from_secs(60);
 
@@ -936,7 +920,7 @@ mod tests {
                 let (polled, start) = oneshot::channel();
                 started.push(start);
                 tokio::spawn(async move {
-                    saying_when_polled(store.expire_sessions(None, 1_000), polled).await
+                    shared::saying_when_polled(store.expire_sessions(None, 1_000), polled).await
                 })
             })
             .collect();
