@@ -640,17 +640,21 @@ impl AuthCore {
         // Each rotation writes two token rows and an event, kept for weeks: a session's are
         // counted, so that no client (buggy or not) grows the database at request rate. A
         // token rotated already writes nothing new (its successor, or reuse), and one that
-        // expired, of an ended session or unknown is refused by the rotation below as
-        // before: none of them counts.
-        if let Some((session_id, true)) =
-            self.store.refresh_session(&old_hash, now_millis()).await?
-        {
-            self.within_rate(
-                &refresh_rate_key(&session_id),
-                self.policy.refresh_rate,
-                "too many refreshes of this session; retry later",
-            )
-            .await?;
+        // expired or of an ended session is refused by the rotation below as before: none
+        // of them counts. An unknown one is refused here, without the rotation's write turn
+        // (on SQLite): a token is known from the commit that made it, before any client had
+        // it.
+        match self.store.refresh_session(&old_hash, now_millis()).await? {
+            None => return Err(AuthError::TokenInvalid),
+            Some((session_id, true)) => {
+                self.within_rate(
+                    &refresh_rate_key(&session_id),
+                    self.policy.refresh_rate,
+                    "too many refreshes of this session; retry later",
+                )
+                .await?;
+            }
+            Some((_, false)) => {}
         }
         let now = now_millis();
         let pair = self.new_pair(now)?;
